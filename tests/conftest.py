@@ -1,0 +1,1 @@
+"""Shared fixtures. Per-area fixtures live in conftest.py files beside the tests."""
