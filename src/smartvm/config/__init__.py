@@ -6,6 +6,7 @@
 """
 
 from smartvm.config.models import (
+    LOG_LEVELS,
     ArmRegisterModifier,
     Balloon,
     BootSource,
@@ -47,6 +48,7 @@ from smartvm.config.validation import validate_model
 from smartvm.config.vmconfig import ValidationResult, VMConfig, format_validation_error
 
 __all__ = [
+    "LOG_LEVELS",
     "ArmRegisterModifier",
     "Balloon",
     "BootSource",

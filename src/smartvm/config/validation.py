@@ -160,7 +160,7 @@ def _boot_source(boot: BootSource | None, checker: _Checker) -> None:
 def _machine_config(machine: MachineConfig, checker: _Checker) -> None:
     checker.int_range("machine_config.vcpu_count", machine.vcpu_count, 1, MAX_VCPUS)
     checker.int_range("machine_config.mem_size_mib", machine.mem_size_mib, 1)
-    if machine.smt and machine.vcpu_count > 1 and machine.vcpu_count % 2:
+    if machine.smt and 1 < machine.vcpu_count <= MAX_VCPUS and machine.vcpu_count % 2:
         checker.add("machine_config.vcpu_count must be 1 or an even number when smt is true")
     if machine.huge_pages == "2M" and machine.mem_size_mib % 2:
         checker.add("machine_config.mem_size_mib must be a multiple of 2 when huge_pages is 2M")
