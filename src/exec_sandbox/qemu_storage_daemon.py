@@ -1,0 +1,773 @@
+"""One long-lived ``qemu-storage-daemon`` that creates qcow2 overlays over QMP.
+
+Creating an overlay through a running daemon (blockdev-create file -> blockdev-add
+-> blockdev-create qcow2 with a backing file -> blockdev-del) avoids forking
+``qemu-img`` per VM. The daemon:
+
+- runs in its own process group with a parent-death signal, so it never outlives
+  the Python process that started it;
+- listens on a QMP socket in a private temp dir (several daemons can coexist);
+- serialises commands (one overlay at a time: QMP job events and node names stay
+  unambiguous, and the daemon's main loop is single-threaded anyway);
+- undoes a half-made overlay (jobs, nodes, the file) on any failure or cancellation.
+
+The base image's format and size come from ``qemu-img info`` (cached per file
+identity): QMP cannot probe formats, and a failed probe must not touch the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from enum import StrEnum
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from qemu.qmp import EventListener, ExecuteError, QMPClient
+
+from exec_sandbox.errors import QemuStorageDaemonError, SandboxInputError
+
+__all__ = [
+    "DaemonState",
+    "ImageInfo",
+    "QemuStorageDaemon",
+    "QemuStorageDaemonError",
+    "build_daemon_argv",
+    "build_file_create_options",
+    "build_qcow2_create_options",
+    "build_qemu_img_create_argv",
+    "build_qemu_img_info_argv",
+    "create_overlay_with_qemu_img",
+    "ensure_qcow2",
+    "escape_qemu_option_value",
+    "get_image_info",
+    "overlay_size",
+    "parse_image_info",
+]
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+# Linux caps sun_path at 108 bytes including the NUL.
+_MAX_UNIX_PATH = 107
+_PR_SET_PDEATHSIG = 1
+_RUNTIME_PREFIX = "exec-sandbox-qsd-"
+_OWNER_FILE = "owner.pid"
+_STDERR_LINES = 40
+_INFO_CACHE_SIZE = 64
+
+
+class DaemonState(StrEnum):
+    """Lifecycle of a :class:`QemuStorageDaemon`."""
+
+    NEW = "new"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"  # the process died while it should have been running
+
+
+class ImageInfo(BaseModel):
+    """The fields of ``qemu-img info --output=json`` this module relies on."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
+
+    format: str
+    virtual_size: int = Field(alias="virtual-size", ge=0)
+    backing_filename: str | None = Field(default=None, alias="backing-filename")
+
+
+# --------------------------------------------------------------------------- pure builders
+
+
+def escape_qemu_option_value(value: str) -> str:
+    """QEMU's ``key=value,...`` syntax: a literal comma in a value is written twice."""
+    return value.replace(",", ",,")
+
+
+def build_daemon_argv(binary: str, socket_path: Path) -> list[str]:
+    """argv of a daemon serving QMP on a listening unix socket (no block exports)."""
+    chardev = f"socket,id=qmp0,path={escape_qemu_option_value(str(socket_path))},server=on,wait=off"
+    return [binary, "--chardev", chardev, "--monitor", "chardev=qmp0"]
+
+
+def build_qemu_img_info_argv(qemu_img: str, image: Path) -> list[str]:
+    """``qemu-img info`` of ``image`` without shell or protocol-prefix surprises.
+
+    The ``json:`` pseudo-protocol pins the file driver, so names with ``:`` or ``,``
+    are taken literally while the format is still probed. ``-U`` because running
+    VMs hold locks on their base image.
+    """
+    spec = json.dumps({"file": {"driver": "file", "filename": str(image)}})
+    return [qemu_img, "info", "-U", "--output=json", f"json:{spec}"]
+
+
+def build_qemu_img_create_argv(qemu_img: str, base: Path, overlay: Path, size: int) -> list[str]:
+    """``qemu-img create`` of a qcow2 overlay over a qcow2 ``base`` (the no-daemon fallback)."""
+    return [qemu_img, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(overlay), str(size)]
+
+
+def parse_image_info(output: str | bytes) -> ImageInfo:
+    """Parse ``qemu-img info --output=json``; ``ValueError`` if it is not such output."""
+    try:
+        return ImageInfo.model_validate_json(output)
+    except ValidationError as exc:
+        raise ValueError(f"unexpected qemu-img info output: {exc}") from exc
+
+
+def build_file_create_options(filename: Path) -> dict[str, Any]:
+    """blockdev-create options making the empty protocol-level file."""
+    return {"driver": "file", "filename": str(filename), "size": 0}
+
+
+def build_qcow2_create_options(file_node: str, size: int, backing_file: Path) -> dict[str, Any]:
+    """blockdev-create options formatting ``file_node`` as a qcow2 over ``backing_file``."""
+    return {
+        "driver": "qcow2",
+        "file": file_node,
+        "size": size,
+        "backing-file": str(backing_file),
+        "backing-fmt": "qcow2",
+    }
+
+
+# --------------------------------------------------------------------------- image info
+
+
+_info_cache: dict[tuple[str, int, int, int, int], ImageInfo] = {}
+
+
+async def get_image_info(image: Path, *, qemu_img: str = "qemu-img", timeout: float = 30.0) -> ImageInfo:
+    """Format and virtual size of ``image`` (cached while the file's identity is unchanged).
+
+    Raises :class:`QemuStorageDaemonError` ("Failed to get image info ...") when the
+    image cannot be opened or probed.
+    """
+    image = _absolute(image)
+    key = _identity(image)
+    cached = _info_cache.get(key)
+    if cached is not None:
+        return cached
+
+    argv = build_qemu_img_info_argv(qemu_img, image)
+    stdout, stderr, returncode = await _run_tool(argv, timeout=timeout, what="qemu-img info")
+    if returncode != 0:
+        raise QemuStorageDaemonError(
+            f"Failed to get image info for {image}: {stderr.strip() or f'exit code {returncode}'}",
+            context={"image": str(image), "command": argv, "exit_code": returncode, "stderr": stderr},
+        )
+    try:
+        info = parse_image_info(stdout)
+    except ValueError as exc:
+        raise QemuStorageDaemonError(
+            f"Failed to get image info for {image}: {exc}", context={"image": str(image), "command": argv}
+        ) from exc
+    if len(_info_cache) >= _INFO_CACHE_SIZE:
+        _info_cache.pop(next(iter(_info_cache)))
+    _info_cache[key] = info
+    return info
+
+
+async def _run_tool(argv: list[str], *, timeout: float, what: str) -> tuple[str, str, int]:
+    """Run a short-lived tool; killed (and reaped) on timeout or cancellation."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except OSError as exc:
+        raise QemuStorageDaemonError(
+            f"Cannot run {what} ({argv[0]}): {exc}", context={"command": argv}
+        ) from exc
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate()
+    except TimeoutError as exc:
+        raise QemuStorageDaemonError(f"{what} timed out after {timeout}s", context={"command": argv}) from exc
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await _shielded(proc.wait())
+    assert proc.returncode is not None
+    return out.decode(errors="replace"), err.decode(errors="replace"), proc.returncode
+
+
+def _absolute(path: Path) -> Path:
+    """Absolute without resolving symlinks: a backing file must name the path the caller gave."""
+    return Path(path).absolute()
+
+
+def _identity(image: Path) -> tuple[str, int, int, int, int]:
+    try:
+        st = image.stat()
+    except OSError as exc:
+        raise QemuStorageDaemonError(
+            f"Failed to get image info for {image}: {exc.strerror or exc}", context={"image": str(image)}
+        ) from exc
+    return (str(image), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _refuse_existing(overlay: Path) -> None:
+    if overlay.exists() or overlay.is_symlink():
+        raise SandboxInputError(f"Overlay target {overlay} already exists", context={"overlay": str(overlay)})
+
+
+def _remove_partial(overlay: Path) -> None:
+    try:
+        overlay.unlink()
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError as exc:
+        logger.warning("could not remove partial overlay %s: %s", overlay, exc)
+
+
+def ensure_qcow2(image: Path, info: ImageInfo) -> None:
+    """Overlays are always qcow2-over-qcow2; anything else is refused by name."""
+    if info.format != "qcow2":
+        raise QemuStorageDaemonError(
+            f"Base image {image} is not qcow2 format (detected {info.format!r})",
+            context={"image": str(image), "format": info.format},
+        )
+
+
+def overlay_size(image: Path, info: ImageInfo, size: int | None) -> int:
+    """The overlay's virtual size: the base's unless a larger one is asked for."""
+    if size is None:
+        return info.virtual_size
+    if size < info.virtual_size:
+        raise SandboxInputError(
+            f"Overlay size {size} is smaller than the virtual size {info.virtual_size} of base {image}",
+            context={"size": size, "base_virtual_size": info.virtual_size},
+        )
+    return size
+
+
+async def create_overlay_with_qemu_img(
+    base: Path,
+    overlay: Path,
+    *,
+    size: int | None = None,
+    qemu_img: str = "qemu-img",
+    timeout: float = 30.0,
+) -> None:
+    """Same contract as :meth:`QemuStorageDaemon.create_overlay`, one ``qemu-img`` process per call."""
+    base, overlay = _absolute(base), _absolute(overlay)
+    info = await get_image_info(base, qemu_img=qemu_img, timeout=timeout)
+    ensure_qcow2(base, info)
+    argv = build_qemu_img_create_argv(qemu_img, base, overlay, overlay_size(base, info, size))
+    _refuse_existing(overlay)
+    try:
+        _, stderr, returncode = await _run_tool(argv, timeout=timeout, what="qemu-img create")
+    except BaseException:
+        _remove_partial(overlay)
+        raise
+    if returncode != 0:
+        _remove_partial(overlay)
+        raise QemuStorageDaemonError(
+            f"qemu-img create failed for {overlay}: {stderr.strip() or f'exit code {returncode}'}",
+            context={"command": argv, "exit_code": returncode, "stderr": stderr},
+        )
+
+
+# --------------------------------------------------------------------------- process helpers
+
+
+def _pdeathsig_preexec() -> Callable[[], None]:
+    """A preexec_fn making the child die with its parent (Linux ``PR_SET_PDEATHSIG``)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+
+    def preexec() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        # The parent may have died between fork and prctl: then nobody would signal us.
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
+async def _shielded(aw: Awaitable[_T]) -> _T:
+    """Await ``aw`` to completion even if the caller is cancelled; re-raise the cancel after.
+
+    Undo work (killing a process, deleting a half-made overlay) must finish once begun.
+    """
+    task = asyncio.ensure_future(aw)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+            continue
+        if cancelled:
+            raise asyncio.CancelledError
+        return result
+
+
+def _event_data(event: Mapping[str, object]) -> dict[str, Any]:
+    data = event.get("data")
+    return data if isinstance(data, dict) else {}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _reap_stale_runtime_dirs(parent: Path) -> None:
+    """Remove runtime dirs left by daemons whose owner died (socket files would pile up)."""
+    try:
+        candidates = list(parent.glob(f"{_RUNTIME_PREFIX}*"))
+    except OSError:
+        return
+    for path in candidates:
+        try:
+            owner = int((path / _OWNER_FILE).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if owner != os.getpid() and not _pid_alive(owner):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- the daemon
+
+
+class QemuStorageDaemon:
+    """A ``qemu-storage-daemon`` process and its QMP connection.
+
+    ``start()`` is idempotent; ``stop()`` is idempotent and safe in any state
+    (QMP ``quit`` -> SIGTERM -> SIGKILL to the process group). After the process
+    dies unexpectedly, ``started`` is False and ``start()`` launches a new one.
+    """
+
+    def __init__(
+        self,
+        binary: str = "qemu-storage-daemon",
+        *,
+        runtime_dir: Path | None = None,
+        qemu_img: str = "qemu-img",
+        start_timeout: float = 10.0,
+        command_timeout: float = 30.0,
+        stop_timeout: float = 3.0,
+    ) -> None:
+        self._binary = binary
+        self._runtime_parent = Path(runtime_dir) if runtime_dir is not None else None
+        self._qemu_img = qemu_img
+        self._start_timeout = start_timeout
+        self._command_timeout = command_timeout
+        self._stop_timeout = stop_timeout
+
+        self._state = DaemonState.NEW
+        self._lifecycle_lock = asyncio.Lock()
+        self._command_lock = asyncio.Lock()
+        self._process: asyncio.subprocess.Process | None = None
+        self._qmp: QMPClient | None = None
+        self._runtime_dir: Path | None = None
+        self._socket_path: Path | None = None
+        self._exit_task: asyncio.Task[int] | None = None
+        self._stderr_task: asyncio.Task[None] | None = None
+        self._stderr_tail: deque[str] = deque(maxlen=_STDERR_LINES)
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def state(self) -> DaemonState:
+        if self._state is DaemonState.RUNNING and self._exited():
+            return DaemonState.FAILED
+        return self._state
+
+    @property
+    def started(self) -> bool:
+        """True while the daemon process is running and QMP is connected."""
+        return self.state is DaemonState.RUNNING
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def socket_path(self) -> Path | None:
+        return self._socket_path
+
+    def stderr_tail(self) -> str:
+        return "\n".join(self._stderr_tail)
+
+    def _exited(self) -> bool:
+        if self._process is None or self._process.returncode is not None:
+            return True
+        return self._exit_task is not None and self._exit_task.done()
+
+    def __repr__(self) -> str:
+        return f"<QemuStorageDaemon state={self.state} pid={self.pid} socket={self._socket_path}>"
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Launch the daemon and wait until QMP answers. No-op when already running."""
+        async with self._lifecycle_lock:
+            if self.started:
+                return
+            if self._process is not None or self._runtime_dir is not None:
+                # A previous daemon died: clear its leftovers before starting afresh.
+                await _shielded(self._teardown())
+            self._state = DaemonState.STARTING
+            try:
+                await self._launch()
+            except BaseException:
+                await _shielded(self._teardown())
+                self._state = DaemonState.STOPPED
+                raise
+            self._state = DaemonState.RUNNING
+            logger.debug("qemu-storage-daemon started (pid %s, socket %s)", self.pid, self._socket_path)
+
+    async def stop(self) -> None:
+        """Stop the daemon and remove its socket and runtime dir. Safe in any state."""
+        async with self._lifecycle_lock:
+            if self._state in (DaemonState.NEW, DaemonState.STOPPED) and self._process is None:
+                self._state = DaemonState.STOPPED
+                return
+            self._state = DaemonState.STOPPING
+            try:
+                await _shielded(self._teardown())
+            finally:
+                self._state = DaemonState.STOPPED
+
+    async def _launch(self) -> None:
+        parent = self._runtime_parent or Path(tempfile.gettempdir())
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            _reap_stale_runtime_dirs(parent)
+            self._runtime_dir = Path(tempfile.mkdtemp(prefix=_RUNTIME_PREFIX, dir=parent))
+            (self._runtime_dir / _OWNER_FILE).write_text(str(os.getpid()))
+        except OSError as exc:
+            raise QemuStorageDaemonError(
+                f"Cannot create a runtime dir for qemu-storage-daemon under {parent}: {exc}"
+            ) from exc
+        socket_path = self._runtime_dir / "qmp.sock"
+        if len(os.fsencode(socket_path)) > _MAX_UNIX_PATH:
+            raise QemuStorageDaemonError(
+                f"QMP socket path {socket_path} is longer than {_MAX_UNIX_PATH} bytes; "
+                "use a shorter runtime_dir"
+            )
+        self._socket_path = socket_path
+        argv = build_daemon_argv(self._binary, socket_path)
+        self._stderr_tail.clear()
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,  # own process group: the kill ladder reaches everything
+                preexec_fn=_pdeathsig_preexec(),
+            )
+        except OSError as exc:
+            raise QemuStorageDaemonError(
+                f"Cannot run qemu-storage-daemon ({self._binary}): {exc}", context={"command": argv}
+            ) from exc
+        self._stderr_task = asyncio.create_task(self._drain_stderr(self._process))
+        self._exit_task = asyncio.create_task(self._process.wait())
+        try:
+            async with asyncio.timeout(self._start_timeout):
+                sock = await self._connect_socket(socket_path)
+                qmp = QMPClient(f"qsd-{self._process.pid}")
+                try:
+                    await qmp.connect(sock)
+                except BaseException:
+                    sock.close()
+                    raise
+                self._qmp = qmp
+        except TimeoutError as exc:
+            raise QemuStorageDaemonError(
+                f"qemu-storage-daemon did not become QMP-ready within {self._start_timeout}s; "
+                f"stderr: {self.stderr_tail() or '(empty)'}",
+                context={"command": argv, "stderr": self.stderr_tail()},
+            ) from exc
+        except QemuStorageDaemonError:
+            raise
+        except Exception as exc:  # qemu.qmp greeting/negotiation failures
+            raise QemuStorageDaemonError(
+                f"QMP handshake with qemu-storage-daemon failed: {exc}; "
+                f"stderr: {self.stderr_tail() or '(empty)'}",
+                context={"command": argv, "stderr": self.stderr_tail()},
+            ) from exc
+
+    async def _connect_socket(self, path: Path) -> socket.socket:
+        """Poll until the daemon listens (it is ready within milliseconds), failing fast if it exits."""
+        loop = asyncio.get_running_loop()
+        assert self._exit_task is not None
+        while True:
+            if self._exit_task.done():
+                await self._stderr_settled()
+                raise QemuStorageDaemonError(
+                    f"qemu-storage-daemon exited with code {self._exit_task.result()} before QMP was ready; "
+                    f"stderr: {self.stderr_tail() or '(empty)'}",
+                    context={"exit_code": self._exit_task.result(), "stderr": self.stderr_tail()},
+                )
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, str(path))
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
+            except BaseException:
+                sock.close()
+                raise
+            else:
+                return sock
+            await asyncio.sleep(0.002)
+
+    async def _drain_stderr(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stderr is not None
+        while line := await process.stderr.readline():
+            self._stderr_tail.append(line.decode(errors="replace").rstrip())
+
+    async def _stderr_settled(self) -> None:
+        if self._stderr_task is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await asyncio.shield(self._stderr_task)
+
+    async def _teardown(self) -> None:
+        """The shutdown ladder and removal of every leftover. Runs to completion once begun."""
+        process, qmp = self._process, self._qmp
+        self._qmp = None
+        if qmp is not None:
+            if process is not None and not self._exited():
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(self._stop_timeout):
+                        await qmp.execute("quit")
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self._stop_timeout):
+                    await qmp.disconnect()
+        if process is not None:
+            await self._wait_or_signal(process)
+            if self._stderr_task is not None:
+                await self._stderr_settled()
+                self._stderr_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._stderr_task
+            if self._exit_task is not None:
+                await self._exit_task
+        self._process = None
+        self._exit_task = None
+        self._stderr_task = None
+        if self._socket_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._socket_path.unlink()
+        if self._runtime_dir is not None:
+            shutil.rmtree(self._runtime_dir, ignore_errors=True)
+        self._socket_path = None
+        self._runtime_dir = None
+
+    async def _wait_or_signal(self, process: asyncio.subprocess.Process) -> None:
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            if process.returncode is not None:
+                return
+            if sig is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, sig)
+            try:
+                async with asyncio.timeout(self._stop_timeout if sig is not signal.SIGKILL else 30.0):
+                    await process.wait()
+                return
+            except TimeoutError:
+                logger.warning("qemu-storage-daemon pid %s still alive after %s", process.pid, sig or "quit")
+        raise QemuStorageDaemonError(f"qemu-storage-daemon pid {process.pid} survived SIGKILL")
+
+    # ------------------------------------------------------------------ QMP
+
+    def _require_running(self) -> QMPClient:
+        state = self.state
+        if state is not DaemonState.RUNNING or self._qmp is None:
+            if state is DaemonState.FAILED:
+                raise self._died_error("daemon")
+            raise QemuStorageDaemonError(f"qemu-storage-daemon is not started (state: {state})")
+        return self._qmp
+
+    def _died_error(self, during: str) -> QemuStorageDaemonError:
+        code = self._process.returncode if self._process is not None else None
+        return QemuStorageDaemonError(
+            f"qemu-storage-daemon died (exit code {code}) during {during}; "
+            f"stderr: {self.stderr_tail() or '(empty)'}; call start() to launch a new one",
+            context={"exit_code": code, "stderr": self.stderr_tail()},
+        )
+
+    async def _execute(self, cmd: str, args: Mapping[str, object] | None = None) -> object:
+        qmp = self._require_running()
+        try:
+            async with asyncio.timeout(self._command_timeout):
+                return await qmp.execute(cmd, args)
+        except ExecuteError as exc:
+            raise QemuStorageDaemonError(
+                f"QMP {cmd} failed: {exc}",
+                error_class=exc.error_class,
+                context={"command": cmd, "arguments": dict(args or {})},
+            ) from exc
+        except TimeoutError as exc:
+            raise QemuStorageDaemonError(
+                f"QMP {cmd} got no answer within {self._command_timeout}s", context={"command": cmd}
+            ) from exc
+        except Exception as exc:  # connection lost, protocol error
+            if self._exited():
+                raise self._died_error(f"QMP {cmd}") from exc
+            raise QemuStorageDaemonError(f"QMP {cmd} failed: {exc!r}", context={"command": cmd}) from exc
+
+    async def _wait_concluded(self, listener: EventListener, job_id: str) -> None:
+        """Wait for JOB_STATUS_CHANGE(concluded) of ``job_id``, or the daemon's death, or the timeout."""
+        assert self._exit_task is not None
+        async with asyncio.timeout(self._command_timeout):
+            while True:
+                getter = asyncio.ensure_future(listener.get())
+                try:
+                    await asyncio.wait({getter, self._exit_task}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if not getter.done():
+                        getter.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await getter
+                if not getter.done() or getter.cancelled():
+                    raise self._died_error(f"job {job_id}")
+                if _event_data(getter.result()).get("status") == "concluded":
+                    return
+
+    async def _run_create_job(self, job_id: str, options: dict[str, Any], issued: list[str]) -> None:
+        qmp = self._require_running()
+        listener = EventListener(
+            "JOB_STATUS_CHANGE", event_filter=lambda ev: _event_data(ev).get("id") == job_id
+        )
+        with qmp.listen(listener):
+            issued.append(job_id)
+            await self._execute("blockdev-create", {"job-id": job_id, "options": options})
+            try:
+                await self._wait_concluded(listener, job_id)
+            except TimeoutError as exc:
+                raise QemuStorageDaemonError(
+                    f"blockdev-create job {job_id} did not finish within {self._command_timeout}s",
+                    context={"job_id": job_id},
+                ) from exc
+        error = await self._job_error(job_id)
+        await self._execute("job-dismiss", {"id": job_id})
+        issued.remove(job_id)
+        if error is not None:
+            target = options.get("filename") or options.get("file")
+            raise QemuStorageDaemonError(
+                f"blockdev-create ({options['driver']}) failed for {target}: {error}",
+                context={"job_id": job_id, "job_error": error},
+            )
+
+    async def _job_error(self, job_id: str) -> str | None:
+        jobs = await self._execute("query-jobs")
+        for job in jobs if isinstance(jobs, list) else []:
+            if isinstance(job, dict) and job.get("id") == job_id:
+                error = job.get("error")
+                return str(error) if error is not None else None
+        raise QemuStorageDaemonError(f"blockdev-create job {job_id} vanished", context={"job_id": job_id})
+
+    # ------------------------------------------------------------------ overlays
+
+    async def create_overlay(self, base: Path, overlay: Path, *, size: int | None = None) -> None:
+        """Create ``overlay``: a qcow2 whose backing file is ``base`` (absolute, symlinks kept).
+
+        ``size`` defaults to the base's virtual size. The base must be qcow2 and
+        ``overlay`` must not exist. On any failure (or cancellation) nothing is left
+        behind: jobs are dismissed, nodes deleted and the partial file removed.
+        """
+        self._require_running()
+        base, overlay = _absolute(base), _absolute(overlay)
+        info = await get_image_info(base, qemu_img=self._qemu_img, timeout=self._command_timeout)
+        ensure_qcow2(base, info)
+        virtual_size = overlay_size(base, info, size)
+        _refuse_existing(overlay)
+
+        async with self._command_lock:
+            suffix = uuid.uuid4().hex[:12]
+            node = f"esb{suffix}"
+            issued_jobs: list[str] = []
+            node_added = False
+            touched = False
+            try:
+                touched = True
+                await self._run_create_job(
+                    f"esb-file-{suffix}", build_file_create_options(overlay), issued_jobs
+                )
+                node_added = True  # set before the call: a cancelled blockdev-add may still have happened
+                await self._execute(
+                    "blockdev-add", {"driver": "file", "node-name": node, "filename": str(overlay)}
+                )
+                await self._run_create_job(
+                    f"esb-qcow2-{suffix}", build_qcow2_create_options(node, virtual_size, base), issued_jobs
+                )
+                node_added = False
+                await self._execute("blockdev-del", {"node-name": node})
+            except BaseException:
+                await _shielded(
+                    self._undo(overlay if touched else None, node if node_added else None, issued_jobs)
+                )
+                raise
+
+    async def _undo(self, overlay: Path | None, node: str | None, jobs: list[str]) -> None:
+        """Best effort: every step is attempted even if earlier ones fail."""
+        if not self._exited():
+            for job_id in jobs:
+                with contextlib.suppress(Exception):
+                    await self._settle_job(job_id)
+            if node is not None:
+                with contextlib.suppress(QemuStorageDaemonError):
+                    await self._execute("blockdev-del", {"node-name": node})
+        if overlay is not None:
+            _remove_partial(overlay)
+
+    async def _settle_job(self, job_id: str) -> None:
+        """Wait for an abandoned job to conclude, then dismiss it (a running job pins its node)."""
+        async with asyncio.timeout(self._command_timeout):
+            while True:
+                jobs = await self._execute("query-jobs")
+                job = next(
+                    (
+                        j
+                        for j in (jobs if isinstance(jobs, list) else [])
+                        if isinstance(j, dict) and j.get("id") == job_id
+                    ),
+                    None,
+                )
+                if job is None:
+                    return
+                if job.get("status") == "concluded":
+                    await self._execute("job-dismiss", {"id": job_id})
+                    return
+                await asyncio.sleep(0.005)
