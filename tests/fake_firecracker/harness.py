@@ -12,21 +12,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from smartvm.vmm.firecracker import FirecrackerMachine
+
 __all__ = [
     "FAKE_BINARY",
     "FAKE_SERVER",
+    "TARGET_KINDS",
     "Target",
     "kvm_usable",
+    "machine_for",
     "make_fake_binary",
+    "make_target",
     "pid_alive",
     "read_pid",
     "real_firecracker_skip_reason",
     "short_tmp_dir",
+    "target_fixture",
 ]
 
 FAKE_DIR = Path(__file__).resolve().parent
 FAKE_SERVER = FAKE_DIR / "server.py"
 FAKE_BINARY = FAKE_DIR / "firecracker"
+TARGET_KINDS = ["fake", "real"]
 
 
 def pid_alive(pid: int) -> bool:
@@ -142,3 +151,19 @@ def make_target(kind: str, workdir: Path) -> Target:
     rootfs = workdir / "rootfs.ext4"
     rootfs.write_bytes(b"\0" * 4096)
     return Target(kind, make_fake_binary(workdir), workdir, kernel, rootfs)
+
+
+def target_fixture(kind: str) -> Iterator[Target]:
+    """Body of a ``target`` fixture parametrized over :data:`TARGET_KINDS`; skips "real" with the reason."""
+    if kind == "real":
+        reason = real_firecracker_skip_reason()
+        if reason is not None:
+            pytest.skip(reason)
+    with short_tmp_dir() as workdir:
+        yield make_target(kind, workdir)
+
+
+def machine_for(target: Target, **kwargs: Any) -> FirecrackerMachine:
+    # The fake is a Python program: give it room to start on a busy machine.
+    kwargs.setdefault("socket_timeout", 30.0)
+    return FirecrackerMachine(target.binary, target.socket_path, **kwargs)

@@ -413,7 +413,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--exit-code", type=int, default=None)
     parser.add_argument("--request-delay", type=float, default=0.0)
     parser.add_argument("--pid-file", default=None, help="write our pid here first thing (for leak checks)")
-    parser.add_argument("--ignore-sigterm", action="store_true", help="force the owner to escalate to SIGKILL")
+    parser.add_argument(
+        "--ignore-sigterm", action="store_true", help="force the owner to escalate to SIGKILL"
+    )
     # Extra knobs may come from the environment so tests can inject them through a wrapper binary.
     extra = os.environ.get("FAKE_FIRECRACKER_ARGS", "").split()
     return parser.parse_args(argv + extra)
