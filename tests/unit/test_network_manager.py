@@ -132,3 +132,12 @@ async def test_delete_unknown_tap_and_cleanup_without_changes_are_noops() -> Non
     await nm.cleanup()
     async with nm as same:
         assert same is nm
+
+
+@pytest.mark.parametrize(("gateway", "prefixlen"), [("10.0.0.256", 24), ("gw", 24), ("10.0.0.1", 33)])
+async def test_host_network_rejects_bad_gateway_before_any_change(gateway: str, prefixlen: int) -> None:
+    host = HostNetwork("smartvm-unit-never-created")
+    with pytest.raises(SmartVMError) as info:
+        await host.ensure_bridge("svbr0", gateway, prefixlen)
+    assert info.value.code == "INVALID_IP"
+    assert host.undo_entries == []

@@ -66,7 +66,7 @@ def _subnet_error(subnet: object, reason: str) -> SmartVMError:
 class Subnet(BaseModel):
     """A validated, normalised IPv4 guest subnet. The first host address is the gateway (the bridge)."""
 
-    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(frozen=True)
 
     network: ipaddress.IPv4Network
 
@@ -216,24 +216,24 @@ class IpPool:
 
 def validate_interface_name(name: object, *, what: str = "interface name") -> str:
     """Return ``name`` if it is a usable Linux interface name, else raise ``INVALID_INTERFACE_NAME``."""
-    reason: str | None = None
-    if not isinstance(name, str):
-        reason = f"must be a string, got {type(name).__name__}"
-    elif not name:
-        reason = "must not be empty"
-    elif len(name) > IFNAMSIZ_MAX:
-        reason = f"is {len(name)} characters long; Linux allows at most {IFNAMSIZ_MAX}"
-    elif not _IFNAME_RE.fullmatch(name):
-        reason = (
-            "may contain only ASCII letters, digits, '_', '.' and '-', and must start with a letter or digit"
-        )
-    if reason is not None:
-        raise SmartVMError(
+
+    def invalid(reason: str) -> SmartVMError:
+        return SmartVMError(
             ErrorCode.INVALID_INTERFACE_NAME,
             f"invalid {what} {name!r}: {reason}",
             details={"name": name, "reason": reason},
         )
-    assert isinstance(name, str)
+
+    if not isinstance(name, str):
+        raise invalid(f"must be a string, got {type(name).__name__}")
+    if not name:
+        raise invalid("must not be empty")
+    if len(name) > IFNAMSIZ_MAX:
+        raise invalid(f"is {len(name)} characters long; Linux allows at most {IFNAMSIZ_MAX}")
+    if not _IFNAME_RE.fullmatch(name):
+        raise invalid(
+            "may contain only ASCII letters, digits, '_', '.' and '-', and must start with a letter or digit"
+        )
     return name
 
 
@@ -245,7 +245,6 @@ def _digest(vm_id: object, iface_id: object) -> bytes:
                 f"{label} must be a non-empty string, got {value!r}",
                 details={label: value},
             )
-    assert isinstance(vm_id, str) and isinstance(iface_id, str)
     # NUL cannot appear in either id on the command line, so ("a", "bc") and ("ab", "c") never collide.
     return hashlib.sha256(f"{vm_id}\0{iface_id}".encode()).digest()
 

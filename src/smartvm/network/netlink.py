@@ -128,8 +128,15 @@ class HostNetwork:
     async def ensure_bridge(self, name: str, gateway_ip: str, prefixlen: int) -> None:
         """Make bridge ``name`` exist, carry ``gateway_ip/prefixlen`` and be up. Idempotent."""
         validate_interface_name(name, what="bridge name")
-        address = ipaddress.IPv4Address(gateway_ip)
-        await self._in_thread(self._ensure_bridge_sync, name, str(address), prefixlen)
+        try:
+            interface = ipaddress.IPv4Interface(f"{gateway_ip}/{prefixlen}")
+        except ValueError as exc:
+            raise SmartVMError(
+                ErrorCode.INVALID_IP,
+                f"invalid gateway address {gateway_ip!r}/{prefixlen!r} for bridge {name!r}",
+                details={"ip": gateway_ip, "prefixlen": prefixlen, "interface": name},
+            ) from exc
+        await self._in_thread(self._ensure_bridge_sync, name, str(interface.ip), interface.network.prefixlen)
 
     async def create_tap(self, name: str, bridge: str) -> None:
         """Create TAP ``name``, attach it to ``bridge`` and bring it up; roll back on any failure.
