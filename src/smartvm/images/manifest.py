@@ -114,7 +114,9 @@ def validate_file_name(file_name: str) -> str:
 
 
 def utc_now() -> datetime:
-    return datetime.now(UTC)
+    """Now, truncated to the millisecond precision manifests store (so round trips compare equal)."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond - now.microsecond % 1000)
 
 
 def format_timestamp(value: datetime) -> str:
