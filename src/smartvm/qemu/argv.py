@@ -242,7 +242,12 @@ def build_argv(spec: QemuMachineSpec, *, binary: str | None = None) -> list[str]
         argv += ["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"]
 
     if spec.rng:
-        argv += ["-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", "virtio-rng-device,rng=rng0"]
+        argv += [
+            "-object",
+            "rng-random,id=rng0,filename=/dev/urandom",
+            "-device",
+            "virtio-rng-device,rng=rng0",
+        ]
 
     for drive in spec.drives:
         opts = [
@@ -422,7 +427,9 @@ def spec_from_vmconfig(
     nics = []
     for iface in model.network_interfaces:
         if not iface.iface_id or not iface.host_dev_name:
-            raise _invalid("every network interface needs iface_id and host_dev_name", iface_id=iface.iface_id)
+            raise _invalid(
+                "every network interface needs iface_id and host_dev_name", iface_id=iface.iface_id
+            )
         nics.append(TapNicSpec(id=iface.iface_id, tap=iface.host_dev_name, mac=iface.guest_mac))
 
     vsock = None
@@ -447,4 +454,3 @@ def spec_from_vmconfig(
         vsock=vsock,
         rng=True,
     )
-
