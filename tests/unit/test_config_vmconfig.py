@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from smartvm.config import Drive, VMConfig, VMConfigModel
 from smartvm.errors import SmartVMError
@@ -203,3 +205,66 @@ def test_payload_from_a_mapping_does_not_keep_the_callers_objects() -> None:
     payload = vm_config.to_drive_payload({"drive_id": "d", "path_on_host": "/d", "rate_limiter": limiter})
     limiter["ops"]["size"] = 99
     assert payload["rate_limiter"] == {"ops": {"size": 1, "refill_time": 2}}
+
+
+# ------------------------------------------------------------------------ from_file
+
+
+def test_from_json_and_toml_files(tmp_path: Path) -> None:
+    json_file = tmp_path / "vm.json"
+    json_file.write_text(json.dumps(full_config()))
+    toml_file = tmp_path / "vm.toml"
+    toml_file.write_text(
+        'id = "toml-vm"\n'
+        "[boot_source]\n"
+        'kernel_image_path = "/vmlinux"\n'
+        "[machine_config]\n"
+        "vcpu_count = 2\n"
+        "mem_size_mib = 256\n"
+        "[[drives]]\n"
+        'drive_id = "rootfs"\n'
+        'path_on_host = "/rootfs.ext4"\n'
+        "is_root_device = true\n"
+    )
+    assert VMConfig.from_file(json_file).to_dict() == VMConfig(full_config()).to_dict()
+    from_toml = VMConfig.from_file(str(toml_file))
+    assert from_toml.validate().valid is True
+    assert from_toml.id == "toml-vm"
+    assert from_toml.to_drive_payloads() == [
+        {"drive_id": "rootfs", "path_on_host": "/rootfs.ext4", "is_root_device": True}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message_part"),
+    [
+        ("vm.yaml", "a: 1", "must end in .json or .toml"),
+        ("vm.json", "{not json", "is not valid JSON"),
+        ("vm.toml", "= nope", "is not valid TOML"),
+        ("vm.json", "[1, 2]", "config must be a mapping or a VMConfigModel, not list"),
+        ("vm.json", '{"machine_config": {"vcpu_count": "2"}}', "machine_config.vcpu_count"),
+        ("missing.json", None, "cannot read config file"),
+    ],
+)
+def test_bad_config_files_are_clear_errors(
+    tmp_path: Path, name: str, content: str | None, message_part: str
+) -> None:
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SmartVMError) as info:
+        VMConfig.from_file(path)
+    assert info.value.code == "INVALID_CONFIG"
+    assert message_part in info.value.message
+    assert info.value.details["path"] == str(path)
+
+
+def test_assignments_to_the_typed_model_are_type_checked() -> None:
+    vm_config = VMConfig(full_config())
+    iface = vm_config.config.network_interfaces[0]
+    iface.host_dev_name = "svnew0eth0"
+    assert vm_config.to_network_interface_payload(iface)["host_dev_name"] == "svnew0eth0"
+    with pytest.raises(ValidationError):
+        iface.host_dev_name = 5  # type: ignore[assignment]
+    with pytest.raises(ValidationError):
+        vm_config.config.machine_config.vcpu_count = "4"  # type: ignore[assignment]

@@ -15,6 +15,9 @@ What the models enforce, and what they leave to :meth:`VMConfig.validate`:
   so that validation can name them; fields the spec requires but we cannot
   default are ``None`` until validation reports them missing. This lets callers
   build a config, inspect it and get *all* its problems at once.
+
+Assignments are type-checked too (``validate_assignment``), so code that fills
+in e.g. ``host_dev_name`` later cannot store a value of the wrong type.
 """
 
 from __future__ import annotations
@@ -91,7 +94,7 @@ LogLevel = Annotated[
 class SpecModel(BaseModel):
     """Base of every config model: strict types, unknown fields kept for validation to report."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
 
 
 class TokenBucket(SpecModel):

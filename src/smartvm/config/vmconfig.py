@@ -21,8 +21,12 @@ bodies that are guaranteed to satisfy the spec.
 from __future__ import annotations
 
 import copy
+import json
+import os
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -116,6 +120,42 @@ class VMConfig:
 
     def __repr__(self) -> str:
         return f"VMConfig(id={self._config.id!r})"
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> VMConfig:
+        """Load a config from a ``.json`` or ``.toml`` file (same layout as the mapping form).
+
+        Unreadable, unparsable or unrepresentable files raise ``SmartVMError(INVALID_CONFIG)``
+        with the path in ``details``; semantic problems are left to :meth:`validate` as usual.
+        """
+        file = Path(path)
+        details = {"path": str(file)}
+        suffix = file.suffix.lower()
+        if suffix not in (".json", ".toml"):
+            raise SmartVMError(
+                ErrorCode.INVALID_CONFIG,
+                f"config file {file} must end in .json or .toml",
+                details=details,
+            )
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SmartVMError(
+                ErrorCode.INVALID_CONFIG, f"cannot read config file {file}: {exc}", details=details
+            ) from exc
+        try:
+            data: object = json.loads(text) if suffix == ".json" else tomllib.loads(text)
+        except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise SmartVMError(
+                ErrorCode.INVALID_CONFIG,
+                f"config file {file} is not valid {suffix[1:].upper()}: {exc}",
+                details=details,
+            ) from exc
+        try:
+            return cls(data)  # type: ignore[arg-type]  # non-mappings are refused by __init__
+        except SmartVMError as exc:
+            exc.details.setdefault("path", str(file))
+            raise
 
     @property
     def config(self) -> VMConfigModel:
