@@ -1,0 +1,1596 @@
+#!/usr/bin/python3
+"""exec_sandbox guest agent: runs inside the guest (stdlib only, one file).
+
+Copied into guest images at /opt/sbx/agent.py and exec'd by init, so it is usually PID 1: it reaps
+every orphan. It talks to the host over a virtio-serial port (or, for tests on the host, a unix
+socket) with length-prefixed frames:
+
+    b"SBX" + version byte (1) | u32 big-endian payload length | UTF-8 JSON object (<= 4 MiB)
+
+The host module ``exec_sandbox.agent_protocol`` is the authoritative description of the messages.
+virtio-serial semantics drive the design: writes block while no host is connected and reads see
+EOF while the host is away, so the agent announces ``hello`` on start and on every detected
+(re)connection, answers ``ping`` with ``hello`` and tags every reply with the request id.
+
+Startup imports are kept minimal (this is on the VM boot critical path); exec machinery is lazy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+
+__all__ = ["main"]
+
+AGENT_VERSION = "1.0.0"
+PROTOCOL_VERSION = 1
+MAGIC = b"SBX"
+HEADER_LEN = 8
+MAX_FRAME_BYTES = 4 * 1024 * 1024
+DEFAULT_PORT_NAME = "org.exec_sandbox.agent"
+MAX_CODE_BYTES = 2 * 1024 * 1024
+MAX_CHUNK_BYTES = 2 * 1024 * 1024
+DEFAULT_OUTPUT_CAP = 10 * 1024 * 1024
+READ_CHUNK = 64 * 1024
+CAPABILITIES = [
+    "ping",
+    "exec",
+    "exec.session",
+    "warmup",
+    "write_file",
+    "read_file",
+    "list_files",
+    "reseed_rng",
+    "cancel",
+    "shutdown",
+]
+LANG_EXT = {"python": "py", "javascript": "js", "raw": "sh"}
+_BOOT_MONO = time.monotonic()
+
+
+class RequestError(Exception):
+    """A request failed in a way reported to the host as an ``error`` frame."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# --------------------------------------------------------------------------- framing
+
+
+def encode_frame(msg: dict) -> bytes:
+    payload = json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(payload) > MAX_FRAME_BYTES:
+        raise ValueError("frame too large")
+    return MAGIC + bytes([PROTOCOL_VERSION]) + len(payload).to_bytes(4, "big") + payload
+
+
+class Decoder:
+    """Incremental frame decoder that resynchronises on the magic after garbage."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def reset(self) -> None:
+        self.buf.clear()
+
+    def feed(self, data: bytes) -> list[dict]:
+        self.buf += data
+        out: list[dict] = []
+        while True:
+            if len(self.buf) < HEADER_LEN:
+                if self.buf and not MAGIC.startswith(bytes(self.buf[:3])):
+                    self._skip()
+                    continue
+                return out
+            if self.buf[:3] != MAGIC or self.buf[3] != PROTOCOL_VERSION:
+                self._skip()
+                continue
+            n = int.from_bytes(self.buf[4:8], "big")
+            if n > MAX_FRAME_BYTES:
+                self._skip()
+                continue
+            if len(self.buf) < HEADER_LEN + n:
+                return out
+            payload = bytes(self.buf[HEADER_LEN : HEADER_LEN + n])
+            del self.buf[: HEADER_LEN + n]
+            try:
+                msg = json.loads(payload)
+            except ValueError:
+                msg = None
+            if not isinstance(msg, dict):
+                out.append({"type": "__invalid__", "id": None})
+            else:
+                out.append(msg)
+
+    def _skip(self) -> None:
+        # Drop one byte, then everything up to the next possible magic.
+        idx = self.buf.find(MAGIC, 1)
+        del self.buf[: idx if idx > 0 else max(1, len(self.buf) - 2)]
+
+
+# --------------------------------------------------------------------------- transports
+
+
+class Transport:
+    """Blocking byte channel that survives host disconnects."""
+
+    on_connect: object = None  # callable() invoked when a (new) host connection is detected
+
+    def recv(self) -> bytes:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def send(self, data: bytes) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _connected(self) -> None:
+        if callable(self.on_connect):
+            self.on_connect()
+
+
+class VirtioTransport(Transport):
+    def __init__(self, port_name: str, device: str | None) -> None:
+        self.path = device or self._find(port_name)
+        self.fd = os.open(self.path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        self.connected = False
+        self.wlock = threading.Lock()
+
+    @staticmethod
+    def _find(port_name: str, wait_s: float = 30.0) -> str:
+        deadline = time.monotonic() + wait_s
+        while True:
+            base = "/sys/class/virtio-ports"
+            try:
+                entries = sorted(os.listdir(base))
+            except OSError:
+                entries = []
+            for entry in entries:
+                try:
+                    with open(f"{base}/{entry}/name") as fh:
+                        name = fh.read().strip()
+                except OSError:
+                    continue
+                if name == port_name:
+                    dev = f"/dev/{entry}"
+                    if not os.path.exists(dev):
+                        _mknod_from_sysfs(f"{base}/{entry}/dev", dev)
+                    return dev
+            if time.monotonic() > deadline:
+                raise SystemExit(f"sbx-agent: virtio port {port_name!r} not found")
+            time.sleep(0.01)
+
+    def recv(self) -> bytes:
+        delay = 0.005
+        while True:
+            data = os.read(self.fd, READ_CHUNK)
+            if data:
+                if not self.connected:
+                    self.connected = True
+                    self._connected()
+                return data
+            # EOF: no host connected. Sleep (never spin) and poll again.
+            if self.connected:
+                self.connected = False
+                return b""
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def send(self, data: bytes) -> None:
+        view = memoryview(data)
+        with self.wlock:
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+
+
+def _mknod_from_sysfs(dev_attr: str, path: str) -> None:
+    import stat
+
+    with open(dev_attr) as fh:
+        major, minor = (int(x) for x in fh.read().strip().split(":"))
+    os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(major, minor))
+
+
+class UnixTransport(Transport):
+    """Unix socket transport for running the agent on the host in tests (connect or listen)."""
+
+    def __init__(self, path: str, listen: bool) -> None:
+        import socket
+
+        self._socket_mod = socket
+        self.path = path
+        self.listen = listen
+        self.sock = None
+        self.cond = threading.Condition()
+        self.server = None
+        if listen:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.server.bind(path)
+            self.server.listen(4)
+
+    def _establish(self) -> None:
+        socket = self._socket_mod
+        if self.listen:
+            assert self.server is not None
+            conn, _ = self.server.accept()
+        else:
+            delay = 0.01
+            while True:
+                conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    conn.connect(self.path)
+                    break
+                except OSError:
+                    conn.close()
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.2)
+        with self.cond:
+            self.sock = conn
+            self.cond.notify_all()
+        self._connected()
+
+    def recv(self) -> bytes:
+        while True:
+            if self.sock is None:
+                self._establish()
+            sock = self.sock
+            try:
+                data = sock.recv(READ_CHUNK)
+            except OSError:
+                data = b""
+            if data:
+                return data
+            with self.cond:
+                if self.sock is sock:
+                    self.sock = None
+            try:
+                sock.close()
+            except OSError:
+                pass
+            if not self.listen:
+                time.sleep(0.05)
+            return b""
+
+    def send(self, data: bytes) -> None:
+        with self.cond:
+            while self.sock is None:
+                self.cond.wait()
+            sock = self.sock
+        try:
+            sock.sendall(data)
+        except OSError:
+            pass  # the host went away mid-frame; a new host must not see the tail
+
+
+# --------------------------------------------------------------------------- reaper
+
+
+class Reaper:
+    """Reaps every child (and, as PID 1 or subreaper, every orphan); waiters look statuses up."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.status: dict[int, int] = {}
+        self.spawned = threading.Event()
+        threading.Thread(target=self._run, name="reaper", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            self.spawned.clear()
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                self.spawned.wait(1.0)
+                continue
+            except InterruptedError:
+                continue
+            with self.cond:
+                self.status[pid] = status
+                self.cond.notify_all()
+
+    def notify_spawn(self) -> None:
+        self.spawned.set()
+
+    def wait(self, pid: int, timeout: float | None) -> int | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.cond:
+            while pid not in self.status:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self.cond.wait(remaining)
+            return self.status.pop(pid)
+
+    def poll(self, pid: int) -> int | None:
+        with self.cond:
+            return self.status.pop(pid, None)
+
+    def forget(self, pid: int) -> None:
+        with self.cond:
+            self.status.pop(pid, None)
+
+
+def exit_code_of(status: int) -> tuple[int, int | None]:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        return 128 + sig, sig
+    return os.WEXITSTATUS(status), None
+
+
+# --------------------------------------------------------------------------- process tree kill
+
+
+def _proc_stat(pid: int) -> tuple[int, int, int, int] | None:
+    """(ppid, pgid, sid, uid) of ``pid`` from /proc, or None when gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            raw = fh.read()
+        fields = raw[raw.rindex(b")") + 2 :].split()
+        st = os.stat(f"/proc/{pid}")
+        return int(fields[1]), int(fields[2]), int(fields[3]), st.st_uid
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def kill_tree(root_pid: int, protected: set[int], run_uid: int | None) -> None:
+    """SIGKILL everything in ``root_pid``'s session/group/descendants, repeatedly, until none is left.
+
+    User code may setsid()/setpgid() to escape its group; descendants are found through /proc, and
+    orphans re-parented to the agent (PID 1 or subreaper) that run as the sandbox uid are included.
+    """
+    import signal
+
+    me = os.getpid()
+    protected = protected - {root_pid}
+    for _ in range(50):
+        try:
+            os.killpg(root_pid, signal.SIGKILL)
+        except OSError:
+            pass
+        table: dict[int, tuple[int, int, int, int]] = {}
+        try:
+            names = os.listdir("/proc")
+        except OSError:
+            names = []
+        for name in names:
+            if name.isdigit():
+                info = _proc_stat(int(name))
+                if info is not None:
+                    table[int(name)] = info
+        victims: set[int] = set()
+        for pid, (ppid, pgid, sid, uid) in table.items():
+            if pid in protected or pid == me:
+                continue
+            in_tree = root_pid in (pid, pgid, sid)
+            orphan = ppid == me and run_uid is not None and uid == run_uid and run_uid != 0
+            if in_tree or orphan:
+                victims.add(pid)
+        changed = True
+        while changed:
+            changed = False
+            for pid, (ppid, _pg, _sid, _uid) in table.items():
+                if ppid in victims and pid not in victims and pid not in protected and pid != me:
+                    victims.add(pid)
+                    changed = True
+        alive = [p for p in victims if _is_alive(p)]
+        if not alive:
+            return
+        for pid in alive:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.01)
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            raw = fh.read()
+        return raw[raw.rindex(b")") + 2 :][:1] not in (b"Z", b"X")
+    except (OSError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------- REPL drivers
+
+PY_DRIVER = r"""
+import os, sys
+def _sbx_main():
+    import linecache, traceback
+    fin = int(os.environ.pop('SBX_REPL_IN')); fout = int(os.environ.pop('SBX_REPL_OUT'))
+    g = {'__name__': '__main__', '__builtins__': __builtins__}
+    n = 0
+    def readn(k):
+        parts = []
+        while k:
+            b = os.read(fin, min(k, 1 << 20))
+            if not b:
+                os._exit(0)
+            parts.append(b); k -= len(b)
+        return b''.join(parts)
+    while True:
+        line = b''
+        while not line.endswith(b'\n'):
+            b = os.read(fin, 1)
+            if not b:
+                os._exit(0)
+            line += b
+        code = readn(int(line)).decode('utf-8', 'replace')
+        n += 1
+        name = '<session-%d>' % n
+        linecache.cache[name] = (len(code), None, code.splitlines(True), name)
+        rc = 0
+        try:
+            exec(compile(code, name, 'exec'), g)
+        except SystemExit as e:
+            c = e.code
+            if c is None:
+                rc = 0
+            elif isinstance(c, int):
+                rc = c & 0xFF
+            else:
+                print(c, file=sys.stderr); rc = 1
+        except BaseException as e:
+            tb = e.__traceback__.tb_next if e.__traceback__ is not None else None
+            traceback.print_exception(type(e), e, tb); rc = 1
+        for s in (sys.stdout, sys.stderr):
+            try:
+                s.flush()
+            except Exception:
+                pass
+        os.write(fout, b'%d\n' % rc)
+_sbx_main()
+"""
+
+JS_DRIVER = r"""
+'use strict';
+const vm = require('vm'); const fs = require('fs'); const net = require('net');
+const inFd = +process.env.SBX_REPL_IN, outFd = +process.env.SBX_REPL_OUT;
+delete process.env.SBX_REPL_IN; delete process.env.SBX_REPL_OUT;
+const sandbox = {console, require, process, Buffer, setTimeout, clearTimeout, setInterval, clearInterval,
+  setImmediate, clearImmediate, URL, URLSearchParams, TextEncoder, TextDecoder, queueMicrotask,
+  structuredClone, module: {exports: {}}, __dirname: process.cwd(), __filename: '<session>'};
+const ctx = vm.createContext(sandbox);
+const report = (e) => {
+  try { process.stderr.write((e && e.stack ? e.stack : String(e)) + '\n'); } catch (_) {}
+};
+process.on('uncaughtException', report); process.on('unhandledRejection', report);
+let buf = Buffer.alloc(0); let busy = false; const queue = []; let n = 0;
+async function pump() {
+  if (busy) return; busy = true;
+  while (queue.length) {
+    const code = queue.shift(); let rc = 0; n += 1;
+    try {
+      const r = vm.runInContext(code, ctx, {filename: '<session-' + n + '>'});
+      if (r && typeof r.then === 'function') await r;
+    } catch (e) { report(e); rc = 1; }
+    fs.writeSync(outFd, rc + '\n');
+  }
+  busy = false;
+}
+const input = new net.Socket({fd: inFd, readable: true, writable: false});
+input.on('data', (d) => {
+  buf = Buffer.concat([buf, d]);
+  for (;;) {
+    const nl = buf.indexOf(10); if (nl < 0) break;
+    const len = parseInt(buf.subarray(0, nl).toString(), 10);
+    if (buf.length < nl + 1 + len) break;
+    queue.push(buf.subarray(nl + 1, nl + 1 + len).toString('utf8'));
+    buf = buf.subarray(nl + 1 + len);
+  }
+  pump();
+});
+input.on('end', () => process.exit(0));
+"""
+
+
+# --------------------------------------------------------------------------- output forwarding
+
+
+class Stream:
+    """One output stream of one exec: cap, UTF-8 incremental decoding, byte counting."""
+
+    def __init__(self, agent: Agent, req_id: str, name: str, cap: int) -> None:
+        import codecs
+
+        self.agent, self.req_id, self.name, self.cap = agent, req_id, name, cap
+        self.total = 0
+        self.forwarded = 0
+        self.truncated = False
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, data: bytes) -> None:
+        self.total += len(data)
+        room = self.cap - self.forwarded
+        if room <= 0:
+            self.truncated = self.truncated or bool(data)
+            return
+        if len(data) > room:
+            data = data[:room]
+            self.truncated = True
+        self.forwarded += len(data)
+        text = self.decoder.decode(data)
+        if text:
+            self.agent.send({"type": "output", "id": self.req_id, "stream": self.name, "data": text})
+
+    def note(self, text: str) -> None:
+        """An agent-authored line (timeouts, resets): not counted against the cap."""
+        self.flush()
+        self.agent.send({"type": "output", "id": self.req_id, "stream": self.name, "data": text})
+
+    def flush(self) -> None:
+        text = self.decoder.decode(b"", final=True)
+        if text:
+            self.agent.send({"type": "output", "id": self.req_id, "stream": self.name, "data": text})
+
+
+# --------------------------------------------------------------------------- REPL sessions
+
+
+class Repl:
+    """A persistent interpreter for one language; blocks are run one at a time."""
+
+    def __init__(self, agent: Agent, language: str) -> None:
+        self.agent = agent
+        self.language = language
+        self.lock = threading.Lock()
+        self.proc = None
+        self.ctl_w = -1
+        self.status_r = -1
+
+    def alive(self) -> bool:
+        return self.proc is not None
+
+    def start(self) -> None:
+        import subprocess
+
+        agent = self.agent
+        code_r, code_w = os.pipe()
+        status_r, status_w = os.pipe()
+        env = agent.base_env({})
+        env["SBX_REPL_IN"] = str(code_r)
+        env["SBX_REPL_OUT"] = str(status_w)
+        stdin = subprocess.DEVNULL
+        if self.language == "python":
+            argv = [agent.interpreters["python"], "-u", "-c", PY_DRIVER]
+        elif self.language == "javascript":
+            argv = [agent.interpreters["javascript"], "-e", JS_DRIVER]
+        else:
+            # dash: commands come on stdin; "command ." keeps syntax errors from killing the shell.
+            argv = [*agent.interpreters["raw"], "-s"]
+            stdin = code_r
+        if agent.run_uid is not None:
+            # The shell re-opens the status pipe through /proc, which checks the pipe inode's owner.
+            os.fchown(status_w, agent.run_uid, agent.run_gid if agent.run_gid is not None else -1)
+        try:
+            proc = agent.spawn(argv, env=env, cwd=agent.workdir, stdin=stdin, pass_fds=(code_r, status_w))
+        finally:
+            os.close(code_r)
+            os.close(status_w)
+        for fd in (proc.stdout.fileno(), proc.stderr.fileno(), status_r):
+            os.set_blocking(fd, False)
+        self.proc, self.ctl_w, self.status_r = proc, code_w, status_r
+        self.status_buf = b""
+        if self.language == "raw":
+            self._send_raw_prologue(status_w)
+
+    def _send_raw_prologue(self, status_w: int) -> None:
+        # dash only parses single-digit fds, so re-open the status pipe as fd 9 through /proc.
+        os.write(self.ctl_w, f"exec 9>/proc/self/fd/{status_w}\n".encode())
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        self.proc = None
+        kill_tree(proc.pid, self.agent.protected_pids(), self.agent.run_uid)
+        if proc.returncode is None:
+            status = self.agent.reaper.wait(proc.pid, 5.0)
+            proc.returncode = status if status is not None else -9
+        for fd in (self.ctl_w, self.status_r):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        for f in (proc.stdout, proc.stderr):
+            try:
+                f.close()
+            except OSError:
+                pass
+        self.agent.forget_pid(proc.pid)
+
+    def submit(self, code: str) -> None:
+        data = code.encode()
+        if self.language == "raw":
+            path = self.agent.write_code_file("raw", code)
+            self.pending_file = path
+            line = f"command . '{path}' </dev/null\nprintf '%s\\n' \"$?\" >&9\n".encode()
+            self._write_all(line)
+        else:
+            self.pending_file = None
+            self._write_all(str(len(data)).encode() + b"\n" + data)
+
+    def _write_all(self, data: bytes) -> None:
+        # Written from a helper thread: a huge block must not block output pumping.
+        def writer() -> None:
+            view = memoryview(data)
+            fd = self.ctl_w
+            import select
+
+            while view:
+                try:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                except BlockingIOError:
+                    select.select([], [fd], [], 1.0)
+                except OSError:
+                    return
+
+        threading.Thread(target=writer, daemon=True).start()
+
+    def read_status(self) -> int | None:
+        try:
+            chunk = os.read(self.status_r, 64)
+        except BlockingIOError:
+            return None
+        if not chunk:
+            raise EOFError
+        self.status_buf += chunk
+        if b"\n" in self.status_buf:
+            line, self.status_buf = self.status_buf.split(b"\n", 1)
+            try:
+                return int(line.strip())
+            except ValueError:
+                return 1
+        return None
+
+
+# --------------------------------------------------------------------------- the agent
+
+
+class Agent:
+    def __init__(self, args: object) -> None:
+        self.args = args
+        self.workdir = os.path.realpath(args.workdir)
+        self.run_uid: int | None = args.run_as_uid
+        self.run_gid: int | None = args.run_as_gid
+        self.instance = os.urandom(8).hex()
+        self.out: list[bytes] = []
+        self.out_cond = threading.Condition()
+        self.out_max = 256
+        self.uploads: dict[str, dict] = {}
+        self.running: dict[str, object] = {}  # request id -> cancel callable
+        self.repls: dict[str, Repl] = {}
+        self.repl_guard = threading.Lock()
+        self.tracked: set[int] = set()
+        self.tracked_lock = threading.Lock()
+        self.counter = 0
+        self.counter_lock = threading.Lock()
+        self._rundir: str | None = None
+        self._reaper: Reaper | None = None
+        self._interpreters: dict[str, object] | None = None
+        self.transport: Transport | None = None
+        self.stop_event = threading.Event()
+
+    # ---- lazily built pieces (kept off the boot critical path)
+
+    @property
+    def reaper(self) -> Reaper:
+        if self._reaper is None:
+            self._reaper = Reaper()
+        return self._reaper
+
+    @property
+    def interpreters(self) -> dict:
+        if self._interpreters is None:
+            a = self.args
+            sh = a.shell or _which("sh")
+            raw: list[str] | None = [sh] if sh else None
+            if raw is None and _which("busybox"):
+                raw = [_which("busybox"), "sh"]
+            self._interpreters = {
+                "python": a.python or _which("python3") or sys.executable,
+                "javascript": a.node or _which("node") or _which("nodejs"),
+                "raw": raw,
+            }
+        return self._interpreters
+
+    @property
+    def rundir(self) -> str:
+        if self._rundir is None:
+            base = self.args.rundir or "/tmp"
+            path = os.path.join(base, f"sbx-agent-{os.getpid()}-{self.instance[:6]}")
+            os.makedirs(path, mode=0o711, exist_ok=True)
+            os.chmod(path, 0o711)
+            self._rundir = path
+        return self._rundir
+
+    def next_n(self) -> int:
+        with self.counter_lock:
+            self.counter += 1
+            return self.counter
+
+    # ---- output queue (bounded: producers block, which back-pressures user processes)
+
+    def send(self, msg: dict) -> None:
+        frame = encode_frame(msg)
+        with self.out_cond:
+            while len(self.out) >= self.out_max:
+                self.out_cond.wait()
+            self.out.append(frame)
+            self.out_cond.notify_all()
+
+    def _writer(self) -> None:
+        assert self.transport is not None
+        while True:
+            with self.out_cond:
+                while not self.out:
+                    self.out_cond.wait()
+                n, size = 0, 0
+                while n < len(self.out) and (n == 0 or size + len(self.out[n]) <= 256 * 1024):
+                    size += len(self.out[n])
+                    n += 1
+                batch = b"".join(self.out[:n])
+                del self.out[:n]
+                self.out_cond.notify_all()
+            self.transport.send(batch)
+
+    def flush_out(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self.out_cond:
+            while self.out and time.monotonic() < deadline:
+                self.out_cond.wait(0.05)
+
+    # ---- hello
+
+    def hello(self, req_id: str | None) -> dict:
+        interp = self.interpreters
+        try:
+            with open("/proc/uptime") as fh:
+                uptime = float(fh.read().split()[0])
+        except (OSError, ValueError):
+            uptime = None
+        return {
+            "type": "hello",
+            "id": req_id,
+            "agent_version": AGENT_VERSION,
+            "protocol_version": PROTOCOL_VERSION,
+            "capabilities": CAPABILITIES,
+            "languages": sorted(k for k, v in interp.items() if v),
+            "instance": self.instance,
+            "pid": os.getpid(),
+            "uid": os.getuid(),
+            "workdir": self.workdir,
+            "max_frame_bytes": MAX_FRAME_BYTES,
+            "boot": {
+                "uptime_s": uptime,
+                "agent_uptime_s": round(time.monotonic() - _BOOT_MONO, 6),
+                "is_pid1": os.getpid() == 1,
+                "warm": sorted(k for k, r in self.repls.items() if r.alive()),
+            },
+        }
+
+    # ---- process helpers
+
+    def base_env(self, extra: dict) -> dict:
+        home = self.args.home or self.workdir
+        env = {
+            "PATH": STD_PATH,
+            "HOME": home,
+            "USER": self.args.user_name,
+            "LOGNAME": self.args.user_name,
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "TMPDIR": "/tmp",
+            "PS1": "",
+            "PS2": "",
+        }
+        env.update(extra)
+        return env
+
+    def spawn(self, argv: list, *, env: dict, cwd: str, stdin: object, pass_fds: tuple = ()) -> object:
+        import subprocess
+
+        kwargs: dict = {}
+        if self.run_uid is not None:
+            kwargs.update(user=self.run_uid, group=self.run_gid, extra_groups=[])
+        proc = subprocess.Popen(
+            argv,
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+            pass_fds=pass_fds,
+            umask=0o022,
+            **kwargs,
+        )
+        with self.tracked_lock:
+            self.tracked.add(proc.pid)
+        self.reaper.notify_spawn()
+        return proc
+
+    def forget_pid(self, pid: int) -> None:
+        with self.tracked_lock:
+            self.tracked.discard(pid)
+
+    def protected_pids(self) -> set[int]:
+        # Other execs and REPLs spawned by the agent must survive one exec's tree kill.
+        with self.tracked_lock:
+            return set(self.tracked)
+
+    def write_code_file(self, language: str, code: str) -> str:
+        path = os.path.join(self.rundir, f"code-{self.next_n()}.{LANG_EXT[language]}")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            os.write(fd, code.encode())
+        finally:
+            os.close(fd)
+        return path
+
+    # ---- main loop
+
+    def run(self, transport: Transport) -> None:
+        decoder = Decoder()
+        if self.transport is None:
+            self.transport = transport
+            transport.on_connect = lambda: self.send(self.hello(None))
+            threading.Thread(target=self._writer, name="writer", daemon=True).start()
+            if isinstance(transport, VirtioTransport):
+                self.send(self.hello(None))  # waits in the writer until a host connects
+            if os.getpid() != 1:
+                threading.Thread(target=_become_subreaper, daemon=True).start()
+            for lang in self.args.warm or []:
+                threading.Thread(target=self._warm_quiet, args=(lang,), daemon=True).start()
+        while not self.stop_event.is_set():
+            data = transport.recv()
+            if not data:
+                decoder.reset()
+                self.uploads.clear()
+                continue
+            for msg in decoder.feed(data):
+                self.dispatch(msg)
+
+    def _warm_quiet(self, lang: str) -> None:
+        try:
+            self.repl_for(lang)
+        except Exception:
+            pass
+
+    def dispatch(self, msg: dict) -> None:
+        req_id = msg.get("id")
+        kind = msg.get("type")
+        if not isinstance(req_id, str) or not req_id or len(req_id) > 128:
+            if kind != "__invalid__":
+                self.send(
+                    {
+                        "type": "error",
+                        "id": None,
+                        "code": "invalid_request",
+                        "message": "request without a valid string id",
+                    }
+                )
+            return
+        try:
+            if kind == "ping":
+                self.send(self.hello(req_id))
+            elif kind == "write_file":
+                self.op_write_begin(req_id, msg)
+            elif kind == "write_chunk":
+                self.op_write_chunk(req_id, msg)
+            elif kind == "cancel":
+                target = msg.get("target")
+                cancel = self.running.get(target) if isinstance(target, str) else None
+                if callable(cancel):
+                    cancel()
+                self.send({"type": "cancel_result", "id": req_id, "found": callable(cancel)})
+            elif kind in ("exec", "read_file", "list_files", "warmup", "reseed_rng", "shutdown"):
+                threading.Thread(target=self._guarded, args=(kind, req_id, msg), daemon=True).start()
+            else:
+                raise RequestError("unknown_request", f"unknown request type {kind!r}")
+        except RequestError as exc:
+            self.send({"type": "error", "id": req_id, "code": exc.code, "message": exc.message})
+        except Exception as exc:  # an agent bug must not kill the agent (it may be PID 1)
+            self.send(
+                {"type": "error", "id": req_id, "code": "internal", "message": f"{type(exc).__name__}: {exc}"}
+            )
+
+    def _guarded(self, kind: str, req_id: str, msg: dict) -> None:
+        try:
+            getattr(self, "op_" + kind)(req_id, msg)
+        except RequestError as exc:
+            self.send({"type": "error", "id": req_id, "code": exc.code, "message": exc.message})
+        except Exception as exc:  # an agent bug must not kill the agent
+            self.send(
+                {"type": "error", "id": req_id, "code": "internal", "message": f"{type(exc).__name__}: {exc}"}
+            )
+
+    # ---- exec
+
+    def _check_exec(self, msg: dict) -> tuple:
+        lang = msg.get("language")
+        if lang not in LANG_EXT:
+            raise RequestError("invalid_request", f"unknown language {lang!r}")
+        if not self.interpreters.get(lang):
+            raise RequestError("unsupported_language", f"no interpreter for {lang!r} in this guest")
+        code = msg.get("code")
+        if not isinstance(code, str) or len(code.encode()) > MAX_CODE_BYTES or "\x00" in code:
+            raise RequestError("invalid_request", "code must be a string without NUL, at most 2 MiB")
+        env = msg.get("env") or {}
+        if not isinstance(env, dict) or any(
+            not isinstance(k, str) or not isinstance(v, str) or not k or "=" in k or "\x00" in k + v
+            for k, v in env.items()
+        ):
+            raise RequestError("invalid_request", "env must map names to strings (no '=' or NUL)")
+        timeout = msg.get("timeout_s", 30)
+        if not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400:
+            raise RequestError("invalid_request", "timeout_s must be in (0, 86400]")
+        caps = []
+        for key in ("max_stdout_bytes", "max_stderr_bytes"):
+            cap = msg.get(key, DEFAULT_OUTPUT_CAP)
+            if not isinstance(cap, int) or cap < 0:
+                raise RequestError("invalid_request", f"{key} must be a non-negative integer")
+            caps.append(cap)
+        cwd = self.workdir
+        if msg.get("cwd"):
+            cwd = self.resolve_dir(msg["cwd"])
+        return lang, code, env, float(timeout), caps, cwd
+
+    def op_exec(self, req_id: str, msg: dict) -> None:
+        lang, code, env, timeout, caps, cwd = self._check_exec(msg)
+        out = Stream(self, req_id, "stdout", caps[0])
+        err = Stream(self, req_id, "stderr", caps[1])
+        started = time.monotonic()
+        if msg.get("session"):
+            result = self._exec_session(req_id, lang, code, env, timeout, cwd, out, err)
+        else:
+            result = self._exec_oneshot(req_id, lang, code, env, timeout, cwd, out, err)
+        out.flush()
+        err.flush()
+        result.update(
+            {
+                "type": "exit",
+                "id": req_id,
+                "duration_ms": round((time.monotonic() - started) * 1000, 3),
+                "stdout_truncated": out.truncated,
+                "stderr_truncated": err.truncated,
+                "stdout_bytes": out.total,
+                "stderr_bytes": err.total,
+            }
+        )
+        self.send(result)
+
+    def _exec_oneshot(self, req_id, lang, code, env, timeout, cwd, out, err) -> dict:
+        import select
+        import subprocess
+
+        path = self.write_code_file(lang, code)
+        interp = self.interpreters[lang]
+        argv = {
+            "python": lambda: [interp, "-u", path],
+            "javascript": lambda: [interp, path],
+            "raw": lambda: [*interp, path],
+        }[lang]()
+        cancelled = threading.Event()
+        try:
+            proc = self.spawn(argv, env=self.base_env(env), cwd=cwd, stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            os.unlink(path)
+            raise RequestError("spawn_failed", f"cannot start {lang}: {exc}") from None
+        self.running[req_id] = cancelled.set
+        deadline = time.monotonic() + timeout
+        fds = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
+        status = None
+        timed_out = False
+        exited_at = None
+        try:
+            while fds:
+                now = time.monotonic()
+                if status is None:
+                    status = self.reaper.poll(proc.pid)
+                    if status is not None:
+                        exited_at = now
+                if now >= deadline or cancelled.is_set():
+                    timed_out = not cancelled.is_set()
+                    break
+                # The main process is gone but a background child holds the pipes: stop shortly.
+                if exited_at is not None and now - exited_at > 0.2:
+                    break
+                ready, _, _ = select.select(list(fds), [], [], min(0.05, max(0.0, deadline - now)))
+                for fd in ready:
+                    data = os.read(fd, READ_CHUNK)
+                    if data:
+                        fds[fd].feed(data)
+                    else:
+                        del fds[fd]
+            if not timed_out and not cancelled.is_set() and status is None:
+                status = self.reaper.wait(proc.pid, max(0.0, deadline - time.monotonic()))
+                timed_out = status is None
+            # Leftovers (background children, or everything on timeout) die with the exec.
+            kill_tree(proc.pid, self.protected_pids(), self.run_uid)
+            if status is None:
+                status = self.reaper.wait(proc.pid, 5.0)
+            for fd in list(fds):
+                _drain_nonblocking(fd, fds[fd])
+        finally:
+            self.running.pop(req_id, None)
+            proc.returncode = status if status is not None else -9
+            proc.stdout.close()
+            proc.stderr.close()
+            self.forget_pid(proc.pid)
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        if timed_out or cancelled.is_set():
+            why = "timed out" if timed_out else "was cancelled"
+            err.note(
+                f"\n[sandbox] execution {why} after {timeout:g}s; the process tree was killed\n"
+                if timed_out
+                else "\n[sandbox] execution was cancelled; the process tree was killed\n"
+            )
+            return {
+                "exit_code": -1,
+                "signal": None,
+                "timed_out": timed_out,
+                "cancelled": cancelled.is_set(),
+                "session_reset": False,
+            }
+        code_, sig = exit_code_of(status) if status is not None else (-1, None)
+        return {
+            "exit_code": code_,
+            "signal": sig,
+            "timed_out": False,
+            "cancelled": False,
+            "session_reset": False,
+        }
+
+    def repl_for(self, lang: str) -> Repl:
+        with self.repl_guard:
+            repl = self.repls.get(lang)
+            if repl is None:
+                repl = self.repls[lang] = Repl(self, lang)
+        with repl.lock:
+            if not repl.alive():
+                repl.start()
+                # Run an empty block so "warm" means the interpreter is fully loaded.
+                repl.submit("")
+                self._await_repl(repl, None, None, time.monotonic() + 60, threading.Event())
+                if repl.pending_file:
+                    try:
+                        os.unlink(repl.pending_file)
+                    except OSError:
+                        pass
+        return repl
+
+    def _exec_session(self, req_id, lang, code, env, timeout, cwd, out, err) -> dict:
+        if not self.interpreters.get(lang):
+            raise RequestError("unsupported_language", f"no interpreter for {lang!r}")
+        repl = self.repl_for(lang)
+        cancelled = threading.Event()
+        with repl.lock:
+            if not repl.alive():
+                repl.start()
+            prefix = _session_prefix(lang, env, cwd, self.workdir)
+            repl.submit(prefix + code)
+            self.running[req_id] = cancelled.set
+            try:
+                outcome = self._await_repl(repl, out, err, time.monotonic() + timeout, cancelled)
+            finally:
+                self.running.pop(req_id, None)
+                if repl.pending_file:
+                    try:
+                        os.unlink(repl.pending_file)
+                    except OSError:
+                        pass
+        kind, value = outcome
+        if kind == "done":
+            return {
+                "exit_code": value,
+                "signal": None,
+                "timed_out": False,
+                "cancelled": False,
+                "session_reset": False,
+            }
+        if kind == "died":
+            code_, sig = exit_code_of(value) if value is not None else (-1, None)
+            err.note("\n[sandbox] the session interpreter exited; its state was reset\n")
+            return {
+                "exit_code": code_,
+                "signal": sig,
+                "timed_out": False,
+                "cancelled": False,
+                "session_reset": True,
+            }
+        why = "timed out" if kind == "timeout" else "was cancelled"
+        err.note(
+            f"\n[sandbox] execution {why} after {timeout:g}s; the session was restarted and its "
+            "state was lost\n"
+            if kind == "timeout"
+            else "\n[sandbox] execution was cancelled; the session was restarted and its state was lost\n"
+        )
+        return {
+            "exit_code": -1,
+            "signal": None,
+            "timed_out": kind == "timeout",
+            "cancelled": kind == "cancelled",
+            "session_reset": True,
+        }
+
+    def _await_repl(self, repl: Repl, out, err, deadline: float, cancelled: threading.Event) -> tuple:
+        """Pump a REPL until its status line ("done"), its death ("died"), timeout or cancel."""
+        import select
+
+        proc = repl.proc
+        streams = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
+        status_fd = repl.status_r
+        while True:
+            now = time.monotonic()
+            if now >= deadline or cancelled.is_set():
+                for fd, s in streams.items():
+                    _drain_nonblocking(fd, s)
+                repl.stop()
+                return ("timeout" if not cancelled.is_set() else "cancelled", None)
+            ready, _, _ = select.select([*streams, status_fd], [], [], min(0.1, deadline - now))
+            for fd in ready:
+                if fd == status_fd:
+                    continue
+                _drain_nonblocking(fd, streams[fd])
+            if status_fd in ready:
+                try:
+                    rc = repl.read_status()
+                except EOFError:
+                    for fd, s in streams.items():
+                        _drain_nonblocking(fd, s)
+                    status = self.reaper.wait(proc.pid, 2.0)
+                    proc.returncode = status if status is not None else -9
+                    repl.stop()
+                    return ("died", status)
+                if rc is not None:
+                    # The driver flushed before writing the status: output is already in the pipes.
+                    for fd, s in streams.items():
+                        _drain_nonblocking(fd, s)
+                    return ("done", rc)
+
+    # ---- warm-up, rng, shutdown
+
+    def op_warmup(self, req_id: str, msg: dict) -> None:
+        langs = msg.get("languages") or []
+        if not isinstance(langs, list) or any(lang not in LANG_EXT for lang in langs):
+            raise RequestError("invalid_request", "languages must be a list of python/javascript/raw")
+        results = {}
+        for lang in langs:
+            if not self.interpreters.get(lang):
+                results[lang] = f"no interpreter for {lang!r}"
+                continue
+            try:
+                self.repl_for(lang)
+                results[lang] = None
+            except Exception as exc:
+                results[lang] = f"{type(exc).__name__}: {exc}"
+        self.send(
+            {
+                "type": "warmup_result",
+                "id": req_id,
+                "ready": sorted(k for k, v in results.items() if v is None),
+                "errors": {k: v for k, v in results.items() if v is not None},
+            }
+        )
+
+    def op_reseed_rng(self, req_id: str, msg: dict) -> None:
+        import base64
+        import binascii
+
+        try:
+            seed = base64.b64decode(msg.get("seed", ""), validate=True)
+        except (binascii.Error, ValueError, TypeError):
+            raise RequestError("invalid_request", "seed must be base64") from None
+        if not 16 <= len(seed) <= 4096:
+            raise RequestError("invalid_request", "seed must be 16..4096 bytes")
+        credited = 0
+        with open("/dev/urandom", "wb", buffering=0) as fh:
+            fh.write(seed)
+            if os.geteuid() == 0:
+                import fcntl
+                import struct
+
+                rnd_add_entropy = 0x40085203
+                try:
+                    fcntl.ioctl(
+                        fh.fileno(), rnd_add_entropy, struct.pack("ii", len(seed) * 8, len(seed)) + seed
+                    )
+                    credited = len(seed) * 8
+                except OSError:
+                    credited = 0
+        self.send(
+            {"type": "reseed_result", "id": req_id, "mixed_bytes": len(seed), "credited_bits": credited}
+        )
+
+    def op_shutdown(self, req_id: str, msg: dict) -> None:
+        self.send({"type": "shutdown_result", "id": req_id, "action": self.args.shutdown_action})
+        self.flush_out(2.0)
+        time.sleep(0.05)
+        for repl in list(self.repls.values()):
+            repl.stop()
+        action = self.args.shutdown_action
+        if action == "exit":
+            os._exit(0)
+        import ctypes
+
+        os.sync()
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.reboot(0x01234567 if action == "reboot" else 0x4321FEDC)
+        os._exit(1)
+
+    # ---- files
+
+    def _parts(self, path: object, *, allow_root: bool) -> list[str]:
+        if not isinstance(path, str) or not path or "\x00" in path or len(path) > 4096:
+            raise RequestError("invalid_path", "path must be a non-empty string without NUL")
+        if path.startswith("/"):
+            if path.rstrip("/") == self.workdir:
+                rel = ""
+            elif path.startswith(self.workdir + "/"):
+                rel = path[len(self.workdir) + 1 :]
+            else:
+                raise RequestError("path_refused", f"{path!r} is outside the work dir {self.workdir}")
+        else:
+            rel = path
+        parts = [p for p in rel.split("/") if p not in ("", ".")]
+        if ".." in parts:
+            raise RequestError("path_refused", f"{path!r}: '..' is not allowed")
+        if not parts and not allow_root:
+            raise RequestError("invalid_path", f"{path!r} names the work dir itself")
+        return parts
+
+    def _open_dir(self, parts: list[str], create: bool) -> int:
+        """Open the directory ``parts`` under the work dir without following any symlink."""
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(self.workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for part in parts:
+                try:
+                    nfd = os.open(part, flags, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise RequestError("not_found", f"directory {part!r} does not exist") from None
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                    self._chown(part, fd)
+                    nfd = os.open(part, flags, dir_fd=fd)
+                except OSError:
+                    raise RequestError(
+                        "path_refused", f"{part!r} is not a directory (symlinks are refused)"
+                    ) from None
+                os.close(fd)
+                fd = nfd
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _chown(self, name: str, dir_fd: int) -> None:
+        if self.run_uid is not None:
+            os.chown(
+                name,
+                self.run_uid,
+                self.run_gid if self.run_gid is not None else -1,
+                dir_fd=dir_fd,
+                follow_symlinks=False,
+            )
+
+    def resolve_dir(self, path: str) -> str:
+        parts = self._parts(path, allow_root=True)
+        os.close(self._open_dir(parts, create=False))
+        return os.path.join(self.workdir, *parts)
+
+    def op_write_begin(self, req_id: str, msg: dict) -> None:
+        import hashlib
+
+        size, digest = msg.get("size"), msg.get("sha256")
+        if not isinstance(size, int) or size < 0:
+            raise RequestError("invalid_request", "size must be a non-negative integer")
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise RequestError("invalid_request", "sha256 must be 64 hex digits")
+        parts = self._parts(msg.get("path"), allow_root=False)
+        dfd = self._open_dir(parts[:-1], create=True)
+        tmp = f".sbx-upload-{self.next_n()}.part"
+        try:
+            fd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd
+            )
+        except OSError as exc:
+            os.close(dfd)
+            raise RequestError("io_error", f"cannot create file: {exc}") from None
+        up = {
+            "dfd": dfd,
+            "fd": fd,
+            "tmp": tmp,
+            "name": parts[-1],
+            "size": size,
+            "sha256": digest,
+            "got": 0,
+            "seq": 0,
+            "hash": hashlib.sha256(),
+            "exec": bool(msg.get("make_executable")),
+        }
+        self.uploads[req_id] = up
+        if size == 0:
+            self._finish_upload(req_id, up)
+
+    def op_write_chunk(self, req_id: str, msg: dict) -> None:
+        import base64
+        import binascii
+        import hashlib
+
+        up = self.uploads.get(req_id)
+        if up is None:
+            return  # the upload already failed and was reported; ignore its remaining chunks
+        try:
+            data = base64.b64decode(msg.get("data", ""), validate=True)
+        except (binascii.Error, ValueError, TypeError):
+            self._abort_upload(req_id, up, "invalid_request", "chunk data is not base64")
+            return
+        if msg.get("seq") != up["seq"]:
+            self._abort_upload(req_id, up, "invalid_request", f"expected chunk {up['seq']}")
+            return
+        if hashlib.sha256(data).hexdigest() != msg.get("sha256"):
+            self._abort_upload(req_id, up, "checksum_mismatch", f"chunk {up['seq']} sha256 mismatch")
+            return
+        if up["got"] + len(data) > up["size"] or len(data) > MAX_CHUNK_BYTES:
+            self._abort_upload(req_id, up, "invalid_request", "more data than announced")
+            return
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(up["fd"], view) :]
+        except OSError as exc:
+            self._abort_upload(req_id, up, "io_error", f"write failed: {exc}")
+            return
+        up["hash"].update(data)
+        up["got"] += len(data)
+        up["seq"] += 1
+        if up["got"] == up["size"]:
+            self._finish_upload(req_id, up)
+
+    def _abort_upload(self, req_id: str, up: dict, code: str, message: str) -> None:
+        self.uploads.pop(req_id, None)
+        os.close(up["fd"])
+        try:
+            os.unlink(up["tmp"], dir_fd=up["dfd"])
+        except OSError:
+            pass
+        os.close(up["dfd"])
+        self.send({"type": "error", "id": req_id, "code": code, "message": message})
+
+    def _finish_upload(self, req_id: str, up: dict) -> None:
+        digest = up["hash"].hexdigest()
+        if digest != up["sha256"].lower():
+            self._abort_upload(
+                req_id, up, "checksum_mismatch", f"file sha256 {digest} != announced {up['sha256']}"
+            )
+            return
+        try:
+            os.fchmod(up["fd"], 0o755 if up["exec"] else 0o644)
+            if self.run_uid is not None:
+                os.fchown(up["fd"], self.run_uid, self.run_gid if self.run_gid is not None else -1)
+            os.rename(up["tmp"], up["name"], src_dir_fd=up["dfd"], dst_dir_fd=up["dfd"])
+        except OSError as exc:
+            self._abort_upload(req_id, up, "io_error", f"cannot place file: {exc}")
+            return
+        self.uploads.pop(req_id, None)
+        os.close(up["fd"])
+        os.close(up["dfd"])
+        self.send({"type": "write_result", "id": req_id, "size": up["got"], "sha256": digest})
+
+    def op_read_file(self, req_id: str, msg: dict) -> None:
+        import base64
+        import hashlib
+        import stat
+
+        chunk_size = msg.get("chunk_size", 1024 * 1024)
+        if not isinstance(chunk_size, int) or not 1 <= chunk_size <= MAX_CHUNK_BYTES:
+            raise RequestError("invalid_request", "chunk_size must be 1..2 MiB")
+        parts = self._parts(msg.get("path"), allow_root=False)
+        dfd = self._open_dir(parts[:-1], create=False)
+        try:
+            try:
+                fd = os.open(
+                    parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dfd
+                )
+            except FileNotFoundError:
+                raise RequestError("not_found", f"{msg['path']!r} does not exist") from None
+            except OSError as exc:
+                raise RequestError("path_refused", f"cannot open {msg['path']!r}: {exc}") from None
+        finally:
+            os.close(dfd)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise RequestError("invalid_path", f"{msg['path']!r} is not a regular file")
+            whole = hashlib.sha256()
+            seq = offset = 0
+            while True:
+                data = os.read(fd, chunk_size)
+                if not data:
+                    break
+                whole.update(data)
+                self.send(
+                    {
+                        "type": "file_chunk",
+                        "id": req_id,
+                        "seq": seq,
+                        "offset": offset,
+                        "data": base64.b64encode(data).decode(),
+                        "sha256": hashlib.sha256(data).hexdigest(),
+                    }
+                )
+                seq += 1
+                offset += len(data)
+        finally:
+            os.close(fd)
+        self.send(
+            {"type": "read_result", "id": req_id, "size": offset, "chunks": seq, "sha256": whole.hexdigest()}
+        )
+
+    def op_list_files(self, req_id: str, msg: dict) -> None:
+        parts = self._parts(msg.get("path") or ".", allow_root=True)
+        dfd = self._open_dir(parts, create=False)
+        entries = []
+        try:
+            with os.scandir(dfd) as it:
+                for e in it:
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                        is_dir = e.is_dir(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    entries.append(
+                        {
+                            "name": e.name,
+                            "is_dir": is_dir,
+                            "is_symlink": e.is_symlink(),
+                            "size": 0 if is_dir else st.st_size,
+                        }
+                    )
+        finally:
+            os.close(dfd)
+        entries.sort(key=lambda x: x["name"])
+        self.send({"type": "list_result", "id": req_id, "entries": entries})
+
+
+def _session_prefix(lang: str, env: dict, cwd: str, workdir: str) -> str:
+    """Per-exec env/cwd applied inside the persistent interpreter (they persist, like a shell)."""
+    if not env and cwd == workdir:
+        return ""
+    if lang == "python":
+        lines = [f"__import__('os').environ.update({env!r})"] if env else []
+        if cwd != workdir:
+            lines.append(f"__import__('os').chdir({cwd!r})")
+        return "\n".join(lines) + "\n"
+    if lang == "javascript":
+        parts = [f"Object.assign(process.env, {json.dumps(env)});"] if env else []
+        if cwd != workdir:
+            parts.append(f"process.chdir({json.dumps(cwd)});")
+        return "".join(parts)
+    out = [f"export {k}={_sh_quote(v)}" for k, v in env.items()]
+    if cwd != workdir:
+        out.append(f"cd {_sh_quote(cwd)}")
+    return "\n".join(out) + "\n"
+
+
+def _sh_quote(s: str) -> str:
+    return "'" + s.replace("'", "'\"'\"'") + "'"
+
+
+def _drain_nonblocking(fd: int, stream: Stream | None) -> None:
+    blocking = os.get_blocking(fd)
+    if blocking:
+        os.set_blocking(fd, False)
+    try:
+        while True:
+            try:
+                data = os.read(fd, READ_CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:
+                return
+            if not data:
+                return
+            if stream is not None:
+                stream.feed(data)
+    finally:
+        if blocking:
+            try:
+                os.set_blocking(fd, True)
+            except OSError:
+                pass
+
+
+STD_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
+
+
+def _which(name: str) -> str | None:
+    # Only the standard PATH user code also gets: an interpreter must be usable by the sandbox user.
+    for d in STD_PATH.split(":"):
+        p = os.path.join(d, name)
+        if os.path.isfile(p) and os.access(p, os.X_OK):
+            return p
+    return None
+
+
+def _become_subreaper() -> None:
+    # Orphans of user code then re-parent to the agent, so kill_tree can find and reap them.
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except Exception:
+        pass
+
+
+def parse_args(argv: list[str]) -> object:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="sbx-agent", description="exec_sandbox guest agent")
+    t = p.add_mutually_exclusive_group()
+    t.add_argument("--port-name", default=DEFAULT_PORT_NAME, help="virtio-serial port name")
+    t.add_argument("--device", help="explicit character device (e.g. /dev/vport0p1)")
+    t.add_argument("--unix-connect", metavar="PATH", help="connect to a unix socket server (tests)")
+    t.add_argument("--unix-listen", metavar="PATH", help="listen on a unix socket (tests)")
+    p.add_argument("--workdir", default="/home/sandbox")
+    p.add_argument("--home", default=None, help="HOME for user code (default: the work dir)")
+    p.add_argument("--user-name", default="sandbox")
+    p.add_argument("--run-as-uid", type=int, default=None)
+    p.add_argument("--run-as-gid", type=int, default=None)
+    p.add_argument("--no-drop-privileges", action="store_true", help="run user code as the agent's user")
+    p.add_argument("--rundir", default=None, help="where code files are staged (default /tmp)")
+    p.add_argument("--python", default=None)
+    p.add_argument("--node", default=None)
+    p.add_argument("--shell", default=None)
+    p.add_argument("--warm", action="append", choices=sorted(LANG_EXT), help="start this REPL at boot")
+    p.add_argument("--shutdown-action", choices=["exit", "reboot", "poweroff"], default=None)
+    args = p.parse_args(argv)
+    if args.no_drop_privileges:
+        args.run_as_uid = args.run_as_gid = None
+    elif args.run_as_uid is None and os.geteuid() == 0:
+        args.run_as_uid, args.run_as_gid = 1000, 1000
+    if args.run_as_uid is not None and args.run_as_gid is None:
+        args.run_as_gid = args.run_as_uid
+    if args.shutdown_action is None:
+        args.shutdown_action = "reboot" if os.getpid() == 1 else "exit"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    os.makedirs(args.workdir, exist_ok=True)
+    if args.unix_connect or args.unix_listen:
+        transport: Transport = UnixTransport(args.unix_connect or args.unix_listen, bool(args.unix_listen))
+    else:
+        transport = VirtioTransport(args.port_name, args.device)
+    agent = Agent(args)
+    while True:
+        try:
+            agent.run(transport)
+            return 0
+        except Exception as exc:  # as PID 1 the agent must not exit: log and keep serving
+            print(f"sbx-agent: main loop error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            time.sleep(0.1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
