@@ -47,6 +47,11 @@ UNREPRESENTABLE: list[tuple[str, dict[str, Any], str]] = [
     ("unknown huge pages", {"machine_config": {"huge_pages": "1G"}}, "machine_config.huge_pages: "),
     ("unknown log level", {"logger": {"level": "Verbose"}}, "logger.level: "),
     ("id not a string", {"id": 5}, "id: "),
+    (
+        "non-string key",
+        {"boot_source": {"kernel_image_path": "/k", 3: 4}},
+        "boot_source: Keys should be strings",
+    ),
     ("mmds interface not a string", {"mmds": {"network_interfaces": [0]}}, "mmds.network_interfaces[0]: "),
     (
         "nested bucket value",
@@ -268,3 +273,12 @@ def test_assignments_to_the_typed_model_are_type_checked() -> None:
         iface.host_dev_name = 5  # type: ignore[assignment]
     with pytest.raises(ValidationError):
         vm_config.config.machine_config.vcpu_count = "4"  # type: ignore[assignment]
+
+
+def test_long_offending_values_are_shortened_in_messages() -> None:
+    with pytest.raises(SmartVMError) as info:
+        VMConfig({"drives": {"a" * 500: 1}})
+    (error,) = info.value.details["errors"]
+    assert error.startswith("drives: Input should be a valid list (got {'aaa")
+    assert error.endswith("...)")
+    assert len(error) < 150

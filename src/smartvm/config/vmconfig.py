@@ -67,14 +67,22 @@ def _location(loc: tuple[int | str, ...]) -> str:
     return out or "<config>"
 
 
+def _short_repr(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def format_validation_error(exc: ValidationError, *, prefix: str = "") -> list[str]:
     """pydantic's errors as ``path: message (got value)`` lines, paths like ``drives[0].drive_id``."""
     lines = []
     for err in exc.errors(include_url=False):
-        where = _location(tuple(err["loc"]))
+        loc = tuple(err["loc"])
+        if err["type"] == "invalid_key":  # the last loc item is the offending key, not an index
+            loc = loc[:-1]
+        where = _location(loc)
         if prefix:
             where = prefix if where == "<config>" else f"{prefix}.{where}"
-        lines.append(f"{where}: {err['msg']} (got {err['input']!r})")
+        lines.append(f"{where}: {err['msg']} (got {_short_repr(err['input'])})")
     return lines
 
 
