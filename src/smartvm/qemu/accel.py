@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -48,11 +48,12 @@ def probe_kvm(
     dev_kvm: Path = Path("/dev/kvm"),
     cpuinfo_text: str | None = None,
     sys_module_dir: Path = Path("/sys/module"),
+    access: Callable[[Path, int], bool] = os.access,
 ) -> tuple[bool, str]:
     """Return ``(usable, reason)`` for KVM. Inputs are parameters so tests can feed fakes."""
     if not dev_kvm.exists():
         return False, f"{dev_kvm} does not exist"
-    if not os.access(dev_kvm, os.R_OK | os.W_OK):
+    if not access(dev_kvm, os.R_OK | os.W_OK):
         return False, f"{dev_kvm} is not read-write for this user"
     if cpuinfo_text is None:
         try:
