@@ -1,8 +1,10 @@
 """Semantic checks of a :class:`VMConfigModel`, collecting every problem as a readable message.
 
-The rules are Firecracker's own (from its API spec and the checks its API
-server and VMM make before boot), so a config that passes here is one
-Firecracker accepts. Messages name the offending field by its path, e.g.
+The rules are Firecracker's own (its API spec plus the checks its API server
+and VMM make on the values), so a config that passes here is not refused for
+its shape or values; host facts (files exist, SMT is x86-only, KVM features)
+are only known when Firecracker applies it. Messages name the offending field
+by its path, e.g.
 ``drives[1].drive_id 'a b' must match [A-Za-z0-9_]+``.
 """
 
