@@ -212,7 +212,7 @@ class OverlayPool:
                 ensure_qcow2(base, await get_image_info(base, qemu_img=self._qemu_img))
             if self._state is PoolState.RUNNING:
                 for base in bases:
-                    self._register(base)
+                    await self._prime(self._register(base))
                 self._wake.set()
                 return
             self._state = PoolState.STARTING
@@ -223,7 +223,7 @@ class OverlayPool:
                     self._register(base)
                 # The first overlay of each base is made here, so acquire() right after start() hits.
                 for base in bases:
-                    await self._fill_one(self._entries[base])
+                    await self._prime(self._entries[base])
             except BaseException:
                 await _shielded(self._teardown())
                 self._state = PoolState.STOPPED
@@ -255,15 +255,22 @@ class OverlayPool:
         if not self._pool_dir.exists():
             self._pool_dir.mkdir(parents=True)
             self._created_pool_dir = True
-        handle = (self._pool_dir / _LOCK_FILE).open("ab")
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
+        lock_path = self._pool_dir / _LOCK_FILE
+        while True:
+            handle = lock_path.open("ab")
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                handle.close()
+                raise SandboxInputError(
+                    f"pool_dir {self._pool_dir} is in use by another OverlayPool",
+                    context={"pool_dir": str(self._pool_dir)},
+                ) from exc
+            # The previous owner unlinks the lock file on stop: make sure we locked the live one.
+            with contextlib.suppress(FileNotFoundError):
+                if os.fstat(handle.fileno()).st_ino == lock_path.stat().st_ino:
+                    break
             handle.close()
-            raise SandboxInputError(
-                f"pool_dir {self._pool_dir} is in use by another OverlayPool",
-                context={"pool_dir": str(self._pool_dir)},
-            ) from exc
         self._lock_handle = handle
         # We hold the lock, so pooled files still here were left by a run that crashed.
         for stale in self._pool_dir.glob(f"*/{_POOLED_PREFIX}*.qcow2"):
@@ -302,8 +309,7 @@ class OverlayPool:
                     entry.directory.rmdir()
         self._entries.clear()
         if self._lock_handle is not None:
-            if self._created_pool_dir:
-                _unlink_quietly(self._pool_dir / _LOCK_FILE)
+            _unlink_quietly(self._pool_dir / _LOCK_FILE)  # while still holding it; see _prepare_pool_dir
             self._lock_handle.close()
             self._lock_handle = None
         if self._created_pool_dir:
@@ -445,6 +451,11 @@ class OverlayPool:
                 logger.warning(
                     "refilling overlays for %s failed (%d times): %s", entry.base, entry.failures, exc
                 )
+
+    async def _prime(self, entry: _BaseEntry) -> None:
+        """Make the first overlay of a base inline: bad bases fail start(), and the first acquire hits."""
+        if self._pool_size > 0 and not entry.ready:
+            await self._fill_one(entry)
 
     async def _fill_one(self, entry: _BaseEntry) -> None:
         identity = entry.identity

@@ -149,7 +149,11 @@ def build_qcow2_create_options(file_node: str, size: int, backing_file: Path) ->
 # --------------------------------------------------------------------------- image info
 
 
-_info_cache: dict[tuple[str, int, int, int, int], ImageInfo] = {}
+_InfoKey = tuple[str, int, int, int, int]
+_info_cache: dict[_InfoKey, ImageInfo] = {}
+# Concurrent callers asking about the same file share one qemu-img run (20 VMs starting at once
+# would otherwise fork 20 probes of the same base).
+_info_inflight: dict[tuple[asyncio.AbstractEventLoop, _InfoKey], asyncio.Future[ImageInfo]] = {}
 
 
 async def get_image_info(image: Path, *, qemu_img: str = "qemu-img", timeout: float = 30.0) -> ImageInfo:
@@ -160,10 +164,44 @@ async def get_image_info(image: Path, *, qemu_img: str = "qemu-img", timeout: fl
     """
     image = _absolute(image)
     key = _identity(image)
-    cached = _info_cache.get(key)
-    if cached is not None:
-        return cached
+    loop = asyncio.get_running_loop()
+    while True:
+        cached = _info_cache.get(key)
+        if cached is not None:
+            return cached
+        shared = _info_inflight.get((loop, key))
+        if shared is None:
+            break
+        try:
+            return await asyncio.shield(shared)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not shared.cancelled() or (current is not None and current.cancelling()):
+                raise
+            # Only the leader was cancelled, not us: probe again.
 
+    shared = loop.create_future()
+    _info_inflight[(loop, key)] = shared
+    try:
+        info = await _probe_image(image, qemu_img=qemu_img, timeout=timeout)
+    except Exception as exc:
+        shared.set_exception(exc)
+        shared.exception()  # retrieved: no "never retrieved" warning when nobody else waited
+        raise
+    except BaseException:  # cancelled (or the interpreter is going down): waiters probe again
+        shared.cancel()
+        raise
+    else:
+        shared.set_result(info)
+        if len(_info_cache) >= _INFO_CACHE_SIZE:
+            _info_cache.pop(next(iter(_info_cache)))
+        _info_cache[key] = info
+        return info
+    finally:
+        del _info_inflight[(loop, key)]
+
+
+async def _probe_image(image: Path, *, qemu_img: str, timeout: float) -> ImageInfo:
     argv = build_qemu_img_info_argv(qemu_img, image)
     stdout, stderr, returncode = await _run_tool(argv, timeout=timeout, what="qemu-img info")
     if returncode != 0:
@@ -172,15 +210,11 @@ async def get_image_info(image: Path, *, qemu_img: str = "qemu-img", timeout: fl
             context={"image": str(image), "command": argv, "exit_code": returncode, "stderr": stderr},
         )
     try:
-        info = parse_image_info(stdout)
+        return parse_image_info(stdout)
     except ValueError as exc:
         raise QemuStorageDaemonError(
             f"Failed to get image info for {image}: {exc}", context={"image": str(image), "command": argv}
         ) from exc
-    if len(_info_cache) >= _INFO_CACHE_SIZE:
-        _info_cache.pop(next(iter(_info_cache)))
-    _info_cache[key] = info
-    return info
 
 
 async def _run_tool(argv: list[str], *, timeout: float, what: str) -> tuple[str, str, int]:
@@ -566,16 +600,18 @@ class QemuStorageDaemon:
         """The shutdown ladder and removal of every leftover. Runs to completion once begun."""
         process, qmp = self._process, self._qmp
         self._qmp = None
+        asked_to_quit = False
         if qmp is not None:
             if process is not None and not self._exited():
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(self._stop_timeout):
                         await qmp.execute("quit")
+                        asked_to_quit = True
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(self._stop_timeout):
                     await qmp.disconnect()
         if process is not None:
-            await self._wait_or_signal(process)
+            await self._wait_or_signal(process, graceful=asked_to_quit)
             if self._stderr_task is not None:
                 await self._stderr_settled()
                 self._stderr_task.cancel()
@@ -594,8 +630,9 @@ class QemuStorageDaemon:
         self._socket_path = None
         self._runtime_dir = None
 
-    async def _wait_or_signal(self, process: asyncio.subprocess.Process) -> None:
-        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+    async def _wait_or_signal(self, process: asyncio.subprocess.Process, *, graceful: bool) -> None:
+        ladder = (None, signal.SIGTERM, signal.SIGKILL) if graceful else (signal.SIGTERM, signal.SIGKILL)
+        for sig in ladder:
             if process.returncode is not None:
                 return
             if sig is not None:
