@@ -1,0 +1,433 @@
+"""Sans-I/O codec and typed messages of the guest agent protocol (host side).
+
+Frame layout (both directions)::
+
+    offset 0  3 bytes  magic b"SBX"
+    offset 3  1 byte   protocol version (1)
+    offset 4  4 bytes  payload length, unsigned big-endian, <= MAX_FRAME_BYTES (4 MiB)
+    offset 8  N bytes  payload: one UTF-8 JSON object with a "type" and an "id"
+
+Every request carries a host-chosen string ``id``; every reply, event and error repeats it. The
+guest sends ``hello`` unsolicited (``id`` null) on start and whenever it sees a (re)connecting host,
+and as the answer to ``ping``. File data travels base64-encoded inside JSON (chunks <= 1 MiB raw by
+default), each chunk and the whole file checked with sha256.
+
+Host -> guest: ping, exec, warmup, write_file + write_chunk..., read_file, list_files, reseed_rng,
+cancel, shutdown. Guest -> host: hello, output, exit, warmup_result, write_result, file_chunk,
+read_result, list_result, reseed_result, cancel_result, shutdown_result, error.
+
+Everything the guest sends is validated here; anything malformed raises :class:`FrameError`
+(a :class:`~exec_sandbox.errors.GuestAgentError`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+from exec_sandbox.errors import GuestAgentError
+
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "DEFAULT_OUTPUT_CAP_BYTES",
+    "DEFAULT_PORT_NAME",
+    "HEADER_LEN",
+    "MAGIC",
+    "MAX_CODE_BYTES",
+    "MAX_FRAME_BYTES",
+    "PROTOCOL_VERSION",
+    "CancelRequest",
+    "CancelResult",
+    "ErrorReply",
+    "ExecRequest",
+    "ExitEvent",
+    "FileChunk",
+    "FileEntry",
+    "FrameDecoder",
+    "FrameError",
+    "GuestMessage",
+    "Hello",
+    "HostRequest",
+    "Language",
+    "ListFilesRequest",
+    "ListResult",
+    "OutputEvent",
+    "PingRequest",
+    "ReadFileRequest",
+    "ReadResult",
+    "ReseedRequest",
+    "ReseedResult",
+    "ShutdownRequest",
+    "ShutdownResult",
+    "WarmupRequest",
+    "WarmupResult",
+    "WriteChunk",
+    "WriteFileRequest",
+    "WriteResult",
+    "encode_frame",
+    "encode_request",
+    "parse_guest_message",
+]
+
+MAGIC = b"SBX"
+PROTOCOL_VERSION = 1
+HEADER_LEN = 8
+MAX_FRAME_BYTES = 4 * 1024 * 1024
+MAX_CODE_BYTES = 2 * 1024 * 1024
+DEFAULT_CHUNK_BYTES = 1024 * 1024
+MAX_CHUNK_BYTES = 2 * 1024 * 1024
+DEFAULT_OUTPUT_CAP_BYTES = 10 * 1024 * 1024
+DEFAULT_PORT_NAME = "org.exec_sandbox.agent"
+MAX_ENV_VARS = 256
+MAX_ENV_VALUE_BYTES = 128 * 1024
+
+Language = Literal["python", "javascript", "raw"]
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+RequestId = Annotated[str, Field(min_length=1, max_length=128)]
+Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class FrameError(GuestAgentError):
+    """A frame or message broke the protocol (bad header, oversize, invalid JSON or schema)."""
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _GuestMsg(BaseModel):
+    # The guest may add fields in later agent versions; the host ignores what it does not know.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+# --------------------------------------------------------------------------- host -> guest
+
+
+class PingRequest(_Msg):
+    type: Literal["ping"] = "ping"
+    id: RequestId
+
+
+class ExecRequest(_Msg):
+    type: Literal["exec"] = "exec"
+    id: RequestId
+    language: Language
+    code: str
+    env: dict[str, str] = Field(default_factory=dict)
+    timeout_s: float = Field(default=30.0, gt=0, le=86400)
+    cwd: str | None = None
+    session: bool = False
+    max_stdout_bytes: int = Field(default=DEFAULT_OUTPUT_CAP_BYTES, ge=0)
+    max_stderr_bytes: int = Field(default=DEFAULT_OUTPUT_CAP_BYTES, ge=0)
+
+    @field_validator("code")
+    @classmethod
+    def _code(cls, v: str) -> str:
+        if "\x00" in v:
+            raise ValueError("code must not contain NUL")
+        if len(v.encode()) > MAX_CODE_BYTES:
+            raise ValueError(f"code is larger than {MAX_CODE_BYTES} bytes")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        if len(v) > MAX_ENV_VARS:
+            raise ValueError(f"at most {MAX_ENV_VARS} environment variables")
+        for name, value in v.items():
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"invalid environment variable name {name!r}")
+            if "\x00" in value:
+                raise ValueError(f"environment variable {name!r} contains NUL")
+            if len(value.encode()) > MAX_ENV_VALUE_BYTES:
+                raise ValueError(f"environment variable {name!r} is larger than {MAX_ENV_VALUE_BYTES} bytes")
+        return v
+
+
+class WarmupRequest(_Msg):
+    type: Literal["warmup"] = "warmup"
+    id: RequestId
+    languages: list[Language]
+
+
+class WriteFileRequest(_Msg):
+    type: Literal["write_file"] = "write_file"
+    id: RequestId
+    path: str = Field(min_length=1, max_length=4096)
+    size: int = Field(ge=0)
+    sha256: Sha256Hex
+    make_executable: bool = False
+
+
+class WriteChunk(_Msg):
+    type: Literal["write_chunk"] = "write_chunk"
+    id: RequestId
+    seq: int = Field(ge=0)
+    data: str  # base64
+    sha256: Sha256Hex
+
+
+class ReadFileRequest(_Msg):
+    type: Literal["read_file"] = "read_file"
+    id: RequestId
+    path: str = Field(min_length=1, max_length=4096)
+    chunk_size: int = Field(default=DEFAULT_CHUNK_BYTES, ge=1, le=MAX_CHUNK_BYTES)
+
+
+class ListFilesRequest(_Msg):
+    type: Literal["list_files"] = "list_files"
+    id: RequestId
+    path: str = Field(default=".", min_length=1, max_length=4096)
+
+
+class ReseedRequest(_Msg):
+    type: Literal["reseed_rng"] = "reseed_rng"
+    id: RequestId
+    seed: str  # base64 of 16..4096 bytes
+
+
+class CancelRequest(_Msg):
+    type: Literal["cancel"] = "cancel"
+    id: RequestId
+    target: RequestId
+
+
+class ShutdownRequest(_Msg):
+    type: Literal["shutdown"] = "shutdown"
+    id: RequestId
+
+
+HostRequest = (
+    PingRequest
+    | ExecRequest
+    | WarmupRequest
+    | WriteFileRequest
+    | WriteChunk
+    | ReadFileRequest
+    | ListFilesRequest
+    | ReseedRequest
+    | CancelRequest
+    | ShutdownRequest
+)
+
+
+# --------------------------------------------------------------------------- guest -> host
+
+
+class BootInfo(_GuestMsg):
+    uptime_s: float | None = None
+    agent_uptime_s: float | None = None
+    is_pid1: bool = False
+    warm: list[str] = Field(default_factory=list)
+
+
+class Hello(_GuestMsg):
+    type: Literal["hello"]
+    id: str | None = None
+    agent_version: str
+    protocol_version: int
+    capabilities: list[str]
+    languages: list[str]
+    instance: str
+    pid: int
+    uid: int
+    workdir: str
+    max_frame_bytes: int
+    boot: BootInfo
+
+
+class OutputEvent(_GuestMsg):
+    type: Literal["output"]
+    id: str
+    stream: Literal["stdout", "stderr"]
+    data: str
+
+
+class ExitEvent(_GuestMsg):
+    type: Literal["exit"]
+    id: str
+    exit_code: int
+    signal: int | None = None
+    timed_out: bool
+    cancelled: bool = False
+    session_reset: bool = False
+    duration_ms: float
+    stdout_truncated: bool
+    stderr_truncated: bool
+    stdout_bytes: int
+    stderr_bytes: int
+
+
+class WarmupResult(_GuestMsg):
+    type: Literal["warmup_result"]
+    id: str
+    ready: list[str]
+    errors: dict[str, str] = Field(default_factory=dict)
+
+
+class WriteResult(_GuestMsg):
+    type: Literal["write_result"]
+    id: str
+    size: int = Field(ge=0)
+    sha256: Sha256Hex
+
+
+class FileChunk(_GuestMsg):
+    type: Literal["file_chunk"]
+    id: str
+    seq: int = Field(ge=0)
+    offset: int = Field(ge=0)
+    data: str  # base64
+    sha256: Sha256Hex
+
+
+class ReadResult(_GuestMsg):
+    type: Literal["read_result"]
+    id: str
+    size: int = Field(ge=0)
+    chunks: int = Field(ge=0)
+    sha256: Sha256Hex
+
+
+class FileEntry(_GuestMsg):
+    name: str
+    is_dir: bool
+    is_symlink: bool = False
+    size: int = Field(ge=0)
+
+
+class ListResult(_GuestMsg):
+    type: Literal["list_result"]
+    id: str
+    entries: list[FileEntry]
+
+
+class ReseedResult(_GuestMsg):
+    type: Literal["reseed_result"]
+    id: str
+    mixed_bytes: int
+    credited_bits: int
+
+
+class CancelResult(_GuestMsg):
+    type: Literal["cancel_result"]
+    id: str
+    found: bool
+
+
+class ShutdownResult(_GuestMsg):
+    type: Literal["shutdown_result"]
+    id: str
+    action: str
+
+
+class ErrorReply(_GuestMsg):
+    type: Literal["error"]
+    id: str | None = None
+    code: str
+    message: str
+
+
+GuestMessage = Annotated[
+    Hello
+    | OutputEvent
+    | ExitEvent
+    | WarmupResult
+    | WriteResult
+    | FileChunk
+    | ReadResult
+    | ListResult
+    | ReseedResult
+    | CancelResult
+    | ShutdownResult
+    | ErrorReply,
+    Field(discriminator="type"),
+]
+_GUEST_ADAPTER: TypeAdapter[GuestMessage] = TypeAdapter(GuestMessage)
+
+
+# --------------------------------------------------------------------------- codec
+
+
+def encode_frame(payload: dict[str, Any], *, max_frame_bytes: int = MAX_FRAME_BYTES) -> bytes:
+    """One frame for a JSON object; raises FrameError when it would exceed the cap."""
+    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(body) > max_frame_bytes:
+        raise FrameError(
+            f"frame of {len(body)} bytes exceeds the {max_frame_bytes}-byte cap",
+            context={"size": len(body), "max_frame_bytes": max_frame_bytes},
+        )
+    return MAGIC + bytes([PROTOCOL_VERSION]) + len(body).to_bytes(4, "big") + body
+
+
+def encode_request(request: HostRequest, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> bytes:
+    return encode_frame(request.model_dump(mode="json"), max_frame_bytes=max_frame_bytes)
+
+
+def parse_guest_message(payload: bytes) -> GuestMessage:
+    """Validate one frame payload from the guest into its typed model."""
+    try:
+        return _GUEST_ADAPTER.validate_json(payload)
+    except ValidationError as exc:
+        raise FrameError(
+            f"invalid message from the guest agent: {exc.errors()[0].get('msg', exc)}",
+            context={"errors": exc.errors(include_url=False, include_input=False)[:5],
+                     "payload_head": payload[:200].decode("utf-8", "replace")},
+        ) from None
+
+
+class FrameDecoder:
+    """Incremental decoder of guest frames: feed bytes, get payloads.
+
+    ``resync=True`` skips bytes until the next magic instead of failing: the host uses that only
+    until the agent's first ``hello``, because a previous host connection may have left the tail
+    of a frame in the virtio-serial port. After that any violation is fatal.
+    """
+
+    def __init__(self, *, max_frame_bytes: int = MAX_FRAME_BYTES, resync: bool = False) -> None:
+        self.max_frame_bytes = max_frame_bytes
+        self.resync = resync
+        self._buf = bytearray()
+        self.skipped_bytes = 0
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buf += data
+        out: list[bytes] = []
+        while True:
+            problem = self._header_problem()
+            if problem is None:
+                if len(self._buf) < HEADER_LEN:
+                    return out
+                n = int.from_bytes(self._buf[4:8], "big")
+                if len(self._buf) < HEADER_LEN + n:
+                    return out
+                out.append(bytes(self._buf[HEADER_LEN:HEADER_LEN + n]))
+                del self._buf[:HEADER_LEN + n]
+                continue
+            if not self.resync:
+                raise FrameError(problem, context={"head": bytes(self._buf[:16]).hex()})
+            idx = self._buf.find(MAGIC, 1)
+            drop = idx if idx > 0 else max(1, len(self._buf) - (len(MAGIC) - 1))
+            del self._buf[:drop]
+            self.skipped_bytes += drop
+
+    def _header_problem(self) -> str | None:
+        head = bytes(self._buf[:HEADER_LEN])
+        if not MAGIC.startswith(head[:3]):
+            return f"bad frame magic {head[:3]!r}"
+        if len(head) >= 4 and head[3] != PROTOCOL_VERSION:
+            return f"unsupported protocol version {head[3]} (expected {PROTOCOL_VERSION})"
+        if len(head) >= HEADER_LEN:
+            n = int.from_bytes(head[4:8], "big")
+            if n > self.max_frame_bytes:
+                return f"frame of {n} bytes exceeds the {self.max_frame_bytes}-byte cap"
+        return None
