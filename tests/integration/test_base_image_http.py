@@ -157,7 +157,7 @@ def server() -> Iterator[FakeServer]:
     state = FakeServer()
     httpd = _Server(("127.0.0.1", 0), make_handler(state))
     state.base_url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield state
