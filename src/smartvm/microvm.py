@@ -141,7 +141,8 @@ class MicroVM:
             if self._state is MicroVMState.RUNNING:
                 return
             self._require(MicroVMState.CREATED, action="start")
-            result = self._config.validate()
+            boot_config, wanted_taps = self._plan_network()
+            result = boot_config.validate()
             if not result.valid:
                 raise SmartVMError(
                     ErrorCode.INVALID_CONFIG,
@@ -150,7 +151,7 @@ class MicroVM:
                 )
             self._state = MicroVMState.STARTING
             try:
-                boot_config = await self._attach_network(VMConfig(self._config))
+                await self._create_taps(boot_config, wanted_taps)
                 await self._backend.start(boot_config)
             except BaseException as exc:
                 await self._fail(exc)
@@ -242,23 +243,33 @@ class MicroVM:
             finally:
                 self._state = MicroVMState.ERROR
 
-    async def _attach_network(self, boot_config: VMConfig) -> VMConfig:
+    def _plan_network(self) -> tuple[VMConfig, list[int]]:
+        """A per-boot copy of the config with the TAP names/MACs to be created filled in (pure)."""
+        boot_config = VMConfig(self._config)
+        wanted: list[int] = []
+        for index, iface in enumerate(boot_config.config.network_interfaces):
+            if iface.host_dev_name or not iface.iface_id:
+                continue  # an id-less interface is left for validation to report
+            iface.host_dev_name = self._network_manager.generate_tap_name(self._id, iface.iface_id)
+            if not iface.guest_mac:
+                iface.guest_mac = self._network_manager.generate_mac(self._id, iface.iface_id)
+            wanted.append(index)
+        return boot_config, wanted
+
+    async def _create_taps(self, boot_config: VMConfig, wanted: list[int]) -> None:
         model = boot_config.config
-        for index, iface in enumerate(model.network_interfaces):
-            if iface.host_dev_name:
-                continue
-            iface_id = iface.iface_id or f"eth{index}"
-            tap = await self._network_manager.create_tap(self._id, iface_id)
+        for index in wanted:
+            iface = model.network_interfaces[index]
+            assert iface.iface_id is not None
+            tap = await self._network_manager.create_tap(self._id, iface.iface_id)
             self._taps.append(tap)
             iface.host_dev_name = tap.tap_name
-            if not iface.guest_mac:
-                iface.guest_mac = tap.mac
+            # The kernel's ip= configures one interface: the first one we made, if the caller set none.
             if len(self._taps) == 1 and model.boot_source is not None:
                 args = model.boot_source.boot_args or ""
                 if not re.search(r"(^|\s)ip=", args):
                     ip_arg = self._network_manager.get_guest_network_boot_args(tap, f"eth{index}")
                     model.boot_source.boot_args = f"{args} {ip_arg}".strip()
-        return boot_config
 
     async def _detach_network(self) -> None:
         errors: list[str] = []

@@ -166,4 +166,5 @@ def target_fixture(kind: str) -> Iterator[Target]:
 def machine_for(target: Target, **kwargs: Any) -> FirecrackerMachine:
     # The fake is a Python program: give it room to start on a busy machine.
     kwargs.setdefault("socket_timeout", 30.0)
-    return FirecrackerMachine(target.binary, target.socket_path, **kwargs)
+    binary = kwargs.pop("binary_path", target.binary)
+    return FirecrackerMachine(binary, target.socket_path, **kwargs)

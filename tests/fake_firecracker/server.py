@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(options.pid_file).write_text(f"{os.getpid()}\n")
     if options.exit_code is not None and options.exit_after_requests is None:
         print(f"fake-firecracker: injected failure before binding, exit {options.exit_code}", file=sys.stderr)
-        return options.exit_code
+        return int(options.exit_code)
     if options.delay_socket:
         time.sleep(options.delay_socket)
     if os.path.exists(options.api_sock):
