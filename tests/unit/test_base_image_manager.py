@@ -324,3 +324,20 @@ async def test_cancelled_lock_waiter_leaves_no_lock(tmp_path: Path) -> None:
     holder.release()
     assert not waiter_lock.held
     assert BundleLock(tmp_path / "c.lock").try_acquire()
+
+
+async def test_empty_artifact_progress_and_a_failing_progress_callback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    events: list[ProgressEvent] = []
+
+    def broken(event: ProgressEvent) -> None:
+        events.append(event)
+        raise RuntimeError("progress bar crashed")
+
+    path = write_bundle_manifest(tmp_path, "empty", kernel=b"", rootfs=b"r")
+    with caplog.at_level(logging.ERROR, logger="smartvm.images"):
+        bundle = await manager(tmp_path, progress=broken).ensure_base_image(manifest_path=path)
+    assert read(bundle.kernel_image_path) == b""
+    assert [(e.phase, e.bytes_done) for e in events if e.artifact == "kernel"] == [("start", 0), ("done", 0)]
+    assert any("progress callback failed" in r.getMessage() for r in caplog.records)

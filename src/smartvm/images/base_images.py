@@ -42,6 +42,7 @@ from smartvm.images.cache import BundleCache
 from smartvm.images.download import (
     ArtifactDigest,
     Expected,
+    ProgressFn,
     copy_artifact,
     download_artifact,
     verify_file,
@@ -474,13 +475,12 @@ class BaseImageManager:
             # A broken progress display must not abort a download.
             log.exception("base image progress callback failed")
 
-    def _reporter(self, bundle_id: str, plan: _ArtifactPlan) -> Callable[[int, int | None], None]:
-        def report(done: int, total: int | None) -> None:
-            phase: Literal["start", "progress", "done"] = "start" if done == 0 else "progress"
-            if total is not None and done == total and done > 0:
-                phase = "done"
-            self._emit(ProgressEvent(bundle_id=bundle_id, artifact=plan.role, phase=phase,
-                                     bytes_done=done, bytes_total=total, source=plan.source))
+    def _reporter(self, bundle_id: str, plan: _ArtifactPlan) -> ProgressFn:
+        def report(phase: str, done: int, total: int | None) -> None:
+            self._emit(ProgressEvent.model_validate(
+                {"bundle_id": bundle_id, "artifact": plan.role, "phase": phase, "bytes_done": done,
+                 "bytes_total": total, "source": plan.source}
+            ))
 
         return report
 

@@ -44,8 +44,9 @@ CHUNK_SIZE = 1024 * 1024
 # Progress is reported at most once per this many bytes (plus start and end).
 PROGRESS_STEP = 1024 * 1024
 
-ProgressFn = Callable[[int, int | None], None]
-"""Called with ``(bytes_done, bytes_total_or_None)``, always on the event loop thread."""
+ProgressFn = Callable[[str, int, int | None], None]
+"""Called with ``(phase, bytes_done, bytes_total_or_None)`` on the event loop thread;
+``phase`` is ``"start"`` once, ``"progress"`` at most once per MiB, ``"done"`` once."""
 
 
 @dataclass(frozen=True)
@@ -197,10 +198,10 @@ class _Throttle:
         self._total = total
         self._last = -PROGRESS_STEP
 
-    def __call__(self, done: int, *, force: bool = False) -> None:
-        if self._report is not None and (force or done - self._last >= PROGRESS_STEP):
+    def __call__(self, done: int, phase: str = "progress") -> None:
+        if self._report is not None and (phase != "progress" or done - self._last >= PROGRESS_STEP):
             self._last = done
-            self._report(done, self._total)
+            self._report(phase, done, self._total)
 
 
 async def download_artifact(
@@ -212,8 +213,9 @@ async def download_artifact(
     progress: ProgressFn | None = None,
 ) -> ArtifactDigest:
     """GET ``url`` into ``dest`` atomically, verifying ``expected``."""
-    part = _PartFile(dest, with_md5=expected.md5 is not None)
+    part: _PartFile | None = None
     try:
+        part = _PartFile(dest, with_md5=expected.md5 is not None)
         try:
             async with client.stream("GET", url) as response:
                 if response.status_code != 200:
@@ -232,7 +234,7 @@ async def download_artifact(
                         details={"url": url, "size": total},
                     )
                 throttle = _Throttle(progress, total)
-                throttle(0, force=True)
+                throttle(0, "start")
                 async for chunk in response.aiter_bytes(CHUNK_SIZE):
                     part.write(chunk)
                     if expected.size is not None and part.size > expected.size:
@@ -242,7 +244,7 @@ async def download_artifact(
                             details={"url": url},
                         )
                     throttle(part.size)
-                throttle(part.size, force=True)
+                throttle(part.size, "done")
         except httpx.HTTPError as exc:
             raise SmartVMError(
                 ErrorCode.BASE_IMAGE_DOWNLOAD_FAILED,
@@ -260,7 +262,8 @@ async def download_artifact(
             details={"url": url, "path": str(dest)},
         ) from exc
     finally:
-        part.discard()
+        if part is not None:
+            part.discard()
 
 
 def _content_length(response: httpx.Response) -> int | None:
@@ -298,22 +301,22 @@ async def copy_artifact(
     loop = asyncio.get_running_loop()
     stop = threading.Event()
 
-    def report(done: int, size: int | None) -> None:
+    def report(phase: str, done: int, size: int | None) -> None:
         if progress is not None:
-            loop.call_soon_threadsafe(progress, done, size)
+            loop.call_soon_threadsafe(progress, phase, done, size)
 
     def work() -> ArtifactDigest:
         part = _PartFile(dest, with_md5=expected.md5 is not None)
         try:
             throttle = _Throttle(report, total)
-            throttle(0, force=True)
+            throttle(0, "start")
             with src.open("rb") as handle:
                 while chunk := handle.read(CHUNK_SIZE):
                     if stop.is_set():
                         raise _Stopped
                     part.write(chunk)
                     throttle(part.size)
-            throttle(part.size, force=True)
+            throttle(part.size, "done")
             digest = _check(expected, part, str(src))
             part.commit()
             return digest
