@@ -95,6 +95,10 @@ def _unlink_quietly(path: Path) -> None:
         logger.warning("could not remove pooled overlay %s: %s", path, exc)
 
 
+def _exists(path: Path) -> bool:
+    return path.exists()
+
+
 def _move(src: Path, dst: Path) -> None:
     """Rename a pooled overlay into place; copy across filesystems (backing paths are absolute)."""
     try:
@@ -375,8 +379,13 @@ class OverlayPool:
                 self._wake.set()
                 try:
                     _move(pooled, target)
-                except FileNotFoundError:
-                    continue  # removed behind our back; try the next one
+                except OSError:
+                    if not _exists(pooled):
+                        continue  # removed behind our back; try the next one
+                    # The target side is the problem (missing dir, permissions): keep the pooled
+                    # file and let on-demand creation report it like any other request.
+                    entry.ready.appendleft(pooled)
+                    break
                 return True
 
         self._foreground += 1

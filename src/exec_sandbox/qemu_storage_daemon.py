@@ -535,16 +535,17 @@ class QemuStorageDaemon:
             ) from exc
         self._stderr_task = asyncio.create_task(self._drain_stderr(self._process))
         self._exit_task = asyncio.create_task(self._process.wait())
+        self._exit_task.add_done_callback(self._on_exit)
         try:
             async with asyncio.timeout(self._start_timeout):
                 sock = await self._connect_socket(socket_path)
-                qmp = QMPClient(f"qsd-{self._process.pid}")
+                # Registered before connecting so a half-done handshake is undone by _teardown.
+                self._qmp = QMPClient(f"qsd-{self._process.pid}")
                 try:
-                    await qmp.connect(sock)
+                    await self._qmp.connect(sock)
                 except BaseException:
                     sock.close()
                     raise
-                self._qmp = qmp
         except TimeoutError as exc:
             raise QemuStorageDaemonError(
                 f"qemu-storage-daemon did not become QMP-ready within {self._start_timeout}s; "
@@ -559,6 +560,14 @@ class QemuStorageDaemon:
                 f"stderr: {self.stderr_tail() or '(empty)'}",
                 context={"command": argv, "stderr": self.stderr_tail()},
             ) from exc
+
+    def _on_exit(self, task: asyncio.Task[int]) -> None:
+        if self._state is DaemonState.RUNNING and not task.cancelled():
+            logger.warning(
+                "qemu-storage-daemon exited unexpectedly (code %s); stderr: %s",
+                task.result(),
+                self.stderr_tail() or "(empty)",
+            )
 
     async def _connect_socket(self, path: Path) -> socket.socket:
         """Poll until the daemon listens (it is ready within milliseconds), failing fast if it exits."""

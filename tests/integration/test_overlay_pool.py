@@ -211,6 +211,16 @@ class TestAcquire:
         assert target.read_bytes() == b"precious"
         assert pool.available(base) == available
 
+    async def test_missing_target_dir_keeps_pooled_overlays(
+        self, pool: OverlayPool, base: Path, tmp_path: Path
+    ) -> None:
+        await wait_filled(pool)
+        with pytest.raises(QemuStorageDaemonError, match="No such file or directory"):
+            await pool.acquire(base, tmp_path / "no-such-dir" / "o.qcow2")
+        assert pool.available(base) == 4
+        assert len(pooled_files(pool.pool_dir)) == 4
+        assert await pool.acquire(base, tmp_path / "o.qcow2") is True
+
     async def test_bad_request_errors_pass_through(self, pool: OverlayPool, tmp_path: Path) -> None:
         with pytest.raises(QemuStorageDaemonError, match="Failed to get image info"):
             await pool.acquire(tmp_path / "missing.qcow2", tmp_path / "o.qcow2")
