@@ -51,4 +51,5 @@ __all__ = [
     "VmmKind",
     "VmmRunState",
     "boot_configuration_steps",
+    "choose_accelerator",
 ]
