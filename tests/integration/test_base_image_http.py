@@ -424,7 +424,7 @@ async def test_two_processes_ensure_the_same_bundle(tmp_path: Path, server: Fake
     try:
         # Hold the first kernel download until both processes have read the manifest, so the
         # second one reaches the bundle lock while the first is mid-download.
-        for _ in range(600):
+        for _ in range(2400):
             if server.count("/shared/manifest.json") == 2 and server.count("/shared/vmlinux") == 1:
                 break
             await asyncio.sleep(0.05)
