@@ -23,6 +23,7 @@ from smartvm.config import VMConfig
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.microvm import MicroVM, MicroVMState
 from smartvm.network import NetworkManager
+from smartvm.vmm.base import SnapshotFiles
 from smartvm.vmm.firecracker import FirecrackerMachine, FirecrackerState
 from tests.fake_firecracker.harness import (
     Target,
@@ -327,3 +328,42 @@ async def test_vmm_dies_with_its_owner(fake: Target) -> None:
         if owner.returncode is None:
             owner.kill()
         await owner.wait()
+
+
+async def test_failed_snapshot_create_keeps_the_vm_and_leaves_no_partial_files(fake: Target) -> None:
+    machine = FirecrackerMachine(fake.binary, fake.socket_path, socket_timeout=30.0)
+    await machine.start(VMConfig(fake.config()))
+    try:
+        await machine.pause()
+        files = SnapshotFiles(fake.workdir / "d.snap", fake.workdir / "d.mem")
+        # Diff snapshots need dirty-page tracking, which this VM did not enable.
+        with pytest.raises(SmartVMError) as info:
+            await machine.create_snapshot(files, snapshot_type="Diff")
+        err = info.value
+        assert (err.code, err.status_code) == (ErrorCode.SNAPSHOT_FAILED, 400)
+        assert err.fault_message is not None and "track_dirty_pages" in err.fault_message
+        assert not files.snapshot_path.exists() and not files.mem_file_path.exists()
+        with pytest.raises(SmartVMError) as info:
+            await machine.create_snapshot(SnapshotFiles(fake.workdir / "no" / "s", fake.workdir / "m"))
+        assert info.value.code == ErrorCode.INVALID_ARGUMENT
+        assert machine.state is FirecrackerState.PAUSED
+        await machine.create_snapshot(files)
+        assert files.snapshot_path.is_file()
+    finally:
+        await machine.stop()
+
+
+async def test_loading_a_corrupt_snapshot_cleans_up(fake: Target) -> None:
+    binary, pid_file = knobbed(fake)
+    files = SnapshotFiles(fake.workdir / "bad.snap", fake.workdir / "bad.mem")
+    files.snapshot_path.write_text("not a snapshot")
+    files.mem_file_path.write_bytes(b"\0" * 4096)
+    machine = FirecrackerMachine(binary, fake.socket_path, socket_timeout=30.0)
+    with pytest.raises(SmartVMError) as info:
+        await machine.load_snapshot(files)
+    assert info.value.code == ErrorCode.SNAPSHOT_FAILED
+    assert info.value.status_code == 400
+    assert info.value.fault_message is not None and "snapshot" in info.value.fault_message
+    assert machine.state is FirecrackerState.FAILED
+    assert_nothing_left(fake, pid_file)
+    assert files.snapshot_path.exists()  # the caller's input is never removed
