@@ -367,3 +367,18 @@ async def test_loading_a_corrupt_snapshot_cleans_up(fake: Target) -> None:
     assert machine.state is FirecrackerState.FAILED
     assert_nothing_left(fake, pid_file)
     assert files.snapshot_path.exists()  # the caller's input is never removed
+
+
+async def test_invalid_config_spawns_nothing(fake: Target) -> None:
+    binary, pid_file = knobbed(fake)
+    machine = FirecrackerMachine(binary, fake.socket_path, socket_timeout=30.0)
+    bad = fake.config(
+        drives=[{"drive_id": "root-fs", "path_on_host": str(fake.rootfs), "is_root_device": True}]
+    )
+    with pytest.raises(SmartVMError) as info:
+        await machine.start(VMConfig(bad))
+    assert info.value.code == ErrorCode.INVALID_CONFIG
+    assert "root-fs" in info.value.message
+    assert machine.state is FirecrackerState.NEW
+    assert not pid_file.exists()
+    assert not fake.socket_path.exists()

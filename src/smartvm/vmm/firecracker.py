@@ -312,10 +312,12 @@ class FirecrackerMachine:
     async def start(self, config: VMConfig) -> None:
         """Spawn Firecracker, run the ordered configuration steps, then ``InstanceStart``."""
         self._require(FirecrackerState.NEW, action="start")
+        # Pure, and validates the config: a bad config never spawns anything.
+        steps = [*boot_configuration_steps(config), instance_start_step()]
         self._state = FirecrackerState.STARTING
         try:
             client = await self._launch(config)
-            for step in [*boot_configuration_steps(config), instance_start_step()]:
+            for step in steps:
                 await self._configure_step(client, step.name, step.method, step.path, step.body)
         except BaseException:
             await self._abort()
