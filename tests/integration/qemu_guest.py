@@ -1,12 +1,14 @@
 """A minimal bootable guest for the QEMU backend's integration tests.
 
-* kernel: ``$SMARTVM_TEST_KERNEL`` if set, else the project's compiled kernel when it is
-  already built (``exec_sandbox.vm_manager``), else Debian's cloud kernel
+* kernel: ``$SMARTVM_TEST_KERNEL`` if set, else the project's compiled kernel when
+  ``SMARTVM_TEST_KERNEL_PROJECT=1`` (``exec_sandbox.vm_manager``), else Debian's cloud kernel
   (``apt-get download`` + ``dpkg-deb -x``), cached under the user cache dir;
 * initramfs: busybox-static + an ``/init`` that prints ``SMARTVM-GUEST-READY`` and then,
   according to ``smartvm.test=<mode>`` on the kernel command line:
   ``counter`` prints ``COUNT <n>`` every 100 ms; ``reboot`` runs ``reboot -f``;
-  ``idle`` sleeps forever.
+  ``disks`` prints ``DISK <vdX> <sectors>`` per virtio disk; ``serial`` writes ``PORT <name>``
+  to every virtio-serial port; ``idle`` sleeps forever. (``disks``/``serial`` need a kernel
+  with virtio built in: :func:`project_kernel`.)
 
 Everything is cached by content (package file names + the init script), built atomically.
 """
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from platformdirs import user_cache_dir
 
-__all__ = ["READY_MARKER", "guest_initramfs", "guest_kernel"]
+__all__ = ["READY_MARKER", "guest_initramfs", "guest_kernel", "project_kernel"]
 
 READY_MARKER = "SMARTVM-GUEST-READY"
 
@@ -42,6 +44,17 @@ case "$mode" in
     while true; do echo "COUNT $i"; i=$((i+1)); usleep 100000; done ;;
   reboot)
     echo "REBOOTING"; reboot -f ;;
+  disks)
+    for d in /sys/block/vd*; do echo "DISK $(basename $d) $(cat $d/size)"; done
+    echo "DISKS-DONE"
+    while true; do sleep 3600; done ;;
+  serial)
+    for p in /sys/class/virtio-ports/*; do
+      name=$(cat $p/name); dev=/dev/$(basename $p)
+      echo "PORT $name" > $dev &
+    done
+    echo "PORTS-WRITTEN"
+    while true; do sleep 3600; done ;;
   *)
     while true; do sleep 3600; done ;;
 esac
@@ -113,18 +126,18 @@ def guest_kernel() -> Path:
 
 
 def _project_kernel() -> Path | None:
-    """The project's own compiled kernel, only when it is already built (never builds here)."""
-    try:
-        from exec_sandbox.settings import Settings  # type: ignore[import-not-found,unused-ignore]
-        from exec_sandbox.vm_manager import VmManager  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
+    """The project's kernel when ``SMARTVM_TEST_KERNEL_PROJECT=1`` (it may compile it: minutes)."""
+    if os.environ.get("SMARTVM_TEST_KERNEL_PROJECT") != "1":
         return None
-    manager = VmManager(Settings())
-    cached = getattr(manager, "cached_kernel", None)
-    if callable(cached):
-        path = cached()
-        return Path(path) if path else None
-    return None
+    return project_kernel()
+
+
+def project_kernel() -> Path:
+    """The project's compiled kernel (virtio-mmio, virtio-blk/console built in); builds on first use."""
+    from exec_sandbox.settings import Settings
+    from exec_sandbox.vm_manager import VmManager
+
+    return VmManager(Settings()).get_kernel()
 
 
 def _cpio_newc(entries: list[tuple[str, int, bytes, tuple[int, int]]]) -> bytes:
