@@ -7,7 +7,8 @@
   according to ``smartvm.test=<mode>`` on the kernel command line:
   ``counter`` prints ``COUNT <n>`` every 100 ms; ``reboot`` runs ``reboot -f``;
   ``disks`` prints ``DISK <vdX> <sectors>`` per virtio disk; ``serial`` writes ``PORT <name>``
-  to every virtio-serial port; ``idle`` sleeps forever. (``disks``/``serial`` need a kernel
+  to every virtio-serial port; ``net`` serves ``hello-from-guest`` over HTTP on 10.0.2.15:80
+  (user-mode networking); ``idle`` sleeps forever. (``disks``/``serial``/``net`` need a kernel
   with virtio built in: :func:`project_kernel`.)
 
 Everything is cached by content (package file names + the init script), built atomically.
@@ -47,6 +48,13 @@ case "$mode" in
   disks)
     for d in /sys/block/vd*; do echo "DISK $(basename $d) $(cat $d/size)"; done
     echo "DISKS-DONE"
+    while true; do sleep 3600; done ;;
+  net)
+    # slirp's default network: guest 10.0.2.15/24; serve one page on port 80
+    ip link set lo up; ip link set eth0 up; ip addr add 10.0.2.15/24 dev eth0
+    mkdir -p /www; echo "hello-from-guest" > /www/index.html
+    httpd -p 80 -h /www
+    echo "NET-UP"
     while true; do sleep 3600; done ;;
   serial)
     for p in /sys/class/virtio-ports/*; do

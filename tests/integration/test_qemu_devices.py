@@ -10,6 +10,7 @@ import asyncio
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from smartvm.config import VMConfig
-from smartvm.qemu import QemuMachine, QemuMachineSpec, build_kernel_cmdline
+from smartvm.qemu import HostForward, QemuMachine, QemuMachineSpec, UserNetSpec, build_kernel_cmdline
 from tests.integration.qemu_guest import guest_initramfs, project_kernel
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
@@ -121,3 +122,40 @@ async def test_virtio_serial_ports_reach_the_host(
             await writer.wait_closed()
     await machine.stop()
     assert not any(path.exists() for path in sockets)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def test_user_net_hostfwd_reaches_guest_server(
+    virtio_kernel: Path, runtime_dir: Path, machines: list[QemuMachine]
+) -> None:
+    port = _free_port()
+    spec = QemuMachineSpec(
+        kernel=virtio_kernel,
+        initrd=guest_initramfs(),
+        cmdline=build_kernel_cmdline(None) + " smartvm.test=net",
+        memory_mib=96,
+    )
+    user_net = UserNetSpec(restrict=True, hostfwd=(HostForward(host_port=port, guest_port=80),))
+    machine = QemuMachine(spec, runtime_dir=runtime_dir, user_net=user_net)
+    machines.append(machine)
+    await machine.start()
+    async with asyncio.timeout(BOOT_TIMEOUT):
+        await machine.console.wait_for("NET-UP")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /index.html HTTP/1.0\r\nHost: guest\r\n\r\n")
+        await writer.drain()
+        async with asyncio.timeout(60):
+            response = await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    assert response.startswith(b"HTTP/1.") and b" 200 " in response.split(b"\r\n", 1)[0]
+    assert response.rstrip().endswith(b"hello-from-guest")
+    await machine.stop()

@@ -109,6 +109,16 @@ async def test_boot_info_pause_resume_stop(
     machine = QemuMachine(runtime_dir=runtime_dir)
     machines.append(machine)
     assert isinstance(machine, VmmBackend)
+    followed: list[str] = []
+
+    async def follow() -> None:  # a caller streaming boot logs from the first line
+        async with contextlib.aclosing(machine.console.lines()) as lines:
+            async for line in lines:
+                followed.append(line)
+                if line.startswith("COUNT 2"):
+                    return
+
+    follower = asyncio.create_task(follow())
     await machine.start(config)
     pid = machine.pid
     await machine.start(config)  # a second start is a no-op
@@ -122,6 +132,13 @@ async def test_boot_info_pause_resume_stop(
     assert info.accelerator == "tcg" and info.extra["accel_reason"]
     assert info.vmm_version.startswith("7.")
     assert machine.accelerator is not None and machine.accelerator.accel == "tcg"
+    async with asyncio.timeout(BOOT_TIMEOUT):
+        await follower
+    assert any(line.startswith(READY_MARKER) for line in followed) and followed[-1] == "COUNT 2"
+
+    with pytest.raises(SmartVMError) as qmp_err:
+        await machine.execute_qmp("no-such-command")
+    assert qmp_err.value.code == "QMP_ERROR" and qmp_err.value.details["error_class"] == "CommandNotFound"
 
     await machine.pause()
     assert await machine.query_status() == "paused"
