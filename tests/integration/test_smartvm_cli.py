@@ -145,7 +145,8 @@ def test_missing_config_file(workdir: Path) -> None:
 def test_toml_config_validates(workdir: Path) -> None:
     cfg = workdir / "vm.toml"
     cfg.write_text(
-        '[boot_source]\nkernel_image_path = "/vmlinux"\n[machine_config]\nvcpu_count = 1\nmem_size_mib = 128\n'
+        '[boot_source]\nkernel_image_path = "/vmlinux"\n'
+        "[machine_config]\nvcpu_count = 1\nmem_size_mib = 128\n"
     )
     assert out(smartvm(workdir / "data", "validate", str(cfg))) == {"valid": True, "errors": []}
 
