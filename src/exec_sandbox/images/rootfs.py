@@ -1,0 +1,240 @@
+"""Assemble a guest root filesystem from extracted .debs and pack it as ext4 -> qcow2, without mounts.
+
+What ``dpkg-deb -x`` does not do, done here: busybox applet links (shell and coreutils), the
+``/sbin/init`` script, users (root + ``sandbox`` uid/gid 1000, home /home/sandbox = work dir),
+the guest agent under /opt/sbx, and byte-compiling Python (``chroot DIR python3 -m compileall``,
+unchecked-hash pycs, so mtimes do not matter). Docs, man pages and locales are dropped.
+Ownership: run as root, ``dpkg-deb -x`` keeps the packages' root ownership, which
+``mkfs.ext4 -d`` copies verbatim; the builder refuses to run as non-root for that reason.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from exec_sandbox.errors import ImageBuildError
+
+from .debian import extract_deb
+from .process import run
+from .progress import ProgressCallback, StepTimer
+
+__all__ = [
+    "FIXED_MTIME",
+    "PRUNED_PATHS",
+    "SANDBOX_GID",
+    "SANDBOX_UID",
+    "assemble_rootfs",
+    "ext4_options",
+    "group_file",
+    "pack_qcow2",
+    "passwd_file",
+]
+
+SANDBOX_UID = 1000
+SANDBOX_GID = 1000
+FIXED_MTIME = 1_700_000_000  # every file gets this mtime so images depend only on their recipe
+PRUNED_PATHS = (
+    "usr/share/doc",
+    "usr/share/man",
+    "usr/share/info",
+    "usr/share/locale",
+    "usr/share/lintian",
+    "usr/share/bug",
+)
+_DIRS = (
+    "proc",
+    "sys",
+    "dev",
+    "tmp",
+    "run",
+    "root",
+    "etc",
+    "var/tmp",
+    "opt/sbx",
+    "home/sandbox",
+    "sbin",
+    "bin",
+)
+
+
+def passwd_file() -> str:
+    return (
+        "root:x:0:0:root:/root:/bin/sh\n"
+        f"sandbox:x:{SANDBOX_UID}:{SANDBOX_GID}:sandbox:/home/sandbox:/bin/sh\n"
+        "nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+    )
+
+
+def group_file() -> str:
+    return f"root:x:0:\nsandbox:x:{SANDBOX_GID}:\nnogroup:x:65534:\n"
+
+
+_ETC: dict[str, Callable[[], str]] = {
+    "passwd": passwd_file,
+    "group": group_file,
+    "hostname": lambda: "sandbox\n",
+    "hosts": lambda: "127.0.0.1 localhost sandbox\n",
+    "shadow": lambda: "root:*:19000:0:99999:7:::\nsandbox:*:19000:0:99999:7:::\n",
+}
+
+
+def assemble_rootfs(
+    *, debs: Sequence[Path], staging: Path, guest_dir: Path, progress: ProgressCallback
+) -> None:
+    """Fill ``staging`` with a bootable root tree."""
+    timer = StepTimer(progress, "rootfs: extract packages").start(f"{len(debs)} .debs")
+    for deb in debs:
+        extract_deb(deb, staging)
+    for rel in PRUNED_PATHS:
+        shutil.rmtree(staging / rel, ignore_errors=True)
+    timer.done()
+
+    timer = StepTimer(progress, "rootfs: configure").start()
+    for rel in _DIRS:
+        (staging / rel).mkdir(parents=True, exist_ok=True)
+    os.chmod(staging / "tmp", 0o1777)
+    os.chmod(staging / "var/tmp", 0o1777)
+    os.chmod(staging / "root", 0o700)
+    for name, content in _ETC.items():
+        (staging / "etc" / name).write_text(content())
+    os.chmod(staging / "etc/shadow", 0o640)
+
+    init = guest_dir / "init"
+    target = staging / "sbin/init"
+    if target.is_symlink() or target.exists():
+        target.unlink()
+    shutil.copyfile(init, target)
+    os.chmod(target, 0o755)
+    for item in sorted(guest_dir.iterdir()):
+        if item.name in ("init", "__pycache__") or item.name.startswith("."):
+            continue
+        dest = staging / "opt/sbx" / item.name
+        if item.is_dir():
+            shutil.copytree(item, dest, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copyfile(item, dest)
+    _busybox_links(staging)
+    timer.done()
+
+    timer = StepTimer(progress, "rootfs: compile .pyc").start()
+    _compile_python(staging)
+    timer.done()
+
+    _finalise_ownership(staging)
+
+
+def _busybox_links(staging: Path) -> None:
+    busybox = staging / "bin/busybox"
+    if not busybox.is_file():
+        raise ImageBuildError("busybox-static did not provide /bin/busybox", step="rootfs")
+    # busybox-static is a static x86_64 binary: the host can ask it for its applet list.
+    applets = run([busybox, "--list-full"], step="rootfs").stdout.split()
+    for rel in applets:
+        link = staging / rel
+        if link.is_symlink() or link.exists():
+            continue  # the real tool (or our /sbin/init) wins over the applet
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to("/bin/busybox")
+
+
+def _compile_python(staging: Path) -> None:
+    python = staging / "usr/bin/python3"
+    if not (python.is_symlink() or python.exists()):
+        raise ImageBuildError("python3 missing from the image", step="compileall")
+    targets = [str(p.relative_to(staging)) for p in sorted((staging / "usr/lib").glob("python3*"))]
+    targets.append("opt/sbx")
+    # -j1: multiprocessing needs /dev/shm, which a mount-free chroot lacks.
+    run(
+        [
+            "chroot",
+            staging,
+            "/usr/bin/python3",
+            "-m",
+            "compileall",
+            "-q",
+            "-j1",
+            "--invalidation-mode",
+            "unchecked-hash",
+            *(f"/{t}" for t in targets),
+        ],
+        step="compileall",
+        env={"PYTHONHASHSEED": "0", "SOURCE_DATE_EPOCH": str(FIXED_MTIME)},
+    )
+
+
+def _finalise_ownership(staging: Path) -> None:
+    home = staging / "home/sandbox"
+    os.chown(home, SANDBOX_UID, SANDBOX_GID)
+    os.chmod(home, 0o755)
+    os.lchown(staging / "etc/shadow", 0, 42)
+    for dirpath, dirnames, filenames in os.walk(staging):
+        for name in dirnames + filenames:
+            os.utime(os.path.join(dirpath, name), (FIXED_MTIME, FIXED_MTIME), follow_symlinks=False)
+    os.utime(staging, (FIXED_MTIME, FIXED_MTIME))
+
+
+def _tree_usage(staging: Path) -> tuple[int, int]:
+    """(bytes rounded to 4 KiB blocks, number of inodes) of ``staging``."""
+    used, inodes = 0, 1
+    for dirpath, dirnames, filenames in os.walk(staging):
+        for name in dirnames + filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            used += (st.st_size + 4095) // 4096 * 4096
+            inodes += 1
+    return used, inodes
+
+
+def ext4_options(recipe_hash: str, inodes: int) -> list[str]:
+    """mkfs.ext4 flags: UUID and directory-hash seed derived from the recipe (reproducible images);
+    no journal (each VM writes to a throwaway overlay, so crash consistency buys nothing)."""
+    fs_uuid = uuid.UUID(recipe_hash[:32])
+    seed = uuid.UUID(recipe_hash[32:64])
+    return [
+        "-q",
+        "-F",
+        "-t",
+        "ext4",
+        "-b",
+        "4096",
+        "-m",
+        "0",
+        "-L",
+        "sbx-root",
+        "-U",
+        str(fs_uuid),
+        "-N",
+        str(inodes),
+        "-O",
+        "^has_journal",
+        "-E",
+        f"root_owner=0:0,hash_seed={seed}",
+    ]
+
+
+def pack_qcow2(
+    *, staging: Path, recipe_hash: str, out: Path, qemu_img: str, progress: ProgressCallback
+) -> int:
+    """``mkfs.ext4 -d`` + ``qemu-img convert``; returns the virtual size in bytes."""
+    timer = StepTimer(progress, "rootfs: mkfs.ext4 + qcow2").start()
+    used, inodes = _tree_usage(staging)
+    size = int(used * 1.3) + (64 << 20)
+    size = (size + (1 << 20) - 1) // (1 << 20) << 20
+    raw = out.with_suffix(".ext4")
+    with raw.open("wb") as fh:
+        fh.truncate(size)
+    env = {"E2FSPROGS_FAKE_TIME": str(FIXED_MTIME), "SOURCE_DATE_EPOCH": str(FIXED_MTIME)}
+    try:
+        run(
+            ["mkfs.ext4", *ext4_options(recipe_hash, inodes + inodes // 2 + 1024), "-d", staging, raw],
+            step="mkfs",
+            env=env,
+        )
+        run([qemu_img, "convert", "-f", "raw", "-O", "qcow2", raw, out], step="qcow2")
+    finally:
+        raw.unlink(missing_ok=True)
+    timer.done(f"{size >> 20} MiB")
+    return size
