@@ -246,14 +246,14 @@ async def test_guest_reboot_detected_by_exit_watcher(
 async def test_hung_qemu_is_killed(
     guest: tuple[Path, Path], runtime_dir: Path, machines: list[QemuMachine]
 ) -> None:
-    machine = QemuMachine(make_spec(guest, "idle"), runtime_dir=runtime_dir, shared_memory=True)
-    machines.append(machine)
-    await machine.start()
-    pid = machine.pid
-    assert pid is not None
-    os.kill(pid, signal.SIGSTOP)  # QMP quit and SIGTERM both go unanswered
-    await machine.stop(timeout=0.5)
-    assert machine.exit_code == -signal.SIGKILL
+    async with QemuMachine(make_spec(guest, "idle"), runtime_dir=runtime_dir, shared_memory=True) as machine:
+        machines.append(machine)
+        assert machine.state is MachineState.RUNNING  # `async with` started it
+        pid = machine.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)  # QMP quit and SIGTERM both go unanswered
+        await machine.stop(timeout=0.5)
+        assert machine.exit_code == -signal.SIGKILL
     assert_nothing_left(machine, pid)
 
 

@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Annotated, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from smartvm.config.models import VMConfigModel
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.qemu.accel import Accelerator
 
 if TYPE_CHECKING:
-    from smartvm.config.models import Drive, VMConfigModel
+    from smartvm.config.models import Drive
 
 __all__ = [
     "ARCH_PROFILES",
@@ -397,7 +398,7 @@ def spec_from_vmconfig(
     Not mapped (no QEMU equivalent used here): SMT, CPU templates, huge pages, network rate
     limiters, io_engine, balloon, MMDS, logger/metrics.
     """
-    model: VMConfigModel = vm_config.config if hasattr(vm_config, "config") else vm_config
+    model = vm_config if isinstance(vm_config, VMConfigModel) else vm_config.config
     boot = model.boot_source
     if boot is None or not boot.kernel_image_path:
         raise _invalid("boot_source.kernel_image_path is required to boot with QEMU")

@@ -212,6 +212,9 @@ class QemuMachine:
     # --- start --------------------------------------------------------------------------
 
     async def __aenter__(self) -> QemuMachine:
+        """Start the constructor's spec (if any); without one, call start/load_snapshot inside."""
+        if self._spec is not None and self._state == MachineState.NEW:
+            await self.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -225,6 +228,9 @@ class QemuMachine:
             self._require(MachineState.NEW, action="start")
             self._accel = choose_accelerator(self._accel_override)
             if config is not None:
+                ensure_valid = getattr(config, "ensure_valid", None)
+                if callable(ensure_valid):  # smartvm.config.VMConfig: same rules as Firecracker
+                    ensure_valid()
                 spec = spec_from_vmconfig(config, accel=self._accel.accel, tsc_khz=_cpu_khz())
             elif self._spec is not None:
                 spec = self._spec
