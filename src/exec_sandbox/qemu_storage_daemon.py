@@ -496,9 +496,23 @@ class QemuStorageDaemon:
                 return
             self._state = DaemonState.STOPPING
             try:
-                await _shielded(self._teardown())
+                await _shielded(self._stop_after_current_command())
             finally:
                 self._state = DaemonState.STOPPED
+
+    async def _stop_after_current_command(self) -> None:
+        """Let a running overlay creation finish (briefly) so it is not torn in half, then tear down."""
+        lock = self._command_lock
+        try:
+            async with asyncio.timeout(self._stop_timeout):
+                await lock.acquire()
+        except TimeoutError:
+            await self._teardown()  # a stuck command: in-flight callers get "stopped during ..."
+            return
+        try:
+            await self._teardown()
+        finally:
+            lock.release()
 
     async def _launch(self) -> None:
         parent = self._runtime_parent or Path(tempfile.gettempdir())
@@ -657,15 +671,23 @@ class QemuStorageDaemon:
 
     # ------------------------------------------------------------------ QMP
 
-    def _require_running(self) -> QMPClient:
+    def _require_running(self, *, draining: bool = False) -> QMPClient:
+        """The QMP client, if commands may be sent now.
+
+        ``draining``: the command belongs to an operation already under way, which stop()
+        lets finish; new operations need the daemon RUNNING.
+        """
         state = self.state
-        if state is not DaemonState.RUNNING or self._qmp is None:
+        allowed = (DaemonState.RUNNING, DaemonState.STOPPING) if draining else (DaemonState.RUNNING,)
+        if state not in allowed or self._qmp is None or self._exited():
             if state is DaemonState.FAILED:
                 raise self._died_error("daemon")
             raise QemuStorageDaemonError(f"qemu-storage-daemon is not started (state: {state})")
         return self._qmp
 
     def _died_error(self, during: str) -> QemuStorageDaemonError:
+        if self._state in (DaemonState.STOPPING, DaemonState.STOPPED):
+            return QemuStorageDaemonError(f"qemu-storage-daemon was stopped during {during}")
         code = self._process.returncode if self._process is not None else None
         return QemuStorageDaemonError(
             f"qemu-storage-daemon died (exit code {code}) during {during}; "
@@ -674,7 +696,7 @@ class QemuStorageDaemon:
         )
 
     async def _execute(self, cmd: str, args: Mapping[str, object] | None = None) -> object:
-        qmp = self._require_running()
+        qmp = self._require_running(draining=True)
         try:
             async with asyncio.timeout(self._command_timeout):
                 return await qmp.execute(cmd, args)
@@ -695,12 +717,14 @@ class QemuStorageDaemon:
 
     async def _wait_concluded(self, listener: EventListener, job_id: str) -> None:
         """Wait for JOB_STATUS_CHANGE(concluded) of ``job_id``, or the daemon's death, or the timeout."""
-        assert self._exit_task is not None
+        exit_task = self._exit_task  # captured: stop() clears the attribute
+        if exit_task is None:
+            raise self._died_error(f"job {job_id}")
         async with asyncio.timeout(self._command_timeout):
             while True:
                 getter = asyncio.ensure_future(listener.get())
                 try:
-                    await asyncio.wait({getter, self._exit_task}, return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait({getter, exit_task}, return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     if not getter.done():
                         getter.cancel()
@@ -712,7 +736,7 @@ class QemuStorageDaemon:
                     return
 
     async def _run_create_job(self, job_id: str, options: dict[str, Any], issued: list[str]) -> None:
-        qmp = self._require_running()
+        qmp = self._require_running(draining=True)
         listener = EventListener(
             "JOB_STATUS_CHANGE", event_filter=lambda ev: _event_data(ev).get("id") == job_id
         )
@@ -761,6 +785,7 @@ class QemuStorageDaemon:
         _refuse_existing(overlay)
 
         async with self._command_lock:
+            self._require_running()  # stop() may have begun while we queued
             suffix = uuid.uuid4().hex[:12]
             node = f"esb{suffix}"
             issued_jobs: list[str] = []

@@ -74,6 +74,12 @@ def children_named(name: str) -> list[int]:
     return found
 
 
+async def assert_valid_overlay(overlay: Path, base: Path) -> None:
+    info = await image_info(overlay)
+    assert info["format"] == "qcow2" and info["backing-filename"] == str(base)
+    assert await qemu_img_check(overlay) == 0
+
+
 async def leftover_nodes_and_jobs(daemon: QemuStorageDaemon) -> tuple[object, object]:
     nodes = await daemon._execute("query-named-block-nodes")
     jobs = await daemon._execute("query-jobs")
@@ -401,18 +407,22 @@ class TestCancellation:
         assert cancelled_with_file > 0, "no cancellation landed while the overlay was being built"
         await daemon.create_overlay(base, tmp_path / "after.qcow2")
 
-    async def test_stop_during_creation_fails_it_cleanly(self, base: Path, tmp_path: Path) -> None:
+    async def test_stop_finishes_the_running_creation_and_refuses_queued_ones(
+        self, base: Path, tmp_path: Path
+    ) -> None:
         daemon = QemuStorageDaemon()
         await daemon.start()
         await daemon.create_overlay(base, tmp_path / "warm.qcow2")
-        overlay = tmp_path / "o.qcow2"
-        task = asyncio.create_task(daemon.create_overlay(base, overlay))
-        while not overlay.exists() and not task.done():
+        running, queued = tmp_path / "running.qcow2", tmp_path / "queued.qcow2"
+        first = asyncio.create_task(daemon.create_overlay(base, running))
+        second = asyncio.create_task(daemon.create_overlay(base, queued))
+        while not running.exists() and not first.done():
             await asyncio.sleep(0)
         pid = daemon.pid
         await daemon.stop()
-        try:
-            await task
-        except QemuStorageDaemonError:
-            assert not overlay.exists()
+        await first
+        await assert_valid_overlay(running, base)
+        with pytest.raises(QemuStorageDaemonError, match=r"not started \(state: stopping\)"):
+            await second
+        assert not queued.exists()
         assert pid is not None and pid_gone(pid)
