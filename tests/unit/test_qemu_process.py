@@ -63,3 +63,21 @@ def test_reap_removes_only_stale_unowned_dirs(tmp_path: Path) -> None:
     assert fresh.is_dir() and live.is_dir()
     assert not stale.exists() and not reused.exists() and not ram.exists()
     assert reap_leftovers(tmp_path / "absent") == []
+
+
+def test_sparse_copy_keeps_content_and_holes(tmp_path: Path) -> None:
+    from smartvm.qemu.machine import _sparse_copy
+
+    src = tmp_path / "ram"
+    size = 8 << 20
+    with open(src, "wb") as out:
+        out.truncate(size)
+        out.seek(1 << 20)
+        out.write(b"A" * 4096)
+        out.seek(size - 10)
+        out.write(b"end-marker")
+    dst = tmp_path / "copy"
+    _sparse_copy(src, dst)
+    assert dst.read_bytes() == src.read_bytes()
+    assert dst.stat().st_size == size
+    assert dst.stat().st_blocks * 512 < size // 2  # the holes stayed holes

@@ -102,6 +102,31 @@ def _is_file(path: Path) -> bool:
     return path.is_file()
 
 
+def _sparse_copy(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` keeping holes: guest RAM files are mostly untouched pages."""
+    chunk = 1 << 20
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        size = os.fstat(fin.fileno()).st_size
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(fin.fileno(), offset, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole remains
+                break
+            end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
+            fin.seek(start)
+            fout.seek(start)
+            remaining = end - start
+            while remaining > 0:
+                data = fin.read(min(chunk, remaining))
+                if not data:
+                    break
+                fout.write(data)
+                remaining -= len(data)
+            offset = end
+        fout.truncate(size)
+
+
 def _cpu_khz() -> int:
     # TCG's guest TSC ticks at the host TSC rate; "cpu MHz" is close enough for the boot hint.
     with contextlib.suppress(OSError):
@@ -521,7 +546,7 @@ class QemuMachine:
                     assert self.spec.memory_backend is not None
                     mem.parent.mkdir(parents=True, exist_ok=True)
                     # The guest is paused, so the RAM file is stable while we copy it.
-                    await asyncio.to_thread(shutil.copyfile, self.spec.memory_backend.path, tmp_mem)
+                    await asyncio.to_thread(_sparse_copy, self.spec.memory_backend.path, tmp_mem)
                     os.replace(tmp_mem, mem)
                 os.replace(tmp_snap, snap)
                 sidecar = {
