@@ -243,6 +243,28 @@ async def test_guest_reboot_detected_by_exit_watcher(
     assert_nothing_left(machine, pid)
 
 
+async def test_qemu_killed_from_outside_is_noticed(
+    guest: tuple[Path, Path], runtime_dir: Path, machines: list[QemuMachine]
+) -> None:
+    machine = QemuMachine(make_spec(guest, "idle"), runtime_dir=runtime_dir, shared_memory=True)
+    machines.append(machine)
+    await machine.start()
+    pid = machine.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    async with asyncio.timeout(30):
+        assert await machine.wait() == -signal.SIGKILL
+        while machine.state is not MachineState.FAILED:
+            await asyncio.sleep(0.01)
+    info = await machine.get_info()
+    assert info.extra["exit_code"] == -signal.SIGKILL and info.state is VmmRunState.NOT_STARTED
+    with pytest.raises(SmartVMError) as err:
+        await machine.resume()
+    assert err.value.code == "INVALID_STATE" and "failed" in err.value.message
+    await machine.stop()
+    assert_nothing_left(machine, pid)
+
+
 async def test_hung_qemu_is_killed(
     guest: tuple[Path, Path], runtime_dir: Path, machines: list[QemuMachine]
 ) -> None:

@@ -427,7 +427,8 @@ class QemuMachine:
         self._exit_code = code
         if self._state not in (MachineState.STOPPING, MachineState.STOPPED):
             self._state = MachineState.EXITED if code == 0 else MachineState.FAILED
-            log.warning(
+            log.log(
+                logging.INFO if code == 0 else logging.WARNING,
                 "QEMU VM %s exited by itself with code %s: %s",
                 self.vm_id,
                 code,
@@ -446,7 +447,22 @@ class QemuMachine:
     async def _qmp_exec(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         if self._qmp is None:
             raise SmartVMError(ErrorCode.NO_CLIENT, f"QEMU VM {self.vm_id} has no QMP connection")
-        return await self._qmp.execute(command, arguments)
+        try:
+            return await self._qmp.execute(command, arguments)
+        except SmartVMError as exc:
+            # "desc" marks a command QEMU refused; anything else is a broken link: did QEMU die?
+            if "desc" in exc.details or self._proc is None:
+                raise
+            code: int | None = None
+            with contextlib.suppress(TimeoutError):
+                code = await asyncio.wait_for(self._proc.wait(), 1.0)
+            if code is None:
+                raise
+            raise SmartVMError(
+                ErrorCode.VMM_EXITED,
+                f"QEMU VM {self.vm_id} exited (code {code}) during QMP {command}",
+                details={"command": command, "exit_code": code, "stderr": self._stderr.output()[-1000:]},
+            ) from exc
 
     async def execute_qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         """Escape hatch for QEMU-specific commands (e.g. ``query-migrate``)."""
