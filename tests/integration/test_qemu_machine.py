@@ -279,6 +279,24 @@ async def test_hung_qemu_is_killed(
     assert_nothing_left(machine, pid)
 
 
+async def test_duplicate_vm_id_is_refused(
+    guest: tuple[Path, Path], runtime_dir: Path, machines: list[QemuMachine]
+) -> None:
+    first = QemuMachine(make_spec(guest, "idle"), runtime_dir=runtime_dir, vm_id="twin")
+    machines.append(first)
+    await first.start()
+    second = QemuMachine(make_spec(guest, "idle"), runtime_dir=runtime_dir, vm_id="twin")
+    with pytest.raises(SmartVMError) as err:
+        await second.start()
+    assert err.value.code == "VM_ALREADY_EXISTS" and "twin" in err.value.message
+    assert second.pid is None
+    assert first.vm_dir.is_dir() and (await first.get_info()).state is VmmRunState.RUNNING  # untouched
+    await second.stop()
+    assert first.vm_dir.is_dir()
+    await first.stop()
+    assert not first.vm_dir.exists()
+
+
 async def test_missing_kernel_is_named(runtime_dir: Path, tmp_path: Path) -> None:
     missing = tmp_path / "no-such-vmlinux"
     machine = QemuMachine(QemuMachineSpec(kernel=missing), runtime_dir=runtime_dir)

@@ -345,7 +345,15 @@ class QemuMachine:
                 )
 
     def _make_vm_dir(self, spec: QemuMachineSpec) -> None:
-        self.vm_dir.mkdir(parents=True, exist_ok=False)
+        self.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            self.vm_dir.mkdir(mode=0o700, exist_ok=False)  # sockets inside: owner only
+        except FileExistsError as exc:
+            raise SmartVMError(
+                ErrorCode.VM_ALREADY_EXISTS,
+                f"a QEMU VM with id {self.vm_id!r} already exists in {self.runtime_dir}",
+                details={"vm_id": self.vm_id, "path": str(self.vm_dir)},
+            ) from exc
         self._push_undo("remove VM directory", self._remove_vm_dir)
         extra = []
         if spec.memory_backend is not None and spec.memory_backend.share:
