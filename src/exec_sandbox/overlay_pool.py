@@ -221,7 +221,13 @@ class OverlayPool:
                 return
             self._state = PoolState.STARTING
             try:
-                self._prepare_pool_dir()
+                try:
+                    self._prepare_pool_dir()
+                except OSError as exc:
+                    raise SandboxInputError(
+                        f"Cannot use pool_dir {self._pool_dir}: {exc}",
+                        context={"pool_dir": str(self._pool_dir)},
+                    ) from exc
                 await self._start_daemon()
                 for base in bases:
                     self._register(base)

@@ -132,6 +132,14 @@ class TestLifecycle:
         assert not (tmp_path / "pool").exists()
         assert pool._daemon is None and not pool.daemon_enabled
 
+    async def test_unusable_pool_dir_is_a_clear_error(self, tmp_path: Path, base: Path) -> None:
+        regular = tmp_path / "a-file"
+        regular.write_text("x")
+        pool = OverlayPool(max_concurrent_vms=1, pool_dir=regular / "pool")
+        with pytest.raises(SandboxInputError, match="Cannot use pool_dir"):
+            await pool.start([base])
+        assert pool.state is PoolState.STOPPED and pool._daemon is None
+
     async def test_pool_dir_has_one_owner_and_crash_leftovers_are_swept(
         self, tmp_path: Path, base: Path
     ) -> None:
