@@ -220,6 +220,7 @@ def test_spec_from_vmconfig_partuuid_rw_and_errors() -> None:
         drives=[{"drive_id": "r", "path_on_host": "/r.img", "is_root_device": True, "partuuid": "abcd-01"}],
     )
     spec = spec_from_vmconfig(config, tsc_khz=2_000_000)
+    assert not spec.acpi and spec_from_vmconfig(config, acpi=True).acpi
     assert (
         spec.cmdline
         == f"{DEFAULT_BOOT_ARGS} root=PARTUUID=abcd-01 rw tsc_early_khz=2000000 lpj=8000000 no_timer_check"

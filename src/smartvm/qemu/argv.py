@@ -389,12 +389,15 @@ def spec_from_vmconfig(
     serial_ports: tuple[SerialPortSpec, ...] = (),
     user_net: UserNetSpec | None = None,
     tsc_khz: int = 2_600_000,
+    acpi: bool = False,
 ) -> QemuMachineSpec:
     """Map a Firecracker-style config to a :class:`QemuMachineSpec`.
 
     Mapped: boot source, vCPUs, memory, drives (root first; ``Unsafe`` -> ``cache=unsafe``,
     ``Writeback`` -> ``cache=writeback``; bandwidth/ops token buckets -> QEMU throttling), TAP
     interfaces with their MACs, vsock (CID; KVM only), entropy (virtio-rng is always on).
+    ``acpi=True`` is for kernels whose virtio drivers are modules (Debian's cloud kernel): they
+    find virtio-mmio devices only through ACPI.
     Not mapped (no QEMU equivalent used here): SMT, CPU templates, huge pages, network rate
     limiters, io_engine, balloon, MMDS, logger/metrics.
     """
@@ -448,6 +451,7 @@ def spec_from_vmconfig(
         vcpus=mc.vcpu_count,
         memory_mib=mc.mem_size_mib,
         accel=accel,
+        acpi=acpi,
         drives=tuple(drives),
         nics=tuple(nics),
         user_net=user_net,

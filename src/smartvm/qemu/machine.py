@@ -143,6 +143,7 @@ class QemuMachine:
     to force, None to probe (``$SMARTVM_ACCEL`` also forces). ``serial_ports``: virtio-serial port
     names; their sockets live in the VM directory (:meth:`serial_socket`). ``shared_memory``: keep
     guest RAM in a /dev/shm file so snapshots skip streaming RAM. ``user_net``: slirp networking.
+    ``acpi``: for a ``VMConfig`` boot, turn microvm's ACPI on (kernels with modular virtio drivers).
     """
 
     def __init__(
@@ -156,6 +157,7 @@ class QemuMachine:
         serial_ports: Sequence[str] = (),
         user_net: UserNetSpec | None = None,
         shared_memory: bool = False,
+        acpi: bool = False,
         shm_dir: Path = Path("/dev/shm"),
         console_limit: int = 64 * 1024,
         start_timeout: float = 30.0,
@@ -171,6 +173,7 @@ class QemuMachine:
         self._serial_names = tuple(serial_ports)
         self._user_net = user_net
         self._shared_memory = shared_memory
+        self._acpi = acpi
         self._shm_dir = shm_dir
         self._start_timeout = start_timeout
         self.console = ConsoleBuffer(console_limit)
@@ -256,7 +259,9 @@ class QemuMachine:
                 ensure_valid = getattr(config, "ensure_valid", None)
                 if callable(ensure_valid):  # smartvm.config.VMConfig: same rules as Firecracker
                     ensure_valid()
-                spec = spec_from_vmconfig(config, accel=self._accel.accel, tsc_khz=_cpu_khz())
+                spec = spec_from_vmconfig(
+                    config, accel=self._accel.accel, tsc_khz=_cpu_khz(), acpi=self._acpi
+                )
             elif self._spec is not None:
                 spec = self._spec
             else:
