@@ -7,6 +7,7 @@ it. As root, user code runs as uid/gid 1000 exactly as in the guest.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -465,8 +466,13 @@ async def test_agent_killed_mid_request_is_outcome_unknown(agent: RunningAgent) 
         with pytest.raises(CommunicationOutcomeUnknownError):
             await task
         assert c.state is AgentClientState.BROKEN
-        with contextlib.suppress(OSError):
-            os.kill(child_pid[0], signal.SIGKILL)  # the orphaned user process (its agent is gone)
+    # The orphaned user process (its agent is gone) is ours to clean up.
+    with contextlib.suppress(OSError):
+        os.kill(child_pid[0], signal.SIGKILL)
+    for _ in range(1000):
+        if not await asyncio.to_thread(_alive, child_pid[0]):
+            break
+        await asyncio.sleep(0.01)
 
 
 async def test_shutdown_stops_the_agent(agent: RunningAgent) -> None:
@@ -568,3 +574,45 @@ async def test_peer_closing_mid_request_is_outcome_unknown() -> None:
         with pytest.raises(CommunicationOutcomeUnknownError):
             await c.list_files(".")
         assert c.state is AgentClientState.BROKEN
+
+
+async def test_cancelling_an_exec_kills_it_and_the_agent_stays_usable(client: AgentClient) -> None:
+    pids: list[int] = []
+    started = asyncio.Event()
+
+    def on_stdout(data: str) -> None:
+        pids.append(int(data.split()[0]))
+        started.set()
+
+    code = "import os, time\nprint(os.getpid(), flush=True)\ntime.sleep(300)"
+    task = asyncio.create_task(client.exec(code, language="python", on_stdout=on_stdout))
+    await asyncio.wait_for(started.wait(), 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The agent kills the run when the client cancels; a ping is answered after the cancel.
+    await client.ping()
+    for _ in range(500):
+        if not await asyncio.to_thread(_alive, pids[0]):
+            break
+        await asyncio.sleep(0.01)
+    assert not _alive(pids[0])
+    assert (await client.exec("print('next')", language="python")).stdout == "next\n"
+
+
+async def test_upload_cut_by_a_disconnect_leaves_no_partial_file(agent: RunningAgent) -> None:
+    _, writer = await asyncio.open_unix_connection(str(agent.socket))
+    chunk = b"a" * 1000
+    whole = hashlib.sha256(chunk * 2).hexdigest()
+    writer.write(ap.encode_request(ap.WriteFileRequest(id="up1", path="cut.bin", size=2000, sha256=whole)))
+    writer.write(ap.encode_request(ap.WriteChunk(
+        id="up1", seq=0, data=base64.b64encode(chunk).decode(),
+        sha256=hashlib.sha256(chunk).hexdigest())))
+    await writer.drain()
+    await asyncio.sleep(0.2)  # let the agent take the first chunk before the cut
+    writer.close()
+    await writer.wait_closed()
+    async with await AgentClient.open_unix(agent.socket, connect_timeout=20) as c:
+        await c.wait_ready(timeout=30)
+        await c.ping()
+        assert [e.name for e in await c.list_files(".")] == []

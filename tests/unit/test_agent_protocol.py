@@ -172,3 +172,29 @@ def test_guest_path_rules_accept_paths_inside(agent_mod: ModuleType, tmp_path: P
     assert agent._parts("a/./b//c", allow_root=False) == ["a", "b", "c"]
     assert agent._parts(f"{real}/d/e", allow_root=False) == ["d", "e"]
     assert agent._parts(".", allow_root=True) == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--unix-listen", "/tmp/x.sock", "--workdir", "/w", "--run-as-uid", "1000", "--warm", "python",
+         "--warm=raw", "--shutdown-action", "exit"],
+        ["--device=/dev/vport0p1", "--no-drop-privileges", "--rundir", "/run/sbx", "--home", "/h"],
+        [],
+    ],
+)
+def test_fast_argument_parser_matches_argparse(agent_mod: ModuleType, argv: list[str]) -> None:
+    fast = agent_mod._fast_parse(argv)
+    slow = agent_mod._argparse(argv)
+    assert fast is not None
+    fields = [k for k in vars(agent_mod.Args) if not k.startswith("_")]
+    assert {k: getattr(fast, k) for k in fields} == {k: getattr(slow, k) for k in fields}
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--bogus"], ["--run-as-uid", "x"], ["--warm", "ruby"], ["--unix-listen", "a", "--unix-connect", "b"],
+     ["--workdir"]],
+)
+def test_fast_argument_parser_defers_unusual_input(agent_mod: ModuleType, argv: list[str]) -> None:
+    assert agent_mod._fast_parse(argv) is None

@@ -23,6 +23,15 @@ import sys
 import threading
 import time
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only: the guest must not pay for importing typing at boot
+    import subprocess
+    from collections.abc import Callable
+    from typing import Any
+
+    Msg = dict[str, Any]
+    Proc = subprocess.Popen[bytes]
+
 __all__ = ["main"]
 
 AGENT_VERSION = "1.0.0"
@@ -63,7 +72,7 @@ class RequestError(Exception):
 # --------------------------------------------------------------------------- framing
 
 
-def encode_frame(msg: dict) -> bytes:
+def encode_frame(msg: Msg) -> bytes:
     payload = json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode()
     if len(payload) > MAX_FRAME_BYTES:
         raise ValueError("frame too large")
@@ -79,9 +88,9 @@ class Decoder:
     def reset(self) -> None:
         self.buf.clear()
 
-    def feed(self, data: bytes) -> list[dict]:
+    def feed(self, data: bytes) -> list[Msg]:
         self.buf += data
-        out: list[dict] = []
+        out: list[Msg] = []
         while True:
             if len(self.buf) < HEADER_LEN:
                 if self.buf and not MAGIC.startswith(bytes(self.buf[:3])):
@@ -141,8 +150,9 @@ class VirtioTransport(Transport):
         self.wlock = threading.Lock()
 
     @staticmethod
-    def _find(port_name: str, wait_s: float = 30.0) -> str:
-        deadline = time.monotonic() + wait_s
+    def _find(port_name: str) -> str:
+        # Wait as long as it takes (as PID 1, exiting would panic the kernel), but say so once.
+        warn_at: float | None = time.monotonic() + 5.0
         while True:
             base = "/sys/class/virtio-ports"
             try:
@@ -160,9 +170,10 @@ class VirtioTransport(Transport):
                     if not os.path.exists(dev):
                         _mknod_from_sysfs(f"{base}/{entry}/dev", dev)
                     return dev
-            if time.monotonic() > deadline:
-                raise SystemExit(f"sbx-agent: virtio port {port_name!r} not found")
-            time.sleep(0.01)
+            if warn_at is not None and time.monotonic() > warn_at:
+                print(f"sbx-agent: still waiting for virtio port {port_name!r}", file=sys.stderr, flush=True)
+                warn_at = None
+            time.sleep(0.01 if warn_at is not None else 0.2)
 
     def recv(self) -> bytes:
         delay = 0.005
@@ -205,9 +216,9 @@ class UnixTransport(Transport):
         self._socket_mod = socket
         self.path = path
         self.listen = listen
-        self.sock = None
+        self.sock: Any = None
         self.cond = threading.Condition()
-        self.server = None
+        self.server: Any = None
         if listen:
             try:
                 os.unlink(path)
@@ -244,7 +255,7 @@ class UnixTransport(Transport):
                 self._establish()
             sock = self.sock
             try:
-                data = sock.recv(READ_CHUNK)
+                data: bytes = sock.recv(READ_CHUNK)
             except OSError:
                 data = b""
             if data:
@@ -295,6 +306,9 @@ class Reaper:
                 continue
             with self.cond:
                 self.status[pid] = status
+                # Orphans nobody waits for would pile up here; forget the oldest.
+                while len(self.status) > 4096:
+                    del self.status[next(iter(self.status))]
                 self.cond.notify_all()
 
     def notify_spawn(self) -> None:
@@ -341,55 +355,70 @@ def _proc_stat(pid: int) -> tuple[int, int, int, int] | None:
         return None
 
 
-def kill_tree(root_pid: int, protected: set[int], run_uid: int | None) -> None:
+def kill_tree(
+    root_pid: int,
+    protected_fn: Callable[[], set[int]],
+    run_uid: int | None,
+    spawn_lock: threading.Lock | None = None,
+) -> None:
     """SIGKILL everything in ``root_pid``'s session/group/descendants, repeatedly, until none is left.
 
     User code may setsid()/setpgid() to escape its group; descendants are found through /proc, and
     orphans re-parented to the agent (PID 1 or subreaper) that run as the sandbox uid are included.
+    Processes the agent spawned for other requests (``protected_fn()``) are spared; ``spawn_lock``
+    keeps a concurrent spawn from looking like an orphan while it is being registered.
     """
     import signal
 
     me = os.getpid()
-    protected = protected - {root_pid}
     for _ in range(50):
+        if spawn_lock is not None:
+            with spawn_lock:
+                if _kill_round(root_pid, protected_fn() - {root_pid}, run_uid, me, signal.SIGKILL):
+                    return
+        elif _kill_round(root_pid, protected_fn() - {root_pid}, run_uid, me, signal.SIGKILL):
+            return
+        time.sleep(0.01)
+
+
+def _kill_round(root_pid: int, protected: set[int], run_uid: int | None, me: int, sig: int) -> bool:
+    """One scan-and-kill pass; True when nothing of the tree is left alive."""
+    try:
+        os.killpg(root_pid, sig)
+    except OSError:
+        pass
+    table: dict[int, tuple[int, int, int, int]] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        names = []
+    for name in names:
+        if name.isdigit():
+            info = _proc_stat(int(name))
+            if info is not None:
+                table[int(name)] = info
+    victims: set[int] = set()
+    for pid, (ppid, pgid, sid, uid) in table.items():
+        if pid in protected or pid == me:
+            continue
+        in_tree = root_pid in (pid, pgid, sid)
+        orphan = ppid == me and run_uid is not None and uid == run_uid and run_uid != 0
+        if in_tree or orphan:
+            victims.add(pid)
+    changed = True
+    while changed:
+        changed = False
+        for pid, (ppid, _pg, _sid, _uid) in table.items():
+            if ppid in victims and pid not in victims and pid not in protected and pid != me:
+                victims.add(pid)
+                changed = True
+    alive = [p for p in victims if _is_alive(p)]
+    for pid in alive:
         try:
-            os.killpg(root_pid, signal.SIGKILL)
+            os.kill(pid, sig)
         except OSError:
             pass
-        table: dict[int, tuple[int, int, int, int]] = {}
-        try:
-            names = os.listdir("/proc")
-        except OSError:
-            names = []
-        for name in names:
-            if name.isdigit():
-                info = _proc_stat(int(name))
-                if info is not None:
-                    table[int(name)] = info
-        victims: set[int] = set()
-        for pid, (ppid, pgid, sid, uid) in table.items():
-            if pid in protected or pid == me:
-                continue
-            in_tree = root_pid in (pid, pgid, sid)
-            orphan = ppid == me and run_uid is not None and uid == run_uid and run_uid != 0
-            if in_tree or orphan:
-                victims.add(pid)
-        changed = True
-        while changed:
-            changed = False
-            for pid, (ppid, _pg, _sid, _uid) in table.items():
-                if ppid in victims and pid not in victims and pid not in protected and pid != me:
-                    victims.add(pid)
-                    changed = True
-        alive = [p for p in victims if _is_alive(p)]
-        if not alive:
-            return
-        for pid in alive:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        time.sleep(0.01)
+    return not alive
 
 
 def _is_alive(pid: int) -> bool:
@@ -544,7 +573,9 @@ class Repl:
         self.agent = agent
         self.language = language
         self.lock = threading.Lock()
-        self.proc = None
+        self.proc: Proc | None = None
+        self.pending_file: str | None = None
+        self.status_buf = b""
         self.ctl_w = -1
         self.status_r = -1
 
@@ -577,6 +608,7 @@ class Repl:
         finally:
             os.close(code_r)
             os.close(status_w)
+        assert proc.stdout is not None and proc.stderr is not None
         for fd in (proc.stdout.fileno(), proc.stderr.fileno(), status_r):
             os.set_blocking(fd, False)
         self.proc, self.ctl_w, self.status_r = proc, code_w, status_r
@@ -593,7 +625,7 @@ class Repl:
         if proc is None:
             return
         self.proc = None
-        kill_tree(proc.pid, self.agent.protected_pids(), self.agent.run_uid)
+        kill_tree(proc.pid, self.agent.protected_pids, self.agent.run_uid, self.agent.spawn_lock)
         if proc.returncode is None:
             status = self.agent.reaper.wait(proc.pid, 5.0)
             proc.returncode = status if status is not None else -9
@@ -604,7 +636,8 @@ class Repl:
                 pass
         for f in (proc.stdout, proc.stderr):
             try:
-                f.close()
+                if f is not None:
+                    f.close()
             except OSError:
                 pass
         self.agent.forget_pid(proc.pid)
@@ -659,7 +692,7 @@ class Repl:
 
 
 class Agent:
-    def __init__(self, args: object) -> None:
+    def __init__(self, args: Args) -> None:
         self.args = args
         self.workdir = os.path.realpath(args.workdir)
         self.run_uid: int | None = args.run_as_uid
@@ -668,17 +701,18 @@ class Agent:
         self.out: list[bytes] = []
         self.out_cond = threading.Condition()
         self.out_max = 256
-        self.uploads: dict[str, dict] = {}
-        self.running: dict[str, object] = {}  # request id -> cancel callable
+        self.uploads: dict[str, Msg] = {}
+        self.running: dict[str, Callable[[], None]] = {}  # request id -> cancel
         self.repls: dict[str, Repl] = {}
         self.repl_guard = threading.Lock()
         self.tracked: set[int] = set()
         self.tracked_lock = threading.Lock()
+        self.spawn_lock = threading.Lock()
         self.counter = 0
         self.counter_lock = threading.Lock()
         self._rundir: str | None = None
         self._reaper: Reaper | None = None
-        self._interpreters: dict[str, object] | None = None
+        self._interpreters: Msg | None = None
         self.transport: Transport | None = None
         self.stop_event = threading.Event()
 
@@ -691,13 +725,14 @@ class Agent:
         return self._reaper
 
     @property
-    def interpreters(self) -> dict:
+    def interpreters(self) -> Msg:
         if self._interpreters is None:
             a = self.args
             sh = a.shell or _which("sh")
             raw: list[str] | None = [sh] if sh else None
-            if raw is None and _which("busybox"):
-                raw = [_which("busybox"), "sh"]
+            busybox = _which("busybox")
+            if raw is None and busybox:
+                raw = [busybox, "sh"]
             self._interpreters = {
                 "python": a.python or _which("python3") or sys.executable,
                 "javascript": a.node or _which("node") or _which("nodejs"),
@@ -722,7 +757,7 @@ class Agent:
 
     # ---- output queue (bounded: producers block, which back-pressures user processes)
 
-    def send(self, msg: dict) -> None:
+    def send(self, msg: Msg) -> None:
         frame = encode_frame(msg)
         with self.out_cond:
             while len(self.out) >= self.out_max:
@@ -753,7 +788,7 @@ class Agent:
 
     # ---- hello
 
-    def hello(self, req_id: str | None) -> dict:
+    def hello(self, req_id: str | None) -> Msg:
         interp = self.interpreters
         try:
             with open("/proc/uptime") as fh:
@@ -782,7 +817,7 @@ class Agent:
 
     # ---- process helpers
 
-    def base_env(self, extra: dict) -> dict:
+    def base_env(self, extra: Msg) -> Msg:
         home = self.args.home or self.workdir
         env = {
             "PATH": STD_PATH,
@@ -800,12 +835,20 @@ class Agent:
         env.update(extra)
         return env
 
-    def spawn(self, argv: list, *, env: dict, cwd: str, stdin: object, pass_fds: tuple = ()) -> object:
-        import subprocess
-
-        kwargs: dict = {}
+    def spawn(self, argv: list[str], *, env: dict[str, str], cwd: str, stdin: int,
+              pass_fds: tuple[int, ...] = ()) -> Proc:
+        kwargs: dict[str, Any] = {}
         if self.run_uid is not None:
             kwargs.update(user=self.run_uid, group=self.run_gid, extra_groups=[])
+        with self.spawn_lock:
+            return self._spawn_locked(argv, stdin, cwd, env, pass_fds, kwargs)
+
+    def _spawn_locked(
+        self, argv: list[str], stdin: int, cwd: str, env: dict[str, str], pass_fds: tuple[int, ...],
+        kwargs: dict[str, Any],
+    ) -> Proc:
+        import subprocess
+
         proc = subprocess.Popen(
             argv,
             stdin=stdin,
@@ -859,8 +902,10 @@ class Agent:
         while not self.stop_event.is_set():
             data = transport.recv()
             if not data:
+                # The host went away: a new host must not see half a frame or a half upload.
                 decoder.reset()
-                self.uploads.clear()
+                for req_id, up in list(self.uploads.items()):
+                    self._abort_upload(req_id, up, "disconnected", "the host disconnected", reply=False)
                 continue
             for msg in decoder.feed(data):
                 self.dispatch(msg)
@@ -871,7 +916,7 @@ class Agent:
         except Exception:
             pass
 
-    def dispatch(self, msg: dict) -> None:
+    def dispatch(self, msg: Msg) -> None:
         req_id = msg.get("id")
         kind = msg.get("type")
         if not isinstance(req_id, str) or not req_id or len(req_id) > 128:
@@ -909,7 +954,7 @@ class Agent:
                 {"type": "error", "id": req_id, "code": "internal", "message": f"{type(exc).__name__}: {exc}"}
             )
 
-    def _guarded(self, kind: str, req_id: str, msg: dict) -> None:
+    def _guarded(self, kind: str, req_id: str, msg: Msg) -> None:
         try:
             getattr(self, "op_" + kind)(req_id, msg)
         except RequestError as exc:
@@ -921,7 +966,7 @@ class Agent:
 
     # ---- exec
 
-    def _check_exec(self, msg: dict) -> tuple:
+    def _check_exec(self, msg: Msg) -> tuple[Any, ...]:
         lang = msg.get("language")
         if lang not in LANG_EXT:
             raise RequestError("invalid_request", f"unknown language {lang!r}")
@@ -950,7 +995,7 @@ class Agent:
             cwd = self.resolve_dir(msg["cwd"])
         return lang, code, env, float(timeout), caps, cwd
 
-    def op_exec(self, req_id: str, msg: dict) -> None:
+    def op_exec(self, req_id: str, msg: Msg) -> None:
         lang, code, env, timeout, caps, cwd = self._check_exec(msg)
         out = Stream(self, req_id, "stdout", caps[0])
         err = Stream(self, req_id, "stderr", caps[1])
@@ -974,7 +1019,8 @@ class Agent:
         )
         self.send(result)
 
-    def _exec_oneshot(self, req_id, lang, code, env, timeout, cwd, out, err) -> dict:
+    def _exec_oneshot(self, req_id: str, lang: str, code: str, env: dict[str, str], timeout: float,
+                      cwd: str, out: Stream, err: Stream) -> Msg:
         import select
         import subprocess
 
@@ -993,6 +1039,7 @@ class Agent:
             raise RequestError("spawn_failed", f"cannot start {lang}: {exc}") from None
         self.running[req_id] = cancelled.set
         deadline = time.monotonic() + timeout
+        assert proc.stdout is not None and proc.stderr is not None
         fds = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
         status = None
         timed_out = False
@@ -1021,7 +1068,7 @@ class Agent:
                 status = self.reaper.wait(proc.pid, max(0.0, deadline - time.monotonic()))
                 timed_out = status is None
             # Leftovers (background children, or everything on timeout) die with the exec.
-            kill_tree(proc.pid, self.protected_pids(), self.run_uid)
+            kill_tree(proc.pid, self.protected_pids, self.run_uid, self.spawn_lock)
             if status is None:
                 status = self.reaper.wait(proc.pid, 5.0)
             for fd in list(fds):
@@ -1077,7 +1124,8 @@ class Agent:
                         pass
         return repl
 
-    def _exec_session(self, req_id, lang, code, env, timeout, cwd, out, err) -> dict:
+    def _exec_session(self, req_id: str, lang: str, code: str, env: dict[str, str], timeout: float,
+                      cwd: str, out: Stream, err: Stream) -> Msg:
         if not self.interpreters.get(lang):
             raise RequestError("unsupported_language", f"no interpreter for {lang!r}")
         repl = self.repl_for(lang)
@@ -1131,11 +1179,13 @@ class Agent:
             "session_reset": True,
         }
 
-    def _await_repl(self, repl: Repl, out, err, deadline: float, cancelled: threading.Event) -> tuple:
+    def _await_repl(self, repl: Repl, out: Stream | None, err: Stream | None, deadline: float,
+                    cancelled: threading.Event) -> tuple[str, int | None]:
         """Pump a REPL until its status line ("done"), its death ("died"), timeout or cancel."""
         import select
 
         proc = repl.proc
+        assert proc is not None and proc.stdout is not None and proc.stderr is not None
         streams = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
         status_fd = repl.status_r
         while True:
@@ -1168,11 +1218,11 @@ class Agent:
 
     # ---- warm-up, rng, shutdown
 
-    def op_warmup(self, req_id: str, msg: dict) -> None:
+    def op_warmup(self, req_id: str, msg: Msg) -> None:
         langs = msg.get("languages") or []
         if not isinstance(langs, list) or any(lang not in LANG_EXT for lang in langs):
             raise RequestError("invalid_request", "languages must be a list of python/javascript/raw")
-        results = {}
+        results: dict[str, str | None] = {}
         for lang in langs:
             if not self.interpreters.get(lang):
                 results[lang] = f"no interpreter for {lang!r}"
@@ -1191,7 +1241,7 @@ class Agent:
             }
         )
 
-    def op_reseed_rng(self, req_id: str, msg: dict) -> None:
+    def op_reseed_rng(self, req_id: str, msg: Msg) -> None:
         import base64
         import binascii
 
@@ -1220,7 +1270,7 @@ class Agent:
             {"type": "reseed_result", "id": req_id, "mixed_bytes": len(seed), "credited_bits": credited}
         )
 
-    def op_shutdown(self, req_id: str, msg: dict) -> None:
+    def op_shutdown(self, req_id: str, msg: Msg) -> None:
         self.send({"type": "shutdown_result", "id": req_id, "action": self.args.shutdown_action})
         self.flush_out(2.0)
         time.sleep(0.05)
@@ -1297,7 +1347,7 @@ class Agent:
         os.close(self._open_dir(parts, create=False))
         return os.path.join(self.workdir, *parts)
 
-    def op_write_begin(self, req_id: str, msg: dict) -> None:
+    def op_write_begin(self, req_id: str, msg: Msg) -> None:
         import hashlib
 
         size, digest = msg.get("size"), msg.get("sha256")
@@ -1331,7 +1381,7 @@ class Agent:
         if size == 0:
             self._finish_upload(req_id, up)
 
-    def op_write_chunk(self, req_id: str, msg: dict) -> None:
+    def op_write_chunk(self, req_id: str, msg: Msg) -> None:
         import base64
         import binascii
         import hashlib
@@ -1366,7 +1416,7 @@ class Agent:
         if up["got"] == up["size"]:
             self._finish_upload(req_id, up)
 
-    def _abort_upload(self, req_id: str, up: dict, code: str, message: str) -> None:
+    def _abort_upload(self, req_id: str, up: Msg, code: str, message: str, *, reply: bool = True) -> None:
         self.uploads.pop(req_id, None)
         os.close(up["fd"])
         try:
@@ -1374,9 +1424,10 @@ class Agent:
         except OSError:
             pass
         os.close(up["dfd"])
-        self.send({"type": "error", "id": req_id, "code": code, "message": message})
+        if reply:
+            self.send({"type": "error", "id": req_id, "code": code, "message": message})
 
-    def _finish_upload(self, req_id: str, up: dict) -> None:
+    def _finish_upload(self, req_id: str, up: Msg) -> None:
         digest = up["hash"].hexdigest()
         if digest != up["sha256"].lower():
             self._abort_upload(
@@ -1396,7 +1447,7 @@ class Agent:
         os.close(up["dfd"])
         self.send({"type": "write_result", "id": req_id, "size": up["got"], "sha256": digest})
 
-    def op_read_file(self, req_id: str, msg: dict) -> None:
+    def op_read_file(self, req_id: str, msg: Msg) -> None:
         import base64
         import hashlib
         import stat
@@ -1446,7 +1497,7 @@ class Agent:
             {"type": "read_result", "id": req_id, "size": offset, "chunks": seq, "sha256": whole.hexdigest()}
         )
 
-    def op_list_files(self, req_id: str, msg: dict) -> None:
+    def op_list_files(self, req_id: str, msg: Msg) -> None:
         parts = self._parts(msg.get("path") or ".", allow_root=True)
         dfd = self._open_dir(parts, create=False)
         entries = []
@@ -1468,11 +1519,11 @@ class Agent:
                     )
         finally:
             os.close(dfd)
-        entries.sort(key=lambda x: x["name"])
+        entries.sort(key=lambda x: str(x["name"]))
         self.send({"type": "list_result", "id": req_id, "entries": entries})
 
 
-def _session_prefix(lang: str, env: dict, cwd: str, workdir: str) -> str:
+def _session_prefix(lang: str, env: Msg, cwd: str, workdir: str) -> str:
     """Per-exec env/cwd applied inside the persistent interpreter (they persist, like a shell)."""
     if not env and cwd == workdir:
         return ""
@@ -1542,28 +1593,102 @@ def _become_subreaper() -> None:
         pass
 
 
-def parse_args(argv: list[str]) -> object:
+class Args:
+    """Command-line options (see ``--help``)."""
+
+    port_name: str = DEFAULT_PORT_NAME
+    device: str | None = None
+    unix_connect: str | None = None
+    unix_listen: str | None = None
+    workdir: str = "/home/sandbox"
+    home: str | None = None
+    user_name: str = "sandbox"
+    run_as_uid: int | None = None
+    run_as_gid: int | None = None
+    no_drop_privileges: bool = False
+    rundir: str | None = None
+    python: str | None = None
+    node: str | None = None
+    shell: str | None = None
+    warm: list[str] | None = None
+    shutdown_action: str | None = None
+
+
+_VALUE_FLAGS = {"--port-name", "--device", "--unix-connect", "--unix-listen", "--workdir", "--home",
+                "--user-name", "--run-as-uid", "--run-as-gid", "--rundir", "--python", "--node", "--shell",
+                "--warm", "--shutdown-action"}
+
+
+def _fast_parse(argv: list[str]) -> Args | None:
+    """argparse costs milliseconds on the boot path; the common well-formed case needs none of it."""
+    args = Args()
+    i = 0
+    transports = 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        if flag == "--no-drop-privileges" and not eq:
+            args.no_drop_privileges = True
+            i += 1
+            continue
+        if flag not in _VALUE_FLAGS:
+            return None
+        if not eq:
+            if i + 1 >= len(argv):
+                return None
+            value = argv[i + 1]
+            i += 1
+        i += 1
+        attr = flag[2:].replace("-", "_")
+        if attr in ("port_name", "device", "unix_connect", "unix_listen"):
+            transports += 1
+        if attr in ("run_as_uid", "run_as_gid"):
+            if not value.isdigit():
+                return None
+            setattr(args, attr, int(value))
+        elif attr == "warm":
+            if value not in LANG_EXT:
+                return None
+            args.warm = [*(args.warm or []), value]
+        elif attr == "shutdown_action" and value not in ("exit", "reboot", "poweroff"):
+            return None
+        else:
+            setattr(args, attr, value)
+    return args if transports <= 1 else None
+
+
+def _argparse(argv: list[str]) -> Args:
     import argparse
 
     p = argparse.ArgumentParser(prog="sbx-agent", description="exec_sandbox guest agent")
     t = p.add_mutually_exclusive_group()
-    t.add_argument("--port-name", default=DEFAULT_PORT_NAME, help="virtio-serial port name")
+    t.add_argument("--port-name", default=DEFAULT_PORT_NAME,
+                   help=f"virtio-serial port name (default {DEFAULT_PORT_NAME})")
     t.add_argument("--device", help="explicit character device (e.g. /dev/vport0p1)")
     t.add_argument("--unix-connect", metavar="PATH", help="connect to a unix socket server (tests)")
     t.add_argument("--unix-listen", metavar="PATH", help="listen on a unix socket (tests)")
-    p.add_argument("--workdir", default="/home/sandbox")
+    p.add_argument("--workdir", default="/home/sandbox",
+                   help="user code's cwd; file paths are confined to it")
     p.add_argument("--home", default=None, help="HOME for user code (default: the work dir)")
-    p.add_argument("--user-name", default="sandbox")
-    p.add_argument("--run-as-uid", type=int, default=None)
-    p.add_argument("--run-as-gid", type=int, default=None)
+    p.add_argument("--user-name", default="sandbox", help="USER/LOGNAME for user code")
+    p.add_argument("--run-as-uid", type=int, default=None, help="uid for user code (default 1000 when root)")
+    p.add_argument("--run-as-gid", type=int, default=None, help="gid for user code (default: the uid)")
     p.add_argument("--no-drop-privileges", action="store_true", help="run user code as the agent's user")
     p.add_argument("--rundir", default=None, help="where code files are staged (default /tmp)")
-    p.add_argument("--python", default=None)
-    p.add_argument("--node", default=None)
-    p.add_argument("--shell", default=None)
+    p.add_argument("--python", default=None, help="python interpreter (default python3 on PATH)")
+    p.add_argument("--node", default=None, help="node interpreter (default node/nodejs on PATH)")
+    p.add_argument("--shell", default=None, help="shell for raw (default sh, else busybox sh)")
     p.add_argument("--warm", action="append", choices=sorted(LANG_EXT), help="start this REPL at boot")
-    p.add_argument("--shutdown-action", choices=["exit", "reboot", "poweroff"], default=None)
-    args = p.parse_args(argv)
+    p.add_argument("--shutdown-action", choices=["exit", "reboot", "poweroff"], default=None,
+                   help="what 'shutdown' does (default: reboot as PID 1 - use QEMU -no-reboot -, else exit)")
+    ns = p.parse_args(argv)
+    args = Args()
+    for key, value in vars(ns).items():
+        setattr(args, key, value)
+    return args
+
+
+def parse_args(argv: list[str]) -> Args:
+    args = _fast_parse(argv) or _argparse(argv)
     if args.no_drop_privileges:
         args.run_as_uid = args.run_as_gid = None
     elif args.run_as_uid is None and os.geteuid() == 0:
@@ -1578,8 +1703,9 @@ def parse_args(argv: list[str]) -> object:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     os.makedirs(args.workdir, exist_ok=True)
-    if args.unix_connect or args.unix_listen:
-        transport: Transport = UnixTransport(args.unix_connect or args.unix_listen, bool(args.unix_listen))
+    unix_path = args.unix_connect or args.unix_listen
+    if unix_path:
+        transport: Transport = UnixTransport(unix_path, listen=bool(args.unix_listen))
     else:
         transport = VirtioTransport(args.port_name, args.device)
     agent = Agent(args)
