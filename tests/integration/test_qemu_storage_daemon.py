@@ -118,6 +118,17 @@ class TestLifecycle:
         assert list(runtime.iterdir()) == []
         assert daemon._process is None and daemon._socket_path is None
 
+    async def test_stop_ladder_kills_a_daemon_that_does_not_answer(self, tmp_path: Path) -> None:
+        daemon = QemuStorageDaemon(runtime_dir=tmp_path / "rt", stop_timeout=0.3)
+        await daemon.start()
+        pid = daemon.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)  # QMP quit and SIGTERM go unanswered; only SIGKILL works
+        await daemon.stop()
+        assert pid_gone(pid)
+        assert daemon.state is DaemonState.STOPPED
+        assert list((tmp_path / "rt").iterdir()) == []
+
     async def test_start_and_stop_are_idempotent(self) -> None:
         daemon = QemuStorageDaemon()
         await daemon.start()
