@@ -790,9 +790,7 @@ class QemuStorageDaemon:
             node = f"esb{suffix}"
             issued_jobs: list[str] = []
             node_added = False
-            touched = False
             try:
-                touched = True
                 await self._run_create_job(
                     f"esb-file-{suffix}", build_file_create_options(overlay), issued_jobs
                 )
@@ -803,15 +801,13 @@ class QemuStorageDaemon:
                 await self._run_create_job(
                     f"esb-qcow2-{suffix}", build_qcow2_create_options(node, virtual_size, base), issued_jobs
                 )
-                node_added = False
                 await self._execute("blockdev-del", {"node-name": node})
             except BaseException:
-                await _shielded(
-                    self._undo(overlay if touched else None, node if node_added else None, issued_jobs)
-                )
+                # The overlay did not exist before (checked above), so whatever is there is ours.
+                await _shielded(self._undo(overlay, node if node_added else None, issued_jobs))
                 raise
 
-    async def _undo(self, overlay: Path | None, node: str | None, jobs: list[str]) -> None:
+    async def _undo(self, overlay: Path, node: str | None, jobs: list[str]) -> None:
         """Best effort: every step is attempted even if earlier ones fail."""
         if not self._exited():
             for job_id in jobs:
@@ -820,8 +816,7 @@ class QemuStorageDaemon:
             if node is not None:
                 with contextlib.suppress(QemuStorageDaemonError):
                     await self._execute("blockdev-del", {"node-name": node})
-        if overlay is not None:
-            _remove_partial(overlay)
+        _remove_partial(overlay)
 
     async def _settle_job(self, job_id: str) -> None:
         """Wait for an abandoned job to conclude, then dismiss it (a running job pins its node)."""
