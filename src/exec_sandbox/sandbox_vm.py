@@ -1,0 +1,800 @@
+"""``SandboxVm``: one guest VM for code execution, booted through smartvm's :class:`QemuMachine`.
+
+A sandbox VM is a QEMU ``-M microvm`` guest booted from a language bundle (kernel + qcow2 base
+image), writing only to its own qcow2 overlay, with virtio-rng and one virtio-serial port
+(:data:`AGENT_PORT_NAME`) on which the guest agent answers. This module never builds a QEMU
+command line: it describes the machine with :class:`~smartvm.qemu.QemuMachineSpec` (the pure
+:func:`build_machine_spec`) and lets :class:`~smartvm.qemu.QemuMachine` run it.
+
+Lifecycle (a :class:`SandboxVmState` guards every call)::
+
+    boot()/restore_from() --> READY <--pause()/resume()--> PAUSED
+    READY/PAUSED --close()--> CLOSED          (idempotent; also on ``async with`` exit)
+    QEMU exits by itself or the agent link breaks: calls fail; close() still cleans up
+
+Host-side effects of a boot, undone in reverse on close or on ANY failure/cancellation of
+``boot``/``restore_from``: the overlay file, the QEMU process (and its sockets, VM directory and
+RAM file, which smartvm undoes), the agent connection. A failed boot raises
+:class:`SandboxTransientError` (the code never ran; retry is safe) whose ``context`` holds the
+phase, vm_id, console tail and QEMU stderr tail. ``CancelledError`` is re-raised untouched.
+Caller bugs (:class:`SandboxInputError`) and host misconfiguration (:class:`SandboxPermanentError`,
+e.g. an image build failure) pass through unchanged.
+
+Snapshots (:meth:`SandboxVm.save_snapshot` / :meth:`SandboxVm.restore_from`): a directory holding
+the QEMU device state (``vmstate``, plus smartvm's ``vmstate.qemu.json`` sidecar), guest RAM
+(``memory``; only with ``VmOptions.shared_memory``, else RAM is streamed into ``vmstate``), a copy
+of the overlay taken while the guest was paused (``disk.qcow2``, so disk and memory match) and
+``sandbox.json`` (options, base image). Every restore copies ``disk.qcow2`` to a fresh overlay, so
+one snapshot serves many clones; each restored guest is reseeded through ``agent.reseed_rng``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from exec_sandbox.agent_client import AgentClient, ExecResult, OutputCallback
+from exec_sandbox.agent_protocol import Hello, Language
+from exec_sandbox.errors import (
+    SandboxError,
+    SandboxInputError,
+    SandboxPermanentError,
+    SandboxTransientError,
+)
+from exec_sandbox.overlay_pool import OverlayPool
+from exec_sandbox.qemu_storage_daemon import create_overlay_with_qemu_img
+from exec_sandbox.settings import KernelFlavor, Settings
+from exec_sandbox.vm_manager import VmManager
+from smartvm.errors import SmartVMError
+from smartvm.qemu import (
+    AccelChoice,
+    DriveSpec,
+    HostForward,
+    QemuMachine,
+    QemuMachineSpec,
+    UserNetSpec,
+    default_runtime_dir,
+)
+from smartvm.vmm.base import SnapshotFiles
+
+__all__ = [
+    "AGENT_PORT_NAME",
+    "SNAPSHOT_FORMAT",
+    "BootLogCallback",
+    "BootTiming",
+    "PortForward",
+    "SandboxVm",
+    "SandboxVmState",
+    "VmOptions",
+    "build_kernel_cmdline",
+    "build_machine_spec",
+]
+
+logger = logging.getLogger(__name__)
+
+# The port name the guest agent looks for (agent.py DEFAULT_PORT_NAME).
+AGENT_PORT_NAME = "org.exec_sandbox.agent"
+SNAPSHOT_FORMAT = 1
+_ROOT_DRIVE_ID = "root"
+_CONSOLE_TAIL = 4000
+_OVERLAY_RE = re.compile(r"^sbx-(\d+)-([A-Za-z0-9_.-]+)\.qcow2$")
+
+BootLogCallback = Callable[[str], Awaitable[None] | None]
+
+
+# --------------------------------------------------------------------------- options
+
+
+class PortForward(BaseModel):
+    """Forward ``host_addr:host_port`` (0 = QEMU picks nothing: give a real port) to ``guest_port``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    guest_port: int = Field(ge=1, le=65535)
+    host_port: int = Field(ge=1, le=65535)
+    host_addr: str = "127.0.0.1"
+    protocol: Literal["tcp", "udp"] = "tcp"
+
+
+class VmOptions(BaseModel):
+    """What one sandbox VM is made of. Frozen and validated; safe to share between boots.
+
+    ``network``: user-mode networking with outbound access; off by default. ``port_forwards``
+    without ``network`` gives a restricted user-mode NIC that only carries the forwards.
+    ``accel``: force ``"kvm"``/``"tcg"``; None follows ``Settings.force_emulation`` (True -> TCG)
+    and otherwise smartvm's probe. ``shared_memory``: guest RAM in a /dev/shm file so snapshots do
+    not stream RAM (the fast snapshot path). ``kernel_args``: extra kernel arguments appended to the
+    bundle's; ``kernel_cmdline`` replaces the bundle's command line entirely.
+    ``env``: default environment merged under the ``env`` of every :meth:`SandboxVm.exec`.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    language: Language
+    memory_mb: int = Field(default=256, ge=64, le=64 * 1024)
+    vcpus: int = Field(default=1, ge=1, le=64)
+    boot_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    network: bool = False
+    port_forwards: tuple[PortForward, ...] = ()
+    env: dict[str, str] = Field(default_factory=dict)
+    accel: Literal["kvm", "tcg"] | None = None
+    shared_memory: bool = False
+    kernel_flavor: KernelFlavor | None = None
+    kernel_args: tuple[str, ...] = ()
+    kernel_cmdline: str | None = None
+
+    @field_validator("kernel_args")
+    @classmethod
+    def _args_are_tokens(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for arg in value:
+            if not arg or any(ch.isspace() or ch == "\x00" for ch in arg):
+                raise ValueError(f"kernel argument must be one non-empty token without spaces: {arg!r}")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, val in value.items():
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or "\x00" in val:
+                raise ValueError(f"invalid environment variable {name!r}")
+        return value
+
+
+@dataclass
+class BootTiming:
+    """Milliseconds spent per boot phase (restore: ``qemu_spawn_ms`` covers the restore)."""
+
+    image_ms: float = 0.0  # finding (or building) the bundle
+    overlay_ms: float = 0.0
+    qemu_spawn_ms: float = 0.0  # QEMU process started and QMP answering (restore: state loaded)
+    boot_to_agent_ms: float = 0.0  # from QEMU running to the agent's hello
+    reseed_ms: float = 0.0  # restore only
+    total_ms: float = 0.0
+    overlay_from_pool: bool = False
+    restored: bool = False
+
+
+class SandboxVmState(StrEnum):
+    BOOTING = "booting"
+    READY = "ready"
+    PAUSED = "paused"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+# --------------------------------------------------------------------------- pure builders
+
+
+def build_kernel_cmdline(bundle_args: str, options: VmOptions) -> str:
+    """The guest kernel command line: the bundle's (or the override) plus ``options.kernel_args``."""
+    base = options.kernel_cmdline if options.kernel_cmdline is not None else bundle_args
+    return " ".join([*base.split(), *options.kernel_args])
+
+
+def build_machine_spec(
+    *,
+    kernel: Path,
+    initrd: Path | None,
+    boot_args: str,
+    needs_acpi: bool,
+    overlay: Path,
+    options: VmOptions,
+    name: str | None = None,
+) -> QemuMachineSpec:
+    """Describe the QEMU machine of one sandbox VM. Pure.
+
+    Runtime parts (accelerator, QMP socket, the agent port's socket, user net, RAM file) are added
+    by :class:`QemuMachine` from its constructor arguments.
+    """
+    return QemuMachineSpec(
+        name=name,
+        kernel=kernel,
+        initrd=initrd,
+        cmdline=build_kernel_cmdline(boot_args, options),
+        vcpus=options.vcpus,
+        memory_mib=options.memory_mb,
+        acpi=needs_acpi,
+        drives=(DriveSpec(id=_ROOT_DRIVE_ID, path=overlay, format="qcow2", cache="writeback"),),
+        rng=True,
+    )
+
+
+def build_user_net(options: VmOptions) -> UserNetSpec | None:
+    """User-mode networking for ``options``: None when neither network nor forwards are wanted."""
+    if not options.network and not options.port_forwards:
+        return None
+    return UserNetSpec(
+        restrict=not options.network,
+        hostfwd=tuple(
+            HostForward(
+                protocol=f.protocol, host_addr=f.host_addr, host_port=f.host_port, guest_port=f.guest_port
+            )
+            for f in options.port_forwards
+        ),
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
+
+
+def _overlay_path(runtime_dir: Path, vm_id: str) -> Path:
+    # The owner pid in the name lets a later process sweep overlays of a crashed one.
+    return runtime_dir / f"sbx-{os.getpid()}-{vm_id}.qcow2"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_overlays(runtime_dir: Path) -> list[Path]:
+    """Delete overlays left in ``runtime_dir`` by processes that no longer exist."""
+    removed: list[Path] = []
+    with contextlib.suppress(OSError):
+        for entry in runtime_dir.iterdir():
+            match = _OVERLAY_RE.match(entry.name)
+            if match is None or _pid_alive(int(match.group(1))) or (runtime_dir / match.group(2)).exists():
+                continue
+            with contextlib.suppress(OSError):
+                entry.unlink()
+                removed.append(entry)
+    return removed
+
+
+def _absolute(path: Path | str) -> Path:
+    return Path(path).absolute()
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+async def _call_safely(callback: BootLogCallback, line: str) -> None:
+    try:
+        result = callback(line)
+        if asyncio.iscoroutine(result) or isinstance(result, Awaitable):
+            await result
+    except Exception:  # a broken log callback must not break the boot
+        logger.exception("on_boot_log callback failed")
+
+
+async def _forward_lines(lines: AsyncIterator[str], callback: BootLogCallback) -> None:
+    async for line in lines:
+        await _call_safely(callback, line)
+
+
+async def _shielded(coro: Awaitable[None]) -> None:
+    """Run cleanup to completion even if cancelled meanwhile; re-raise the cancellation after."""
+    task = asyncio.ensure_future(coro)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                break
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    task.result()
+
+
+# --------------------------------------------------------------------------- the VM
+
+
+@dataclass
+class _Undo:
+    steps: list[tuple[str, Callable[[], Awaitable[None]]]] = field(default_factory=list)
+
+    def push(self, what: str, step: Callable[[], Awaitable[None]]) -> None:
+        self.steps.append((what, step))
+
+    async def run(self) -> None:
+        while self.steps:
+            what, step = self.steps.pop()
+            try:
+                await step()
+            except Exception as exc:  # keep undoing the rest
+                logger.warning("sandbox VM cleanup step %r failed: %r", what, exc)
+
+
+class SandboxVm:
+    """One booted guest with a ready agent. Create with :meth:`boot` or :meth:`restore_from`."""
+
+    def __init__(
+        self,
+        *,
+        vm_id: str,
+        options: VmOptions,
+        machine: QemuMachine,
+        overlay: Path,
+        base_image: Path,
+        runtime_dir: Path,
+        qemu_img: str = "qemu-img",
+    ) -> None:
+        self.vm_id = vm_id
+        self.options = options
+        self.machine = machine
+        self.overlay = overlay
+        self.base_image = base_image
+        self.runtime_dir = runtime_dir
+        self.timing = BootTiming()
+        self.hello: Hello | None = None
+        self._agent: AgentClient | None = None
+        self._undo = _Undo()
+        self._state = SandboxVmState.BOOTING
+        self._lock = asyncio.Lock()
+        self._log_task: asyncio.Task[None] | None = None
+        self._qemu_img = qemu_img
+
+    # ------------------------------------------------------------------ introspection
+
+    @property
+    def state(self) -> SandboxVmState:
+        return self._state
+
+    @property
+    def language(self) -> Language:
+        return self.options.language
+
+    @property
+    def agent(self) -> AgentClient:
+        if self._agent is None:
+            raise SandboxTransientError(f"sandbox VM {self.vm_id} has no agent connection")
+        return self._agent
+
+    @property
+    def accelerator(self) -> AccelChoice | None:
+        """The accelerator QEMU runs with and why (``.accel`` is "kvm" or "tcg")."""
+        return self.machine.accelerator
+
+    def console_output(self) -> str:
+        """The tail of the guest console (kernel messages, init output)."""
+        return self.machine.console_output()
+
+    def __repr__(self) -> str:
+        return f"SandboxVm(vm_id={self.vm_id!r}, language={self.language!r}, state={self._state.value!r})"
+
+    def _require(self, *states: SandboxVmState, action: str) -> None:
+        if self._state not in states:
+            raise SandboxTransientError(
+                f"cannot {action} sandbox VM {self.vm_id} in state {self._state.value!r}",
+                context={"vm_id": self.vm_id, "state": self._state.value},
+            )
+
+    def _failure_context(self, phase: str) -> dict[str, Any]:
+        return {
+            "vm_id": self.vm_id,
+            "phase": phase,
+            "language": self.language,
+            "console_tail": self.machine.console_output()[-_CONSOLE_TAIL:],
+            "qemu_stderr": self.machine.stderr_tail()[-_CONSOLE_TAIL:],
+            "qemu_exit_code": self.machine.exit_code,
+        }
+
+    # ------------------------------------------------------------------ boot
+
+    @classmethod
+    async def boot(
+        cls,
+        options: VmOptions,
+        *,
+        settings: Settings | None = None,
+        vm_manager: VmManager | None = None,
+        overlay_pool: OverlayPool | None = None,
+        runtime_dir: Path | None = None,
+        on_boot_log: BootLogCallback | None = None,
+        vm_id: str | None = None,
+    ) -> SandboxVm:
+        """Boot a fresh VM for ``options.language`` and wait for its agent (within ``boot_timeout_s``).
+
+        The overlay comes from ``overlay_pool`` when given (else ``qemu-img create``). Images are
+        built on first use by ``vm_manager`` (default: ``VmManager(settings)``); that build time is
+        not part of ``boot_timeout_s``. ``on_boot_log`` gets each console line until the agent is up.
+        """
+        started = time.perf_counter()
+        settings = settings or (vm_manager.settings if vm_manager is not None else Settings())
+        manager = vm_manager or VmManager(settings)
+        t = time.perf_counter()
+        bundle = await manager.aget_bundle(options.language, kernel_flavor=options.kernel_flavor)
+        image_ms = _ms(t)
+
+        def make_spec(overlay: Path, new_id: str) -> QemuMachineSpec:
+            return build_machine_spec(
+                kernel=bundle.kernel,
+                initrd=bundle.initrd,
+                boot_args=bundle.boot_args,
+                needs_acpi=bundle.needs_acpi,
+                overlay=overlay,
+                options=options,
+                name=f"sbx-{new_id}",
+            )
+
+        vm = cls._new(options, settings, bundle.rootfs, runtime_dir, vm_id, make_spec)
+        vm.timing.image_ms = image_ms
+        try:
+            async with asyncio.timeout(options.boot_timeout_s):
+                await vm._boot(overlay_pool, on_boot_log)
+        except BaseException as exc:
+            await vm._fail(exc, "boot", started_at=started)
+            raise  # unreachable: _fail always raises
+        vm.timing.total_ms = _ms(started)
+        logger.info(
+            "sandbox VM %s (%s) ready in %.0f ms (%s)",
+            vm.vm_id,
+            vm.language,
+            vm.timing.total_ms,
+            vm.accelerator.accel if vm.accelerator else "?",
+        )
+        return vm
+
+    @classmethod
+    def _new(
+        cls,
+        options: VmOptions,
+        settings: Settings,
+        base_image: Path,
+        runtime_dir: Path | None,
+        vm_id: str | None,
+        make_spec: Callable[[Path, str], QemuMachineSpec],
+        *,
+        restoring: bool = False,
+    ) -> SandboxVm:
+        vm_id = vm_id or uuid.uuid4().hex[:12]
+        rdir = (runtime_dir or default_runtime_dir()).absolute()
+        overlay = _overlay_path(rdir, vm_id)
+        # A restore takes accelerator, user net and RAM mode from the snapshot's spec.
+        accel = None if restoring else options.accel or ("tcg" if settings.force_emulation else None)
+        machine = QemuMachine(
+            make_spec(overlay, vm_id),
+            vm_id=vm_id,
+            binary=settings.qemu_system_binary,
+            runtime_dir=rdir,
+            accel=accel,
+            serial_ports=(AGENT_PORT_NAME,),
+            user_net=None if restoring else build_user_net(options),
+            shared_memory=options.shared_memory and not restoring,
+        )
+        return cls(
+            vm_id=vm_id,
+            options=options,
+            machine=machine,
+            overlay=overlay,
+            base_image=base_image,
+            runtime_dir=rdir,
+            qemu_img=settings.qemu_img_binary,
+        )
+
+    async def _make_overlay(self, overlay_pool: OverlayPool | None) -> None:
+        await asyncio.to_thread(self._prepare_runtime_dir)
+        t = time.perf_counter()
+        # Registered before creating: a cancelled creation may leave a partial file behind.
+        self._undo.push("remove overlay", self._remove_overlay)
+        if overlay_pool is not None:
+            self.timing.overlay_from_pool = await overlay_pool.acquire(self.base_image, self.overlay)
+        else:
+            await create_overlay_with_qemu_img(self.base_image, self.overlay, qemu_img=self._qemu_img)
+        self.timing.overlay_ms = _ms(t)
+
+    def _prepare_runtime_dir(self) -> None:
+        self.runtime_dir.mkdir(parents=True, exist_ok=True)
+        for stale in sweep_stale_overlays(self.runtime_dir):
+            logger.warning("removed overlay %s of a process that no longer exists", stale)
+
+    async def _remove_overlay(self) -> None:
+        await asyncio.to_thread(_unlink, self.overlay)
+
+    async def _boot(self, overlay_pool: OverlayPool | None, on_boot_log: BootLogCallback | None) -> None:
+        await self._make_overlay(overlay_pool)
+        self._start_boot_log(on_boot_log)
+        await asyncio.sleep(0)  # let the log forwarder subscribe before QEMU prints anything
+        t = time.perf_counter()
+        self._undo.push("stop QEMU", self._stop_machine)
+        await self.machine.start()
+        self.timing.qemu_spawn_ms = _ms(t)
+        t = time.perf_counter()
+        await self._connect_agent()
+        self.timing.boot_to_agent_ms = _ms(t)
+        self._stop_boot_log()
+        self._state = SandboxVmState.READY
+
+    def _start_boot_log(self, on_boot_log: BootLogCallback | None) -> None:
+        if on_boot_log is None:
+            return
+        self._log_task = asyncio.get_running_loop().create_task(
+            _forward_lines(self.machine.console.lines(), on_boot_log), name=f"sbx-bootlog-{self.vm_id}"
+        )
+        self._undo.push("stop boot log", self._cancel_boot_log)
+
+    def _stop_boot_log(self) -> None:
+        if self._log_task is not None:
+            self._log_task.cancel()
+
+    async def _cancel_boot_log(self) -> None:
+        task, self._log_task = self._log_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+
+    async def _connect_agent(self) -> None:
+        """Connect to the agent port and wait for hello, failing fast if QEMU exits meanwhile."""
+        socket_path = self.machine.serial_socket(AGENT_PORT_NAME)
+        self._agent = await AgentClient.open_unix(
+            socket_path, connect_timeout=10.0, name=f"agent-{self.vm_id}"
+        )
+        self._undo.push("close agent", self._close_agent)
+        ready = asyncio.ensure_future(self._agent.wait_ready(timeout=self.options.boot_timeout_s))
+        exited = asyncio.ensure_future(self.machine.wait())
+        try:
+            await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (ready, exited):
+                if not task.done():
+                    task.cancel()
+            await asyncio.wait({ready, exited})
+        if ready.done() and not ready.cancelled() and ready.exception() is None:
+            self.hello = ready.result()
+            return
+        if exited.done() and not exited.cancelled():
+            raise SandboxTransientError(
+                f"QEMU exited (code {exited.result()}) before the guest agent answered",
+                context={"qemu_exit_code": exited.result()},
+            )
+        exc = ready.exception()
+        assert exc is not None
+        raise exc
+
+    async def _close_agent(self) -> None:
+        agent = self._agent
+        if agent is not None:
+            await agent.aclose()
+
+    async def _stop_machine(self) -> None:
+        await self.machine.stop(timeout=3.0)
+
+    async def _fail(self, exc: BaseException, phase: str, *, started_at: float) -> None:
+        """Undo everything, then raise the right error for ``exc`` (never returns)."""
+        context = self._failure_context(phase)  # before cleanup closes the console
+        context["elapsed_ms"] = round(_ms(started_at), 1)
+        await _shielded(self._undo.run())
+        self._state = SandboxVmState.CLOSED
+        if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
+            raise exc
+        if isinstance(exc, SandboxInputError | SandboxPermanentError):
+            raise exc
+        if isinstance(exc, TimeoutError):
+            message = f"sandbox VM {self.vm_id} was not ready within {self.options.boot_timeout_s:g}s"
+        elif isinstance(exc, SandboxError):
+            message = f"sandbox VM {self.vm_id} failed to {phase}: {exc.message}"
+            context = {**exc.context, **context}
+        elif isinstance(exc, SmartVMError):
+            message = f"sandbox VM {self.vm_id} failed to {phase}: {exc.message}"
+            context = {**context, "smartvm_code": exc.code, "smartvm_details": exc.details}
+        else:
+            message = f"sandbox VM {self.vm_id} failed to {phase}: {type(exc).__name__}: {exc}"
+        raise SandboxTransientError(message, context=context) from exc
+
+    # ------------------------------------------------------------------ use
+
+    async def exec(
+        self,
+        code: str,
+        *,
+        language: Language | None = None,
+        session: bool = False,
+        env: Mapping[str, str] | None = None,
+        timeout_s: float = 30.0,
+        cwd: str | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ExecResult:
+        """Run ``code`` through the agent (default language: the VM's). See :meth:`AgentClient.exec`."""
+        self._require(SandboxVmState.READY, action="exec in")
+        merged = {**self.options.env, **(env or {})}
+        return await self.agent.exec(
+            code,
+            language=language or self.language,
+            env=merged,
+            timeout_s=timeout_s,
+            cwd=cwd,
+            session=session,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+        )
+
+    async def pause(self) -> None:
+        """Freeze the guest (QMP ``stop``). Agent calls wait until :meth:`resume`."""
+        async with self._lock:
+            if self._state is SandboxVmState.PAUSED:
+                return
+            self._require(SandboxVmState.READY, action="pause")
+            await self._machine_call(self.machine.pause(), "pause")
+            self._state = SandboxVmState.PAUSED
+
+    async def resume(self) -> None:
+        async with self._lock:
+            if self._state is SandboxVmState.READY:
+                return
+            self._require(SandboxVmState.PAUSED, action="resume")
+            await self._machine_call(self.machine.resume(), "resume")
+            self._state = SandboxVmState.READY
+
+    async def _machine_call(self, call: Awaitable[None], what: str) -> None:
+        try:
+            await call
+        except SmartVMError as exc:
+            raise SandboxTransientError(
+                f"could not {what} sandbox VM {self.vm_id}: {exc.message}",
+                context={"vm_id": self.vm_id, "smartvm_code": exc.code},
+            ) from exc
+
+    # ------------------------------------------------------------------ snapshots
+
+    async def save_snapshot(self, directory: Path) -> Path:
+        """Save memory + disk of this VM into ``directory`` (must not exist); the VM keeps running.
+
+        The guest is paused for the duration (and stays paused if it was paused). Written into a
+        temporary sibling and renamed, so ``directory`` either holds a complete snapshot or nothing.
+        """
+        directory = _absolute(directory)
+        async with self._lock:
+            self._require(SandboxVmState.READY, SandboxVmState.PAUSED, action="snapshot")
+            if directory.exists():
+                raise SandboxInputError(f"snapshot directory already exists: {directory}")
+            was_running = self._state is SandboxVmState.READY
+            tmp = directory.with_name(f".{directory.name}.tmp-{self.vm_id}")
+            try:
+                if was_running:
+                    await self.machine.pause()
+                await asyncio.to_thread(tmp.mkdir, parents=True)
+                await self.machine.create_snapshot(
+                    SnapshotFiles(snapshot_path=tmp / "vmstate", mem_file_path=tmp / "memory")
+                )
+                # QEMU flushed the overlay when the guest stopped and the migration inactivated it:
+                # the file on disk now matches the saved memory.
+                await asyncio.to_thread(shutil.copyfile, self.overlay, tmp / "disk.qcow2")
+                meta = {
+                    "format": SNAPSHOT_FORMAT,
+                    "vm_id": self.vm_id,
+                    "options": self.options.model_dump(mode="json"),
+                    "base_image": str(self.base_image),
+                    "accel": self.accelerator.accel if self.accelerator else None,
+                    "created_at": time.time(),
+                }
+                await asyncio.to_thread((tmp / "sandbox.json").write_text, json.dumps(meta, indent=1))
+                await asyncio.to_thread(os.rename, tmp, directory)
+            except BaseException as exc:
+                await asyncio.to_thread(shutil.rmtree, tmp, True)
+                if isinstance(exc, SmartVMError | OSError):
+                    raise SandboxTransientError(
+                        f"snapshot of sandbox VM {self.vm_id} failed: {exc}",
+                        context={"vm_id": self.vm_id, "directory": str(directory)},
+                    ) from exc
+                raise
+            finally:
+                if was_running and self.machine.state.value == "paused":
+                    with contextlib.suppress(SmartVMError):
+                        await self.machine.resume()
+            logger.info("sandbox VM %s snapshotted to %s", self.vm_id, directory)
+            return directory
+
+    @classmethod
+    async def restore_from(
+        cls,
+        directory: Path,
+        *,
+        settings: Settings | None = None,
+        runtime_dir: Path | None = None,
+        vm_id: str | None = None,
+        boot_timeout_s: float | None = None,
+        reseed: bool = True,
+    ) -> SandboxVm:
+        """Start a new VM from a snapshot made by :meth:`save_snapshot`, in a fresh QEMU process.
+
+        The disk is a private copy of the snapshot's overlay; the guest RNG is reseeded with host
+        randomness (``reseed=False`` only for tests that want to see what happens without it).
+        """
+        started = time.perf_counter()
+        directory = _absolute(directory)
+        settings = settings or Settings()
+        try:
+            meta = json.loads((directory / "sandbox.json").read_text())
+            if meta.get("format") != SNAPSHOT_FORMAT:
+                raise ValueError(f"unsupported snapshot format {meta.get('format')!r}")
+            options = VmOptions.model_validate(meta["options"])
+            base_image = Path(meta["base_image"])
+            sidecar = json.loads((directory / "vmstate.qemu.json").read_text())
+            saved_spec = QemuMachineSpec.model_validate(sidecar["spec"])
+        except (OSError, ValueError, KeyError, ValidationError) as exc:
+            raise SandboxInputError(
+                f"not a sandbox snapshot directory: {directory}: {exc}", context={"directory": str(directory)}
+            ) from exc
+        if boot_timeout_s is not None:
+            options = options.model_copy(update={"boot_timeout_s": boot_timeout_s})
+
+        def make_spec(overlay: Path, new_id: str) -> QemuMachineSpec:
+            drives = tuple(
+                d.model_copy(update={"path": overlay}) if d.id == _ROOT_DRIVE_ID else d
+                for d in saved_spec.drives
+            )
+            return saved_spec.model_copy(update={"drives": drives, "name": f"sbx-{new_id}"})
+
+        vm = cls._new(options, settings, base_image, runtime_dir, vm_id, make_spec, restoring=True)
+        vm.timing.restored = True
+        try:
+            async with asyncio.timeout(options.boot_timeout_s):
+                await vm._restore(directory, reseed=reseed)
+        except BaseException as exc:
+            await vm._fail(exc, "restore", started_at=started)
+            raise
+        vm.timing.total_ms = _ms(started)
+        logger.info("sandbox VM %s restored from %s in %.0f ms", vm.vm_id, directory, vm.timing.total_ms)
+        return vm
+
+    async def _restore(self, directory: Path, *, reseed: bool) -> None:
+        await asyncio.to_thread(self._prepare_runtime_dir)
+        t = time.perf_counter()
+        self._undo.push("remove overlay", self._remove_overlay)
+        await asyncio.to_thread(shutil.copyfile, directory / "disk.qcow2", self.overlay)
+        self.timing.overlay_ms = _ms(t)
+        t = time.perf_counter()
+        self._undo.push("stop QEMU", self._stop_machine)
+        await self.machine.load_snapshot(
+            SnapshotFiles(snapshot_path=directory / "vmstate", mem_file_path=directory / "memory"),
+            resume=True,
+        )
+        self.timing.qemu_spawn_ms = _ms(t)
+        t = time.perf_counter()
+        await self._connect_agent()
+        self.timing.boot_to_agent_ms = _ms(t)
+        if reseed:
+            t = time.perf_counter()
+            await self.agent.reseed_rng()
+            self.timing.reseed_ms = _ms(t)
+        self._state = SandboxVmState.READY
+
+    # ------------------------------------------------------------------ close
+
+    async def close(self) -> None:
+        """Stop QEMU, close the agent link, delete the overlay. Idempotent, safe in any state."""
+        async with self._lock:
+            if self._state in (SandboxVmState.CLOSED, SandboxVmState.CLOSING):
+                return
+            self._state = SandboxVmState.CLOSING
+            try:
+                await _shielded(self._undo.run())
+            finally:
+                self._state = SandboxVmState.CLOSED
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
