@@ -616,3 +616,16 @@ async def test_upload_cut_by_a_disconnect_leaves_no_partial_file(agent: RunningA
         await c.wait_ready(timeout=30)
         await c.ping()
         assert [e.name for e in await c.list_files(".")] == []
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="the process cap applies to the dropped-privilege uid")
+async def test_fork_bomb_is_capped_and_killed() -> None:
+    async with run_agent("--max-user-processes", "40") as running, \
+            await AgentClient.open_unix(running.socket, connect_timeout=20) as c:
+        await c.wait_ready(timeout=30)
+        bomb = await c.exec("b() { b | b & }; b; sleep 300", language="raw", timeout_s=3)
+        assert bomb.timed_out and bomb.exit_code == -1
+        # Every bomb process ran a staged code file; none may be left (the agent's own argv is excluded).
+        assert await asyncio.to_thread(_pids_mentioning, str(running.base / "run" / "code-")) == []
+        after = await c.exec("echo alive", language="raw")
+        assert (after.stdout, after.exit_code) == ("alive\n", 0)

@@ -708,6 +708,7 @@ class Agent:
         self.tracked: set[int] = set()
         self.tracked_lock = threading.Lock()
         self.spawn_lock = threading.Lock()
+        self._nproc_set = False
         self.counter = 0
         self.counter_lock = threading.Lock()
         self._rundir: str | None = None
@@ -840,6 +841,7 @@ class Agent:
         kwargs: dict[str, Any] = {}
         if self.run_uid is not None:
             kwargs.update(user=self.run_uid, group=self.run_gid, extra_groups=[])
+            self._limit_user_processes()
         with self.spawn_lock:
             return self._spawn_locked(argv, stdin, cwd, env, pass_fds, kwargs)
 
@@ -866,6 +868,20 @@ class Agent:
             self.tracked.add(proc.pid)
         self.reaper.notify_spawn()
         return proc
+
+    def _limit_user_processes(self) -> None:
+        # RLIMIT_NPROC is inherited and counted per uid: it caps everything the sandbox user runs
+        # (fork bombs), while the root agent itself stays exempt.
+        limit = self.args.max_user_processes
+        if self._nproc_set or not limit:
+            return
+        import resource
+
+        try:
+            resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
+        except (ValueError, OSError):
+            pass
+        self._nproc_set = True
 
     def forget_pid(self, pid: int) -> None:
         with self.tracked_lock:
@@ -1612,11 +1628,12 @@ class Args:
     shell: str | None = None
     warm: list[str] | None = None
     shutdown_action: str | None = None
+    max_user_processes: int = 256
 
 
 _VALUE_FLAGS = {"--port-name", "--device", "--unix-connect", "--unix-listen", "--workdir", "--home",
                 "--user-name", "--run-as-uid", "--run-as-gid", "--rundir", "--python", "--node", "--shell",
-                "--warm", "--shutdown-action"}
+                "--warm", "--shutdown-action", "--max-user-processes"}
 
 
 def _fast_parse(argv: list[str]) -> Args | None:
@@ -1641,7 +1658,7 @@ def _fast_parse(argv: list[str]) -> Args | None:
         attr = flag[2:].replace("-", "_")
         if attr in ("port_name", "device", "unix_connect", "unix_listen"):
             transports += 1
-        if attr in ("run_as_uid", "run_as_gid"):
+        if attr in ("run_as_uid", "run_as_gid", "max_user_processes"):
             if not value.isdigit():
                 return None
             setattr(args, attr, int(value))
@@ -1673,6 +1690,8 @@ def _argparse(argv: list[str]) -> Args:
     p.add_argument("--run-as-uid", type=int, default=None, help="uid for user code (default 1000 when root)")
     p.add_argument("--run-as-gid", type=int, default=None, help="gid for user code (default: the uid)")
     p.add_argument("--no-drop-privileges", action="store_true", help="run user code as the agent's user")
+    p.add_argument("--max-user-processes", type=int, default=256,
+                   help="RLIMIT_NPROC for the sandbox uid (0: no limit; only when dropping privileges)")
     p.add_argument("--rundir", default=None, help="where code files are staged (default /tmp)")
     p.add_argument("--python", default=None, help="python interpreter (default python3 on PATH)")
     p.add_argument("--node", default=None, help="node interpreter (default node/nodejs on PATH)")
