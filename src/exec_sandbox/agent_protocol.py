@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
@@ -34,9 +35,13 @@ __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "DEFAULT_OUTPUT_CAP_BYTES",
     "DEFAULT_PORT_NAME",
+    "GUEST_AGENT_PATH",
     "HEADER_LEN",
     "MAGIC",
+    "MAX_CHUNK_BYTES",
     "MAX_CODE_BYTES",
+    "MAX_ENV_VALUE_BYTES",
+    "MAX_ENV_VARS",
     "MAX_FRAME_BYTES",
     "PROTOCOL_VERSION",
     "CancelRequest",
@@ -71,6 +76,9 @@ __all__ = [
     "encode_request",
     "parse_guest_message",
 ]
+
+#: The guest program (stdlib only); image builds copy it to /opt/sbx/agent.py.
+GUEST_AGENT_PATH = Path(__file__).parent / "guest" / "agent.py"
 
 MAGIC = b"SBX"
 PROTOCOL_VERSION = 1
@@ -312,6 +320,7 @@ class ReseedResult(_GuestMsg):
     id: str
     mixed_bytes: int
     credited_bits: int
+    repls_reseeded: list[str] = Field(default_factory=list)
 
 
 class CancelResult(_GuestMsg):

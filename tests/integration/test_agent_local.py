@@ -25,7 +25,7 @@ import pytest
 
 from exec_sandbox import agent_protocol as ap
 from exec_sandbox.agent_client import AgentClient, AgentClientState
-from exec_sandbox.agent_protocol import ExitEvent, OutputEvent
+from exec_sandbox.agent_protocol import ExitEvent, Language, OutputEvent
 from exec_sandbox.errors import (
     CommunicationOutcomeUnknownError,
     GuestAgentError,
@@ -440,10 +440,16 @@ async def test_path_escapes_are_refused(client: AgentClient, agent: RunningAgent
     assert (await client.exec("print('ok')", language="python")).stdout == "ok\n"
 
 
-async def test_reseed_rng(client: AgentClient) -> None:
+async def test_reseed_rng_also_reseeds_warm_interpreters(client: AgentClient) -> None:
+    langs: list[Language] = ["python", "javascript"] if HAVE_NODE else ["python"]
+    assert sorted((await client.warmup(langs)).ready) == sorted(langs)
+    await client.exec("import random\nbefore = random.getstate()", language="python", session=True)
     result = await client.reseed_rng(secrets.token_bytes(64))
     assert result.mixed_bytes == 64
     assert result.credited_bits == (512 if IS_ROOT else 0)
+    assert result.repls_reseeded == sorted(langs)
+    after = await client.exec("print(random.getstate() != before)", language="python", session=True)
+    assert after.stdout == "True\n"
 
 
 # ---------------------------------------------------------------------- failures

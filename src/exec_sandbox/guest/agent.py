@@ -1282,9 +1282,34 @@ class Agent:
                     credited = len(seed) * 8
                 except OSError:
                     credited = 0
-        self.send(
-            {"type": "reseed_result", "id": req_id, "mixed_bytes": len(seed), "credited_bits": credited}
-        )
+        reseeded = self._reseed_repls()
+        self.send({"type": "reseed_result", "id": req_id, "mixed_bytes": len(seed),
+                   "credited_bits": credited, "repls_reseeded": reseeded})
+
+    def _reseed_repls(self) -> list[str]:
+        """Interpreters warmed before a snapshot carry the same PRNG state into every clone."""
+        done = []
+        for lang, repl in list(self.repls.items()):
+            with repl.lock:
+                if not repl.alive():
+                    continue
+                if lang == "python":
+                    repl.submit("import random as _sbx_r\n_sbx_r.seed()\ndel _sbx_r\n")
+                    outcome = self._await_repl(repl, None, None, time.monotonic() + 30, threading.Event())
+                    if outcome[0] != "done":
+                        continue
+                elif lang == "javascript":
+                    # V8 cannot reseed Math.random: start a fresh interpreter (a warm one holds no state).
+                    repl.stop()
+                    repl.start()
+                    repl.submit("")
+                    outcome = self._await_repl(repl, None, None, time.monotonic() + 60, threading.Event())
+                    if outcome[0] != "done":
+                        continue
+                else:
+                    continue  # the shell has no PRNG of its own
+                done.append(lang)
+        return sorted(done)
 
     def op_shutdown(self, req_id: str, msg: Msg) -> None:
         self.send({"type": "shutdown_result", "id": req_id, "action": self.args.shutdown_action})
