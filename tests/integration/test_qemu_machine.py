@@ -220,10 +220,11 @@ async def test_snapshot_restore_continues(
     assert files.snapshot_path.is_file()  # the snapshot belongs to the caller, not the machine
 
 
+@pytest.mark.parametrize("acpi", [False, True], ids=["acpi-off", "acpi-on"])
 async def test_guest_reboot_detected_by_exit_watcher(
-    guest: tuple[Path, Path], runtime_dir: Path, machines: list[QemuMachine]
+    guest: tuple[Path, Path], runtime_dir: Path, machines: list[QemuMachine], acpi: bool
 ) -> None:
-    machine = QemuMachine(make_spec(guest, "reboot"), runtime_dir=runtime_dir)
+    machine = QemuMachine(make_spec(guest, "reboot", acpi=acpi), runtime_dir=runtime_dir)
     machines.append(machine)
     await machine.start()
     pid = machine.pid
