@@ -74,7 +74,7 @@ def test_unknown_field_is_an_error() -> None:
 )
 def test_bounds(field: str, bad: object) -> None:
     with pytest.raises(ValidationError) as info:
-        SchedulerConfig(**{field: bad})  # type: ignore[arg-type]
+        SchedulerConfig(**{field: bad})
     assert info.value.errors()[0]["loc"] == (field,)
 
 
