@@ -68,6 +68,9 @@ DEFAULT_CONTROLLERS: Final = ("memory", "pids", "cpu")
 CPU_PERIOD_US: Final = 100_000
 # cgroup v1 reports "no limit" as a huge page-aligned number (PAGE_COUNTER_MAX * page size).
 _V1_UNLIMITED: Final = 1 << 62
+_V1_NON_CONTROLLER_OPTS: Final = frozenset(
+    {"rw", "ro", "xattr", "noprefix", "clone_children", "cpuset_v2_mode"}
+)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
@@ -158,7 +161,9 @@ def parse_mountinfo(text: str) -> list[CgroupMount]:
         if fstype == "cgroup2":
             mounts.append(CgroupMount(2, mount_point, root, frozenset()))
         elif fstype == "cgroup":
-            ctrls = frozenset(o for o in super_opts.split(",") if o not in ("rw", "ro") and "=" not in o)
+            ctrls = frozenset(
+                o for o in super_opts.split(",") if o not in _V1_NON_CONTROLLER_OPTS and "=" not in o
+            )
             mounts.append(CgroupMount(1, mount_point, root, ctrls))
     return mounts
 
