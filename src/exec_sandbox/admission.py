@@ -197,6 +197,14 @@ class AdmissionController:
         """What one VM with ``memory_mb`` of guest RAM is charged."""
         return memory_mb + self.vm_overhead_mb
 
+    def max_vms(self, memory_mb: int, vcpus: int = 1) -> int:
+        """How many VMs of this size the whole budget admits at once (for sizing pools)."""
+        cost = self._check_request(memory_mb, vcpus)
+        count = min(self.memory_budget_mb // cost, int((self.cpu_budget + _EPS) // vcpus))
+        if self.max_concurrent_vms is not None:
+            count = min(count, self.max_concurrent_vms)
+        return count
+
     def stats(self) -> AdmissionStats:
         pending = [w for w in self._waiters if not w.future.done()]
         return AdmissionStats(

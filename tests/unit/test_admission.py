@@ -458,3 +458,14 @@ async def test_from_config() -> None:
 async def test_from_config_probes_this_host() -> None:
     ctrl = AdmissionController.from_config(SchedulerConfig(host_memory_reserve_mb=0))
     assert ctrl.memory_budget_mb > 0 and ctrl.cpu_budget >= 4.0  # >= 1 CPU x the default ratio 4
+
+
+def test_max_vms_for_pool_sizing() -> None:
+    ctrl = AdmissionController(1000, 3.0, vm_overhead_mb=60)
+    assert ctrl.max_vms(256) == 3  # 3 x 316 <= 1000, and 3 vCPUs
+    assert ctrl.max_vms(128) == 3  # CPU-bound: 5 would fit in memory
+    assert ctrl.max_vms(64, vcpus=2) == 1
+    assert ctrl.max_vms(1000) == 0
+    assert AdmissionController(10_000, 100.0, max_concurrent_vms=4).max_vms(64) == 4
+    with pytest.raises(SandboxInputError):
+        ctrl.max_vms(0)
