@@ -457,7 +457,7 @@ async def test_from_config() -> None:
 
 async def test_from_config_probes_this_host() -> None:
     ctrl = AdmissionController.from_config(SchedulerConfig(host_memory_reserve_mb=0))
-    assert ctrl.memory_budget_mb > 0 and ctrl.cpu_budget >= 4.0  # >= 1 CPU x the default ratio 4
+    assert ctrl.memory_budget_mb > 0 and ctrl.cpu_budget > 0
 
 
 def test_max_vms_for_pool_sizing() -> None:
