@@ -62,7 +62,12 @@ i=0
 while [ ! -b /dev/vda ] && [ $i -lt 500 ]; do $B usleep 10000; i=$((i+1)); done
 $B mount -t ext4 -o rw /dev/vda /newroot || { echo "sbx: cannot mount /dev/vda"; $B reboot -f; }
 $B mount --move /dev /newroot/dev
-exec $B switch_root /newroot /sbin/init
+# Honour init= like a kernel without initramfs would; our own argv (after "--") goes along.
+$B mount -t proc proc /proc
+INIT=/sbin/init
+for a in $($B cat /proc/cmdline); do case $a in init=*) INIT=${a#init=};; esac; done
+$B umount /proc
+exec $B switch_root /newroot "$INIT" "$@"
 """
 
 

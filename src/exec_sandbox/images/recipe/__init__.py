@@ -57,13 +57,17 @@ class LanguageSpec:
     description: str
 
 
-# Every image carries python3 because the guest agent is Python; "raw" is the smallest such image.
+# Every image carries python3 because the guest agent is Python; "raw" is the smallest such image:
+# python3-minimal alone lacks json/ctypes/argparse, which the agent imports, so it adds the stdlib
+# (libpython3-stdlib) but not the python3/python3.11 packages and their extras.
 LANGUAGES: Mapping[str, LanguageSpec] = {
     "python": LanguageSpec("python", ("python3", "busybox-static"), "Debian's python3 + busybox"),
     "javascript": LanguageSpec(
         "javascript", ("python3", "nodejs", "busybox-static"), "Debian's nodejs + python3 + busybox"
     ),
-    "raw": LanguageSpec("raw", ("python3-minimal", "busybox-static"), "busybox shell + python3-minimal"),
+    "raw": LanguageSpec(
+        "raw", ("python3-minimal", "libpython3-stdlib", "busybox-static"), "busybox shell + python3-minimal"
+    ),
 }
 
 # Packages that Depends/PreDepends pull in but that a sandbox never needs at run time: package
