@@ -144,7 +144,9 @@ def test_init_script_mounts_and_starts_the_agent() -> None:
 
 def test_initramfs_init_switches_root() -> None:
     text = initramfs_init()
-    assert "insmod" in text and "/dev/vda" in text and "switch_root /newroot /sbin/init" in text
+    assert "insmod" in text and "/dev/vda" in text
+    assert "INIT=/sbin/init" in text  # default, overridable with init= like without an initramfs
+    assert 'switch_root /newroot "$INIT" "$@"' in text
 
 
 def test_module_load_order_puts_dependencies_first(tmp_path: Path) -> None:
