@@ -220,6 +220,40 @@ async def test_snapshot_restore_continues(
     assert files.snapshot_path.is_file()  # the snapshot belongs to the caller, not the machine
 
 
+async def test_bad_snapshots_fail_cleanly(
+    guest: tuple[Path, Path], runtime_dir: Path, machines: list[QemuMachine], tmp_path: Path
+) -> None:
+    source = QemuMachine(make_spec(guest, "idle"), runtime_dir=runtime_dir, shared_memory=True)
+    machines.append(source)
+    await source.start()
+    files = SnapshotFiles(tmp_path / "state", tmp_path / "memory")
+    await source.save_memory_snapshot(files)
+    await source.stop()
+
+    missing = QemuMachine(runtime_dir=runtime_dir)
+    with pytest.raises(SmartVMError) as no_file:
+        await missing.load_snapshot(SnapshotFiles(tmp_path / "nope", tmp_path / "memory"))
+    assert no_file.value.code == "INVALID_CONFIG" and str(tmp_path / "nope") in no_file.value.message
+
+    # the device state is garbage: QEMU refuses it and exits; we report it and leave nothing
+    files.snapshot_path.write_bytes(b"this is not a migration stream" * 100)
+    corrupt = QemuMachine(runtime_dir=runtime_dir)
+    with pytest.raises(SmartVMError) as bad:
+        await corrupt.load_snapshot(files)
+    assert bad.value.code == "SNAPSHOT_FAILED" and str(files.snapshot_path) in bad.value.message
+    assert bad.value.details["stderr"]
+    assert corrupt.state is MachineState.FAILED
+    assert_nothing_left(corrupt, corrupt.pid)
+
+    # a snapshot without its sidecar has no machine description
+    files.snapshot_path.with_name("state.qemu.json").unlink()
+    orphan = QemuMachine(runtime_dir=runtime_dir)
+    with pytest.raises(SmartVMError) as no_meta:
+        await orphan.load_snapshot(files)
+    assert no_meta.value.code == "INVALID_CONFIG" and "state.qemu.json" in no_meta.value.message
+    assert os.listdir(runtime_dir) == []
+
+
 @pytest.mark.parametrize("acpi", [False, True], ids=["acpi-off", "acpi-on"])
 async def test_guest_reboot_detected_by_exit_watcher(
     guest: tuple[Path, Path], runtime_dir: Path, machines: list[QemuMachine], acpi: bool

@@ -155,7 +155,7 @@ class QemuMachineSpec(_Spec):
     """Everything one QEMU microVM process is made of."""
 
     arch: Arch = "x86_64"
-    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,80}$")
     kernel: Path
     initrd: Path | None = None
     cmdline: str = DEFAULT_BOOT_ARGS

@@ -652,8 +652,18 @@ class QemuMachine:
                     "migrate-set-capabilities",
                     {"capabilities": [{"capability": "x-ignore-shared", "state": ram_mode == "file"}]},
                 )
-                await self._qmp_exec("migrate-incoming", {"uri": exec_uri("cat", snap)})
-                await self._await_migration(incoming=True)
+                try:
+                    await self._qmp_exec("migrate-incoming", {"uri": exec_uri("cat", snap)})
+                    await self._await_migration(incoming=True)
+                except SmartVMError as exc:
+                    # QEMU exits when an incoming migration fails to load: say it was the snapshot.
+                    stderr = self._stderr.output().strip()
+                    why = stderr.splitlines()[-1] if stderr else exc.message
+                    raise SmartVMError(
+                        ErrorCode.SNAPSHOT_FAILED,
+                        f"cannot restore snapshot {snap}: {why}",
+                        details={"path": str(snap), "stderr": stderr, "cause": exc.code},
+                    ) from exc
                 if resume:
                     await self._qmp_exec("cont")
                     self._state = MachineState.RUNNING
