@@ -354,9 +354,22 @@ class AgentClient:
         async with self._request(CancelRequest(id=self._new_id(), target=target_id)) as (req_id, pending):
             return (await self._expect(req_id, pending, CancelResult, timeout)).found
 
-    async def warmup(self, languages: Sequence[Language], timeout: float = 120.0) -> WarmupResult:
-        """Start the persistent interpreters used by session execs."""
-        request = _build(WarmupRequest, id=self._new_id(), languages=list(languages))
+    async def warmup(
+        self,
+        languages: Sequence[Language],
+        *,
+        session: bool = True,
+        spare: bool = False,
+        timeout: float = 120.0,
+    ) -> WarmupResult:
+        """Start interpreters ahead of use.
+
+        ``session``: the persistent REPL used by ``exec(session=True)``. ``spare``: a started, unused
+        interpreter that the next one-shot exec runs in (then discards; a new spare is started in
+        the background) - one-shot semantics without paying the interpreter start-up per run.
+        """
+        request = _build(WarmupRequest, id=self._new_id(), languages=list(languages), session=session,
+                         spare=spare)
         async with self._request(request) as (req_id, pending):
             return await self._expect(req_id, pending, WarmupResult, timeout)
 

@@ -158,9 +158,14 @@ class ExecRequest(_Msg):
 
 
 class WarmupRequest(_Msg):
+    """Start interpreters ahead of use: the persistent session REPL (``session``) and/or a spare
+    interpreter that the next one-shot exec consumes (``spare``; python and javascript only)."""
+
     type: Literal["warmup"] = "warmup"
     id: RequestId
     languages: list[Language]
+    session: bool = True
+    spare: bool = False
 
 
 class WriteFileRequest(_Msg):
@@ -232,6 +237,7 @@ class BootInfo(_GuestMsg):
     agent_uptime_s: float | None = None
     is_pid1: bool = False
     warm: list[str] = Field(default_factory=list)
+    spares: list[str] = Field(default_factory=list)
 
 
 class Hello(_GuestMsg):

@@ -63,9 +63,10 @@ def _pids_mentioning(text: str) -> list[int]:
             continue
         try:
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cwd = os.readlink(entry / "cwd")
         except OSError:
             continue
-        if text in cmd and _alive(int(entry.name)):
+        if (text in cmd or cwd.startswith(text)) and _alive(int(entry.name)):
             found.append(int(entry.name))
     return found
 
@@ -99,10 +100,19 @@ async def run_agent(*extra: str) -> AsyncIterator[RunningAgent]:
         yield RunningAgent(proc, sock, workdir, base)
     finally:
         if proc.returncode is None:
-            proc.kill()
+            proc.terminate()  # the agent kills what it started, then exits
+            try:
+                await asyncio.wait_for(proc.wait(), 30)
+            except TimeoutError:
+                proc.kill()
         await proc.wait()
-        # Nothing the agent started may outlive it (code files live under base/run).
+        # Nothing the agent started may outlive it (code files live under base/run, cwd is base/work).
         leftovers = await asyncio.to_thread(_pids_mentioning, str(base))
+        for _ in range(100):  # interpreters orphaned by a SIGKILLed agent exit on their own (pipe EOF)
+            if not leftovers:
+                break
+            await asyncio.sleep(0.05)
+            leftovers = await asyncio.to_thread(_pids_mentioning, str(base))
         for pid in leftovers:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
@@ -110,9 +120,13 @@ async def run_agent(*extra: str) -> AsyncIterator[RunningAgent]:
         assert leftovers == [], f"processes left behind: {leftovers}"
 
 
-@pytest.fixture
-async def agent() -> AsyncIterator[RunningAgent]:
-    async with run_agent() as running:
+SPARE_ARGS = ["--spare", "python", *(["--spare", "javascript"] if HAVE_NODE else [])]
+
+
+@pytest.fixture(params=["cold", "spare"])
+async def agent(request: pytest.FixtureRequest) -> AsyncIterator[RunningAgent]:
+    """Every agent test runs twice: one-shot execs starting interpreters cold, and from spares."""
+    async with run_agent(*(SPARE_ARGS if request.param == "spare" else [])) as running:
         yield running
 
 
@@ -194,6 +208,30 @@ async def test_user_code_cannot_kill_the_agent(client: AgentClient, agent: Runni
     assert result.stdout == "denied\n"
     assert agent.proc.returncode is None
     assert (await client.ping()).pid == agent.proc.pid
+
+
+async def test_one_shot_runs_are_fresh_processes(client: AgentClient) -> None:
+    first = await client.exec("import os\nx = 1\nprint(os.getpid())", language="python")
+    second = await client.exec("import os\nprint(os.getpid(), 'x' in globals())", language="python")
+    pid, seen = second.stdout.split()
+    assert pid != first.stdout.strip() and seen == "False"
+
+
+async def test_spare_interpreters_serve_one_shot_runs(client: AgentClient) -> None:
+    langs: list[Language] = ["python", "javascript"] if HAVE_NODE else ["python"]
+    warm = await client.warmup(langs, session=False, spare=True)
+    assert sorted(warm.ready) == sorted(langs)
+    assert (await client.ping()).boot.spares == sorted(langs)
+    # The driver runs the code (argv is -c / -e), with one-shot semantics all the same.
+    py = await client.exec("import sys, os\nprint(sys.argv[0])\nos._exit(4)", language="python")
+    assert (py.stdout, py.exit_code) == ("-c\n", 4)
+    py = await client.exec("import sys\nprint('x' in globals())\nsys.exit(3)", language="python")
+    assert (py.stdout, py.exit_code) == ("False\n", 3)
+    py = await client.exec("x = 1\nraise KeyError('k')", language="python", env={"A": "b"})
+    assert py.exit_code == 1 and "KeyError: 'k'" in py.stderr
+    if HAVE_NODE:
+        js = await client.exec("console.log(typeof x); var x = 1; process.exit(5)", language="javascript")
+        assert (js.stdout, js.exit_code) == ("undefined\n", 5)
 
 
 async def test_stderr_and_exit_codes(client: AgentClient) -> None:
@@ -458,10 +496,13 @@ async def test_reseed_rng_also_reseeds_warm_interpreters(client: AgentClient) ->
 async def test_agent_killed_mid_request_is_outcome_unknown(agent: RunningAgent) -> None:
     child_pid: list[int] = []
     started = asyncio.Event()
+    printed: list[str] = []
 
     def on_stdout(data: str) -> None:
-        child_pid.append(int(data.split()[0]))
-        started.set()
+        printed.append(data)
+        if "\n" in "".join(printed) and not child_pid:
+            child_pid.append(int("".join(printed).split()[0]))
+            started.set()
 
     async with await AgentClient.open_unix(agent.socket, connect_timeout=20) as c:
         await c.wait_ready(timeout=30)
@@ -585,10 +626,13 @@ async def test_peer_closing_mid_request_is_outcome_unknown() -> None:
 async def test_cancelling_an_exec_kills_it_and_the_agent_stays_usable(client: AgentClient) -> None:
     pids: list[int] = []
     started = asyncio.Event()
+    printed: list[str] = []
 
     def on_stdout(data: str) -> None:
-        pids.append(int(data.split()[0]))
-        started.set()
+        printed.append(data)
+        if "\n" in "".join(printed) and not pids:
+            pids.append(int("".join(printed).split()[0]))
+            started.set()
 
     code = "import os, time\nprint(os.getpid(), flush=True)\ntime.sleep(300)"
     task = asyncio.create_task(client.exec(code, language="python", on_stdout=on_stdout))

@@ -709,6 +709,12 @@ class Agent:
         self.tracked_lock = threading.Lock()
         self.spawn_lock = threading.Lock()
         self._nproc_set = False
+        self.terminating = False
+        # Spare interpreters: started ahead, consumed by exactly one one-shot exec each.
+        self.spare_langs: set[str] = set(args.spare or [])
+        self.spares: dict[str, Repl] = {}
+        self.spare_starting: set[str] = set()
+        self.spare_cond = threading.Condition()
         self.counter = 0
         self.counter_lock = threading.Lock()
         self._rundir: str | None = None
@@ -813,6 +819,7 @@ class Agent:
                 "agent_uptime_s": round(time.monotonic() - _BOOT_MONO, 6),
                 "is_pid1": os.getpid() == 1,
                 "warm": sorted(k for k, r in self.repls.items() if r.alive()),
+                "spares": sorted(self.spares),
             },
         }
 
@@ -843,6 +850,8 @@ class Agent:
             kwargs.update(user=self.run_uid, group=self.run_gid, extra_groups=[])
             self._limit_user_processes()
         with self.spawn_lock:
+            if self.terminating:
+                raise RequestError("terminating", "the agent is shutting down")
             return self._spawn_locked(argv, stdin, cwd, env, pass_fds, kwargs)
 
     def _spawn_locked(
@@ -915,6 +924,8 @@ class Agent:
                 threading.Thread(target=_become_subreaper, daemon=True).start()
             for lang in self.args.warm or []:
                 threading.Thread(target=self._warm_quiet, args=(lang,), daemon=True).start()
+            for lang in sorted(self.spare_langs):
+                self.ensure_spare(lang)
         while not self.stop_event.is_set():
             data = transport.recv()
             if not data:
@@ -1019,7 +1030,13 @@ class Agent:
         if msg.get("session"):
             result = self._exec_session(req_id, lang, code, env, timeout, cwd, out, err)
         else:
-            result = self._exec_oneshot(req_id, lang, code, env, timeout, cwd, out, err)
+            spare = self._take_spare(lang)
+            if spare is not None:
+                result = self._exec_in_spare(req_id, spare, lang, code, env, timeout, cwd, out, err)
+            else:
+                result = self._exec_oneshot(req_id, lang, code, env, timeout, cwd, out, err)
+            if lang in self.spare_langs:
+                self.ensure_spare(lang)
         out.flush()
         err.flush()
         result.update(
@@ -1121,6 +1138,78 @@ class Agent:
             "cancelled": False,
             "session_reset": False,
         }
+
+    # ---- spare interpreters (fresh process per one-shot exec, without the interpreter start-up)
+
+    def ensure_spare(self, lang: str) -> None:
+        """Start a spare interpreter for ``lang`` in the background unless one exists or is starting."""
+        if lang not in ("python", "javascript") or not self.interpreters.get(lang):
+            return
+        with self.spare_cond:
+            if lang in self.spares or lang in self.spare_starting:
+                return
+            self.spare_starting.add(lang)
+        threading.Thread(target=self._start_spare, args=(lang,), daemon=True).start()
+
+    def _start_spare(self, lang: str) -> None:
+        repl = Repl(self, lang)
+        ok = kept = False
+        try:
+            with repl.lock:
+                repl.start()
+                repl.submit("")
+                outcome = self._await_repl(repl, None, None, time.monotonic() + 120, threading.Event())
+                ok = outcome[0] == "done"
+        except Exception:
+            ok = False
+        with self.spare_cond:
+            self.spare_starting.discard(lang)
+            if ok and lang in self.spare_langs:
+                self.spares[lang] = repl
+                kept = True
+            self.spare_cond.notify_all()
+        if not kept:
+            repl.stop()
+
+    def _take_spare(self, lang: str, wait_s: float = 60.0) -> Repl | None:
+        deadline = time.monotonic() + wait_s
+        with self.spare_cond:
+            # A spare being started is already part-way through its start-up: waiting beats a cold start.
+            while lang not in self.spares and lang in self.spare_starting and time.monotonic() < deadline:
+                self.spare_cond.wait(0.5)
+            repl = self.spares.pop(lang, None)
+        return repl if repl is not None and repl.alive() else None
+
+    def _exec_in_spare(self, req_id: str, repl: Repl, lang: str, code: str, env: dict[str, str],
+                       timeout: float, cwd: str, out: Stream, err: Stream) -> Msg:
+        cancelled = threading.Event()
+        with repl.lock:
+            repl.submit(_session_prefix(lang, env, cwd, self.workdir) + code)
+            self.running[req_id] = cancelled.set
+            try:
+                kind, value = self._await_repl(repl, out, err, time.monotonic() + timeout, cancelled)
+            finally:
+                self.running.pop(req_id, None)
+                repl.stop()  # used once: the interpreter and anything it left behind die here
+        if kind == "done":
+            return {"exit_code": value, "signal": None, "timed_out": False, "cancelled": False,
+                    "session_reset": False}
+        if kind == "died":  # e.g. os._exit(3) / process.exit(3): an ordinary end for a one-shot run
+            code_, sig = exit_code_of(value) if value is not None else (-1, None)
+            return {"exit_code": code_, "signal": sig, "timed_out": False, "cancelled": False,
+                    "session_reset": False}
+        timed_out = kind == "timeout"
+        err.note(f"\n[sandbox] execution timed out after {timeout:g}s; the process tree was killed\n"
+                 if timed_out else "\n[sandbox] execution was cancelled; the process tree was killed\n")
+        return {"exit_code": -1, "signal": None, "timed_out": timed_out, "cancelled": not timed_out,
+                "session_reset": False}
+
+    def _wait_spare(self, lang: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self.spare_cond:
+            while lang not in self.spares and lang in self.spare_starting and time.monotonic() < deadline:
+                self.spare_cond.wait(0.5)
+            return lang in self.spares
 
     def repl_for(self, lang: str) -> Repl:
         with self.repl_guard:
@@ -1238,13 +1327,22 @@ class Agent:
         langs = msg.get("languages") or []
         if not isinstance(langs, list) or any(lang not in LANG_EXT for lang in langs):
             raise RequestError("invalid_request", "languages must be a list of python/javascript/raw")
+        want_session = msg.get("session", True) is not False
+        want_spare = msg.get("spare") is True
         results: dict[str, str | None] = {}
         for lang in langs:
             if not self.interpreters.get(lang):
                 results[lang] = f"no interpreter for {lang!r}"
                 continue
             try:
-                self.repl_for(lang)
+                if want_session:
+                    self.repl_for(lang)
+                if want_spare and lang != "raw":
+                    with self.spare_cond:
+                        self.spare_langs.add(lang)
+                    self.ensure_spare(lang)
+                    if not self._wait_spare(lang, 120):
+                        raise RuntimeError("the spare interpreter did not start")
                 results[lang] = None
             except Exception as exc:
                 results[lang] = f"{type(exc).__name__}: {exc}"
@@ -1311,11 +1409,34 @@ class Agent:
                 done.append(lang)
         return sorted(done)
 
+    def terminate(self) -> None:
+        """Kill every interpreter and process the agent started, then exit (host mode only)."""
+        with self.spawn_lock:
+            self.terminating = True  # no spawn can slip in after the sweep below
+        with self.spare_cond:
+            spares = list(self.spares.values())
+            self.spares.clear()
+            self.spare_langs.clear()
+        for repl in [*self.repls.values(), *spares]:
+            try:
+                repl.stop()
+            except Exception:
+                pass
+        with self.tracked_lock:
+            pids = list(self.tracked)
+        for pid in pids:
+            kill_tree(pid, lambda: set(), self.run_uid, self.spawn_lock)
+        os._exit(0)
+
     def op_shutdown(self, req_id: str, msg: Msg) -> None:
         self.send({"type": "shutdown_result", "id": req_id, "action": self.args.shutdown_action})
         self.flush_out(2.0)
         time.sleep(0.05)
-        for repl in list(self.repls.values()):
+        with self.spare_cond:
+            spares = list(self.spares.values())
+            self.spares.clear()
+            self.spare_langs.clear()
+        for repl in [*self.repls.values(), *spares]:
             repl.stop()
         action = self.args.shutdown_action
         if action == "exit":
@@ -1654,11 +1775,12 @@ class Args:
     warm: list[str] | None = None
     shutdown_action: str | None = None
     max_user_processes: int = 256
+    spare: list[str] | None = None
 
 
 _VALUE_FLAGS = {"--port-name", "--device", "--unix-connect", "--unix-listen", "--workdir", "--home",
                 "--user-name", "--run-as-uid", "--run-as-gid", "--rundir", "--python", "--node", "--shell",
-                "--warm", "--shutdown-action", "--max-user-processes"}
+                "--warm", "--spare", "--shutdown-action", "--max-user-processes"}
 
 
 def _fast_parse(argv: list[str]) -> Args | None:
@@ -1687,10 +1809,10 @@ def _fast_parse(argv: list[str]) -> Args | None:
             if not value.isdigit():
                 return None
             setattr(args, attr, int(value))
-        elif attr == "warm":
+        elif attr in ("warm", "spare"):
             if value not in LANG_EXT:
                 return None
-            args.warm = [*(args.warm or []), value]
+            setattr(args, attr, [*(getattr(args, attr) or []), value])
         elif attr == "shutdown_action" and value not in ("exit", "reboot", "poweroff"):
             return None
         else:
@@ -1722,6 +1844,8 @@ def _argparse(argv: list[str]) -> Args:
     p.add_argument("--node", default=None, help="node interpreter (default node/nodejs on PATH)")
     p.add_argument("--shell", default=None, help="shell for raw (default sh, else busybox sh)")
     p.add_argument("--warm", action="append", choices=sorted(LANG_EXT), help="start this REPL at boot")
+    p.add_argument("--spare", action="append", choices=sorted(LANG_EXT),
+                   help="keep a started interpreter ready for the next one-shot exec (python, javascript)")
     p.add_argument("--shutdown-action", choices=["exit", "reboot", "poweroff"], default=None,
                    help="what 'shutdown' does (default: reboot as PID 1 - use QEMU -no-reboot -, else exit)")
     ns = p.parse_args(argv)
@@ -1753,6 +1877,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         transport = VirtioTransport(args.port_name, args.device)
     agent = Agent(args)
+    if os.getpid() != 1:
+        import signal
+
+        # On the host (tests), SIGTERM must not orphan interpreters; PID 1 never gets SIGTERM.
+        signal.signal(signal.SIGTERM, lambda _sig, _frame: agent.terminate())
     while True:
         try:
             agent.run(transport)
