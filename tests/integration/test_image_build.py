@@ -8,11 +8,13 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 
 from exec_sandbox.images.builder import guest_dir
+from exec_sandbox.images.progress import ProgressEvent, ProgressKind
 from exec_sandbox.settings import Settings
 from exec_sandbox.vm_manager import ImageBundle, VmManager
 
@@ -135,15 +137,47 @@ def test_boot_runs_init_and_starts_the_agent(bundle: ImageBundle, tmp_path: Path
     assert mounts["/sys/fs/cgroup"] == "cgroup2"
 
 
-def test_corrupt_artifact_is_rebuilt(bundle: ImageBundle, tmp_path: Path) -> None:
-    """In a private images dir (the shared cache stays untouched): build, corrupt, get again."""
+def _private_images_dir(bundle: ImageBundle, tmp_path: Path) -> Path:
+    """A fresh images dir holding a copy of the compiled kernel bundle (so nothing recompiles)."""
     images = tmp_path / "images"
     images.mkdir()
     kernel_dir = bundle.kernel.parent
-    shutil.copytree(kernel_dir, images / kernel_dir.name)  # reuse the compiled kernel
+    shutil.copytree(kernel_dir, images / kernel_dir.name)
     # Manifests hold absolute paths: point the copied kernel manifest at its new place.
     kjson = images / kernel_dir.name / "kernel.json"
     kjson.write_text(kjson.read_text().replace(str(kernel_dir), str(images / kernel_dir.name)))
+    return images
+
+
+def test_concurrent_first_use_builds_once(bundle: ImageBundle, tmp_path: Path) -> None:
+    images = _private_images_dir(bundle, tmp_path)
+    events: list[ProgressEvent] = []
+    results: list[ImageBundle] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            manager = VmManager(Settings(images_dir=images), progress=events.append)
+            results.append(manager.get_bundle("python"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(600)
+    assert errors == []
+    assert len(results) == 2 and results[0] == results[1]
+    builds = [e for e in events if e.step == "rootfs: extract packages" and e.kind is ProgressKind.START]
+    assert len(builds) == 1
+    assert not [e for e in events if e.step.startswith("kernel:")]
+
+
+def test_corrupt_artifact_is_rebuilt(bundle: ImageBundle, tmp_path: Path) -> None:
+    """In a private images dir (the shared cache stays untouched): build, corrupt, get again."""
+    images = _private_images_dir(bundle, tmp_path)
+    kernel_dir = bundle.kernel.parent
     settings = Settings(images_dir=images)
     manager = VmManager(settings)
     first = manager.get_bundle("python")
