@@ -11,7 +11,10 @@ import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
+import textwrap
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -159,3 +162,64 @@ async def test_user_net_hostfwd_reaches_guest_server(
     assert response.startswith(b"HTTP/1.") and b" 200 " in response.split(b"\r\n", 1)[0]
     assert response.rstrip().endswith(b"hello-from-guest")
     await machine.stop()
+
+
+TAP_CHILD = textwrap.dedent(
+    """
+    import asyncio, sys
+    from pathlib import Path
+    from smartvm.qemu import QemuMachine, QemuMachineSpec, TapNicSpec, build_kernel_cmdline
+
+    async def main():
+        kernel, initrd, tap, runtime_dir = sys.argv[1:5]
+        spec = QemuMachineSpec(
+            kernel=Path(kernel),
+            initrd=Path(initrd),
+            cmdline=build_kernel_cmdline(None) + " smartvm.test=net",
+            memory_mib=96,
+            nics=(TapNicSpec(id="eth0", tap=tap, mac="02:00:00:00:00:02"),),
+        )
+        async with QemuMachine(spec, runtime_dir=Path(runtime_dir)) as machine:
+            async with asyncio.timeout(120):
+                await machine.console.wait_for("NET-UP")
+                reader, writer = await asyncio.open_connection("10.0.2.15", 80)
+                writer.write(b"GET /index.html HTTP/1.0\\r\\n\\r\\n")
+                await writer.drain()
+                print((await reader.read()).decode(), flush=True)
+                writer.close()
+                await writer.wait_closed()
+
+    asyncio.run(main())
+    """
+)
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+@pytest.mark.netns
+def test_tap_nic_inside_a_network_namespace(virtio_kernel: Path, runtime_dir: Path) -> None:
+    netns, tap = f"svq{os.getpid()}", "svqtap0"
+    _ip("netns", "add", netns)
+    try:
+        for args in (
+            ("tuntap", "add", "dev", tap, "mode", "tap"),
+            ("addr", "add", "10.0.2.2/24", "dev", tap),
+            ("link", "set", tap, "up"),
+            ("link", "set", "lo", "up"),
+        ):
+            _ip("-n", netns, *args)
+        child_args = [str(virtio_kernel), str(guest_initramfs()), tap, str(runtime_dir)]
+        done = subprocess.run(
+            ["ip", "netns", "exec", netns, sys.executable, "-c", TAP_CHILD, *child_args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert " 200 " in done.stdout.splitlines()[0] and "hello-from-guest" in done.stdout
+    finally:
+        _ip("netns", "del", netns)
+    assert os.listdir(runtime_dir) == []
