@@ -57,6 +57,7 @@ class RichProgress:
             self._stop()
             self.console.print(f"[green]✓[/] {event.step} ({event.elapsed_s:.1f}s) {event.detail}")
         elif event.kind is ProgressKind.CACHED:
+            self._stop()
             self.console.print(f"[blue]●[/] {event.step}: cached ({event.detail})")
 
     def _stop(self) -> None:
@@ -233,3 +234,5 @@ def prune(dry_run: bool) -> None:
             shutil.rmtree(path, ignore_errors=True)
     if not stale:
         click.echo("nothing to prune")
+
+main.add_command(__import__("exec_sandbox.cli_run", fromlist=["run"]).run)  # `sbx run` lives in cli_run.py

@@ -112,11 +112,11 @@ def test_bundle_lock_excludes_a_second_holder(tmp_path: Path) -> None:
         time.sleep(0.2)
         order.append("first released")
     thread.join(5)
-    assert order == ["first released", "second acquired"]
+    assert order == ["second waiting", "first released", "second acquired"]
 
 
 def _take(images_dir: Path, order: list[str]) -> None:
-    with bundle_lock(images_dir, "x"):
+    with bundle_lock(images_dir, "x", on_wait=lambda: order.append("second waiting")):
         order.append("second acquired")
 
 

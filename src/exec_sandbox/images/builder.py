@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,7 +110,7 @@ class ImageBuilder:
         pins = [r.pin() for r in records]
         timer.done(f"{len(pins)} packages")
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(cache_file.name + f".{os.getpid()}")
+        tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.{threading.get_ident()}")
         tmp.write_text(json.dumps({"fingerprint": fingerprint, "pins": pins}, indent=1))
         tmp.replace(cache_file)
         return pins
@@ -135,6 +137,12 @@ class ImageBuilder:
                 context={"language": language, "valid": sorted(LANGUAGES)},
             ) from None
 
+    def _waiting(self, name: str) -> Callable[[], None]:
+        def notify() -> None:
+            self.progress(ProgressEvent(f"waiting for another build of {name}", ProgressKind.START))
+
+        return notify
+
     # ---- kernel -------------------------------------------------------------------------------
 
     def ensure_kernel(self, flavor: KernelFlavor | None = None) -> KernelBundle:
@@ -146,9 +154,10 @@ class ImageBuilder:
         if found is not None:
             self.progress(ProgressEvent(f"kernel ({flavor})", ProgressKind.CACHED, name))
             return found
-        with bundle_lock(self.images_dir, name):
+        with bundle_lock(self.images_dir, name, self._waiting(name)):
             found = self._valid_kernel(final)  # another process may have built it meanwhile
             if found is not None:
+                self.progress(ProgressEvent(f"kernel ({flavor})", ProgressKind.CACHED, name))
                 return found
             scratch = scratch_dir(self.images_dir, name)
             try:
@@ -247,9 +256,10 @@ class ImageBuilder:
                 step="rootfs",
             )
         kbundle = self.ensure_kernel(flavor)
-        with bundle_lock(self.images_dir, final.name):
+        with bundle_lock(self.images_dir, final.name, self._waiting(final.name)):
             found = self._valid_bundle(final)
             if found is not None:
+                self.progress(ProgressEvent(f"image {language}", ProgressKind.CACHED, final.name))
                 return found
             scratch = scratch_dir(self.images_dir, final.name)
             try:

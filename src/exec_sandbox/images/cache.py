@@ -20,7 +20,8 @@ import fcntl
 import json
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from .manifest import Artifact, sha256_file
@@ -31,13 +32,21 @@ _STAMP = ".verified.json"
 
 
 @contextlib.contextmanager
-def bundle_lock(images_dir: Path, name: str) -> Iterator[None]:
-    """Exclusive lock for building ``name``; blocks while another process builds it."""
+def bundle_lock(
+    images_dir: Path, name: str, on_wait: Callable[[], None] | None = None
+) -> Iterator[None]:
+    """Exclusive lock for building ``name``; blocks while another process builds it, calling
+    ``on_wait`` first so the user learns why nothing happens."""
     locks = images_dir / ".locks"
     locks.mkdir(parents=True, exist_ok=True)
     fd = os.open(locks / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
@@ -74,7 +83,7 @@ def verify_artifacts(bundle_dir: Path, artifacts: Sequence[Artifact]) -> list[st
         fresh[str(path)] = key
     if not problems and fresh != stamps:
         with contextlib.suppress(OSError):
-            tmp = stamp_path.with_name(_STAMP + f".{os.getpid()}")
+            tmp = stamp_path.with_name(f"{_STAMP}.{os.getpid()}.{threading.get_ident()}")
             tmp.write_text(json.dumps(fresh))
             tmp.replace(stamp_path)
     return problems
