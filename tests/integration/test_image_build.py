@@ -196,3 +196,15 @@ def test_corrupt_artifact_is_rebuilt(bundle: ImageBundle, tmp_path: Path) -> Non
     assert _sha256(again.rootfs) == json.loads(again.manifest.read_text())["rootfs"]["sha256"]
     assert again.kernel.parent == images / kernel_dir.name  # the kernel was not rebuilt
     assert not [p for p in images.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+async def test_smartvm_ingests_the_bundle(bundle: ImageBundle, tmp_path: Path) -> None:
+    from smartvm.images.base_images import BaseImageManager
+
+    ingested = await BaseImageManager(cache_dir=tmp_path / "smartvm").ensure_base_image(
+        manifest_path=bundle.manifest
+    )
+    assert ingested.rootfs_type == "qcow2"
+    assert _sha256(Path(ingested.rootfs_path)) == _sha256(bundle.rootfs)
+    assert _sha256(Path(ingested.kernel_image_path)) == _sha256(bundle.kernel)
+    assert ingested.boot_args == bundle.boot_args

@@ -51,7 +51,7 @@ def test_manifest_is_a_smartvm_hosted_manifest(tmp_path: Path) -> None:
     assert data["schema_version"] == 1
     assert data["rootfs_type"] == "qcow2"
     assert data["arch"] == "x86_64"
-    assert data["firecracker_version"] == "n/a"
+    assert data["firecracker_version"] == "0.0.0+qemu-microvm"
     for key in ("kernel", "rootfs"):
         entry = data[key]
         assert set(entry) == {"path", "file_name", "sha256", "size_bytes"}
@@ -61,6 +61,17 @@ def test_manifest_is_a_smartvm_hosted_manifest(tmp_path: Path) -> None:
     assert data["boot_args"].startswith("console=ttyS0")
     assert "root=/dev/vda" in data["boot_args"]
     assert read_manifest(tmp_path / "manifest.json", BundleManifest) == manifest
+
+
+def test_manifest_is_accepted_by_smartvm(tmp_path: Path) -> None:
+    from smartvm.images.manifest import parse_hosted_manifest
+
+    manifest = _manifest(tmp_path)
+    hosted = parse_hosted_manifest(manifest.model_dump_json(), origin="test", expected_arch="x86_64")
+    assert hosted.rootfs_type == "qcow2"
+    assert hosted.kernel.sha256 == manifest.kernel.sha256
+    assert hosted.rootfs.path == manifest.rootfs.path
+    assert hosted.boot_args == manifest.boot_args
 
 
 def test_read_manifest_treats_garbage_as_missing(tmp_path: Path) -> None:

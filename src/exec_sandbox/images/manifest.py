@@ -1,9 +1,10 @@
 """Bundle manifests in smartvm's hosted-manifest format, plus exec_sandbox's own fields.
 
 ``smartvm.BaseImageManager`` ingests the common part (schema_version, bundle_id, arch,
-firecracker_version, rootfs_type, kernel{}, rootfs{}, boot_args, name). ``firecracker_version`` is
-``"n/a"``: these bundles target QEMU microvm; the field is required by the format, and no
-Firecracker release was involved in building or validating them.
+firecracker_version, rootfs_type, kernel{}, rootfs{}, boot_args, name) and ignores the rest.
+``firecracker_version`` is ``"0.0.0+qemu-microvm"``: these bundles target QEMU microvm and no
+Firecracker release was involved in building or validating them, but the format requires a
+version-shaped string (smartvm validates it), so the marker is a null version with a build tag.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ __all__ = [
     "write_json_atomic",
 ]
 
-NOT_FIRECRACKER = "n/a"
+NOT_FIRECRACKER = "0.0.0+qemu-microvm"
 
 _M = TypeVar("_M", bound=BaseModel)
 
