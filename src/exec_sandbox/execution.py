@@ -1,0 +1,147 @@
+"""One code execution inside a ready :class:`~exec_sandbox.sandbox_vm.SandboxVm`, shared by
+``Scheduler.run`` and ``Session.exec``.
+
+What it adds on top of :meth:`AgentClient.exec <exec_sandbox.agent_client.AgentClient.exec>`:
+
+- output caps per stream (``max_output_bytes``); when the guest dropped output, a visible marker
+  line is appended to that stream (and streamed to its callback) and ``*_truncated`` is set;
+- OOM detection: a program that died by SIGKILL while the guest kernel logged an out-of-memory kill
+  (the guest console carries kernel messages at error level) gets ``oom_killed=True`` and a stderr
+  note naming the memory limit. The guest has only ``memory_mb`` of RAM, so a memory bomb is
+  bounded by the guest kernel, never by the host;
+- the host-side execute time.
+
+Streaming callbacks may be sync or async; one that raises is logged and ignored (the run goes on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from exec_sandbox.agent_client import ExecResult, OutputCallback
+from exec_sandbox.errors import SandboxTransientError
+from exec_sandbox.models import Language
+from exec_sandbox.sandbox_vm import SandboxVm, SandboxVmState
+
+__all__ = [
+    "OOM_CONSOLE_PATTERN",
+    "ExecOutcome",
+    "execute_in_vm",
+    "oom_note",
+    "truncation_marker",
+]
+
+logger = logging.getLogger(__name__)
+
+# Printed by the guest kernel (pr_err, so visible with "quiet") when its OOM killer picks a victim.
+OOM_CONSOLE_PATTERN: Final = re.compile(
+    r"Out of memory: Killed process \d+|oom-kill:|Memory cgroup out of memory"
+)
+_SIGKILL: Final = 9
+# The console line can trail the agent's exit event by a little (different channels).
+_OOM_CONSOLE_WAIT_S: Final = 1.5
+# Extra time the agent gets to answer after the timeout (it kills the process tree first).
+_REPLY_GRACE_S: Final = 30.0
+
+
+def truncation_marker(stream: str, shown: int, total: int) -> str:
+    return f"\n[sandbox] {stream} truncated: {total} bytes produced, only the first {shown} kept\n"
+
+
+def oom_note(memory_mb: int) -> str:
+    return (
+        f"\n[sandbox] the program was killed by the guest's out-of-memory killer "
+        f"(memory limit {memory_mb} MiB)\n"
+    )
+
+
+@dataclass(frozen=True)
+class ExecOutcome:
+    result: ExecResult
+    stdout: str
+    stderr: str
+    oom_killed: bool
+    execute_ms: float
+
+
+async def _notify(callback: OutputCallback | None, data: str) -> None:
+    if callback is None:
+        return
+    try:
+        value = callback(data)
+        if inspect.isawaitable(value):
+            await value
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        logger.exception("output callback failed; continuing")
+
+
+async def _console_shows_oom(vm: SandboxVm, since: int) -> bool:
+    console = vm.machine.console
+    with contextlib.suppress(TimeoutError, EOFError):
+        async with asyncio.timeout(_OOM_CONSOLE_WAIT_S):
+            await console.wait_for(OOM_CONSOLE_PATTERN, since=since)
+            return True
+    return False
+
+
+async def execute_in_vm(
+    vm: SandboxVm,
+    code: str,
+    *,
+    language: Language,
+    session: bool,
+    timeout_s: float,
+    env: Mapping[str, str],
+    max_output_bytes: int,
+    memory_mb: int,
+    on_stdout: OutputCallback | None,
+    on_stderr: OutputCallback | None,
+) -> ExecOutcome:
+    """Run ``code`` in ``vm`` (errors of :meth:`AgentClient.exec` pass through unchanged)."""
+    if vm.state is not SandboxVmState.READY:
+        raise SandboxTransientError(
+            f"sandbox VM {vm.vm_id} is not ready (state {vm.state.value!r})",
+            context={"vm_id": vm.vm_id, "state": vm.state.value},
+        )
+    console_mark = vm.machine.console.total_bytes
+    started = time.perf_counter()
+    result = await vm.agent.exec(
+        code,
+        language=language,
+        env=dict(env),
+        timeout_s=timeout_s,
+        session=session,
+        max_stdout_bytes=max_output_bytes,
+        max_stderr_bytes=max_output_bytes,
+        on_stdout=on_stdout,
+        on_stderr=on_stderr,
+        reply_grace_s=_REPLY_GRACE_S,
+    )
+    execute_ms = (time.perf_counter() - started) * 1000.0
+    stdout, stderr = result.stdout, result.stderr
+    if result.stdout_truncated:
+        marker = truncation_marker("stdout", max_output_bytes, result.stdout_bytes)
+        stdout += marker
+        await _notify(on_stdout, marker)
+    if result.stderr_truncated:
+        marker = truncation_marker("stderr", max_output_bytes, result.stderr_bytes)
+        stderr += marker
+        await _notify(on_stderr, marker)
+    oom = False
+    if result.signal == _SIGKILL and not result.timed_out and not result.cancelled:
+        oom = await _console_shows_oom(vm, console_mark)
+        if oom:
+            note = oom_note(memory_mb)
+            stderr += note
+            await _notify(on_stderr, note)
+    return ExecOutcome(result=result, stdout=stdout, stderr=stderr, oom_killed=oom, execute_ms=execute_ms)

@@ -1,0 +1,615 @@
+"""``Scheduler``: the public entry point of :mod:`exec_sandbox` — one-shot runs and sessions.
+
+::
+
+    from exec_sandbox import Scheduler, SchedulerConfig
+
+    async with Scheduler(SchedulerConfig(default_memory_mb=256)) as scheduler:
+        result = await scheduler.run("print('hi')", language="python")
+        async with await scheduler.session(language="python") as s:
+            await s.exec("x = 41")
+            print((await s.exec("print(x + 1)")).stdout)      # 42
+
+``run()``
+    Every run gets a fresh VM booted from a fresh qcow2 overlay over the language's base image; the
+    VM, its overlay and its sockets are destroyed when the run ends (success, error, timeout or
+    cancellation), so nothing a run does survives it. Steps: validate input (before any VM is spent)
+    -> find/build the image -> reserve capacity (:class:`AdmissionController`, FIFO, timeout) -> boot
+    -> upload ``files`` -> execute -> read back ``download`` -> stop the VM. ``TimingBreakdown`` has
+    ``admission_wait_ms``, ``setup_ms`` (image lookup/build), ``overlay_ms``, ``boot_ms``,
+    ``execute_ms``, ``teardown_ms`` and ``total_ms``.
+
+Limits
+    - ``timeout_seconds`` (default ``config.default_timeout_seconds``, at most
+      ``config.max_timeout_seconds``): the guest agent kills the process tree; the result has
+      ``timed_out=True``, ``exit_code == -1`` and a ``[sandbox] execution timed out`` stderr note.
+    - ``memory_mb``: the guest's RAM (QEMU ``-m``). The guest kernel's OOM killer ends a memory bomb;
+      the result has ``oom_killed=True``, ``signal == 9`` and a stderr note. The host is not touched
+      beyond the reserved ``memory_mb + vm_overhead_mb``.
+    - stdout / stderr are capped at ``config.max_output_bytes`` each; beyond it output is dropped in
+      the guest, ``stdout_truncated``/``stderr_truncated`` is set and a ``[sandbox] ... truncated``
+      marker line ends the stream.
+    - code size (``config.max_code_bytes``), env vars (names, reserved names, NUL, sizes) and guest
+      paths are validated on the host before a VM is spent.
+    - user code runs as uid 1000 in the guest; its process count is capped there (RLIMIT_NPROC).
+
+Streaming
+    ``on_stdout`` / ``on_stderr`` get output chunks as the guest produces them, in order per stream;
+    ``on_boot_log`` gets guest console lines while the VM boots. Callbacks may be plain functions or
+    coroutine functions; one that raises is logged and ignored — the run goes on.
+
+Exceptions (all :class:`~exec_sandbox.errors.SandboxError`; ``CancelledError`` is never wrapped)::
+
+    SandboxError
+    ├── SandboxInputError              bad code / language / env / limits / paths, or a closed
+    │   │                              session (caller bug; never retry as is)
+    │   └── SessionClosedError         call on a closed session (context["reason"])
+    ├── SandboxTransientError          the code never ran; safe to retry
+    │   ├── VmCapacityError            no capacity within config.admission_timeout_seconds
+    │   └── SchedulerClosedError       the Scheduler closed before the code ran
+    ├── SandboxPermanentError          cannot work on this host as configured (image build, ...)
+    ├── GuestAgentError                the guest agent refused a request (e.g. a missing file)
+    └── CommunicationOutcomeUnknownError  the VM/agent link died after the code was sent (it may
+                                       have run), incl. the Scheduler closing mid-run
+
+Transient boot failures (QEMU died, the agent never answered) are retried once with a fresh VM —
+the code had not been sent, so this cannot run it twice; a second failure raises
+:class:`SandboxTransientError` with the boot context (console tail, QEMU stderr).
+
+Concurrency
+    Many ``run()`` / ``session()`` calls may run at once on one Scheduler; each holds an admission
+    grant for its VM's lifetime, so the host is never over-committed beyond the configured budget.
+    All Scheduler state lives on one event loop; there are no threads sharing it.
+
+Close
+    ``close()`` (or leaving ``async with``) is idempotent: it refuses new calls, ends in-flight runs
+    (they raise :class:`SchedulerClosedError`, or :class:`CommunicationOutcomeUnknownError` when their
+    code had been sent), closes open sessions, stops every VM, the overlay pool and its
+    qemu-storage-daemon, and removes the runtime directory it created. Cancelling a ``run()``
+    stops its VM and removes its overlay before the cancellation propagates.
+
+Seams for the performance layer: :meth:`Scheduler._provision` is the one place a ready VM comes
+from (a warm pool or a memory-snapshot restore can serve it instead of a cold boot), and
+:meth:`Scheduler._retire` the one place it goes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from pydantic import Field
+
+from exec_sandbox.admission import AdmissionController, Grant
+from exec_sandbox.agent_client import OutputCallback
+from exec_sandbox.config import SchedulerConfig
+from exec_sandbox.errors import (
+    CommunicationOutcomeUnknownError,
+    SandboxError,
+    SandboxPermanentError,
+    SandboxTransientError,
+    VmCapacityError,
+)
+from exec_sandbox.execution import execute_in_vm
+from exec_sandbox.lifecycle_errors import SchedulerClosedError
+from exec_sandbox.models import ExecutionResult, Language, TimingBreakdown
+from exec_sandbox.overlay_pool import OverlayPool
+from exec_sandbox.sandbox_vm import BootLogCallback, SandboxVm, VmOptions
+from exec_sandbox.session import Session
+from exec_sandbox.settings import Settings
+from exec_sandbox.validation import (
+    input_error,
+    validate_code,
+    validate_env_vars,
+    validate_guest_path,
+    validate_language,
+    validate_memory_mb,
+    validate_timeout,
+)
+from exec_sandbox.vm_manager import VmManager
+from smartvm.qemu import default_runtime_dir
+
+__all__ = ["RunResult", "Scheduler", "SchedulerState", "VmLease"]
+
+logger = logging.getLogger(__name__)
+
+_BOOT_ATTEMPTS = 2
+_BOOT_TIMEOUT_S = 90.0
+
+
+class SchedulerState(StrEnum):
+    NEW = "new"
+    RUNNING = "running"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class RunResult(ExecutionResult):
+    """:class:`ExecutionResult` of ``Scheduler.run`` plus the files read back after the run.
+
+    ``files`` maps each requested ``download`` path (as given) to its content; a path that could not
+    be read (missing, a directory, ...) is absent from ``files`` and present in ``download_errors``
+    with the guest's reason.
+    """
+
+    files: dict[str, bytes] = Field(default_factory=dict)
+    download_errors: dict[str, str] = Field(default_factory=dict)
+
+
+@dataclass
+class VmLease:
+    """A ready VM handed to one run or session, with where it came from and what it cost."""
+
+    vm: SandboxVm
+    grant: Grant
+    boot_attempts: int = 1
+    warm_pool_hit: bool = False
+    restored_from_snapshot: bool = False
+
+
+@dataclass
+class _RunState:
+    """Per-run facts the close/cancel paths need."""
+
+    dispatched: bool = False
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
+
+
+class Scheduler:
+    """Runs untrusted code in fresh microVMs; see the module docstring. Use ``async with``."""
+
+    def __init__(
+        self,
+        config: SchedulerConfig | None = None,
+        *,
+        settings: Settings | None = None,
+        runtime_dir: Path | None = None,
+    ) -> None:
+        self.config = config or SchedulerConfig()
+        self.settings = settings or self.config.settings()
+        self._given_runtime_dir = runtime_dir
+        self._runtime_dir: Path | None = None
+        self._created_runtime_dir = False
+        self._state = SchedulerState.NEW
+        self._lifecycle_lock = asyncio.Lock()
+        self._admission: AdmissionController | None = None
+        self._pool: OverlayPool | None = None
+        self._vm_manager = VmManager(self.settings)
+        self._image_locks: dict[Language, asyncio.Lock] = {}
+        self._pooled_bases: set[Path] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._sessions: set[Session] = set()
+
+    # ------------------------------------------------------------------ introspection
+
+    @property
+    def state(self) -> SchedulerState:
+        return self._state
+
+    @property
+    def admission(self) -> AdmissionController:
+        if self._admission is None:
+            raise self._closed_error("use the admission controller of")
+        return self._admission
+
+    @property
+    def runtime_dir(self) -> Path | None:
+        return self._runtime_dir
+
+    @property
+    def active_sessions(self) -> int:
+        return len(self._sessions)
+
+    def __repr__(self) -> str:
+        runs, sessions = len(self._tasks), len(self._sessions)
+        return f"Scheduler(state={self._state.value!r}, runs={runs}, sessions={sessions})"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Size admission from the host, start the overlay pool (and its storage daemon). Idempotent."""
+        async with self._lifecycle_lock:
+            if self._state is SchedulerState.RUNNING:
+                return
+            if self._state is not SchedulerState.NEW:
+                raise self._closed_error("start")
+            if self.config.allowed_domains or self.config.port_forwards:
+                raise SandboxPermanentError(
+                    "allowed_domains and port_forwards are not supported by this Scheduler yet; "
+                    "use network_enabled alone or leave the network off",
+                    context={"field": "allowed_domains" if self.config.allowed_domains else "port_forwards"},
+                )
+            admission = AdmissionController.from_config(self.config)
+            runtime_dir = await asyncio.to_thread(self._make_runtime_dir)
+            pool = OverlayPool(
+                max(1, admission.max_vms(self.config.default_memory_mb, self.config.default_vcpus)),
+                runtime_dir / f"pool-{secrets.token_hex(3)}",
+                qemu_img=self.settings.qemu_img_binary,
+            )
+            try:
+                await pool.start()
+            except BaseException:
+                await asyncio.to_thread(self._remove_runtime_dir)
+                raise
+            self._admission, self._pool = admission, pool
+            self._state = SchedulerState.RUNNING
+            logger.info(
+                "scheduler started: budget %d MiB / %.1f vCPUs, runtime dir %s",
+                admission.memory_budget_mb,
+                admission.cpu_budget,
+                runtime_dir,
+            )
+
+    def _make_runtime_dir(self) -> Path:
+        if self._given_runtime_dir is not None:
+            path = self._given_runtime_dir.absolute()
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            # Per scheduler, short (QEMU socket paths must stay under 108 bytes).
+            base = default_runtime_dir().parent
+            base.mkdir(parents=True, exist_ok=True)
+            path = base / f"s{os.getpid()}-{secrets.token_hex(2)}"
+            path.mkdir()
+            self._created_runtime_dir = True
+        self._runtime_dir = path
+        return path
+
+    def _remove_runtime_dir(self) -> None:
+        if self._created_runtime_dir and self._runtime_dir is not None:
+            try:
+                self._runtime_dir.rmdir()
+            except OSError as exc:
+                logger.warning("runtime dir %s not removed: %s", self._runtime_dir, exc)
+            self._created_runtime_dir = False
+
+    async def close(self) -> None:
+        """Stop everything (see the module docstring). Idempotent; safe in any state."""
+        async with self._lifecycle_lock:
+            if self._state in (SchedulerState.NEW, SchedulerState.CLOSED):
+                self._state = SchedulerState.CLOSED
+                return
+            self._state = SchedulerState.CLOSING
+            try:
+                await self._shutdown()
+            finally:
+                self._state = SchedulerState.CLOSED
+
+    async def _shutdown(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        sessions = list(self._sessions)
+        results = await asyncio.gather(
+            *(s._close("scheduler_closed") for s in sessions), *tasks, return_exceptions=True
+        )
+        for outcome in results:
+            if isinstance(outcome, Exception) and not isinstance(outcome, SandboxError):
+                logger.warning("error while closing the scheduler: %r", outcome)
+        if self._admission is not None:
+            self._admission.close()
+        if self._pool is not None:
+            await self._pool.stop()
+        await asyncio.to_thread(self._remove_runtime_dir)
+
+    def _closed_error(self, action: str) -> SchedulerClosedError:
+        hint = " (use `async with Scheduler()` or await start())" if self._state is SchedulerState.NEW else ""
+        return SchedulerClosedError(
+            f"cannot {action} a Scheduler in state {self._state.value!r}{hint}",
+            context={"state": self._state.value, "reason": "scheduler_closed"},
+        )
+
+    def _require_running(self, action: str) -> None:
+        if self._state is not SchedulerState.RUNNING:
+            raise self._closed_error(action)
+
+    # ------------------------------------------------------------------ run
+
+    async def run(
+        self,
+        code: str,
+        *,
+        language: Language | str = "python",
+        timeout_seconds: float | None = None,
+        memory_mb: int | None = None,
+        env_vars: Mapping[str, str] | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        on_boot_log: BootLogCallback | None = None,
+        files: Mapping[str, bytes | Path] | None = None,
+        download: Sequence[str] | None = None,
+    ) -> RunResult:
+        """Run ``code`` once in a fresh VM and return its result (see the module docstring)."""
+        lang = validate_language(language)
+        code = validate_code(code, max_bytes=self.config.max_code_bytes)
+        timeout = validate_timeout(
+            self.config.default_timeout_seconds if timeout_seconds is None else timeout_seconds,
+            max_seconds=self.config.max_timeout_seconds,
+        )
+        memory = validate_memory_mb(self.config.default_memory_mb if memory_mb is None else memory_mb)
+        env = validate_env_vars(env_vars)
+        uploads = self._validate_uploads(files)
+        downloads = self._validate_downloads(download)
+        self._require_running("run code in")
+        state = _RunState()
+        inner = asyncio.get_running_loop().create_task(
+            self._run(
+                code, lang, timeout, memory, env, on_stdout, on_stderr, on_boot_log, uploads, downloads, state
+            ),
+            name="sbx-run",
+        )
+        result: RunResult = await self._await_tracked(inner, state)
+        return result
+
+    async def _await_tracked(self, inner: asyncio.Task[Any], state: _RunState | None) -> Any:
+        """Await an internal task; translate a cancellation caused by ``close()`` into a clear error."""
+        self._tasks.add(inner)
+        inner.add_done_callback(self._tasks.discard)
+        try:
+            # If the caller is cancelled, awaiting the task cancels it and waits for its cleanup.
+            return await inner
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            caller_cancelled = me is not None and me.cancelling() > 0
+            if caller_cancelled or self._state is SchedulerState.RUNNING or not inner.cancelled():
+                raise
+            if state is not None and state.dispatched:
+                raise CommunicationOutcomeUnknownError(
+                    "the Scheduler was closed while the code was running; its VM was stopped",
+                    context={"reason": "scheduler_closed"},
+                ) from None
+            raise SchedulerClosedError(
+                "the Scheduler was closed before the code ran", context={"reason": "scheduler_closed"}
+            ) from None
+
+    def _validate_uploads(self, files: Mapping[str, bytes | Path] | None) -> dict[str, bytes | Path]:
+        if files is None:
+            return {}
+        if not isinstance(files, Mapping):
+            raise input_error("files", files, "must be a mapping of guest paths to bytes or local Paths")
+        result: dict[str, bytes | Path] = {}
+        for guest_path, data in files.items():
+            rel = validate_guest_path(guest_path, field="files")
+            if isinstance(data, bytes | bytearray | memoryview):
+                size = len(data)
+                data = bytes(data)
+            elif isinstance(data, Path):
+                try:
+                    size = data.stat().st_size
+                except OSError as exc:
+                    raise input_error(f"files[{guest_path!r}]", str(data), f"cannot read: {exc}") from None
+                if not data.is_file():
+                    raise input_error(f"files[{guest_path!r}]", str(data), "is not a regular file")
+            else:
+                raise input_error(
+                    f"files[{guest_path!r}]", data, f"must be bytes or a Path, not {type(data).__name__}"
+                )
+            if size > self.config.max_file_bytes:
+                raise input_error(
+                    f"files[{guest_path!r}]",
+                    f"<{size} bytes>",
+                    f"is larger than max_file_bytes ({self.config.max_file_bytes})",
+                    size_bytes=size,
+                    limit_bytes=self.config.max_file_bytes,
+                )
+            result[rel] = data
+        return result
+
+    def _validate_downloads(self, download: Sequence[str] | None) -> list[tuple[str, str]]:
+        if download is None:
+            return []
+        if isinstance(download, str | bytes) or not isinstance(download, Sequence):
+            raise input_error("download", download, "must be a list of guest paths, not a single string")
+        return [(p, validate_guest_path(p, field="download")) for p in download]
+
+    async def _run(
+        self,
+        code: str,
+        language: Language,
+        timeout: float,
+        memory_mb: int,
+        env: dict[str, str],
+        on_stdout: OutputCallback | None,
+        on_stderr: OutputCallback | None,
+        on_boot_log: BootLogCallback | None,
+        uploads: dict[str, bytes | Path],
+        downloads: list[tuple[str, str]],
+        state: _RunState,
+    ) -> RunResult:
+        started = time.perf_counter()
+        t = time.perf_counter()
+        await self._ensure_image(language)
+        setup_ms = _ms(t)
+        lease = await self._provision(language, memory_mb, on_boot_log)
+        vm = lease.vm
+        teardown_ms = 0.0
+        files: dict[str, bytes] = {}
+        download_errors: dict[str, str] = {}
+        try:
+            for rel, data in uploads.items():
+                await vm.agent.write_file(rel, data)
+            state.dispatched = True
+            outcome = await execute_in_vm(
+                vm,
+                code,
+                language=language,
+                session=False,
+                timeout_s=timeout,
+                env=env,
+                max_output_bytes=self.config.max_output_bytes,
+                memory_mb=memory_mb,
+                on_stdout=on_stdout,
+                on_stderr=on_stderr,
+            )
+            for given, rel in downloads:
+                try:
+                    files[given] = await vm.agent.read_file(rel)
+                except SandboxError as exc:
+                    if isinstance(exc, CommunicationOutcomeUnknownError):
+                        raise
+                    download_errors[given] = exc.message
+        finally:
+            t = time.perf_counter()
+            await self._retire(lease)
+            teardown_ms = _ms(t)
+        res = outcome.result
+        boot = vm.timing
+        timing = TimingBreakdown(
+            admission_wait_ms=lease.grant.waited_ms,
+            setup_ms=setup_ms + boot.image_ms,
+            overlay_ms=boot.overlay_ms,
+            boot_ms=boot.qemu_spawn_ms + boot.boot_to_agent_ms,
+            execute_ms=outcome.execute_ms,
+            teardown_ms=teardown_ms,
+            total_ms=_ms(started),
+        )
+        return RunResult(
+            stdout=outcome.stdout,
+            stderr=outcome.stderr,
+            exit_code=res.exit_code,
+            execution_time_ms=max(res.duration_ms, 0.0),
+            timing=timing,
+            language=language,
+            timed_out=res.timed_out,
+            signal=res.signal,
+            stdout_truncated=res.stdout_truncated,
+            stderr_truncated=res.stderr_truncated,
+            vm_id=vm.vm_id,
+            accelerator=vm.accelerator.accel if vm.accelerator else None,
+            warm_pool_hit=lease.warm_pool_hit,
+            restored_from_snapshot=lease.restored_from_snapshot,
+            oom_killed=outcome.oom_killed,
+            files=files,
+            download_errors=download_errors,
+        )
+
+    # ------------------------------------------------------------------ sessions
+
+    async def session(
+        self,
+        language: Language | str = "python",
+        *,
+        memory_mb: int | None = None,
+        env_vars: Mapping[str, str] | None = None,
+        idle_timeout_seconds: float | None = None,
+    ) -> Session:
+        """Boot a VM for a stateful :class:`Session` (``async with await scheduler.session() as s``)."""
+        lang = validate_language(language)
+        memory = validate_memory_mb(self.config.default_memory_mb if memory_mb is None else memory_mb)
+        env = validate_env_vars(env_vars)
+        if idle_timeout_seconds is None:
+            idle_timeout_seconds = self.config.session_idle_timeout_seconds
+        idle = validate_timeout(
+            idle_timeout_seconds,
+            max_seconds=86400.0,
+            field="idle_timeout_seconds",
+        )
+        self._require_running("open a session in")
+        inner = asyncio.get_running_loop().create_task(
+            self._open_session(lang, memory, env, idle), name="sbx-session-open"
+        )
+        session: Session = await self._await_tracked(inner, None)
+        return session
+
+    async def _open_session(
+        self, language: Language, memory_mb: int, env: dict[str, str], idle: float
+    ) -> Session:
+        await self._ensure_image(language)
+        lease = await self._provision(language, memory_mb, None)
+        try:
+            session = Session(
+                vm=lease.vm,
+                grant=lease.grant,
+                config=self.config,
+                language=language,
+                memory_mb=memory_mb,
+                env_vars=env,
+                idle_timeout_seconds=idle,
+                on_closed=self._sessions.discard,
+            )
+        except BaseException:
+            await self._retire(lease)
+            raise
+        self._sessions.add(session)
+        return session
+
+    # ------------------------------------------------------------------ VMs
+
+    async def _ensure_image(self, language: Language) -> Path:
+        """Find (building on first use) the language's image, once at a time, and pool its overlays."""
+        lock = self._image_locks.setdefault(language, asyncio.Lock())
+        async with lock:
+            bundle = await self._vm_manager.aget_bundle(language)
+            base = bundle.rootfs.absolute()
+            if base not in self._pooled_bases and self._pool is not None:
+                await self._pool.start([base])  # registers the base with the running pool
+                self._pooled_bases.add(base)
+            return base
+
+    def _vm_options(self, language: Language, memory_mb: int) -> VmOptions:
+        return VmOptions(
+            language=language,
+            memory_mb=memory_mb,
+            vcpus=self.config.default_vcpus,
+            boot_timeout_s=_BOOT_TIMEOUT_S,
+            network=self.config.network_enabled,
+        )
+
+    async def _provision(
+        self, language: Language, memory_mb: int, on_boot_log: BootLogCallback | None
+    ) -> VmLease:
+        """Reserve capacity and get a ready VM for it (the seam for warm pools and snapshots)."""
+        grant = await self.admission.acquire(memory_mb, self.config.default_vcpus)
+        try:
+            vm, attempts = await self._boot(self._vm_options(language, memory_mb), on_boot_log)
+        except BaseException:
+            grant.release()
+            raise
+        return VmLease(vm=vm, grant=grant, boot_attempts=attempts)
+
+    async def _boot(self, options: VmOptions, on_boot_log: BootLogCallback | None) -> tuple[SandboxVm, int]:
+        for attempt in range(1, _BOOT_ATTEMPTS + 1):
+            try:
+                vm = await SandboxVm.boot(
+                    options,
+                    settings=self.settings,
+                    vm_manager=self._vm_manager,
+                    overlay_pool=self._pool,
+                    runtime_dir=self._runtime_dir,
+                    on_boot_log=on_boot_log,
+                )
+                return vm, attempt
+            except VmCapacityError:
+                raise
+            except SandboxTransientError as exc:
+                if attempt >= _BOOT_ATTEMPTS or self._state is not SchedulerState.RUNNING:
+                    raise
+                logger.warning("VM boot failed (%s); retrying once with a fresh VM", exc.message)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _retire(self, lease: VmLease) -> None:
+        """Stop a leased VM and return its capacity (runs to completion even when cancelled)."""
+        try:
+            await lease.vm.close()
+        finally:
+            lease.grant.release()

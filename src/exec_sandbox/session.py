@@ -1,0 +1,332 @@
+"""``Session``: one long-lived sandbox VM whose interpreter keeps its state between ``exec`` calls.
+
+Made by :meth:`Scheduler.session <exec_sandbox.scheduler.Scheduler.session>`::
+
+    async with await scheduler.session(language="python") as s:
+        await s.exec("x = 41")
+        (await s.exec("print(x + 1)")).stdout        # "42\\n"
+
+State kept between execs: Python / JavaScript variables, imports and functions (one persistent REPL
+in the guest); for ``raw`` (shell) the environment and the working directory. Files written with
+:meth:`write_file` or by the code stay in the work dir until the session closes.
+
+Lifecycle (:class:`SessionState`)::
+
+    OPEN --close() / idle timeout / Scheduler closed / VM failed--> CLOSED   (close() is idempotent)
+
+- ``exec`` calls run one at a time, in call order; ``exec_count`` counts those that reached the guest.
+- Timeout: the exec returns ``exit_code == -1``, ``timed_out=True`` and a stderr note; the guest
+  restarts the interpreter, so the session stays usable but its interpreter state is lost (the note
+  says so). Files survive.
+- Idle timeout: no call for ``idle_timeout_seconds`` closes the session (and frees its VM and its
+  admission capacity); later calls raise :class:`SessionClosedError` with ``reason="idle_timeout"``.
+- A call on a closed session raises :class:`SessionClosedError` (``context["reason"]``); an exec in
+  flight when the session closes raises :class:`CommunicationOutcomeUnknownError`. If the VM dies
+  under an exec (outcome unknown), the session closes itself (``reason="vm_failed"``).
+
+Paths are confined to the guest work dir (``/home/sandbox``): relative paths are taken from it,
+absolute ones must lie under it (:func:`~exec_sandbox.validation.validate_guest_path`); the guest
+agent resolves them again on its side. Files move in sha256-checked chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from enum import StrEnum
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Self
+
+from exec_sandbox.admission import Grant
+from exec_sandbox.agent_client import OutputCallback
+from exec_sandbox.config import SchedulerConfig
+from exec_sandbox.errors import CommunicationOutcomeUnknownError, SandboxError
+from exec_sandbox.execution import execute_in_vm
+from exec_sandbox.lifecycle_errors import CloseReason, SessionClosedError
+from exec_sandbox.models import ExecutionResult, FileInfo, Language, TimingBreakdown
+from exec_sandbox.sandbox_vm import SandboxVm
+from exec_sandbox.validation import (
+    input_error,
+    validate_code,
+    validate_env_vars,
+    validate_guest_path,
+    validate_timeout,
+)
+
+__all__ = ["Session", "SessionState"]
+
+logger = logging.getLogger(__name__)
+
+
+class SessionState(StrEnum):
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
+
+
+class Session:
+    """A stateful sandbox. Do not construct directly: use ``await scheduler.session(...)``."""
+
+    def __init__(
+        self,
+        *,
+        vm: SandboxVm,
+        grant: Grant,
+        config: SchedulerConfig,
+        language: Language,
+        memory_mb: int,
+        env_vars: Mapping[str, str],
+        idle_timeout_seconds: float,
+        on_closed: Callable[[Session], Awaitable[None] | None] | None = None,
+    ) -> None:
+        self._vm = vm
+        self._grant = grant
+        self._config = config
+        self.language: Language = language
+        self.memory_mb = memory_mb
+        self.env_vars: dict[str, str] = dict(env_vars)
+        self.idle_timeout_seconds = idle_timeout_seconds
+        self._on_closed = on_closed
+        self._state = SessionState.OPEN
+        self._close_reason: CloseReason | None = None
+        self._exec_lock = asyncio.Lock()
+        self._busy = 0
+        self._last_used = asyncio.get_running_loop().time()
+        self._exec_count = 0
+        self._close_task: asyncio.Task[None] | None = None
+        self._idle_task: asyncio.Task[None] | None = asyncio.get_running_loop().create_task(
+            self._idle_watch(), name=f"sbx-session-idle-{vm.vm_id}"
+        )
+
+    # ------------------------------------------------------------------ introspection
+
+    @property
+    def exec_count(self) -> int:
+        """How many ``exec`` calls reached the guest (including ones that failed or timed out)."""
+        return self._exec_count
+
+    @property
+    def closed(self) -> bool:
+        return self._state is SessionState.CLOSED
+
+    @property
+    def state(self) -> SessionState:
+        return self._state
+
+    @property
+    def close_reason(self) -> CloseReason | None:
+        return self._close_reason
+
+    @property
+    def vm_id(self) -> str:
+        return self._vm.vm_id
+
+    @property
+    def vm(self) -> SandboxVm:
+        """The session's VM (for inspection and for layers above, e.g. snapshot-based fork)."""
+        return self._vm
+
+    def __repr__(self) -> str:
+        return f"Session(vm_id={self.vm_id!r}, language={self.language!r}, state={self._state.value!r})"
+
+    # ------------------------------------------------------------------ exec
+
+    async def exec(
+        self,
+        code: str,
+        *,
+        timeout_seconds: float | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        env_vars: Mapping[str, str] | None = None,
+    ) -> ExecutionResult:
+        """Run ``code`` in the session's interpreter; see the module docstring for the semantics."""
+        code = validate_code(code, max_bytes=self._config.max_code_bytes)
+        timeout = validate_timeout(
+            self._config.default_timeout_seconds if timeout_seconds is None else timeout_seconds,
+            max_seconds=self._config.max_timeout_seconds,
+        )
+        env = {**self.env_vars, **validate_env_vars(env_vars)}
+        started = time.perf_counter()
+        async with self._activity(), self._exec_lock:
+            self._check_open()
+            self._exec_count += 1
+            try:
+                outcome = await execute_in_vm(
+                    self._vm,
+                    code,
+                    language=self.language,
+                    session=True,
+                    timeout_s=timeout,
+                    env=env,
+                    max_output_bytes=self._config.max_output_bytes,
+                    memory_mb=self.memory_mb,
+                    on_stdout=on_stdout,
+                    on_stderr=on_stderr,
+                )
+            except SandboxError as exc:
+                raise await self._exec_failed(exc) from exc
+        res = outcome.result
+        return ExecutionResult(
+            stdout=outcome.stdout,
+            stderr=outcome.stderr,
+            exit_code=res.exit_code,
+            execution_time_ms=max(res.duration_ms, 0.0),
+            timing=TimingBreakdown(execute_ms=outcome.execute_ms, total_ms=_ms(started)),
+            language=self.language,
+            timed_out=res.timed_out,
+            signal=res.signal,
+            stdout_truncated=res.stdout_truncated,
+            stderr_truncated=res.stderr_truncated,
+            vm_id=self.vm_id,
+            accelerator=self._vm.accelerator.accel if self._vm.accelerator else None,
+            oom_killed=outcome.oom_killed,
+        )
+
+    async def _exec_failed(self, exc: SandboxError) -> SandboxError:
+        """The error to raise for a failed exec; closes the session when its VM is unusable."""
+        if self.closed:
+            reason = self._close_reason or "closed"
+            if isinstance(exc, CommunicationOutcomeUnknownError):
+                return CommunicationOutcomeUnknownError(
+                    f"the session closed ({reason}) while the code was running",
+                    context={**exc.context, "reason": reason, "vm_id": self.vm_id},
+                )
+            return SessionClosedError(
+                f"the session is closed ({reason})", context={"reason": reason, "vm_id": self.vm_id}
+            )
+        if isinstance(exc, CommunicationOutcomeUnknownError):
+            # The agent link is gone or wedged: the VM cannot serve this session any more.
+            logger.warning("session %s: VM lost during exec (%s); closing the session", self.vm_id, exc)
+            await self._close("vm_failed")
+        return exc
+
+    # ------------------------------------------------------------------ files
+
+    async def write_file(
+        self, path: str, data: bytes | Path | IO[bytes], *, make_executable: bool = False
+    ) -> None:
+        """Write ``data`` (bytes, a local file, or a binary file object) to ``path`` in the work dir."""
+        rel = validate_guest_path(path)
+        if isinstance(data, bytes | bytearray | memoryview):
+            size: int | None = len(data)
+        elif isinstance(data, Path):
+            try:
+                size = (await asyncio.to_thread(data.stat)).st_size
+            except OSError as exc:
+                raise input_error("data", str(data), f"cannot read the local file: {exc}") from None
+        else:
+            size = None
+        if size is not None and size > self._config.max_file_bytes:
+            raise input_error(
+                "data",
+                f"<{size} bytes>",
+                f"is larger than max_file_bytes ({self._config.max_file_bytes})",
+                size_bytes=size,
+                limit_bytes=self._config.max_file_bytes,
+            )
+        async with self._activity():
+            self._check_open()
+            await self._guarded(self._vm.agent.write_file(rel, data, make_executable=make_executable))
+
+    async def read_file(self, path: str, destination: Path | IO[bytes] | None = None) -> bytes | None:
+        """Read ``path`` from the work dir: returns the bytes, or None after writing to ``destination``."""
+        rel = validate_guest_path(path)
+        async with self._activity():
+            self._check_open()
+            if destination is None:
+                data: bytes = await self._guarded(self._vm.agent.read_file(rel))
+                return data
+            await self._guarded(self._vm.agent.read_file(rel, destination))
+            return None
+
+    async def list_files(self, path: str = ".") -> list[FileInfo]:
+        """Entries of a directory in the work dir (default: the work dir itself)."""
+        rel = validate_guest_path(path, allow_workdir=True)
+        async with self._activity():
+            self._check_open()
+            entries = await self._guarded(self._vm.agent.list_files(rel))
+        return [FileInfo(name=e.name, is_dir=e.is_dir, size=e.size, is_symlink=e.is_symlink) for e in entries]
+
+    async def _guarded(self, call: Awaitable[Any]) -> Any:
+        try:
+            return await call
+        except SandboxError as exc:
+            raise await self._exec_failed(exc) from exc
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _check_open(self) -> None:
+        if self._state is SessionState.CLOSED:
+            reason = self._close_reason or "closed"
+            raise SessionClosedError(
+                f"the session is closed ({reason})", context={"reason": reason, "vm_id": self.vm_id}
+            )
+
+    @contextlib.asynccontextmanager
+    async def _activity(self) -> Any:
+        self._check_open()
+        self._busy += 1
+        try:
+            yield
+        finally:
+            self._busy -= 1
+            self._last_used = asyncio.get_running_loop().time()
+
+    async def _idle_watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._state is SessionState.OPEN:
+            remaining = self._last_used + self.idle_timeout_seconds - loop.time()
+            if remaining > 0 or self._busy:
+                await asyncio.sleep(max(remaining, 0.05))
+                continue
+            logger.info("session %s idle for %.0fs; closing", self.vm_id, self.idle_timeout_seconds)
+            self._idle_task = None  # close() must not cancel the task running it
+            await self._close("idle_timeout")
+            return
+
+    async def close(self) -> None:
+        """Stop the VM and free its capacity. Idempotent; safe while an exec runs (it fails)."""
+        await self._close("closed")
+
+    async def _close(self, reason: CloseReason) -> None:
+        if self._close_task is None:
+            self._close_reason = reason
+            self._state = SessionState.CLOSED
+            self._close_task = asyncio.get_running_loop().create_task(
+                self._teardown(), name=f"sbx-session-close-{self.vm_id}"
+            )
+        # Every caller waits for the one teardown; shielded so a cancelled caller cannot cut it short.
+        await asyncio.shield(self._close_task)
+
+    async def _teardown(self) -> None:
+        idle, self._idle_task = self._idle_task, None
+        if idle is not None and idle is not asyncio.current_task():
+            idle.cancel()
+            await asyncio.wait([idle])
+        try:
+            await self._vm.close()
+        finally:
+            self._grant.release()
+            if self._on_closed is not None:
+                try:
+                    value = self._on_closed(self)
+                    if value is not None:
+                        await value
+                except Exception:  # bookkeeping only; the VM is already gone
+                    logger.exception("session close hook failed")
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
