@@ -193,9 +193,7 @@ def parse_upload_spec(spec: str) -> Upload:
     local = Path(local_text).expanduser()
     if not guest:
         guest = local.name
-    guest = validate_guest_path(guest, field="--upload")
-    if guest == ".":
-        raise input_error("--upload", spec, "GUEST names the work dir itself; give a file name")
+    guest = validate_guest_path(guest, field="--upload")  # the work dir itself is refused there
     if not local.exists():
         raise input_error("--upload", spec, f"no such local file: {local}")
     if not local.is_file():
@@ -211,10 +209,8 @@ def parse_download_spec(spec: str, cwd: Path) -> Download:
     A LOCAL that is an existing directory (or ends in ``/``) receives the file under GUEST's name.
     """
     guest_text, sep, local_text = spec.partition(":")
-    guest = validate_guest_path(guest_text, field="--download")
+    guest = validate_guest_path(guest_text, field="--download")  # never the work dir itself
     name = posixpath.basename(guest)
-    if guest == "." or not name:
-        raise input_error("--download", spec, "GUEST must name a file, not the work dir")
     if sep and not local_text:
         raise input_error("--download", spec, "LOCAL after ':' is empty")
     if not local_text:
