@@ -665,7 +665,8 @@ async def test_upload_cut_by_a_disconnect_leaves_no_partial_file(agent: RunningA
     async with await AgentClient.open_unix(agent.socket, connect_timeout=20) as c:
         await c.wait_ready(timeout=30)
         await c.ping()
-        assert [e.name for e in await c.list_files(".")] == []
+        entries = await c.list_files(".")
+        assert [e.name for e in entries] == [], entries
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="the process cap applies to the dropped-privilege uid")
