@@ -27,6 +27,7 @@ from .recipe import (
     EXCLUDED_PACKAGES,
     LANGUAGES,
     AptRecord,
+    LanguageSpec,
     digest_files,
     kernel_fragment_text,
     kernel_recipe_hash,
@@ -128,7 +129,7 @@ class ImageBuilder:
         )
 
     @staticmethod
-    def _spec(language: str) -> Any:
+    def _spec(language: str) -> LanguageSpec:
         try:
             return LANGUAGES[language]
         except KeyError:
