@@ -19,7 +19,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,9 +28,9 @@ from typing import Any
 
 from smartvm.config import VMConfig, boot_configuration_steps, instance_start_step
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.process import ChildProcess, stop_ladder
 from smartvm.transport.socket_client import SocketClient
 from smartvm.vmm.base import NetworkOverride, SnapshotFiles, VmmInfo, VmmRunState
-from smartvm.vmm.child_process import ChildProcess
 
 __all__ = [
     "MIN_FIRECRACKER_VERSION",
@@ -571,22 +570,20 @@ class FirecrackerMachine:
             self._state = FirecrackerState.STOPPED
 
     async def _shutdown_ladder(self, proc: ChildProcess, timeout: float) -> None:
-        # A paused guest cannot react to Ctrl-Alt-Del; go straight to signals.
-        if self._state is FirecrackerState.RUNNING and self._client is not None:
+        async def ctrl_alt_del() -> bool:
+            # A paused guest cannot react to Ctrl-Alt-Del; go straight to signals.
+            if self._state is not FirecrackerState.RUNNING or self._client is None:
+                return False
             try:
                 await self._client.put(
                     "/actions", {"action_type": "SendCtrlAltDel"}, timeout=min(timeout, self._api_timeout)
                 )
             except SmartVMError as exc:
                 _log.debug("SendCtrlAltDel failed, escalating: %s", exc)
-            else:
-                if await proc.wait(timeout) is not None:
-                    return
-        proc.signal_group(signal.SIGTERM)
-        if await proc.wait(timeout) is not None:
-            return
-        _log.warning("firecracker pid %s ignored SIGTERM for %ss; sending SIGKILL", proc.pid, timeout)
-        proc.signal_group(signal.SIGKILL)
+                return False
+            return True
+
+        await stop_ladder(proc, graceful=ctrl_alt_del, timeout=timeout, what="firecracker", log=_log)
 
     async def wait(self) -> int | None:
         proc = self._proc
