@@ -44,6 +44,7 @@ import click
 
 from exec_sandbox.errors import (
     CommunicationOutcomeUnknownError,
+    GuestAgentError,
     SandboxError,
     SandboxInputError,
     SandboxTransientError,
@@ -343,14 +344,15 @@ def download_records(downloads: Sequence[Download], files: Mapping[str, bytes]) 
     ]
 
 
-def result_json(
-    result: ExecutionResult, downloads: list[dict[str, Any]], code: int, missing: Sequence[str] = ()
-) -> dict[str, Any]:
-    """The ``--json`` document: every ExecutionResult field plus ``downloads`` (what was written where),
-    ``missing_downloads`` (guest paths that did not exist) and ``sbx_exit_code``."""
+def result_json(result: ExecutionResult, downloads: list[dict[str, Any]], code: int) -> dict[str, Any]:
+    """The ``--json`` document: the result's fields (file contents left out: they were written to
+    disk), ``downloads`` (what was written where, size, sha256) and ``sbx_exit_code``.
+
+    ``download_errors`` (from :class:`~exec_sandbox.scheduler.RunResult`) names guest paths that
+    could not be read, with the guest's reason.
+    """
     data = result.model_dump(mode="json", exclude={"files"})
     data["downloads"] = downloads
-    data["missing_downloads"] = list(missing)
     data["sbx_exit_code"] = code
     return data
 
@@ -412,7 +414,7 @@ class _Reporter:
             if not self._building:
                 self._building = True
                 self.console.print(
-                    f"sbx: building the {language} guest image (first use; this takes a few minutes)",
+                    f"sbx: preparing the {language} guest image (building it takes minutes, once)",
                     markup=False,
                 )
             renderer(event)
@@ -686,24 +688,23 @@ async def _run(config: SchedulerConfig, request: _Request, reporter: _Reporter) 
             loop.remove_signal_handler(signal.SIGTERM)
 
     code = exit_code_for_result(result)
-    files: Mapping[str, bytes] = getattr(result, "files", None) or {}
-    present = [d for d in request.downloads if d.guest in files]
-    missing = [d.guest for d in request.downloads if d.guest not in files]
+    present = [d for d in request.downloads if d.guest in result.files]
     for d in present:
-        write_download(files[d.guest], d.local, force=request.force)
-    records = download_records(present, files)
+        write_download(result.files[d.guest], d.local, force=request.force)
+    records = download_records(present, result.files)
+    missing = {d.guest: result.download_errors.get(d.guest, "not returned") for d in request.downloads}
+    missing = {guest: reason for guest, reason in missing.items() if guest not in result.files}
     if missing:
         # The program ran and its outcome stands; a file it did not leave behind is still a failure.
+        detail = "; ".join(f"{guest}: {reason}" for guest, reason in missing.items())
         reporter.error(
-            SandboxError(
-                "no such file in the sandbox after the run", context={"download": ", ".join(missing)}
-            )
+            GuestAgentError(f"--download failed: {detail}", context={"download": ", ".join(missing)})
         )
         if code == 0:
             code = ExitCode.SANDBOX_ERROR
 
     if request.as_json:
-        click.echo(json.dumps(result_json(result, records, code, missing)))
+        click.echo(json.dumps(result_json(result, records, code)))
         return code
     for record in records:
         reporter.line(

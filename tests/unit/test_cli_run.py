@@ -39,6 +39,7 @@ from exec_sandbox.errors import (
     VmCapacityError,
 )
 from exec_sandbox.models import ExecutionResult, TimingBreakdown
+from exec_sandbox.scheduler import RunResult
 
 
 def _result(**fields: object) -> ExecutionResult:
@@ -332,7 +333,12 @@ def test_format_error_transient_stderr_and_unknown_outcome() -> None:
 def test_result_json_shape(tmp_path: Path) -> None:
     files = {"out.txt": b"hello"}
     records = download_records([Download("out.txt", tmp_path / "o.txt")], files)
-    doc = json.loads(json.dumps(result_json(_result(exit_code=2), records, 2, ["gone.txt"])))
+    result = RunResult(
+        **_result(exit_code=2).model_dump(), files=files, download_errors={"gone.txt": "no such file"}
+    )
+    doc = json.loads(json.dumps(result_json(result, records, 2)))
+    assert "files" not in doc  # the contents went to disk, not into the document
+    assert doc["download_errors"] == {"gone.txt": "no such file"}
     assert doc["stdout"] == "1\n" and doc["exit_code"] == 2 and doc["sbx_exit_code"] == 2
     assert doc["timing"]["boot_ms"] == 1900.0 and doc["language"] == "python"
     assert doc["downloads"] == [
@@ -343,8 +349,8 @@ def test_result_json_shape(tmp_path: Path) -> None:
             "sha256": hashlib.sha256(b"hello").hexdigest(),
         }
     ]
-    assert doc["missing_downloads"] == ["gone.txt"]
     assert set(ExecutionResult.model_fields) <= set(doc)
+    assert set(doc) == set(RunResult.model_fields) - {"files"} | {"downloads", "sbx_exit_code"}
 
 
 # ---- the command, up to the point where it would boot a VM ---------------------------------------
