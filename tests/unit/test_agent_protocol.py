@@ -198,3 +198,12 @@ def test_fast_argument_parser_matches_argparse(agent_mod: ModuleType, argv: list
 )
 def test_fast_argument_parser_defers_unusual_input(agent_mod: ModuleType, argv: list[str]) -> None:
     assert agent_mod._fast_parse(argv) is None
+
+
+def test_agent_flags_from_the_kernel_command_line(agent_mod: ModuleType) -> None:
+    cmdline = ("console=ttyS0 quiet sbx.agent=--spare=python,--warm=raw reboot=t "
+               "sbx.agent=--max-user-processes=64\n")
+    flags = agent_mod.cmdline_flags(cmdline)
+    assert flags == ["--spare=python", "--warm=raw", "--max-user-processes=64"]
+    args = agent_mod.parse_args(flags)
+    assert (args.spare, args.warm, args.max_user_processes) == (["python"], ["raw"], 64)

@@ -1868,8 +1868,28 @@ def parse_args(argv: list[str]) -> Args:
     return args
 
 
+def cmdline_flags(cmdline: str) -> list[str]:
+    """Extra agent flags from the kernel command line: ``sbx.agent=--spare=python,--warm=python``.
+
+    The guest init execs the agent with fixed arguments; this lets the host choose per boot.
+    """
+    flags: list[str] = []
+    for token in cmdline.split():
+        if token.startswith("sbx.agent="):
+            flags += [f for f in token[len("sbx.agent="):].split(",") if f]
+    return flags
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if argv is None:
+        argv = sys.argv[1:]
+        if os.getpid() == 1:
+            try:
+                with open("/proc/cmdline") as fh:
+                    argv = argv + cmdline_flags(fh.read())
+            except OSError:
+                pass
+    args = parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
     unix_path = args.unix_connect or args.unix_listen
     if unix_path:
