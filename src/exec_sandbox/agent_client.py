@@ -551,8 +551,12 @@ class AgentClient:
             self._pending.pop(req_id, None)
 
     async def _send(self, request: HostRequest, pending: _Pending | None = None) -> None:
-        frame = encode_frame(request.model_dump(mode="json", exclude_none=True),
-                             max_frame_bytes=self._max_frame)
+        try:
+            frame = encode_frame(request.model_dump(mode="json", exclude_none=True),
+                                 max_frame_bytes=self._max_frame)
+        except FrameError as exc:  # the caller's input is too big to send: nothing was dispatched
+            raise SandboxInputError(f"{request.type} request is too large: {exc.message}",
+                                    context=exc.context) from None
         async with self._send_lock:
             self._check_usable()
             if pending is not None:

@@ -259,6 +259,10 @@ async def test_invalid_exec_arguments_are_input_errors(client: AgentClient) -> N
         await client.exec("print(1)", language="python", env={"BAD NAME": "x"})
     with pytest.raises(SandboxInputError, match="language"):
         await client.exec("print(1)", language="cobol")  # type: ignore[arg-type]
+    # Under the code cap, but JSON-escaped it would not fit one frame.
+    with pytest.raises(SandboxInputError, match="too large"):
+        await client.exec("#" + "\x01" * (ap.MAX_CODE_BYTES - 1), language="python")
+    assert (await client.exec("print('fine')", language="python")).stdout == "fine\n"
 
 
 async def test_output_is_streamed_in_order_before_exit(client: AgentClient) -> None:
