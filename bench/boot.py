@@ -5,8 +5,9 @@ Measured (all wall clock, ``time.perf_counter``, medians and p95 over the runs):
 * ``sandbox cold boot``: ``SandboxVm.boot()`` called -> returned with the guest agent's hello
   (overlay from an OverlayPool, QEMU spawn + QMP, kernel boot, init, agent start, first ping).
   Images are built/looked up once before the timed runs; each run is a fresh overlay and QEMU.
-* ``print(1) round trip``: ``vm.exec("print(1)")`` in one ready VM (a new python3 process in the
-  guest each time), host call -> result; plus the bare agent ``ping`` round trip.
+* ``print(1) round trip``: ``vm.exec("print(1)")`` in one ready VM, host call -> result: (a) a
+  new python3 process in the guest each time, (b) ``session=True`` in the warmed python REPL
+  (what a warm pool serves); plus the bare agent ``ping`` round trip.
 * baseline ``plain QEMU + Debian cloud kernel``: ``qemu-system-x86_64 -M microvm,acpi=on`` (argv
   from smartvm's pure ``build_argv``, no QMP, no disk) booting Debian's stock
   ``linux-image-cloud-amd64`` vmlinuz with a busybox initramfs whose ``/init`` prints a marker and
@@ -103,6 +104,15 @@ async def bench_sandbox(settings: Settings, runs: int, rtt_runs: int, language: 
                     rtts.append((time.perf_counter() - t) * 1000)
                     if result.stdout != "1\n":
                         raise RuntimeError(f"unexpected output {result.stdout!r} / {result.stderr!r}")
+                await vm.agent.warmup(["python"])
+                await vm.exec("print(0)", session=True)
+                sessions = []
+                for _ in range(rtt_runs):
+                    t = time.perf_counter()
+                    result = await vm.exec("print(1)", session=True)
+                    sessions.append((time.perf_counter() - t) * 1000)
+                    if result.stdout != "1\n":
+                        raise RuntimeError(f"unexpected session output {result.stdout!r} / {result.stderr!r}")
                 for _ in range(rtt_runs):
                     t = time.perf_counter()
                     await vm.agent.ping()
@@ -117,6 +127,7 @@ async def bench_sandbox(settings: Settings, runs: int, rtt_runs: int, language: 
         "cold_boot": summary(boots),
         "cold_boot_phases": {k: summary(v) for k, v in phases.items()},
         "print1_round_trip": summary(rtts),
+        "print1_session_round_trip": summary(sessions),
         "ping_round_trip": summary(pings),
     }
 
@@ -261,6 +272,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "sandbox_print1_round_trip / python3_c_subprocess": round(
             sandbox["print1_round_trip"]["median_ms"] / py["python3_c_print1"]["median_ms"], 2
         ),
+        "sandbox_print1_session_round_trip / python3_c_subprocess": round(
+            sandbox["print1_session_round_trip"]["median_ms"] / py["python3_c_print1"]["median_ms"], 2
+        ),
     }
     return {
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
@@ -279,7 +293,8 @@ def report(result: dict[str, Any]) -> str:
         f"sandbox kernel: {sb['kernel_flavor']} ({sb['kernel']})",
         fmt("sandbox cold boot -> agent ready", sb["cold_boot"]),
         *(fmt(f"  phase {k}", v) for k, v in sb["cold_boot_phases"].items()),
-        fmt("sandbox exec print(1) round trip", sb["print1_round_trip"]),
+        fmt("sandbox exec print(1), new guest process", sb["print1_round_trip"]),
+        fmt("sandbox exec print(1), warm session REPL", sb["print1_session_round_trip"]),
         fmt("sandbox agent ping round trip", sb["ping_round_trip"]),
         f"baseline: plain QEMU, Debian cloud kernel ({Path(plain['kernel']).name}, {plain['accelerator']})",
         fmt("  spawn -> /init marker (userspace)", plain["to_userspace_marker"]),

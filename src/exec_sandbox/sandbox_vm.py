@@ -373,6 +373,16 @@ class SandboxVm:
         """The accelerator QEMU runs with and why (``.accel`` is "kvm" or "tcg")."""
         return self.machine.accelerator
 
+    @property
+    def alive(self) -> bool:
+        """True while the VM is READY/PAUSED, QEMU runs and the agent link is usable."""
+        return (
+            self._state in (SandboxVmState.READY, SandboxVmState.PAUSED)
+            and self.machine.state.value in ("running", "paused")
+            and self._agent is not None
+            and self._agent.state.value == "ready"
+        )
+
     def console_output(self) -> str:
         """The tail of the guest console (kernel messages, init output)."""
         return self.machine.console_output()

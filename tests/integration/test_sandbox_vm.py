@@ -9,13 +9,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import secrets
+import signal
 from pathlib import Path
 
 import pytest
 
 from exec_sandbox.agent_protocol import ExitEvent, OutputEvent
-from exec_sandbox.errors import SandboxInputError, SandboxTransientError
+from exec_sandbox.errors import SandboxError, SandboxInputError, SandboxTransientError
 from exec_sandbox.overlay_pool import OverlayPool
 from exec_sandbox.sandbox_vm import SandboxVm, SandboxVmState, VmOptions
 from exec_sandbox.settings import Settings
@@ -53,7 +55,7 @@ async def test_python_print(sbx_settings: Settings, sbx_images: VmManager, sbx_l
     lines: list[str] = []
     vm = await boot("python", sbx_settings, sbx_images, sbx_leaks, on_boot_log=lines.append)
     async with vm:
-        assert vm.state is SandboxVmState.READY
+        assert vm.state is SandboxVmState.READY and vm.alive
         assert vm.accelerator is not None and vm.accelerator.accel == "tcg"
         assert vm.hello is not None and "python" in vm.hello.languages
         assert vm.machine.pid is not None
@@ -63,7 +65,7 @@ async def test_python_print(sbx_settings: Settings, sbx_images: VmManager, sbx_l
         assert result.stdout == "2\n"
         assert result.stderr == ""
         assert result.exit_code == 0
-    assert vm.state is SandboxVmState.CLOSED
+    assert vm.state is SandboxVmState.CLOSED and not vm.alive
     await vm.close()  # idempotent
     with pytest.raises(SandboxTransientError, match="closed"):
         await vm.exec("print(1)")
@@ -349,3 +351,19 @@ async def test_invalid_options_are_input_errors() -> None:
         VmOptions(language="python", kernel_args=("two words",))
     with pytest.raises(ValueError, match="memory_mb"):
         VmOptions(language="python", memory_mb=1)
+
+
+async def test_qemu_killed_under_a_ready_vm_is_reported_and_cleaned_up(
+    sbx_settings: Settings, sbx_images: VmManager, sbx_leaks: LeakChecker
+) -> None:
+    vm = await boot("python", sbx_settings, sbx_images, sbx_leaks)
+    try:
+        assert vm.machine.pid is not None
+        os.kill(vm.machine.pid, signal.SIGKILL)
+        await vm.machine.wait()
+        with pytest.raises(SandboxError):
+            await vm.exec("print(1)")
+        assert not vm.alive
+    finally:
+        await vm.close()
+    assert vm.state is SandboxVmState.CLOSED
