@@ -42,6 +42,7 @@ from typing import IO, TYPE_CHECKING, Any, Final, NoReturn, TextIO
 
 import click
 
+from exec_sandbox.config import MAX_MEMORY_MB
 from exec_sandbox.errors import (
     CommunicationOutcomeUnknownError,
     GuestAgentError,
@@ -50,7 +51,14 @@ from exec_sandbox.errors import (
     SandboxTransientError,
 )
 from exec_sandbox.models import LANGUAGE_EXTENSIONS, LANGUAGES, ExecutionResult, Language, language_from_path
-from exec_sandbox.validation import input_error, validate_env_vars, validate_guest_path
+from exec_sandbox.validation import (
+    input_error,
+    validate_code,
+    validate_env_vars,
+    validate_guest_path,
+    validate_memory_mb,
+    validate_timeout,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -611,6 +619,7 @@ def run(
         from exec_sandbox.config import SchedulerConfig
 
         config = SchedulerConfig.from_env()
+        _prevalidate(config, request)  # before an image lookup or a storage daemon is spent on it
         _ensure_image(config, request.source.language, reporter)
     except SandboxError as exc:
         fail(exc)
@@ -629,6 +638,24 @@ def run(
         # A host-side failure outside the sandbox's error tree (a bug, a full disk): still one line.
         fail(exc)
     sys.exit(code)
+
+
+def _prevalidate(config: SchedulerConfig, request: _Request) -> None:
+    """The checks ``Scheduler.run`` makes too, but with the CLI's option names and nothing started."""
+    validate_code(request.source.code, max_bytes=config.max_code_bytes, field=request.source.origin)
+    if request.timeout is not None:
+        validate_timeout(request.timeout, max_seconds=config.max_timeout_seconds, field="--timeout")
+    if request.memory is not None:
+        validate_memory_mb(request.memory, max_mb=MAX_MEMORY_MB, field="--memory")
+    for upload in request.uploads:
+        size = upload.local.stat().st_size
+        if size > config.max_file_bytes:
+            raise input_error(
+                "--upload",
+                str(upload.local),
+                f"{upload.local} is {size} bytes, more than max_file_bytes ({config.max_file_bytes})",
+                limit_bytes=config.max_file_bytes,
+            )
 
 
 def _ensure_image(config: SchedulerConfig, language: Language, reporter: _Reporter) -> None:
