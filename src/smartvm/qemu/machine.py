@@ -31,7 +31,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from enum import StrEnum
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.process import ChildProcess, stop_ladder
 from smartvm.qemu.accel import AccelChoice, choose_accelerator
 from smartvm.qemu.argv import (
     ARCH_PROFILES,
@@ -55,7 +55,6 @@ from smartvm.qemu.console import ConsoleBuffer
 from smartvm.qemu.process import (
     OwnerRecord,
     default_runtime_dir,
-    pdeathsig_preexec,
     process_start_ticks,
     reap_leftovers,
     write_owner_record,
@@ -180,7 +179,7 @@ class QemuMachine:
         self._stderr = ConsoleBuffer(_STDERR_TAIL)
         self._state = MachineState.NEW
         self._accel: AccelChoice | None = None
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: ChildProcess | None = None
         self._qmp: QmpConnection | None = None
         self._watcher: asyncio.Task[int] | None = None
         self._undo: list[tuple[str, Callable[[], Awaitable[None]]]] = []
@@ -378,13 +377,9 @@ class QemuMachine:
     async def _spawn(self, spec: QemuMachineSpec) -> None:
         log.debug("spawning %s", " ".join(self.argv))
         try:
-            self._proc = await asyncio.create_subprocess_exec(
-                *self.argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                preexec_fn=pdeathsig_preexec(),
-                start_new_session=True,
+            # The console (QEMU's stdout) and stderr go to byte-bounded buffers that also serve waiters.
+            self._proc = await ChildProcess.spawn(
+                self.argv, new_session=True, stdout=self.console.attach, stderr=self._stderr.attach
             )
         except OSError as exc:
             raise SmartVMError(
@@ -398,12 +393,9 @@ class QemuMachine:
         self._record.qemu_pid = self._proc.pid
         self._record.qemu_start = process_start_ticks(self._proc.pid)
         write_owner_record(self.vm_dir, self._record)
-        assert self._proc.stdout is not None and self._proc.stderr is not None
-        self.console.attach(self._proc.stdout)
-        self._stderr.attach(self._proc.stderr)
 
     def _alive(self) -> bool:
-        return self._proc is not None and self._proc.returncode is None
+        return self._proc is not None and self._proc.alive
 
     async def _connect_qmp(self) -> None:
         self._qmp = QmpConnection(self.qmp_socket, name=f"smartvm-{self.vm_id}")
@@ -414,11 +406,8 @@ class QemuMachine:
             raise await self._start_failure(str(exc)) from exc
 
     async def _start_failure(self, why: str) -> SmartVMError:
-        if self._proc is not None and self._proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.kill()
         if self._proc is not None:
-            await self._proc.wait()
+            await self._proc.aclose()
         await self._stderr.wait_eof(timeout=1.0)
         tail = self._stderr.output().strip()
         return SmartVMError(
@@ -466,9 +455,7 @@ class QemuMachine:
             # "desc" marks a command QEMU refused; anything else is a broken link: did QEMU die?
             if "desc" in exc.details or self._proc is None:
                 raise
-            code: int | None = None
-            with contextlib.suppress(TimeoutError):
-                code = await asyncio.wait_for(self._proc.wait(), 1.0)
+            code = await self._proc.wait(1.0)
             if code is None:
                 raise
             raise SmartVMError(
@@ -725,44 +712,26 @@ class QemuMachine:
 
     async def _ladder(self, timeout: float) -> None:
         proc = self._proc
-        if proc is None or proc.returncode is not None:
+        if proc is None:
             return
-        if self._qmp is not None and self._qmp.connected:
+
+        async def quit_over_qmp() -> bool:
+            if self._qmp is None or not self._qmp.connected:
+                return False
             try:
                 await asyncio.wait_for(self._qmp.execute("quit"), timeout)
             except (SmartVMError, TimeoutError):
-                pass  # the link may drop before the reply; the wait below decides
-            if await self._exited_within(proc, timeout):
-                return
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            log.info("QEMU VM %s: sending %s", self.vm_id, sig.name)
-            self._signal_group(proc, sig)
-            if await self._exited_within(proc, timeout if sig == signal.SIGTERM else None):
-                return
+                pass  # the link may drop before the reply; the wait decides
+            return True
 
-    @staticmethod
-    async def _exited_within(proc: asyncio.subprocess.Process, timeout: float | None) -> bool:
-        try:
-            await asyncio.wait_for(proc.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
-    @staticmethod
-    def _signal_group(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
         # QEMU leads its own process group; the group also holds the `cat` of an exec: migration.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
+        await stop_ladder(
+            proc, graceful=quit_over_qmp, timeout=timeout, what=f"QEMU VM {self.vm_id}", log=log
+        )
 
     async def _kill_process(self) -> None:
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.returncode is None:
-            self._signal_group(proc, signal.SIGKILL)
-        await proc.wait()
+        if self._proc is not None:
+            await self._proc.aclose()
 
     async def _remove_vm_dir(self) -> None:
         await asyncio.to_thread(shutil.rmtree, self.vm_dir, True)

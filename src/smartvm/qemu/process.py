@@ -1,8 +1,8 @@
-"""Spawning QEMU so it never outlives its owner, and reaping what a dead owner left behind.
+"""Reaping what a dead owner left behind (spawning itself is :mod:`smartvm.process`).
 
-* The child gets ``PR_SET_PDEATHSIG(SIGKILL)`` (via ``prctl`` in ``preexec_fn``) and its own
-  process group. The kernel sends the signal when the *thread* that forked it exits, so
-  run the event loop in a thread that lives as long as the machines (asyncio's main thread).
+* QEMU is spawned by :class:`smartvm.process.ChildProcess`: ``PR_SET_PDEATHSIG(SIGKILL)`` and its
+  own process group, so it dies with the *thread* that forked it. That signal removes no files
+  (sockets, the RAM file in /dev/shm) and is tied to a thread, not the process: hence the records below.
 * Each VM has a directory ``<runtime_dir>/<vm_id>/`` holding its sockets and an
   ``owner.json`` (owner pid + start time, QEMU pid + start time, extra files such as the
   RAM file in /dev/shm). :func:`reap_leftovers` kills QEMUs whose owner is gone, after
@@ -13,14 +13,12 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
 import shutil
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,7 +26,6 @@ __all__ = [
     "OWNER_FILE",
     "OwnerRecord",
     "default_runtime_dir",
-    "pdeathsig_preexec",
     "process_start_ticks",
     "read_owner_record",
     "reap_leftovers",
@@ -38,7 +35,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 OWNER_FILE = "owner.json"
-_PR_SET_PDEATHSIG = 1
 
 
 def default_runtime_dir() -> Path:
@@ -80,20 +76,6 @@ def _is_zombie_or_gone(pid: int) -> bool:
     except OSError:
         return True
     return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
-
-
-def pdeathsig_preexec() -> Callable[[], None]:
-    """A ``preexec_fn`` that makes the child die with SIGKILL when its parent thread dies."""
-    libc = ctypes.CDLL(None, use_errno=True)  # loaded before fork: no dlopen in the child
-    prctl = libc.prctl
-    parent = os.getpid()
-
-    def _preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return _preexec
 
 
 @dataclass
