@@ -4,8 +4,8 @@ Creating an overlay through a running daemon (blockdev-create file -> blockdev-a
 -> blockdev-create qcow2 with a backing file -> blockdev-del) avoids forking
 ``qemu-img`` per VM. The daemon:
 
-- runs in its own process group with a parent-death signal, so it never outlives
-  the Python process that started it;
+- runs in its own process group with a parent-death signal (``smartvm.process``),
+  so it never outlives the Python process that started it;
 - listens on a QMP socket in a private temp dir (several daemons can coexist);
 - serialises commands (one overlay at a time: QMP job events and node names stay
   unambiguous, and the daemon's main loop is single-threaded anyway);
@@ -19,17 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import tempfile
 import uuid
-from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Mapping
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
@@ -39,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
 from exec_sandbox.errors import QemuStorageDaemonError, SandboxInputError
+from smartvm.process import ChildProcess, pid_alive, stop_ladder
 
 __all__ = [
     "DaemonState",
@@ -64,10 +62,8 @@ _T = TypeVar("_T")
 
 # Linux caps sun_path at 108 bytes including the NUL.
 _MAX_UNIX_PATH = 107
-_PR_SET_PDEATHSIG = 1
 _RUNTIME_PREFIX = "exec-sandbox-qsd-"
 _OWNER_FILE = "owner.pid"
-_STDERR_LINES = 40
 _INFO_CACHE_SIZE = 64
 
 
@@ -324,20 +320,6 @@ async def create_overlay_with_qemu_img(
 # --------------------------------------------------------------------------- process helpers
 
 
-def _pdeathsig_preexec() -> Callable[[], None]:
-    """A preexec_fn making the child die with its parent (Linux ``PR_SET_PDEATHSIG``)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    parent = os.getpid()
-
-    def preexec() -> None:
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        # The parent may have died between fork and prctl: then nobody would signal us.
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return preexec
-
-
 async def _shielded(aw: Awaitable[_T]) -> _T:
     """Await ``aw`` to completion even if the caller is cancelled; re-raise the cancel after.
 
@@ -363,16 +345,6 @@ def _event_data(event: Mapping[str, object]) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _reap_stale_runtime_dirs(parent: Path) -> None:
     """Remove runtime dirs left by daemons whose owner died (socket files would pile up)."""
     try:
@@ -384,7 +356,7 @@ def _reap_stale_runtime_dirs(parent: Path) -> None:
             owner = int((path / _OWNER_FILE).read_text().strip())
         except (OSError, ValueError):
             continue
-        if owner != os.getpid() and not _pid_alive(owner):
+        if owner != os.getpid() and not pid_alive(owner):
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -419,13 +391,12 @@ class QemuStorageDaemon:
         self._state = DaemonState.NEW
         self._lifecycle_lock = asyncio.Lock()
         self._command_lock = asyncio.Lock()
-        self._process: asyncio.subprocess.Process | None = None
+        self._process: ChildProcess | None = None
+        self._last_process: ChildProcess | None = None  # its stderr tail outlives the teardown
         self._qmp: QMPClient | None = None
         self._runtime_dir: Path | None = None
         self._socket_path: Path | None = None
         self._exit_task: asyncio.Task[int] | None = None
-        self._stderr_task: asyncio.Task[None] | None = None
-        self._stderr_tail: deque[str] = deque(maxlen=_STDERR_LINES)
 
     # ------------------------------------------------------------------ state
 
@@ -449,7 +420,7 @@ class QemuStorageDaemon:
         return self._socket_path
 
     def stderr_tail(self) -> str:
-        return "\n".join(self._stderr_tail)
+        return self._last_process.stderr_tail() if self._last_process is not None else ""
 
     def _exited(self) -> bool:
         if self._process is None or self._process.returncode is not None:
@@ -533,21 +504,15 @@ class QemuStorageDaemon:
             )
         self._socket_path = socket_path
         argv = build_daemon_argv(self._binary, socket_path)
-        self._stderr_tail.clear()
+        self._last_process = None
         try:
-            self._process = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,  # own process group: the kill ladder reaches everything
-                preexec_fn=_pdeathsig_preexec(),
-            )
+            # Own process group: the kill ladder reaches everything.
+            self._process = await ChildProcess.spawn(argv, new_session=True, stdout="devnull", stderr="tail")
         except OSError as exc:
             raise QemuStorageDaemonError(
                 f"Cannot run qemu-storage-daemon ({self._binary}): {exc}", context={"command": argv}
             ) from exc
-        self._stderr_task = asyncio.create_task(self._drain_stderr(self._process))
+        self._last_process = self._process
         self._exit_task = asyncio.create_task(self._process.wait())
         self._exit_task.add_done_callback(self._on_exit)
         try:
@@ -608,16 +573,9 @@ class QemuStorageDaemon:
                 return sock
             await asyncio.sleep(0.002)
 
-    async def _drain_stderr(self, process: asyncio.subprocess.Process) -> None:
-        assert process.stderr is not None
-        while line := await process.stderr.readline():
-            self._stderr_tail.append(line.decode(errors="replace").rstrip())
-
     async def _stderr_settled(self) -> None:
-        if self._stderr_task is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await asyncio.shield(self._stderr_task)
+        if self._process is not None:
+            await self._process.settle_output(1.0)
 
     async def _teardown(self) -> None:
         """The shutdown ladder and removal of every leftover. Runs to completion once begun."""
@@ -634,17 +592,24 @@ class QemuStorageDaemon:
                 async with asyncio.timeout(self._stop_timeout):
                     await qmp.disconnect()
         if process is not None:
-            await self._wait_or_signal(process, graceful=asked_to_quit)
-            if self._stderr_task is not None:
-                await self._stderr_settled()
-                self._stderr_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._stderr_task
+
+            async def quit_was_sent() -> bool:
+                return asked_to_quit  # sent above, before disconnecting
+
+            if not await stop_ladder(
+                process,
+                graceful=quit_was_sent,
+                timeout=self._stop_timeout,
+                kill_timeout=30.0,
+                what="qemu-storage-daemon",
+                log=logger,
+            ):
+                raise QemuStorageDaemonError(f"qemu-storage-daemon pid {process.pid} survived SIGKILL")
+            await process.aclose()  # reaped already; lets the stderr reader finish
             if self._exit_task is not None:
                 await self._exit_task
         self._process = None
         self._exit_task = None
-        self._stderr_task = None
         if self._socket_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self._socket_path.unlink()
@@ -652,22 +617,6 @@ class QemuStorageDaemon:
             shutil.rmtree(self._runtime_dir, ignore_errors=True)
         self._socket_path = None
         self._runtime_dir = None
-
-    async def _wait_or_signal(self, process: asyncio.subprocess.Process, *, graceful: bool) -> None:
-        ladder = (None, signal.SIGTERM, signal.SIGKILL) if graceful else (signal.SIGTERM, signal.SIGKILL)
-        for sig in ladder:
-            if process.returncode is not None:
-                return
-            if sig is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, sig)
-            try:
-                async with asyncio.timeout(self._stop_timeout if sig is not signal.SIGKILL else 30.0):
-                    await process.wait()
-                return
-            except TimeoutError:
-                logger.warning("qemu-storage-daemon pid %s still alive after %s", process.pid, sig or "quit")
-        raise QemuStorageDaemonError(f"qemu-storage-daemon pid {process.pid} survived SIGKILL")
 
     # ------------------------------------------------------------------ QMP
 
