@@ -36,6 +36,7 @@ from smartvm.config import VMConfig
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.facade import default_data_dir
 from smartvm.images import BaseImageBundle, BaseImageManager, ProgressEvent
+from smartvm.process import pid_alive
 from smartvm.supervisor import VmRecord, control_request, load_record, record_dir, save_record
 
 __all__ = ["cli", "main"]
@@ -276,7 +277,7 @@ def _record_or_fail(c: _Ctx, vm_id: str) -> VmRecord:
 def start_cmd(c: _Ctx, vm_id: str, timeout: float) -> None:
     """Boot a created VM; it keeps running after this command returns."""
     record = _record_or_fail(c, vm_id)
-    if record.state in ("running", "paused") and record.supervisor_pid and _alive(record.supervisor_pid):
+    if record.state in ("running", "paused") and record.supervisor_pid and pid_alive(record.supervisor_pid):
         c.emit(record.model_dump(mode="json"), lambda: _out.print(f"{vm_id} is already {record.state}"))
         return
     record = record.model_copy(update={"state": "starting", "error": None})
@@ -313,16 +314,6 @@ def _tail(path: Path, limit: int = 2000) -> str:
         return path.read_text(errors="replace")[-limit:]
     except OSError:
         return ""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _control(c: _Ctx, vm_id: str, request: dict[str, Any], timeout: float = 120.0) -> Any:
@@ -387,13 +378,13 @@ def info_cmd(c: _Ctx, vm_id: str) -> None:
 def stop_cmd(c: _Ctx, vm_id: str, timeout: float) -> None:
     """Stop a VM and free everything it holds (idempotent)."""
     record = _record_or_fail(c, vm_id)
-    if record.supervisor_pid and _alive(record.supervisor_pid):
+    if record.supervisor_pid and pid_alive(record.supervisor_pid):
         try:
             c.run(control_request(c.data_dir, vm_id, {"op": "stop"}, timeout))
         except SystemExit:
             os.kill(record.supervisor_pid, 15)
         deadline = time.monotonic() + timeout
-        while _alive(record.supervisor_pid) and time.monotonic() < deadline:
+        while pid_alive(record.supervisor_pid) and time.monotonic() < deadline:
             time.sleep(0.05)
     record = load_record(c.data_dir, vm_id)
     if record.state != "stopped":
@@ -408,7 +399,7 @@ def stop_cmd(c: _Ctx, vm_id: str, timeout: float) -> None:
 def rm_cmd(c: _Ctx, vm_id: str) -> None:
     """Forget a stopped VM's record."""
     record = _record_or_fail(c, vm_id)
-    if record.supervisor_pid and _alive(record.supervisor_pid):
+    if record.supervisor_pid and pid_alive(record.supervisor_pid):
         c.fail(SmartVMError(ErrorCode.INVALID_STATE, f"VM {vm_id!r} is {record.state}; stop it first"))
     directory = record_dir(c.data_dir, vm_id)
     for child in directory.iterdir():
@@ -426,7 +417,7 @@ def list_cmd(c: _Ctx) -> None:
     for path in sorted(root.glob("*/record.json")) if root.exists() else []:
         record = load_record(c.data_dir, path.parent.name)
         if record.state in ("running", "paused") and not (
-            record.supervisor_pid and _alive(record.supervisor_pid)
+            record.supervisor_pid and pid_alive(record.supervisor_pid)
         ):
             record = record.model_copy(update={"state": "stopped"})  # its supervisor died
         records.append(record)
