@@ -182,7 +182,8 @@ def test_corrupt_artifact_is_rebuilt(bundle: ImageBundle, tmp_path: Path) -> Non
     manager = VmManager(settings)
     first = manager.get_bundle("python")
     assert first.directory.parent == images
-    assert first.recipe_hash == bundle.recipe_hash  # same recipe, same hash, wherever it lives
+    assert first.directory.name == f"python-{first.recipe_hash[:16]}"
+    assert json.loads(first.manifest.read_text())["recipe_hash"] == first.recipe_hash
     assert _sha256(first.rootfs) == json.loads(first.manifest.read_text())["rootfs"]["sha256"]
     good_sha = _sha256(first.rootfs)
 
