@@ -49,7 +49,7 @@ from typing import Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from exec_sandbox.agent_client import AgentClient, ExecResult, OutputCallback
-from exec_sandbox.agent_protocol import Hello, Language
+from exec_sandbox.agent_protocol import DEFAULT_OUTPUT_CAP_BYTES, Hello, Language
 from exec_sandbox.errors import (
     SandboxError,
     SandboxInputError,
@@ -622,6 +622,8 @@ class SandboxVm:
         cwd: str | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
+        max_stdout_bytes: int = DEFAULT_OUTPUT_CAP_BYTES,
+        max_stderr_bytes: int = DEFAULT_OUTPUT_CAP_BYTES,
     ) -> ExecResult:
         """Run ``code`` through the agent (default language: the VM's). See :meth:`AgentClient.exec`."""
         self._require(SandboxVmState.READY, action="exec in")
@@ -635,6 +637,8 @@ class SandboxVm:
             session=session,
             on_stdout=on_stdout,
             on_stderr=on_stderr,
+            max_stdout_bytes=max_stdout_bytes,
+            max_stderr_bytes=max_stderr_bytes,
         )
 
     async def pause(self) -> None:

@@ -281,10 +281,17 @@ async def test_guest_that_never_gets_an_agent_fails_transiently_and_cleans_up(
     sbx_settings: Settings, sbx_images: VmManager, sbx_leaks: LeakChecker
 ) -> None:
     """A bogus init: the kernel panics, QEMU exits, boot fails fast with the console in context."""
+    lines: list[str] = []
     with pytest.raises(SandboxTransientError) as info:
         await boot(
-            "python", sbx_settings, sbx_images, sbx_leaks, options={"kernel_args": ("init=/no/such/init",)}
+            "python",
+            sbx_settings,
+            sbx_images,
+            sbx_leaks,
+            options={"kernel_args": ("init=/no/such/init",)},
+            on_boot_log=lines.append,
         )
+    assert any("/no/such/init" in line for line in lines)  # the console reached on_boot_log
     assert "before the guest agent answered" in info.value.message
     assert "/no/such/init" in info.value.context["console_tail"]
     assert info.value.context["phase"] == "boot"
