@@ -209,3 +209,10 @@ async def test_smartvm_ingests_the_bundle(bundle: ImageBundle, tmp_path: Path) -
     assert _sha256(Path(ingested.rootfs_path)) == _sha256(bundle.rootfs)
     assert _sha256(Path(ingested.kernel_image_path)) == _sha256(bundle.kernel)
     assert ingested.boot_args == bundle.boot_args
+
+
+async def test_async_variants_agree(bundle: ImageBundle) -> None:
+    manager = VmManager(Settings())
+    assert await manager.aget_base_image("python") == manager.get_base_image("python")
+    assert await manager.aget_kernel() == manager.get_kernel()
+    assert (await manager.aget_bundle("python")).rootfs == manager.get_base_image("python")
