@@ -437,17 +437,13 @@ class _Reporter:
     def booting(self, language: str) -> None:
         if self.quiet or not self.console.is_terminal:
             return
-        self._status = self.console.status(f"starting a {language} sandbox…")
+        self._status = self.console.status(f"starting a {language} sandbox VM…")
         self._status.start()
 
     def boot_log(self, line: str) -> None:
-        if self.quiet:
-            return
-        if self.debug:
-            self.stop_status()
-            self.console.print(f"[boot] {line.rstrip()}", style="dim", markup=False)
-        elif self._status is not None:
-            self._status.update(f"booting: {_short(line.strip())}")
+        """--debug only: guest console lines (kernel noise like "PCI: Fatal" would alarm otherwise)."""
+        self.stop_status()
+        self.console.print(f"[boot] {line.rstrip()}", style="dim", markup=False)
 
     def stop_status(self) -> None:
         if self._status is not None:
@@ -700,7 +696,7 @@ async def _run(config: SchedulerConfig, request: _Request, reporter: _Reporter) 
                 env_vars=request.env or None,
                 on_stdout=stdout if streaming else None,
                 on_stderr=stderr if streaming else None,
-                on_boot_log=reporter.boot_log,
+                on_boot_log=reporter.boot_log if reporter.debug else None,
                 files={u.guest: u.local for u in request.uploads} or None,
                 download=list(dict.fromkeys(d.guest for d in request.downloads)) or None,
             )
