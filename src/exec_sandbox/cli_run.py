@@ -29,6 +29,7 @@ import contextlib
 import enum
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import re
@@ -590,6 +591,7 @@ def run(
     program does survives it: every run gets a new VM on a new disk overlay.
     """
     reporter = _Reporter(quiet=quiet or as_json, debug=debug)
+    _configure_logging(quiet=quiet or as_json, debug=debug)
 
     def fail(exc: BaseException) -> NoReturn:
         code = exit_code_for_error(exc)
@@ -634,6 +636,18 @@ def run(
         # A host-side failure outside the sandbox's error tree (a bug, a full disk): still one line.
         fail(exc)
     sys.exit(code)
+
+
+def _configure_logging(*, quiet: bool, debug: bool) -> None:
+    """--debug: the library's DEBUG log on stderr. -q/--json: only errors. Else: warnings (the default)."""
+    if debug:
+        logging.basicConfig(
+            stream=sys.stderr, level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s"
+        )
+    for name in ("exec_sandbox", "smartvm"):
+        logging.getLogger(name).setLevel(
+            logging.DEBUG if debug else logging.ERROR if quiet else logging.NOTSET
+        )
 
 
 def _prevalidate(config: SchedulerConfig, request: _Request) -> None:

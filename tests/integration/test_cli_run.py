@@ -1,8 +1,9 @@
 """``sbx run`` end to end: the real console script in a subprocess, real VMs under TCG.
 
-Every test gives the CLI its own short ``SMARTVM_RUNTIME_DIR`` and, after the CLI exits, checks that
-nothing it made is left: no file under that dir, no process whose command line names it, no guest
-RAM file of its VM in /dev/shm. Each ``sbx run`` that gets past input validation boots one VM.
+Every test gives the CLI its own short ``SMARTVM_RUNTIME_DIR`` and ``TMPDIR`` and, after the CLI
+exits, checks that nothing it made is left: no file under them (VM sockets, overlays, the
+qemu-storage-daemon's dir), no process whose command line names them (QEMU, qemu-storage-daemon),
+no guest RAM file of its VM in /dev/shm. Each ``sbx run`` that gets past input validation boots one VM.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Sbx:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EXEC_SANDBOX_SCHEDULER_")}
         env.update(
             SMARTVM_RUNTIME_DIR=str(self.runtime_dir / "qemu"),
+            TMPDIR=str(self.tmp_dir),  # the qemu-storage-daemon's private dir goes here
             EXEC_SANDBOX_FORCE_EMULATION="1",
             PYTHONWARNINGS="error",
         )
@@ -59,8 +61,13 @@ class Sbx:
         self.assert_clean()
         return proc
 
+    @property
+    def tmp_dir(self) -> Path:
+        return self.runtime_dir / "tmp"
+
     def leftovers(self, vm_id: str | None = None) -> list[str]:
         found = [str(p) for p in self.runtime_dir.rglob("*") if p.is_file() or p.is_socket()]
+        found += [str(p) for p in self.tmp_dir.iterdir()]
         needle = str(self.runtime_dir).encode()
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
@@ -87,6 +94,7 @@ def sbx(tmp_path: Path) -> Iterator[Sbx]:
     work = tmp_path / "work"
     work.mkdir()
     try:
+        (runtime_dir / "tmp").mkdir()
         yield Sbx(runtime_dir, work)
     finally:
         shutil.rmtree(runtime_dir, ignore_errors=True)
