@@ -43,7 +43,7 @@ from typing import IO, TYPE_CHECKING, Any, Final, NoReturn, TextIO
 
 import click
 
-from exec_sandbox.config import MAX_MEMORY_MB
+from exec_sandbox.config import MAX_MEMORY_MB, SchedulerConfig
 from exec_sandbox.errors import (
     CommunicationOutcomeUnknownError,
     GuestAgentError,
@@ -65,7 +65,6 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.status import Status
 
-    from exec_sandbox.config import SchedulerConfig
     from exec_sandbox.images.progress import ProgressEvent
 
 __all__ = [
@@ -614,21 +613,19 @@ def run(
             force=force,
         )
         plan_downloads(request.downloads, force=force)
-        from exec_sandbox.config import SchedulerConfig
-
         config = SchedulerConfig.from_env()
         _prevalidate(config, request)  # before an image lookup or a storage daemon is spent on it
         _ensure_image(config, request.source.language, reporter)
     except SandboxError as exc:
         fail(exc)
     except KeyboardInterrupt:
-        reporter.stop_status()
+        reporter.line("sbx: interrupted")
         sys.exit(ExitCode.INTERRUPTED)
 
     try:
         code = asyncio.run(_run(config, request, reporter))
     except KeyboardInterrupt:
-        reporter.stop_status()
+        reporter.line("sbx: interrupted; the sandbox VM was stopped")
         sys.exit(ExitCode.INTERRUPTED)
     except SandboxError as exc:
         fail(exc)
@@ -716,7 +713,7 @@ async def _run(config: SchedulerConfig, request: _Request, reporter: _Reporter) 
             )
     except asyncio.CancelledError:
         if terminated:
-            reporter.stop_status()
+            reporter.line("sbx: terminated; the sandbox VM was stopped")
             return ExitCode.TERMINATED
         raise
     finally:

@@ -228,10 +228,16 @@ def test_invalid_input_exits_126_with_one_line(sbx: Sbx, args: tuple[str, ...], 
     assert needle in lines[0]
 
 
-def test_output_streams_live_and_sigterm_cleans_up(sbx: Sbx) -> None:
-    code = "import time\nprint('tick', flush=True)\ntime.sleep(600)\n"
+@pytest.mark.parametrize(
+    ("signum", "code", "message"),
+    [(signal.SIGTERM, 143, "sbx: terminated"), (signal.SIGINT, 130, "sbx: interrupted")],
+)
+def test_output_streams_live_and_a_signal_cleans_up(
+    sbx: Sbx, signum: signal.Signals, code: int, message: str
+) -> None:
+    program = "import time\nprint('tick', flush=True)\ntime.sleep(600)\n"
     proc = subprocess.Popen(
-        [str(SBX), "run", "-q", "-t", "900", code],
+        [str(SBX), "run", "-t", "900", program],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -244,11 +250,12 @@ def test_output_streams_live_and_sigterm_cleans_up(sbx: Sbx) -> None:
         # The line arrived while the program (sleeping for 10 minutes) was still running.
         assert line == "tick\n"
         assert proc.poll() is None
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 143, stderr
+    assert proc.returncode == code, stderr
+    assert message in stderr and "Traceback" not in stderr
     sbx.assert_clean()
