@@ -16,10 +16,20 @@ Exit codes (the convention of coreutils ``timeout`` and ``docker run``)::
     137    the guest's OOM killer killed the program (raise -m/--memory)
 
 A program can itself exit 124-137, so only ``--json`` (``timed_out``, ``oom_killed``, ``exit_code``)
-tells the two apart without doubt.
+tells the two apart without doubt. A ``--download`` the program did not leave behind is reported on
+stderr (``download_errors`` in ``--json``) and turns a 0 exit into 125; other exits stay the program's.
+
+Errors are one stderr line, ``sbx: error: <ErrorClass>: <message> [key context]``, also with ``-q``;
+``--debug`` adds the traceback, the guest boot log and the library's DEBUG log. With ``--json``,
+stdout is exactly one JSON object: the result (:func:`result_json`) or ``{"error": {...}}``.
 
 File arguments: a guest path never contains ``:`` (so ``--upload`` splits at the last ``:``, and
 ``--download`` at the first); relative guest paths are relative to the sandbox work dir.
+Everything the CLI can check (language, code size, env, limits, paths, local files, download
+targets) is checked before a VM or the storage daemon is started.
+
+Layout: pure helpers (parsing, exit codes, error lines, JSON; unit-tested), the terminal reporter,
+then the click command and its async body.
 """
 
 from __future__ import annotations
