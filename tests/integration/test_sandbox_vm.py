@@ -12,6 +12,7 @@ import hashlib
 import os
 import secrets
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,20 +27,28 @@ from tests.integration.conftest import LeakChecker
 
 pytestmark = pytest.mark.integration
 
-SMALL = {"memory_mb": 256, "vcpus": 1, "boot_timeout_s": 90.0}
+SMALL: dict[str, object] = {"memory_mb": 256, "vcpus": 1, "boot_timeout_s": 90.0}
 
 
 async def boot(
-    language: str, settings: Settings, images: VmManager, leaks: LeakChecker, **kwargs: object
+    language: str,
+    settings: Settings,
+    images: VmManager,
+    leaks: LeakChecker,
+    *,
+    options: dict[str, object] | None = None,
+    overlay_pool: OverlayPool | None = None,
+    on_boot_log: Callable[[str], None] | None = None,
 ) -> SandboxVm:
-    options = VmOptions.model_validate({"language": language, **SMALL, **kwargs.pop("options", {})})  # type: ignore[dict-item]
+    """Boot a small VM in the leak checker's runtime dir with one of its VM ids."""
     return await SandboxVm.boot(
-        options,
+        VmOptions.model_validate({"language": language, **SMALL, **(options or {})}),
         settings=settings,
         vm_manager=images,
+        overlay_pool=overlay_pool,
         runtime_dir=leaks.runtime_dir,
+        on_boot_log=on_boot_log,
         vm_id=leaks.new_id(),
-        **kwargs,  # type: ignore[arg-type]
     )
 
 
@@ -245,6 +254,21 @@ async def test_snapshot_restore_keeps_memory_and_disk_state(
             assert (await restored.exec("print(secret)", session=True)).stdout == f"{token}\n"
             assert (await restored.agent.read_file("state.txt")) == token.encode()
             assert (await original.exec("print(secret)", session=True)).stdout == "changed\n"
+
+
+async def test_snapshot_with_streamed_ram_restores_too(
+    sbx_settings: Settings, sbx_images: VmManager, sbx_leaks: LeakChecker, tmp_path: Path
+) -> None:
+    """Without shared_memory the RAM travels inside vmstate; no separate memory file is written."""
+    snap = tmp_path / "snap"
+    async with await boot("python", sbx_settings, sbx_images, sbx_leaks) as original:
+        await _snapshot_of_session(original, snap, "streamed")
+    assert not (snap / "memory").exists()
+    async with await SandboxVm.restore_from(
+        snap, settings=sbx_settings, runtime_dir=sbx_leaks.runtime_dir, vm_id=sbx_leaks.new_id()
+    ) as restored:
+        assert (await restored.exec("print(secret)", session=True)).stdout == "streamed\n"
+        assert (await restored.agent.read_file("state.txt")) == b"streamed"
 
 
 async def test_restored_clones_get_distinct_randomness(
