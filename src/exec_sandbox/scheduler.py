@@ -32,6 +32,10 @@ Limits
     - code size (``config.max_code_bytes``), env vars (names, reserved names, NUL, sizes) and guest
       paths are validated on the host before a VM is spent.
     - user code runs as uid 1000 in the guest; its process count is capped there (RLIMIT_NPROC).
+    - the QEMU process itself goes into a per-VM cgroup v2 (``cpu.max`` = vCPUs, ``pids.max``,
+      ``memory.max`` = guest RAM + overhead) where the host delegates those controllers; elsewhere
+      (e.g. a hybrid cgroup v1 host) this is skipped with one log line — the guest stays bounded by
+      its own RAM and vCPU count.
 
 Streaming
     ``on_stdout`` / ``on_stderr`` get output chunks as the guest produces them, in order per stream;
@@ -76,6 +80,8 @@ from (a warm pool or a memory-snapshot restore can serve it instead of a cold bo
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -100,6 +106,7 @@ from exec_sandbox.errors import (
     VmCapacityError,
 )
 from exec_sandbox.execution import execute_in_vm
+from exec_sandbox.host_resources import CgroupManager, VmCgroup, find_cgroup2_mount
 from exec_sandbox.lifecycle_errors import SchedulerClosedError
 from exec_sandbox.models import ExecutionResult, Language, TimingBreakdown
 from exec_sandbox.overlay_pool import OverlayPool
@@ -124,6 +131,8 @@ logger = logging.getLogger(__name__)
 
 _BOOT_ATTEMPTS = 2
 _BOOT_TIMEOUT_S = 90.0
+# QEMU's threads (vCPUs, RCU, I/O workers); far below what a runaway would need, far above normal.
+_QEMU_PIDS_MAX = 512
 
 
 class SchedulerState(StrEnum):
@@ -152,6 +161,7 @@ class VmLease:
     vm: SandboxVm
     grant: Grant
     boot_attempts: int = 1
+    cgroup: VmCgroup | None = None
     warm_pool_hit: bool = False
     restored_from_snapshot: bool = False
 
@@ -191,6 +201,7 @@ class Scheduler:
         self._pooled_bases: set[Path] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sessions: set[Session] = set()
+        self._cgroups: CgroupManager | None = None
 
     # ------------------------------------------------------------------ introspection
 
@@ -249,7 +260,9 @@ class Scheduler:
             )
             try:
                 await pool.start()
+                self._cgroups = await self._open_cgroups()
             except BaseException:
+                await pool.stop()
                 await asyncio.to_thread(self._remove_runtime_dir)
                 raise
             self._admission, self._pool = admission, pool
@@ -260,6 +273,45 @@ class Scheduler:
                 admission.cpu_budget,
                 runtime_dir,
             )
+
+    async def _open_cgroups(self) -> CgroupManager | None:
+        """Per-VM cgroup v2 limits (CPU, pids, memory) where the host delegates those controllers."""
+        mount = await asyncio.to_thread(find_cgroup2_mount)
+        if mount is None:
+            logger.info("per-VM cgroup limits unavailable here: no cgroup v2 hierarchy")
+            return None
+        # A parent of our own: sharing one with other processes would race on its removal.
+        manager = CgroupManager(mount / f"exec-sandbox-{os.getpid()}-{secrets.token_hex(3)}")
+        support = await asyncio.to_thread(manager.open)
+        if support.usable and support.controllers & {"cpu", "pids", "memory"}:
+            logger.info("per-VM cgroup limits: %s", ", ".join(sorted(support.controllers)))
+            return manager
+        logger.info("per-VM cgroup limits unavailable here: %s", support.reason or "no controllers")
+        await manager.aclose()
+        return None
+
+    def _attach_cgroup(self, vm: SandboxVm, memory_mb: int) -> VmCgroup | None:
+        """Put the VM's QEMU process into its own cgroup. Best effort: the guest's RAM is bounded by
+        QEMU's -m and its processes by the guest kernel either way; this bounds QEMU itself."""
+        if self._cgroups is None or vm.machine.pid is None:
+            return None
+        cgroup: VmCgroup | None = None
+        try:
+            cgroup = self._cgroups.create(
+                f"vm-{vm.vm_id}",
+                # Guest RAM + QEMU's own overhead, with slack: the TCG cache and I/O buffers vary.
+                memory_max_bytes=(memory_mb + 2 * self.config.vm_overhead_mb + 64) * 1024 * 1024,
+                pids_max=_QEMU_PIDS_MAX,
+                cpu_max=float(self.config.default_vcpus),
+            )
+            cgroup.add_pid(vm.machine.pid)
+            return cgroup
+        except SandboxError as exc:
+            logger.warning("VM %s runs without its cgroup: %s", vm.vm_id, exc.message)
+            if cgroup is not None:
+                with contextlib.suppress(OSError):
+                    cgroup.path.rmdir()
+            return None
 
     def _make_runtime_dir(self) -> Path:
         if self._given_runtime_dir is not None:
@@ -310,6 +362,8 @@ class Scheduler:
             self._admission.close()
         if self._pool is not None:
             await self._pool.stop()
+        if self._cgroups is not None:
+            await self._cgroups.aclose()
         await asyncio.to_thread(self._remove_runtime_dir)
 
     def _closed_error(self, action: str) -> SchedulerClosedError:
@@ -539,7 +593,7 @@ class Scheduler:
         try:
             session = Session(
                 vm=lease.vm,
-                grant=lease.grant,
+                retire=functools.partial(self._retire, lease),
                 config=self.config,
                 language=language,
                 memory_mb=memory_mb,
@@ -585,7 +639,7 @@ class Scheduler:
         except BaseException:
             grant.release()
             raise
-        return VmLease(vm=vm, grant=grant, boot_attempts=attempts)
+        return VmLease(vm=vm, grant=grant, boot_attempts=attempts, cgroup=self._attach_cgroup(vm, memory_mb))
 
     async def _boot(self, options: VmOptions, on_boot_log: BootLogCallback | None) -> tuple[SandboxVm, int]:
         for attempt in range(1, _BOOT_ATTEMPTS + 1):
@@ -611,5 +665,7 @@ class Scheduler:
         """Stop a leased VM and return its capacity (runs to completion even when cancelled)."""
         try:
             await lease.vm.close()
+            if lease.cgroup is not None:
+                await lease.cgroup.release()
         finally:
             lease.grant.release()

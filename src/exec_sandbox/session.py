@@ -41,7 +41,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
-from exec_sandbox.admission import Grant
 from exec_sandbox.agent_client import OutputCallback
 from exec_sandbox.config import SchedulerConfig
 from exec_sandbox.errors import CommunicationOutcomeUnknownError, SandboxError
@@ -78,7 +77,7 @@ class Session:
         self,
         *,
         vm: SandboxVm,
-        grant: Grant,
+        retire: Callable[[], Awaitable[None]],
         config: SchedulerConfig,
         language: Language,
         memory_mb: int,
@@ -87,7 +86,7 @@ class Session:
         on_closed: Callable[[Session], Awaitable[None] | None] | None = None,
     ) -> None:
         self._vm = vm
-        self._grant = grant
+        self._retire = retire  # stops the VM and returns its capacity (admission grant, cgroup)
         self._config = config
         self.language: Language = language
         self.memory_mb = memory_mb
@@ -312,9 +311,8 @@ class Session:
             idle.cancel()
             await asyncio.wait([idle])
         try:
-            await self._vm.close()
+            await self._retire()
         finally:
-            self._grant.release()
             if self._on_closed is not None:
                 try:
                     value = self._on_closed(self)
