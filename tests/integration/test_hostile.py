@@ -146,3 +146,18 @@ async def test_user_code_cannot_write_outside_or_kill_the_agent(scheduler: Sched
         assert "no-sleep" in r.stdout
         assert await s.read_file("mine") == b"mine\n"
     await assert_no_vms(scheduler)
+
+
+async def test_memory_bomb_in_a_session_resets_only_the_interpreter(scheduler: Scheduler) -> None:
+    async with await scheduler.session(language="python", memory_mb=128) as s:
+        await s.exec("kept = 'before'")
+        await s.write_file("survives.txt", b"files stay")
+        bomb = "hog = []\nwhile True:\n    hog.append(b'y' * (4 * 1024 * 1024))"
+        r = await s.exec(bomb, timeout_seconds=120)
+        assert r.oom_killed and r.signal == 9, (r.exit_code, r.stderr)
+        assert "out-of-memory killer (memory limit 128 MiB)" in r.stderr
+        assert "state was reset" in r.stderr
+        r = await s.exec("print('kept' in globals(), open('survives.txt').read())")
+        assert r.stdout == "False files stay\n"
+        assert s.exec_count == 3
+    await assert_no_vms(scheduler)
