@@ -600,7 +600,7 @@ def run(
     program does survives it: every run gets a new VM on a new disk overlay.
     """
     reporter = _Reporter(quiet=quiet or as_json, debug=debug)
-    _configure_logging(quiet=quiet or as_json, debug=debug)
+    _configure_logging(reporter)
 
     def fail(exc: BaseException) -> NoReturn:
         code = exit_code_for_error(exc)
@@ -645,16 +645,38 @@ def run(
     sys.exit(code)
 
 
-def _configure_logging(*, quiet: bool, debug: bool) -> None:
-    """--debug: the library's DEBUG log on stderr. -q/--json: only errors. Else: warnings (the default)."""
-    if debug:
+class _LogLine(logging.Handler):
+    """Library warnings as one ``sbx: warning: ...`` line each (no traceback), clear of the spinner."""
+
+    def __init__(self, reporter: _Reporter) -> None:
+        super().__init__(logging.WARNING)
+        self._reporter = reporter
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = " ".join(record.getMessage().split())
+        except Exception:  # a bad format string in a library log call must not end the run
+            message = str(record.msg)
+        self._reporter.stop_status()
+        sys.stderr.write(f"sbx: {record.levelname.lower()}: {message}\n")
+        sys.stderr.flush()
+
+
+def _configure_logging(reporter: _Reporter) -> None:
+    """--debug: the library's full DEBUG log. -q/--json: nothing. Else: warnings, one line each."""
+    if reporter.debug:
         logging.basicConfig(
             stream=sys.stderr, level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s"
         )
     for name in ("exec_sandbox", "smartvm"):
-        logging.getLogger(name).setLevel(
-            logging.DEBUG if debug else logging.ERROR if quiet else logging.NOTSET
-        )
+        logger = logging.getLogger(name)
+        if reporter.debug:
+            logger.setLevel(logging.DEBUG)
+        elif reporter.quiet:
+            logger.setLevel(logging.CRITICAL + 1)  # errors that matter reach the user as the error line
+        else:
+            logger.addHandler(_LogLine(reporter))
+            logger.propagate = False
 
 
 def _prevalidate(config: SchedulerConfig, request: _Request) -> None:

@@ -259,3 +259,21 @@ def test_output_streams_live_and_a_signal_cleans_up(
     assert proc.returncode == code, stderr
     assert message in stderr and "Traceback" not in stderr
     sbx.assert_clean()
+
+
+def test_sandbox_failure_exits_125_with_one_line(sbx: Sbx) -> None:
+    broken = {"EXEC_SANDBOX_QEMU_SYSTEM_BINARY": str(sbx.cwd / "no-such-qemu")}
+    proc = sbx.run("-q", "print(1)", env=broken)
+    assert proc.returncode == 125
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr  # -q: no warnings, only the error line
+    assert lines[0].startswith("sbx: error: SandboxTransientError: ")
+    assert "no-such-qemu" in lines[0] and "safe to retry" in lines[0]
+
+    proc = sbx.run("--json", "print(1)", env=broken)
+    assert proc.returncode == 125
+    doc = json.loads(proc.stdout)
+    assert doc["sbx_exit_code"] == 125
+    assert doc["error"]["type"] == "SandboxTransientError" and doc["error"]["retryable"] is True
+    assert "Traceback" not in proc.stderr
