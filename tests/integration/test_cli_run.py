@@ -277,3 +277,13 @@ def test_sandbox_failure_exits_125_with_one_line(sbx: Sbx) -> None:
     assert doc["sbx_exit_code"] == 125
     assert doc["error"]["type"] == "SandboxTransientError" and doc["error"]["retryable"] is True
     assert "Traceback" not in proc.stderr
+
+
+def test_memory_bomb_exits_137(sbx: Sbx) -> None:
+    bomb = "a = []\nwhile True:\n    a.append(b'x' * (8 << 20))\n"
+    proc = sbx.run("--json", "-m", "128", bomb)
+    assert proc.returncode == 137, proc.stderr
+    doc = json.loads(proc.stdout)
+    sbx.assert_clean(doc["vm_id"])
+    assert doc["oom_killed"] is True and doc["sbx_exit_code"] == 137
+    assert "out-of-memory" in doc["stderr"]
