@@ -280,7 +280,8 @@ async def test_restored_clones_get_distinct_randomness(
     ) as original:
         await _snapshot_of_session(original, snap, "clone")
     probe = "import os, random; print(os.urandom(16).hex(), random.getrandbits(64))"
-    outputs = []
+    outputs: list[list[str]] = []
+    in_session: list[str] = []
     for _ in range(2):
         async with await SandboxVm.restore_from(
             snap, settings=sbx_settings, runtime_dir=sbx_leaks.runtime_dir, vm_id=sbx_leaks.new_id()
@@ -289,8 +290,11 @@ async def test_restored_clones_get_distinct_randomness(
             result = await clone.exec(probe)
             assert result.exit_code == 0, result.stderr
             outputs.append(result.stdout.split())
+            # The session REPL imported random before the snapshot: its state must not be shared.
+            in_session.append((await clone.exec("print(random.getrandbits(64))", session=True)).stdout)
     assert outputs[0][0] != outputs[1][0]
     assert outputs[0][1] != outputs[1][1]
+    assert in_session[0] != in_session[1]
 
 
 async def test_restore_rejects_a_directory_that_is_not_a_snapshot(

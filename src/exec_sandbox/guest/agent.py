@@ -1380,6 +1380,12 @@ class Agent:
                     credited = len(seed) * 8
                 except OSError:
                     credited = 0
+                # Mixing and crediting do not reseed an initialised CRNG (it reseeds every 60 s), so
+                # snapshot clones kept drawing identical urandom bytes: force the reseed now.
+                try:
+                    fcntl.ioctl(fh.fileno(), 0x5207)  # RNDRESEEDCRNG
+                except OSError:
+                    pass
         reseeded = self._reseed_repls()
         self.send({"type": "reseed_result", "id": req_id, "mixed_bytes": len(seed),
                    "credited_bits": credited, "repls_reseeded": reseeded})
