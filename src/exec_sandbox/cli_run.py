@@ -76,12 +76,14 @@ if TYPE_CHECKING:
     from rich.status import Status
 
     from exec_sandbox.images.progress import ProgressEvent
+    from exec_sandbox.scheduler import RunResult
 
 __all__ = [
     "Download",
     "ExitCode",
     "Source",
     "Upload",
+    "check_uploads",
     "download_records",
     "exit_code_for_error",
     "exit_code_for_result",
@@ -183,7 +185,10 @@ def _decode(data: bytes, origin: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise input_error(
-            "CODE", origin, f"is not UTF-8 text (bad byte at offset {exc.start})", position=exc.start
+            "CODE" if origin.startswith("<") else "FILE",
+            origin,
+            f"is not UTF-8 text (bad byte at offset {exc.start})",
+            position=exc.start,
         ) from None
 
 
@@ -222,6 +227,17 @@ def parse_upload_spec(spec: str) -> Upload:
     return Upload(local, guest)
 
 
+def check_uploads(uploads: Sequence[Upload]) -> None:
+    """Two uploads to one guest path would silently drop one of them: refuse."""
+    seen: dict[str, Path] = {}
+    for u in uploads:
+        if u.guest in seen:
+            raise input_error(
+                "--upload", u.guest, f"{seen[u.guest]} and {u.local} both go to {u.guest}", guest=u.guest
+            )
+        seen[u.guest] = u.local
+
+
 def parse_download_spec(spec: str, cwd: Path) -> Download:
     """``GUEST[:LOCAL]`` (split at the first ``:``); LOCAL defaults to GUEST's name in ``cwd``.
 
@@ -254,6 +270,8 @@ def plan_downloads(downloads: Sequence[Download], *, force: bool) -> None:
         seen[target] = d.guest
         if not target.parent.is_dir():
             raise input_error("--download", d.guest, f"directory {target.parent} does not exist")
+        if not os.access(target.parent, os.W_OK):
+            raise input_error("--download", d.guest, f"directory {target.parent} is not writable")
         if target.is_dir():
             raise input_error("--download", d.guest, f"{target} is a directory")
         if target.exists() and not force:
@@ -366,8 +384,8 @@ def result_json(result: ExecutionResult, downloads: list[dict[str, Any]], code: 
     """The ``--json`` document: the result's fields (file contents left out: they were written to
     disk), ``downloads`` (what was written where, size, sha256) and ``sbx_exit_code``.
 
-    ``download_errors`` (from :class:`~exec_sandbox.scheduler.RunResult`) names guest paths that
-    could not be read, with the guest's reason.
+    ``download_errors`` (from :class:`~exec_sandbox.scheduler.RunResult`; ``sbx run`` widens it to
+    every requested file that was not saved) maps guest paths to the reason.
     """
     data = result.model_dump(mode="json", exclude={"files"})
     data["downloads"] = downloads
@@ -622,6 +640,7 @@ def run(
             as_json=as_json,
             force=force,
         )
+        check_uploads(request.uploads)
         plan_downloads(request.downloads, force=force)
         config = SchedulerConfig.from_env()
         _prevalidate(config, request)  # before an image lookup or a storage daemon is spent on it
@@ -754,23 +773,21 @@ async def _run(config: SchedulerConfig, request: _Request, reporter: _Reporter) 
             loop.remove_signal_handler(signal.SIGTERM)
 
     code = exit_code_for_result(result)
-    present = [d for d in request.downloads if d.guest in result.files]
-    for d in present:
-        write_download(result.files[d.guest], d.local, force=request.force)
-    records = download_records(present, result.files)
-    missing = {d.guest: result.download_errors.get(d.guest, "not returned") for d in request.downloads}
-    missing = {guest: reason for guest, reason in missing.items() if guest not in result.files}
-    if missing:
-        # The program ran and its outcome stands; a file it did not leave behind is still a failure.
-        detail = "; ".join(f"{guest}: {reason}" for guest, reason in missing.items())
+    written, failed = _save_downloads(result, request)
+    records = download_records(written, result.files)
+    if failed:
+        # The program ran and its outcome stands; a file that did not arrive is still a failure.
+        detail = "; ".join(f"{guest}: {reason}" for guest, reason in failed.items())
         reporter.error(
-            GuestAgentError(f"--download failed: {detail}", context={"download": ", ".join(missing)})
+            GuestAgentError(f"--download failed: {detail}", context={"download": ", ".join(failed)})
         )
         if code == 0:
             code = ExitCode.SANDBOX_ERROR
 
     if request.as_json:
-        click.echo(json.dumps(result_json(result, records, code)))
+        document = result_json(result, records, code)
+        document["download_errors"] = failed
+        click.echo(json.dumps(document))
         return code
     for record in records:
         reporter.line(
@@ -782,3 +799,22 @@ async def _run(config: SchedulerConfig, request: _Request, reporter: _Reporter) 
         timeout = request.timeout or config.default_timeout_seconds
         reporter.line(_summary(result, code, memory_mb=request.memory, timeout=timeout), style="dim")
     return code
+
+
+def _save_downloads(result: RunResult, request: _Request) -> tuple[list[Download], dict[str, str]]:
+    """Write the downloaded files; return those written and, per guest path, why the others were not."""
+    written: list[Download] = []
+    failed: dict[str, str] = {}
+    for d in request.downloads:
+        if d.guest not in result.files:
+            failed[d.guest] = result.download_errors.get(d.guest, "the sandbox returned no file")
+            continue
+        try:
+            write_download(result.files[d.guest], d.local, force=request.force)
+        except SandboxInputError as exc:
+            failed[d.guest] = exc.message
+        except OSError as exc:
+            failed[d.guest] = f"cannot write {d.local}: {exc.strerror or exc}"
+        else:
+            written.append(d)
+    return written, failed

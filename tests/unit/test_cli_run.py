@@ -17,6 +17,7 @@ from exec_sandbox.cli_run import (
     Download,
     ExitCode,
     Upload,
+    check_uploads,
     download_records,
     exit_code_for_error,
     exit_code_for_result,
@@ -202,6 +203,13 @@ def test_upload_bad_local(tmp_path: Path) -> None:
         parse_upload_spec(":x")
 
 
+def test_two_uploads_to_one_guest_path_are_refused(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    check_uploads([Upload(a, "x"), Upload(b, "y")])
+    with pytest.raises(SandboxInputError, match="both go to x"):
+        check_uploads([Upload(a, "x"), Upload(b, "x")])
+
+
 def test_download_spec_forms(tmp_path: Path) -> None:
     (tmp_path / "outdir").mkdir()
     assert parse_download_spec("out.txt", tmp_path) == Download("out.txt", tmp_path / "out.txt")
@@ -260,6 +268,37 @@ def test_write_download(tmp_path: Path) -> None:
     write_download(b"third", target, force=True)
     assert target.read_bytes() == b"third"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]  # no temporary file left
+
+
+def test_save_downloads_reports_what_was_not_saved(tmp_path: Path) -> None:
+    (tmp_path / "taken.txt").write_text("keep")
+    result = RunResult(
+        **_result().model_dump(),
+        files={"a.txt": b"A", "taken.txt": b"T"},
+        download_errors={"gone.txt": "no such file or directory"},
+    )
+    downloads = (
+        Download("a.txt", tmp_path / "a.txt"),
+        Download("gone.txt", tmp_path / "gone.txt"),
+        Download("taken.txt", tmp_path / "taken.txt"),
+    )
+    request = cli_run._Request(
+        source=resolve_source("print(1)", "python"),
+        timeout=None,
+        memory=None,
+        env={},
+        uploads=(),
+        downloads=downloads,
+        as_json=False,
+        force=False,
+    )
+    written, failed = cli_run._save_downloads(result, request)
+    assert written == [downloads[0]]
+    assert (tmp_path / "a.txt").read_bytes() == b"A"
+    assert failed["gone.txt"] == "no such file or directory"
+    assert "use --force" in failed["taken.txt"]
+    assert (tmp_path / "taken.txt").read_text() == "keep"
+    assert not (tmp_path / "gone.txt").exists()
 
 
 # ---- exit codes -----------------------------------------------------------------------------------
