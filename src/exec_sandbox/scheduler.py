@@ -186,9 +186,16 @@ class Scheduler:
         *,
         settings: Settings | None = None,
         runtime_dir: Path | None = None,
+        vm_manager: VmManager | None = None,
     ) -> None:
+        """``settings``: default ``config.settings()``. ``runtime_dir``: where overlays, sockets and VM
+        directories go (default: a fresh per-Scheduler dir under smartvm's runtime dir, removed on
+        close). ``vm_manager``: e.g. ``VmManager(settings, progress=...)`` to show first-run image
+        builds; default ``VmManager(settings)``."""
         self.config = config or SchedulerConfig()
-        self.settings = settings or self.config.settings()
+        self.settings = settings or (
+            vm_manager.settings if vm_manager is not None else self.config.settings()
+        )
         self._given_runtime_dir = runtime_dir
         self._runtime_dir: Path | None = None
         self._created_runtime_dir = False
@@ -196,9 +203,10 @@ class Scheduler:
         self._lifecycle_lock = asyncio.Lock()
         self._admission: AdmissionController | None = None
         self._pool: OverlayPool | None = None
-        self._vm_manager = VmManager(self.settings)
-        self._image_locks: dict[Language, asyncio.Lock] = {}
-        self._pooled_bases: set[Path] = set()
+        self._vm_manager = vm_manager or VmManager(self.settings)
+        # Image builds share the kernel and the cache: one at a time, and once per language.
+        self._image_lock = asyncio.Lock()
+        self._images: dict[Language, Path] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sessions: set[Session] = set()
         self._cgroups: CgroupManager | None = None
@@ -611,14 +619,17 @@ class Scheduler:
 
     async def _ensure_image(self, language: Language) -> Path:
         """Find (building on first use) the language's image, once at a time, and pool its overlays."""
-        lock = self._image_locks.setdefault(language, asyncio.Lock())
-        async with lock:
-            bundle = await self._vm_manager.aget_bundle(language)
-            base = bundle.rootfs.absolute()
-            if base not in self._pooled_bases and self._pool is not None:
-                await self._pool.start([base])  # registers the base with the running pool
-                self._pooled_bases.add(base)
-            return base
+        known = self._images.get(language)
+        if known is not None:
+            return known
+        async with self._image_lock:
+            if language not in self._images:
+                bundle = await self._vm_manager.aget_bundle(language)
+                base = bundle.rootfs.absolute()
+                if self._pool is not None:
+                    await self._pool.start([base])  # registers the base with the running pool
+                self._images[language] = base
+            return self._images[language]
 
     def _vm_options(self, language: Language, memory_mb: int) -> VmOptions:
         return VmOptions(
