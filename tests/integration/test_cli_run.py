@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from exec_sandbox.vm_manager import VmManager
 
 pytestmark = pytest.mark.integration
 
@@ -287,3 +290,28 @@ def test_memory_bomb_exits_137(sbx: Sbx) -> None:
     sbx.assert_clean(doc["vm_id"])
     assert doc["oom_killed"] is True and doc["sbx_exit_code"] == 137
     assert "out-of-memory" in doc["stderr"]
+
+
+@pytest.mark.timeout(900)
+def test_first_run_builds_the_image_with_progress(sbx: Sbx, sbx_images: VmManager, tmp_path: Path) -> None:
+    # A fresh cache dir that already has the kernel (compiling one takes long) and the downloaded
+    # packages, so the first run must build only the python rootfs itself.
+    cache = tmp_path / "cache"
+    (cache / "images").mkdir(parents=True)
+    kernel_dir = sbx_images.get_kernel().parent
+    shutil.copytree(kernel_dir, cache / "images" / kernel_dir.name)
+    debs = sbx_images.settings.cache_dir / "debs"
+    if debs.is_dir():
+        shutil.copytree(debs, cache / "debs", copy_function=os.link)
+    env = {"EXEC_SANDBOX_CACHE_DIR": str(cache)}
+
+    first = sbx.run("print(1)", env=env, timeout=800)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == "1\n"
+    assert "sbx: preparing the python guest image" in first.stderr
+    assert re.search(r"✓ rootfs: .*\(\d+\.\d+s\)", first.stderr), first.stderr
+    assert [p.name for p in (cache / "images").glob("python-*")], "no python bundle was built"
+
+    second = sbx.run("-q", "print(2)", env=env)  # cached now; -q: nothing but the program's output
+    assert second.returncode == 0, second.stderr
+    assert (second.stdout, second.stderr) == ("2\n", "")
