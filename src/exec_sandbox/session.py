@@ -14,7 +14,9 @@ Lifecycle (:class:`SessionState`)::
 
     OPEN --close() / idle timeout / Scheduler closed / VM failed--> CLOSED   (close() is idempotent)
 
-- ``exec`` calls run one at a time, in call order; ``exec_count`` counts those that reached the guest.
+- Calls (``exec`` and the file operations) run one at a time, in call order; ``exec_count`` counts
+  the execs that reached the guest. :meth:`Session.exclusive` holds the session quiet (for example
+  to snapshot or fork its VM).
 - Timeout: the exec returns ``exit_code == -1``, ``timed_out=True`` and a stderr note; the guest
   restarts the interpreter, so the session stays usable but its interpreter state is lost (the note
   says so). Files survive.
@@ -35,7 +37,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
@@ -207,6 +209,17 @@ class Session:
             await self._close("vm_failed")
         return exc
 
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[SandboxVm]:
+        """Wait for the running call to finish and keep others out; yields the (idle) VM.
+
+        For layers that must see the guest at rest, e.g. a snapshot-based fork. The session does not
+        count as idle meanwhile.
+        """
+        async with self._activity(), self._exec_lock:
+            self._check_open()
+            yield self._vm
+
     # ------------------------------------------------------------------ files
 
     async def write_file(
@@ -231,14 +244,14 @@ class Session:
                 size_bytes=size,
                 limit_bytes=self._config.max_file_bytes,
             )
-        async with self._activity():
+        async with self._activity(), self._exec_lock:
             self._check_open()
             await self._guarded(self._vm.agent.write_file(rel, data, make_executable=make_executable))
 
     async def read_file(self, path: str, destination: Path | IO[bytes] | None = None) -> bytes | None:
         """Read ``path`` from the work dir: returns the bytes, or None after writing to ``destination``."""
         rel = validate_guest_path(path)
-        async with self._activity():
+        async with self._activity(), self._exec_lock:
             self._check_open()
             if destination is None:
                 data: bytes = await self._guarded(self._vm.agent.read_file(rel))
@@ -249,7 +262,7 @@ class Session:
     async def list_files(self, path: str = ".") -> list[FileInfo]:
         """Entries of a directory in the work dir (default: the work dir itself)."""
         rel = validate_guest_path(path, allow_workdir=True)
-        async with self._activity():
+        async with self._activity(), self._exec_lock:
             self._check_open()
             entries = await self._guarded(self._vm.agent.list_files(rel))
         return [FileInfo(name=e.name, is_dir=e.is_dir, size=e.size, is_symlink=e.is_symlink) for e in entries]

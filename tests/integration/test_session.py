@@ -117,6 +117,12 @@ async def test_javascript_session_state_and_close_while_running(scheduler: Sched
         await s.exec("var total = 40; function add(a) { total += a; return total; }")
         r = await s.exec("console.log(add(2))")
         assert r.stdout == "42\n"
+        async with s.exclusive() as vm:
+            assert vm.vm_id == s.vm_id
+            waiting = asyncio.create_task(s.exec("console.log(add(1))"))
+            await asyncio.sleep(0.5)
+            assert not waiting.done(), "an exec must wait while the session is held exclusively"
+        assert (await waiting).stdout == "43\n"
         started = asyncio.Event()
         running = asyncio.create_task(
             s.exec(
