@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
 from exec_sandbox.errors import QemuStorageDaemonError, SandboxInputError
-from smartvm.process import ChildProcess, pid_alive, stop_ladder
+from smartvm.process import ChildProcess, pid_alive, run_tool, stop_ladder
 
 __all__ = [
     "DaemonState",
@@ -216,28 +216,14 @@ async def _probe_image(image: Path, *, qemu_img: str, timeout: float) -> ImageIn
 async def _run_tool(argv: list[str], *, timeout: float, what: str) -> tuple[str, str, int]:
     """Run a short-lived tool; killed (and reaped) on timeout or cancellation."""
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        result = await run_tool(argv, timeout=timeout)
+    except TimeoutError as exc:  # before OSError: TimeoutError is one
+        raise QemuStorageDaemonError(f"{what} timed out after {timeout}s", context={"command": argv}) from exc
     except OSError as exc:
         raise QemuStorageDaemonError(
             f"Cannot run {what} ({argv[0]}): {exc}", context={"command": argv}
         ) from exc
-    try:
-        async with asyncio.timeout(timeout):
-            out, err = await proc.communicate()
-    except TimeoutError as exc:
-        raise QemuStorageDaemonError(f"{what} timed out after {timeout}s", context={"command": argv}) from exc
-    finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await _shielded(proc.wait())
-    assert proc.returncode is not None
-    return out.decode(errors="replace"), err.decode(errors="replace"), proc.returncode
+    return result.stdout.decode(errors="replace"), result.stderr.decode(errors="replace"), result.returncode
 
 
 def _absolute(path: Path) -> Path:

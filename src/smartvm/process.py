@@ -8,6 +8,9 @@ Every long-lived helper process (Firecracker, QEMU, qemu-storage-daemon) is spaw
 * with stdout/stderr drained continuously into bounded line tails (or handed to the caller's
   own reader), so a chatty child never blocks on a full pipe and errors can quote it.
 
+Short-lived tools (``qemu-img``, ``firecracker --version``) run through :func:`run_tool`, which
+kills and reaps the tool on timeout or cancellation.
+
 :func:`stop_ladder` is the one shutdown ladder: graceful (a callable the owner supplies,
 e.g. QMP ``quit`` or Firecracker's SendCtrlAltDel) -> SIGTERM -> SIGKILL, with timeouts.
 
@@ -26,6 +29,7 @@ import os
 import signal
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal, overload
 
 __all__ = [
@@ -33,8 +37,10 @@ __all__ = [
     "ChildProcess",
     "OutputMode",
     "StreamConsumer",
+    "ToolResult",
     "pdeathsig_preexec",
     "pid_alive",
+    "run_tool",
     "signal_group",
     "stop_ladder",
 ]
@@ -260,3 +266,52 @@ async def stop_ladder(
             return True
         log.warning("%s pid %s still alive %ss after %s", what, proc.pid, wait_for, sig.name)
     return False
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    """How a short-lived tool ended and what it printed."""
+
+    returncode: int
+    stdout: bytes
+    stderr: bytes  # empty with ``merge_stderr``
+
+
+async def run_tool(
+    argv: Sequence[str],
+    *,
+    timeout: float | None = None,
+    merge_stderr: bool = False,
+    env: Mapping[str, str] | None = None,
+) -> ToolResult:
+    """Run a short-lived tool to its end (stdin from /dev/null), capturing its output.
+
+    OSError when it cannot be started; TimeoutError after ``timeout`` seconds. On timeout
+    or cancellation the tool is killed and reaped before this returns (a second
+    cancellation does not cut the reaping short; it is re-raised afterwards).
+    """
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT if merge_stderr else asyncio.subprocess.PIPE,
+        env=dict(env) if env is not None else None,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except BaseException:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        reaper = asyncio.ensure_future(proc.wait())
+        cancelled = False
+        while not reaper.done():
+            try:
+                await asyncio.shield(reaper)
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError from None
+        raise
+    assert proc.returncode is not None
+    return ToolResult(proc.returncode, out, err or b"")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from smartvm.process import ChildProcess, pid_alive, stop_ladder
+from smartvm.process import ChildProcess, pid_alive, run_tool, stop_ladder
 
 pytestmark = pytest.mark.integration
 
@@ -202,3 +202,54 @@ async def test_ladder_on_an_exited_child_does_nothing() -> None:
     assert await stop_ladder(proc, graceful=graceful, timeout=1.0) is True
     assert called == []
     await proc.aclose()
+
+
+async def test_run_tool_captures_both_streams_and_the_code() -> None:
+    result = await run_tool(["sh", "-c", "echo out; echo err >&2; exit 3"], timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (3, b"out\n", b"err\n")
+    merged = await run_tool(["sh", "-c", "echo out; echo err >&2"], merge_stderr=True)
+    assert (merged.returncode, merged.stdout, merged.stderr) == (0, b"out\nerr\n", b"")
+
+
+async def test_run_tool_missing_binary() -> None:
+    with pytest.raises(FileNotFoundError):
+        await run_tool(["/nonexistent/smartvm-no-such-tool"])
+
+
+def _our_children(comm: str) -> list[int]:
+    """Pids of this process's children named ``comm``, zombies included (not yet reaped)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name = raw[raw.index("(") + 1 : raw.rindex(")")]
+        ppid = int(raw[raw.rindex(")") + 2 :].split()[1])
+        if ppid == os.getpid() and name == comm:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.timeout(60)  # the tool never ends by itself: a missing kill hangs here
+async def test_run_tool_timeout_kills_and_reaps() -> None:
+    assert _our_children("sleep") == []
+    with pytest.raises(TimeoutError):
+        await run_tool(["sleep", "infinity"], timeout=0.5)
+    assert _our_children("sleep") == []  # killed and reaped before run_tool returned
+
+
+@pytest.mark.timeout(60)  # the tool never ends by itself: a missing kill hangs here
+async def test_run_tool_cancelled_kills_and_reaps() -> None:
+    assert _our_children("sleep") == []
+    task = asyncio.create_task(run_tool(["sleep", "infinity"]))
+    deadline = time.monotonic() + 30
+    while not _our_children("sleep"):
+        assert time.monotonic() < deadline, "the tool never started"
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert _our_children("sleep") == []

@@ -28,7 +28,7 @@ from typing import Any
 
 from smartvm.config import VMConfig, boot_configuration_steps, instance_start_step
 from smartvm.errors import ErrorCode, SmartVMError
-from smartvm.process import ChildProcess, stop_ladder
+from smartvm.process import ChildProcess, run_tool, stop_ladder
 from smartvm.transport.socket_client import SocketClient
 from smartvm.vmm.base import NetworkOverride, SnapshotFiles, VmmInfo, VmmRunState
 
@@ -106,27 +106,16 @@ def build_snapshot_load_payload(
 async def probe_firecracker_version(binary: str, *, timeout: float = 10.0) -> tuple[int, int, int] | None:
     """Run ``firecracker --version``; None (and a warning) when the version cannot be determined."""
     try:
-        proc = await asyncio.create_subprocess_exec(
-            binary,
-            "--version",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
+        result = await run_tool([binary, "--version"], timeout=timeout, merge_stderr=True)
+    except TimeoutError:
+        raise  # an OSError too, but not a missing binary
     except OSError as exc:
         raise SmartVMError(
             ErrorCode.VMM_NOT_FOUND, f"cannot run {binary} --version: {exc}", details={"binary": binary}
         ) from exc
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        raise
-    version = parse_firecracker_version(out.decode(errors="replace"))
+    version = parse_firecracker_version(result.stdout.decode(errors="replace"))
     if version is None:
-        _log.warning("could not determine the version of %s (exit %s)", binary, proc.returncode)
+        _log.warning("could not determine the version of %s (exit %s)", binary, result.returncode)
     elif version < MIN_FIRECRACKER_VERSION:
         _log.warning(
             "%s is Firecracker %s, older than %s which smartvm is written against; some API calls may fail",
