@@ -146,8 +146,8 @@ class RunResult(ExecutionResult):
     """:class:`ExecutionResult` of ``Scheduler.run`` plus the files read back after the run.
 
     ``files`` maps each requested ``download`` path (as given) to its content; a path that could not
-    be read (missing, a directory, ...) is absent from ``files`` and present in ``download_errors``
-    with the guest's reason.
+    be read (missing, a directory, larger than ``config.max_file_bytes``, ...) is absent from
+    ``files`` and present in ``download_errors`` with the reason.
     """
 
     files: dict[str, bytes] = Field(default_factory=dict)
@@ -525,7 +525,11 @@ class Scheduler:
             )
             for given, rel in downloads:
                 try:
-                    files[given] = await vm.agent.read_file(rel)
+                    problem = await self._download_problem(vm, rel)
+                    if problem is None:
+                        files[given] = await vm.agent.read_file(rel)
+                    else:
+                        download_errors[given] = problem
                 except SandboxError as exc:
                     if isinstance(exc, CommunicationOutcomeUnknownError):
                         raise
@@ -564,6 +568,19 @@ class Scheduler:
             files=files,
             download_errors=download_errors,
         )
+
+    async def _download_problem(self, vm: SandboxVm, rel: str) -> str | None:
+        """Why ``rel`` cannot be downloaded into memory (None: it can): missing, not a file, too big."""
+        parent, _, name = rel.rpartition("/")
+        entries = await vm.agent.list_files(parent or ".")
+        entry = next((e for e in entries if e.name == name), None)
+        if entry is None:
+            return f"{rel!r} does not exist"
+        if entry.is_dir:
+            return f"{rel!r} is a directory"
+        if entry.size > self.config.max_file_bytes:
+            return f"{rel!r} is {entry.size} bytes, more than max_file_bytes ({self.config.max_file_bytes})"
+        return None
 
     # ------------------------------------------------------------------ sessions
 

@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def scheduler() -> AsyncIterator[Scheduler]:
-    async with scheduler_for_tests() as sched:
+    async with scheduler_for_tests(SchedulerConfig(max_file_bytes=30_000)) as sched:
         yield sched
 
 
@@ -64,6 +64,7 @@ async def test_python_run_streams_uploads_downloads_and_times(scheduler: Schedul
         "print('second', open('data/in.txt').read(), digest)\n"
         "os.makedirs('out')\n"
         "open('out/result.txt', 'w').write('made in the guest')\n"
+        "open('out/big.bin', 'wb').write(bytes(40_000))\n"
     )
     result = await scheduler.run(
         code,
@@ -72,7 +73,7 @@ async def test_python_run_streams_uploads_downloads_and_times(scheduler: Schedul
         on_stderr=async_err,
         on_boot_log=boot_lines.append,
         files={"data/in.txt": b"uploaded", "input.bin": local},
-        download=["out/result.txt", "no/such/file"],
+        download=["out/result.txt", "no/such/file", "out", "out/big.bin"],
         env_vars={"GREETING": "hello"},
     )
     assert isinstance(result, RunResult)
@@ -86,7 +87,10 @@ async def test_python_run_streams_uploads_downloads_and_times(scheduler: Schedul
     assert "".join(d for k, d in events if k == "out") == result.stdout
     assert boot_lines, "on_boot_log saw no console line"
     assert result.files == {"out/result.txt": b"made in the guest"}
-    assert set(result.download_errors) == {"no/such/file"}
+    assert result.download_errors.keys() == {"no/such/file", "out", "out/big.bin"}
+    assert "does not exist" in result.download_errors["no/such/file"]
+    assert "is a directory" in result.download_errors["out"]
+    assert "max_file_bytes" in result.download_errors["out/big.bin"]
     assert result.language == "python" and result.accelerator == "tcg"
     t = result.timing
     assert t.boot_ms > 0 and t.execute_ms > 0 and t.teardown_ms > 0
