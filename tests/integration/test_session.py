@@ -17,7 +17,7 @@ import pytest_asyncio
 
 from exec_sandbox.config import SchedulerConfig
 from exec_sandbox.errors import CommunicationOutcomeUnknownError, GuestAgentError, SandboxInputError
-from exec_sandbox.lifecycle_errors import SessionClosedError
+from exec_sandbox.lifecycle_errors import SchedulerClosedError, SessionClosedError
 from exec_sandbox.scheduler import Scheduler
 from exec_sandbox.session import Session, SessionState
 from tests.integration.test_scheduler_support import assert_no_vms, scheduler_for_tests
@@ -166,6 +166,22 @@ async def test_scheduler_close_closes_sessions() -> None:
     async with scheduler_for_tests() as sched:
         s = await sched.session(language="raw")
         assert (await s.exec("echo up")).stdout == "up\n"
+        started = asyncio.Event()
+        running = asyncio.create_task(
+            s.exec("echo go; sleep 100", timeout_seconds=300, on_stdout=lambda _: started.set())
+        )
+        await asyncio.wait_for(started.wait(), 60)
+        opening = asyncio.create_task(sched.session(language="raw"))
+        await asyncio.sleep(0.3)  # the second session is booting (or, on a fast host, open)
     assert s.closed and s.close_reason == "scheduler_closed"
+    with pytest.raises(CommunicationOutcomeUnknownError) as info:
+        await running
+    assert info.value.context["reason"] == "scheduler_closed"
+    try:
+        late = await opening
+    except SchedulerClosedError:
+        pass
+    else:
+        assert late.closed and late.close_reason == "scheduler_closed"
     with pytest.raises(SessionClosedError):
         await s.list_files()
