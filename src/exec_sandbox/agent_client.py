@@ -571,8 +571,11 @@ class AgentClient:
                 raise error from exc
 
     async def _next(self, req_id: str, pending: _Pending, timeout: float) -> GuestMessage:
+        # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that races a
+        # reply already queued, so a cancelled exec would run on to its own timeout.
         try:
-            msg = await asyncio.wait_for(pending.queue.get(), max(timeout, 0))
+            async with asyncio.timeout(max(timeout, 0)):
+                msg = await pending.queue.get()
         except TimeoutError:
             raise CommunicationOutcomeUnknownError(
                 "no answer from the guest agent in time", context={"request_id": req_id}
