@@ -6,22 +6,74 @@ Layers (imports point down): ``config`` (typed Firecracker payloads) ·
 ``microvm`` (lifecycle) · ``facade`` (:class:`SmartVM`) · ``cli``.
 """
 
-from smartvm.config import (
-    ConfigStep,
-    ValidationResult,
-    VMConfig,
-    VMConfigModel,
-    boot_configuration_steps,
-)
-from smartvm.errors import ErrorCode, SmartVMError
-from smartvm.facade import SmartVM, VmmKind
-from smartvm.images import BaseImageBundle, BaseImageManager, ImageManager, ProgressEvent
-from smartvm.microvm import MicroVM, MicroVMState
-from smartvm.network import NetworkManager, TapInfo
-from smartvm.qemu import AccelChoice, QemuMachine, QemuMachineSpec, choose_accelerator
-from smartvm.transport import SocketClient
-from smartvm.vmm.base import NetworkOverride, SnapshotFiles, VmmBackend, VmmInfo, VmmRunState
-from smartvm.vmm.firecracker import FirecrackerMachine
+# Imports are lazy (PEP 562): `import smartvm.qemu` must not pay for pyroute2, httpx and every
+# pydantic model of the Firecracker API. Type checkers see the real imports below.
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from smartvm.config import (
+        ConfigStep,
+        ValidationResult,
+        VMConfig,
+        VMConfigModel,
+        boot_configuration_steps,
+    )
+    from smartvm.errors import ErrorCode, SmartVMError
+    from smartvm.facade import SmartVM, VmmKind
+    from smartvm.images import BaseImageBundle, BaseImageManager, ImageManager, ProgressEvent
+    from smartvm.microvm import MicroVM, MicroVMState
+    from smartvm.network import NetworkManager, TapInfo
+    from smartvm.qemu import AccelChoice, QemuMachine, QemuMachineSpec, choose_accelerator
+    from smartvm.transport import SocketClient
+    from smartvm.vmm.base import NetworkOverride, SnapshotFiles, VmmBackend, VmmInfo, VmmRunState
+    from smartvm.vmm.firecracker import FirecrackerMachine
+
+_LAZY: dict[str, str] = {
+    "AccelChoice": "smartvm.qemu",
+    "BaseImageBundle": "smartvm.images",
+    "BaseImageManager": "smartvm.images",
+    "ConfigStep": "smartvm.config",
+    "ErrorCode": "smartvm.errors",
+    "FirecrackerMachine": "smartvm.vmm.firecracker",
+    "ImageManager": "smartvm.images",
+    "MicroVM": "smartvm.microvm",
+    "MicroVMState": "smartvm.microvm",
+    "NetworkManager": "smartvm.network",
+    "NetworkOverride": "smartvm.vmm.base",
+    "ProgressEvent": "smartvm.images",
+    "QemuMachine": "smartvm.qemu",
+    "QemuMachineSpec": "smartvm.qemu",
+    "SmartVM": "smartvm.facade",
+    "SmartVMError": "smartvm.errors",
+    "SnapshotFiles": "smartvm.vmm.base",
+    "SocketClient": "smartvm.transport",
+    "TapInfo": "smartvm.network",
+    "VMConfig": "smartvm.config",
+    "VMConfigModel": "smartvm.config",
+    "ValidationResult": "smartvm.config",
+    "VmmBackend": "smartvm.vmm.base",
+    "VmmInfo": "smartvm.vmm.base",
+    "VmmKind": "smartvm.facade",
+    "VmmRunState": "smartvm.vmm.base",
+    "boot_configuration_steps": "smartvm.config",
+    "choose_accelerator": "smartvm.qemu",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "AccelChoice",
