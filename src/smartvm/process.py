@@ -192,10 +192,6 @@ class ChildProcess:
     def stdout_tail(self) -> str:
         return "\n".join(self._stdout)
 
-    def clear_tails(self) -> None:
-        self._stdout.clear()
-        self._stderr.clear()
-
     @overload
     async def wait(self) -> int: ...
 
