@@ -1,4 +1,20 @@
-"""exec_sandbox: run untrusted Python / JavaScript / shell code in microVMs."""
+"""exec_sandbox: run untrusted Python / JavaScript / shell code in microVMs.
+
+::
+
+    from exec_sandbox import Scheduler
+    async with Scheduler() as scheduler:
+        result = await scheduler.run(code="print('hi')", language="python")
+        async with await scheduler.session(language="python") as s:
+            await s.exec("x = 41")
+            print((await s.exec("print(x + 1)")).stdout)   # 42
+
+Errors form one tree rooted at :class:`SandboxError` (see :mod:`exec_sandbox.errors`).
+Exports other than the errors are imported lazily (PEP 562), so ``sbx`` starts fast.
+"""
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from exec_sandbox.errors import (
     CommunicationOutcomeUnknownError,
@@ -12,14 +28,110 @@ from exec_sandbox.errors import (
     VmCapacityError,
 )
 
+if TYPE_CHECKING:
+    from exec_sandbox.admission import AdmissionController
+    from exec_sandbox.agent_client import AgentClient, AgentClientState, ExecResult
+    from exec_sandbox.config import SchedulerConfig
+    from exec_sandbox.lifecycle_errors import SchedulerClosedError, SessionClosedError
+    from exec_sandbox.models import (
+        ExecutionResult,
+        FileInfo,
+        Language,
+        PortForward,
+        TimingBreakdown,
+        language_from_path,
+    )
+    from exec_sandbox.overlay_pool import OverlayPool
+    from exec_sandbox.qemu_storage_daemon import QemuStorageDaemon
+    from exec_sandbox.sandbox_vm import BootTiming, SandboxVm, SandboxVmState, VmOptions
+    from exec_sandbox.scheduler import Scheduler, SchedulerState
+    from exec_sandbox.session import Session, SessionState
+    from exec_sandbox.settings import Settings
+    from exec_sandbox.snapshot_cache import SnapshotCache
+    from exec_sandbox.vm_manager import ImageBundle, VmManager
+    from exec_sandbox.warm_pool import WarmPool
+
+_LAZY: dict[str, str] = {
+    "AdmissionController": "exec_sandbox.admission",
+    "AgentClient": "exec_sandbox.agent_client",
+    "AgentClientState": "exec_sandbox.agent_client",
+    "BootTiming": "exec_sandbox.sandbox_vm",
+    "ExecResult": "exec_sandbox.agent_client",
+    "ExecutionResult": "exec_sandbox.models",
+    "FileInfo": "exec_sandbox.models",
+    "ImageBundle": "exec_sandbox.vm_manager",
+    "Language": "exec_sandbox.models",
+    "OverlayPool": "exec_sandbox.overlay_pool",
+    "PortForward": "exec_sandbox.models",
+    "QemuStorageDaemon": "exec_sandbox.qemu_storage_daemon",
+    "SandboxVm": "exec_sandbox.sandbox_vm",
+    "SandboxVmState": "exec_sandbox.sandbox_vm",
+    "Scheduler": "exec_sandbox.scheduler",
+    "SchedulerClosedError": "exec_sandbox.lifecycle_errors",
+    "SchedulerConfig": "exec_sandbox.config",
+    "SchedulerState": "exec_sandbox.scheduler",
+    "Session": "exec_sandbox.session",
+    "SessionClosedError": "exec_sandbox.lifecycle_errors",
+    "SessionState": "exec_sandbox.session",
+    "Settings": "exec_sandbox.settings",
+    "SnapshotCache": "exec_sandbox.snapshot_cache",
+    "TimingBreakdown": "exec_sandbox.models",
+    "VmManager": "exec_sandbox.vm_manager",
+    "VmOptions": "exec_sandbox.sandbox_vm",
+    "WarmPool": "exec_sandbox.warm_pool",
+    "language_from_path": "exec_sandbox.models",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
 __all__ = [
+    "AdmissionController",
+    "AgentClient",
+    "AgentClientState",
+    "BootTiming",
     "CommunicationOutcomeUnknownError",
+    "ExecResult",
+    "ExecutionResult",
+    "FileInfo",
     "GuestAgentError",
     "ImageBuildError",
+    "ImageBundle",
+    "Language",
+    "OverlayPool",
+    "PortForward",
+    "QemuStorageDaemon",
     "QemuStorageDaemonError",
     "SandboxError",
     "SandboxInputError",
     "SandboxPermanentError",
     "SandboxTransientError",
+    "SandboxVm",
+    "SandboxVmState",
+    "Scheduler",
+    "SchedulerClosedError",
+    "SchedulerConfig",
+    "SchedulerState",
+    "Session",
+    "SessionClosedError",
+    "SessionState",
+    "Settings",
+    "SnapshotCache",
+    "TimingBreakdown",
     "VmCapacityError",
+    "VmManager",
+    "VmOptions",
+    "WarmPool",
+    "language_from_path",
 ]
