@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from exec_sandbox.overlay_pool import OverlayPool
     from exec_sandbox.qemu_storage_daemon import QemuStorageDaemon
     from exec_sandbox.sandbox_vm import BootTiming, SandboxVm, SandboxVmState, VmOptions
-    from exec_sandbox.scheduler import Scheduler, SchedulerState
+    from exec_sandbox.scheduler import RunResult, Scheduler, SchedulerState
     from exec_sandbox.session import Session, SessionState
     from exec_sandbox.settings import Settings
     from exec_sandbox.snapshot_cache import SnapshotCache
@@ -64,6 +64,7 @@ _LAZY: dict[str, str] = {
     "OverlayPool": "exec_sandbox.overlay_pool",
     "PortForward": "exec_sandbox.models",
     "QemuStorageDaemon": "exec_sandbox.qemu_storage_daemon",
+    "RunResult": "exec_sandbox.scheduler",
     "SandboxVm": "exec_sandbox.sandbox_vm",
     "SandboxVmState": "exec_sandbox.sandbox_vm",
     "Scheduler": "exec_sandbox.scheduler",
@@ -113,6 +114,7 @@ __all__ = [
     "PortForward",
     "QemuStorageDaemon",
     "QemuStorageDaemonError",
+    "RunResult",
     "SandboxError",
     "SandboxInputError",
     "SandboxPermanentError",
