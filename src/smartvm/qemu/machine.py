@@ -338,7 +338,7 @@ class QemuMachine:
         if spec.initrd is not None:
             files.append(("initrd", spec.initrd))
         files += [(f"drive {d.id!r}", d.path) for d in spec.drives]
-        if spec.incoming and spec.memory_backend is not None:
+        if spec.incoming and spec.memory_backend is not None and not spec.memory_backend.share:
             files.append(("snapshot memory file", spec.memory_backend.path))
         for what, path in files:
             if not path.is_file():
@@ -573,6 +573,8 @@ class QemuMachine:
                         exclude={"qmp_socket", "incoming", "memory_backend", "serial_ports", "name"},
                     ),
                     "serial_ports": list(self._serial_names),
+                    # A streamed snapshot of a file-backed guest names its RAM block after the backend.
+                    "memory_backend": self.spec.memory_backend is not None,
                 }
                 _sidecar(snap).write_text(json.dumps(sidecar, indent=1))
             except BaseException:
@@ -615,7 +617,7 @@ class QemuMachine:
                 raise SmartVMError(
                     ErrorCode.INVALID_CONFIG, f"snapshot file not found: {snap}", details={"path": str(snap)}
                 )
-            ram_mode, spec = self._snapshot_spec(snap)
+            ram_mode, spec, had_backend = self._snapshot_spec(snap)
             if network_overrides:
                 taps = {o.iface_id: o.host_dev_name for o in network_overrides}
                 unknown = sorted(set(taps) - {n.id for n in spec.nics})
@@ -631,6 +633,10 @@ class QemuMachine:
                 )
             if ram_mode == "file":
                 spec = spec.model_copy(update={"memory_backend": MemoryBackendSpec(path=mem, share=False)})
+            elif had_backend:
+                # The stream fills a fresh RAM file of this VM's own (shared: it snapshots fast in turn).
+                own = MemoryBackendSpec(path=self._shm_dir / f"smartvm-{self.vm_id}.ram", share=True)
+                spec = spec.model_copy(update={"memory_backend": own})
             # The snapshot's CPU state only fits the accelerator it was taken with.
             self._accel = AccelChoice(spec.accel, "from the snapshot")
             await self._launch(spec, incoming=True)
@@ -660,12 +666,13 @@ class QemuMachine:
                 raise
             log.info("QEMU VM %s restored from %s", self.vm_id, snap)
 
-    def _snapshot_spec(self, snap: Path) -> tuple[Literal["file", "stream"], QemuMachineSpec]:
+    def _snapshot_spec(self, snap: Path) -> tuple[Literal["file", "stream"], QemuMachineSpec, bool]:
         side = _sidecar(snap)
         try:
             data = json.loads(side.read_text())
             ram_mode: Literal["file", "stream"] = "file" if data["ram"] == "file" else "stream"
             spec = self._spec or QemuMachineSpec.model_validate(data["spec"])
+            had_backend = data.get("memory_backend") is True
             if not self._serial_names:
                 self._serial_names = tuple(data.get("serial_ports", ()))
         except (OSError, ValueError, KeyError) as exc:
@@ -674,7 +681,7 @@ class QemuMachine:
                 f"snapshot metadata {side} is missing or invalid: {exc}",
                 details={"path": str(side)},
             ) from exc
-        return ram_mode, spec
+        return ram_mode, spec, had_backend
 
     # --- stop -----------------------------------------------------------------------------
 
