@@ -37,11 +37,11 @@ from typing import IO, Self
 from exec_sandbox.errors import QemuStorageDaemonError, SandboxInputError
 from exec_sandbox.qemu_storage_daemon import (
     QemuStorageDaemon,
-    _shielded,
     create_overlay_with_qemu_img,
     ensure_qcow2,
     get_image_info,
 )
+from smartvm.cleanup import shielded
 
 __all__ = ["OverlayPool", "PoolState", "default_pool_size"]
 
@@ -235,7 +235,7 @@ class OverlayPool:
                 for base in bases:
                     await self._prime(self._entries[base])
             except BaseException:
-                await _shielded(self._teardown())
+                await shielded(self._teardown())
                 self._state = PoolState.STOPPED
                 raise
             self._filled.clear()
@@ -252,7 +252,7 @@ class OverlayPool:
                 return
             self._state = PoolState.STOPPING
             try:
-                await _shielded(self._teardown())
+                await shielded(self._teardown())
             finally:
                 self._state = PoolState.STOPPED
 

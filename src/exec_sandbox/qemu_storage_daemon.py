@@ -26,16 +26,17 @@ import shutil
 import socket
 import tempfile
 import uuid
-from collections.abc import Awaitable, Mapping
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
 from exec_sandbox.errors import QemuStorageDaemonError, SandboxInputError
+from smartvm.cleanup import shielded
 from smartvm.process import ChildProcess, pid_alive, run_tool, stop_ladder
 
 __all__ = [
@@ -58,7 +59,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_T = TypeVar("_T")
 
 # Linux caps sun_path at 108 bytes including the NUL.
 _MAX_UNIX_PATH = 107
@@ -306,26 +306,6 @@ async def create_overlay_with_qemu_img(
 # --------------------------------------------------------------------------- process helpers
 
 
-async def _shielded(aw: Awaitable[_T]) -> _T:
-    """Await ``aw`` to completion even if the caller is cancelled; re-raise the cancel after.
-
-    Undo work (killing a process, deleting a half-made overlay) must finish once begun.
-    """
-    task = asyncio.ensure_future(aw)
-    cancelled = False
-    while True:
-        try:
-            result = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.done():
-                raise
-            cancelled = True
-            continue
-        if cancelled:
-            raise asyncio.CancelledError
-        return result
-
-
 def _event_data(event: Mapping[str, object]) -> dict[str, Any]:
     data = event.get("data")
     return data if isinstance(data, dict) else {}
@@ -434,12 +414,12 @@ class QemuStorageDaemon:
                 return
             if self._process is not None or self._runtime_dir is not None:
                 # A previous daemon died: clear its leftovers before starting afresh.
-                await _shielded(self._teardown())
+                await shielded(self._teardown())
             self._state = DaemonState.STARTING
             try:
                 await self._launch()
             except BaseException:
-                await _shielded(self._teardown())
+                await shielded(self._teardown())
                 self._state = DaemonState.STOPPED
                 raise
             self._state = DaemonState.RUNNING
@@ -453,7 +433,7 @@ class QemuStorageDaemon:
                 return
             self._state = DaemonState.STOPPING
             try:
-                await _shielded(self._stop_after_current_command())
+                await shielded(self._stop_after_current_command())
             finally:
                 self._state = DaemonState.STOPPED
 
@@ -739,7 +719,7 @@ class QemuStorageDaemon:
                 await self._execute("blockdev-del", {"node-name": node})
             except BaseException:
                 # The overlay did not exist before (checked above), so whatever is there is ours.
-                await _shielded(self._undo(overlay, node if node_added else None, issued_jobs))
+                await shielded(self._undo(overlay, node if node_added else None, issued_jobs))
                 raise
 
     async def _undo(self, overlay: Path, node: str | None, jobs: list[str]) -> None:

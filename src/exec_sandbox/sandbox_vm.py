@@ -60,7 +60,9 @@ from exec_sandbox.overlay_pool import OverlayPool
 from exec_sandbox.qemu_storage_daemon import create_overlay_with_qemu_img
 from exec_sandbox.settings import KernelFlavor, Settings
 from exec_sandbox.vm_manager import VmManager
+from smartvm.cleanup import shielded
 from smartvm.errors import SmartVMError
+from smartvm.process import pid_alive
 from smartvm.qemu import (
     AccelChoice,
     DriveSpec,
@@ -241,23 +243,13 @@ def _overlay_path(runtime_dir: Path, vm_id: str) -> Path:
     return runtime_dir / f"sbx-{os.getpid()}-{vm_id}.qcow2"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_stale_overlays(runtime_dir: Path) -> list[Path]:
     """Delete overlays left in ``runtime_dir`` by processes that no longer exist."""
     removed: list[Path] = []
     with contextlib.suppress(OSError):
         for entry in runtime_dir.iterdir():
             match = _OVERLAY_RE.match(entry.name)
-            if match is None or _pid_alive(int(match.group(1))) or (runtime_dir / match.group(2)).exists():
+            if match is None or pid_alive(int(match.group(1))) or (runtime_dir / match.group(2)).exists():
                 continue
             with contextlib.suppress(OSError):
                 entry.unlink()
@@ -286,22 +278,6 @@ async def _call_safely(callback: BootLogCallback, line: str) -> None:
 async def _forward_lines(lines: AsyncIterator[str], callback: BootLogCallback) -> None:
     async for line in lines:
         await _call_safely(callback, line)
-
-
-async def _shielded(coro: Awaitable[None]) -> None:
-    """Run cleanup to completion even if cancelled meanwhile; re-raise the cancellation after."""
-    task = asyncio.ensure_future(coro)
-    cancelled = False
-    while not task.done():
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.done():
-                break
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
-    task.result()
 
 
 # --------------------------------------------------------------------------- the VM
@@ -591,7 +567,7 @@ class SandboxVm:
         """Undo everything, then raise the right error for ``exc`` (never returns)."""
         context = self._failure_context(phase)  # before cleanup closes the console
         context["elapsed_ms"] = round(_ms(started_at), 1)
-        await _shielded(self._undo.run())
+        await shielded(self._undo.run())
         self._state = SandboxVmState.CLOSED
         if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
             raise exc
@@ -801,7 +777,7 @@ class SandboxVm:
                 return
             self._state = SandboxVmState.CLOSING
             try:
-                await _shielded(self._undo.run())
+                await shielded(self._undo.run())
             finally:
                 self._state = SandboxVmState.CLOSED
 

@@ -32,6 +32,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, overload
 
+from smartvm.cleanup import shielded
+
 __all__ = [
     "DEFAULT_TAIL_LINES",
     "ChildProcess",
@@ -299,15 +301,7 @@ async def run_tool(
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
-        reaper = asyncio.ensure_future(proc.wait())
-        cancelled = False
-        while not reaper.done():
-            try:
-                await asyncio.shield(reaper)
-            except asyncio.CancelledError:
-                cancelled = True
-        if cancelled:
-            raise asyncio.CancelledError from None
+        await shielded(proc.wait())
         raise
     assert proc.returncode is not None
     return ToolResult(proc.returncode, out, err or b"")

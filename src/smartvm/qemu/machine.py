@@ -37,6 +37,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from smartvm.cleanup import shielded
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.process import ChildProcess, stop_ladder
 from smartvm.qemu.accel import AccelChoice, choose_accelerator
@@ -294,7 +295,7 @@ class QemuMachine:
             self._state = MachineState.PAUSED if incoming else MachineState.RUNNING
             log.info("QEMU VM %s started (pid %s, %s)", self.vm_id, self.pid, self._accel.accel)
         except BaseException:
-            await self._shielded(self._teardown(graceful=False))
+            await shielded(self._teardown(graceful=False))
             self._state = MachineState.FAILED
             raise
 
@@ -661,7 +662,7 @@ class QemuMachine:
                     await self._qmp_exec("cont")
                     self._state = MachineState.RUNNING
             except BaseException:
-                await self._shielded(self._teardown(graceful=False))
+                await shielded(self._teardown(graceful=False))
                 self._state = MachineState.FAILED
                 raise
             log.info("QEMU VM %s restored from %s", self.vm_id, snap)
@@ -692,7 +693,7 @@ class QemuMachine:
                 return
             self._state = MachineState.STOPPING
             try:
-                await self._shielded(self._teardown(graceful=True, timeout=timeout))
+                await shielded(self._teardown(graceful=True, timeout=timeout))
             finally:
                 # A machine is single-use: once stopped (even after a failed cleanup) it stays stopped.
                 self._state = MachineState.STOPPED
@@ -753,19 +754,3 @@ class QemuMachine:
 
     def _push_undo(self, what: str, undo: Callable[[], Awaitable[None]]) -> None:
         self._undo.append((what, undo))
-
-    @staticmethod
-    async def _shielded(coro: Awaitable[None]) -> None:
-        """Run cleanup to completion even if we are cancelled meanwhile; re-raise the cancel after."""
-        task = asyncio.ensure_future(coro)
-        cancelled = False
-        while not task.done():
-            try:
-                await asyncio.shield(task)
-            except asyncio.CancelledError:
-                if task.done():
-                    break
-                cancelled = True
-        if cancelled:
-            raise asyncio.CancelledError
-        task.result()
