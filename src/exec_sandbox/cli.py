@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -22,6 +21,7 @@ from exec_sandbox.images.progress import ProgressEvent, ProgressKind
 from exec_sandbox.images.recipe import LANGUAGES
 from exec_sandbox.settings import KernelFlavor, Settings
 from exec_sandbox.vm_manager import VmManager
+from smartvm.process import pid_alive
 
 __all__ = ["RichProgress", "images", "main"]
 
@@ -150,13 +150,7 @@ def _abandoned(path: Path) -> bool:
     _, sep, pid = path.name.rpartition("-")
     if not sep or not pid.isdigit():
         return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return not pid_alive(int(pid))
 
 
 def _size(path: Path) -> int:

@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.process import run_tool
 
 __all__ = ["ImageManager"]
 
@@ -83,33 +84,20 @@ class ImageManager:
     async def _copy(source: Path, temp: Path, vm_id: str) -> None:
         argv = ["cp", "--reflink=auto", "--", str(source), str(temp)]
         try:
-            process = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-            )
+            # run_tool kills and reaps cp on cancellation: none may keep writing the temp file.
+            result = await run_tool(argv)
         except OSError as exc:
             raise SmartVMError(
                 ErrorCode.IMAGE_COPY_FAILED,
                 f"cannot run cp: {exc.strerror or exc}",
                 details={"vm_id": vm_id, "command": " ".join(argv)},
             ) from exc
-        try:
-            _, stderr = await process.communicate()
-        except BaseException:
-            # Cancelled (or worse) mid-copy: no cp may outlive us or keep writing the temp file.
-            if process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                await asyncio.shield(process.wait())
-            raise
-        if process.returncode != 0:
-            tail = stderr.decode(errors="replace")[-_STDERR_TAIL:].strip()
+        if result.returncode != 0:
+            tail = result.stderr.decode(errors="replace")[-_STDERR_TAIL:].strip()
             raise SmartVMError(
                 ErrorCode.IMAGE_COPY_FAILED,
-                f"copying {source} failed (cp exit {process.returncode}): {tail}",
-                details={"vm_id": vm_id, "command": " ".join(argv), "exit_code": process.returncode,
+                f"copying {source} failed (cp exit {result.returncode}): {tail}",
+                details={"vm_id": vm_id, "command": " ".join(argv), "exit_code": result.returncode,
                          "stderr": tail},
             )
 
