@@ -283,6 +283,13 @@ def _verify_entry(entry: Path, key: str) -> SnapshotManifest:
         got = _digest_cached(path)
         if got != want.sha256:
             raise _Corrupt(f"{rel} has sha256 {got}, the manifest says {want.sha256}")
+    # The disk copy is an overlay whose backing file is the image's base: without it, no restore.
+    try:
+        base = Path(json.loads((root / "sandbox.json").read_text())["base_image"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _Corrupt(f"sandbox.json unreadable: {exc}") from exc
+    if not base.is_file():
+        raise _Corrupt(f"its base image {base} no longer exists")
     return manifest
 
 

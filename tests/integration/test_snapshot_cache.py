@@ -182,3 +182,33 @@ async def test_restore_after_close_is_refused(
     await cache.aclose()  # idempotent
     with pytest.raises(SandboxTransientError, match="closed"):
         await cache.restore_or_boot(OPTIONS)
+
+
+async def test_concurrent_caches_write_one_entry_and_share_it(
+    sbx_settings: Settings, sbx_images: VmManager, sbx_leaks: LeakChecker, tmp_path: Path
+) -> None:
+    # Two caches on one directory hold separate lock descriptions: to flock they are two processes.
+    path = tmp_path / "cache"
+    first = cache_for(path, sbx_settings, sbx_images)
+    second = cache_for(path, sbx_settings, sbx_images)
+    options = OPTIONS.model_copy(update={"env": {"SBX_TEST": "concurrent"}})  # a key of its own
+    (vm_a, restored_a), (vm_b, restored_b) = await asyncio.gather(
+        first.restore_or_boot(options, runtime_dir=sbx_leaks.runtime_dir, vm_id=sbx_leaks.new_id()),
+        second.restore_or_boot(options, runtime_dir=sbx_leaks.runtime_dir, vm_id=sbx_leaks.new_id()),
+    )
+    async with vm_a, vm_b:
+        assert restored_a is False and restored_b is False
+    await first.aclose()
+    await second.aclose()
+    assert first.stats.saves + second.stats.saves == 1
+    assert first.stats.save_skipped + second.stats.save_skipped == 1
+    assert len(first.entries()) == 1
+    assert [p.name for p in path.iterdir() if p.name.startswith((".tmp-", ".trash-"))] == []
+
+    async with cache_for(path, sbx_settings, sbx_images) as third:
+        vm, restored = await third.restore_or_boot(
+            options, runtime_dir=sbx_leaks.runtime_dir, vm_id=sbx_leaks.new_id()
+        )
+        async with vm:
+            assert restored is True
+            assert (await vm.exec("import os; print(os.environ['SBX_TEST'])")).stdout == "concurrent\n"

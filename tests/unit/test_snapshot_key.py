@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 from pathlib import Path
 
@@ -168,9 +169,16 @@ def test_verify_accepts_intact_entries_and_names_the_corruption(tmp_path: Path) 
     from exec_sandbox.snapshot_cache import _Corrupt, _verify_entry
 
     cache = SnapshotCache(tmp_path, settings=Settings(cache_dir=tmp_path / "c"))
-    k = write_entry(cache, {"vmstate": b"state" * 100, "memory": b"\0" * 4096})
+    base = tmp_path / "rootfs.qcow2"
+    base.write_bytes(b"base")
+    sandbox_json = json.dumps({"base_image": str(base)}).encode()
+    k = write_entry(cache, {"vmstate": b"state" * 100, "memory": b"\0" * 4096, "sandbox.json": sandbox_json})
     entry = cache.entry_dir(k)
     assert isinstance(_verify_entry(entry, k), SnapshotManifest)
+    base.unlink()
+    with pytest.raises(_Corrupt, match=r"base image .* no longer exists"):
+        _verify_entry(entry, k)
+    base.write_bytes(b"base")
 
     (entry / "snapshot" / "memory").write_bytes(b"\1" + b"\0" * 4095)  # same size, other bytes
     with pytest.raises(_Corrupt, match="memory has sha256"):
