@@ -45,6 +45,7 @@ from smartvm.images.download import (
     ProgressFn,
     copy_artifact,
     download_artifact,
+    http_status_error,
     verify_file,
 )
 from smartvm.images.manifest import (
@@ -299,12 +300,11 @@ class BaseImageManager:
     async def _read_bounded(client: httpx.AsyncClient, url: str, limit: int, what: str) -> bytes:
         async with client.stream("GET", url) as response:
             if response.status_code != 200:
-                raise SmartVMError(
+                raise http_status_error(
                     ErrorCode.BASE_IMAGE_MANIFEST_FAILED,
                     f"fetching {what} {url} returned HTTP {response.status_code}",
-                    status_code=response.status_code,
-                    details={"url": url},
-                    retryable=response.status_code >= 500 or response.status_code == 429,
+                    response.status_code,
+                    url,
                 )
             body = bytearray()
             async for chunk in response.aiter_bytes():

@@ -36,6 +36,7 @@ __all__ = [
     "copy_artifact",
     "download_artifact",
     "hash_file",
+    "http_status_error",
     "temp_path_for",
     "verify_file",
 ]
@@ -74,6 +75,13 @@ def _regular_file_size(path: Path) -> int:
     if not stat.S_ISREG(info.st_mode):
         raise FileNotFoundError(f"{path} is not a regular file")
     return info.st_size
+
+
+def http_status_error(code: ErrorCode, message: str, status: int, url: str) -> SmartVMError:
+    """The error for a non-200 answer; a server error or 429 (rate limited) is worth retrying."""
+    return SmartVMError(
+        code, message, status_code=status, details={"url": url}, retryable=status >= 500 or status == 429
+    )
 
 
 def temp_path_for(dest: Path) -> Path:
@@ -219,12 +227,11 @@ async def download_artifact(
         try:
             async with client.stream("GET", url) as response:
                 if response.status_code != 200:
-                    raise SmartVMError(
+                    raise http_status_error(
                         ErrorCode.BASE_IMAGE_DOWNLOAD_FAILED,
                         f"GET {url} returned HTTP {response.status_code}",
-                        status_code=response.status_code,
-                        details={"url": url},
-                        retryable=response.status_code >= 500 or response.status_code == 429,
+                        response.status_code,
+                        url,
                     )
                 total = _content_length(response) or expected.size
                 if (expected.size is not None and total is not None and total != expected.size):

@@ -14,11 +14,11 @@ import asyncio
 import contextlib
 import os
 import re
-import secrets
 import shutil
 from pathlib import Path
 
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.images.download import temp_path_for
 from smartvm.process import run_tool
 
 __all__ = ["ImageManager"]
@@ -130,7 +130,7 @@ def _prepare_paths(vm_id: str, vm_dir: Path, base_rootfs: Path | str) -> tuple[P
             details={"vm_id": vm_id, "path": str(vm_dir)},
         ) from exc
     dest = vm_dir / f"rootfs{''.join(source.suffixes[-1:])}"
-    temp = vm_dir / f".{dest.name}.{secrets.token_hex(6)}.part"
+    temp = temp_path_for(dest)
     return source, dest, temp
 
 
