@@ -11,13 +11,18 @@
             print((await s.exec("print(x + 1)")).stdout)      # 42
 
 ``run()``
-    Every run gets a fresh VM booted from a fresh qcow2 overlay over the language's base image; the
-    VM, its overlay and its sockets are destroyed when the run ends (success, error, timeout or
-    cancellation), so nothing a run does survives it. Steps: validate input (before any VM is spent)
-    -> find/build the image -> reserve capacity (:class:`AdmissionController`, FIFO, timeout) -> boot
-    -> upload ``files`` -> execute -> read back ``download`` -> stop the VM. ``TimingBreakdown`` has
-    ``admission_wait_ms``, ``setup_ms`` (image lookup/build), ``overlay_ms``, ``boot_ms``,
-    ``execute_ms``, ``teardown_ms`` and ``total_ms``.
+    Every run gets its own VM - booted from a fresh qcow2 overlay over the language's base image, or
+    restored from a memory snapshot, or taken ready from the warm pool (see Speed) - used once: the
+    VM, its overlay and its sockets are destroyed after the run, so nothing a run does survives it.
+    On success the VM is stopped in the background right after the result is handed back (its
+    admission capacity returns when it is gone; ``close()`` waits for it); on an error or a
+    cancellation it is stopped before the exception propagates. Steps: validate input (before any VM
+    is spent) -> find/build the image -> get a VM (pool, or reserve capacity with
+    :class:`AdmissionController` - FIFO, timeout - then restore or boot) -> upload ``files`` ->
+    execute -> read back ``download``. ``TimingBreakdown`` has ``admission_wait_ms``, ``setup_ms``
+    (image lookup/build), ``overlay_ms``, ``boot_ms`` (VM start to agent answering, restores
+    included; 0 for a warm-pool hit), ``restore_ms`` (restores only), ``execute_ms`` and
+    ``total_ms``; ``teardown_ms`` is 0 because teardown is no longer on the caller's path.
 
 Limits
     - ``timeout_seconds`` (default ``config.default_timeout_seconds``, at most
@@ -72,9 +77,31 @@ Close
     qemu-storage-daemon, and removes the runtime directory it created. Cancelling a ``run()``
     stops its VM and removes its overlay before the cancellation propagates.
 
-Seams for the performance layer: :meth:`Scheduler._provision` is the one place a ready VM comes
-from (a warm pool or a memory-snapshot restore can serve it instead of a cold boot), and
-:meth:`Scheduler._retire` the one place it goes back.
+Speed (issue 5)
+    :meth:`Scheduler._provision` is the one place a ready VM comes from, :meth:`Scheduler._retire`
+    the one place it goes back. A VM comes, in this order, from:
+
+    1. the warm pool (``config.warm_pool_size`` > 0): ready, REPL-warm VMs per language, kept by a
+       :class:`~exec_sandbox.warm_pool.WarmPool` per language started on first use of the language
+       (or by :meth:`Scheduler.prewarm`). Checkout is O(1) (plus one agent ping as health check);
+       only runs/sessions with the default memory size are served. Refills run in the background one
+       VM at a time and take capacity only through ``AdmissionController.try_acquire`` (never while
+       a foreground call is queued); idle pool VMs are given back when foreground calls queue.
+       ``ExecutionResult.warm_pool_hit`` says so; ``timing.boot_ms`` is 0 for a hit.
+    2. the L1 memory-snapshot cache (``config.enable_memory_snapshots``, default on):
+       :meth:`SnapshotCache.restore_or_boot` restores a warm guest of the same (language, image,
+       kernel, memory, vCPUs, QEMU, accelerator, ...) combination in a fresh QEMU, reseeding its RNG
+       before any user code runs; the first cold boot of a combination saves that snapshot.
+       ``ExecutionResult.restored_from_snapshot`` says so. The cache lives in
+       ``settings.cache_dir / "snapshots"`` (or ``snapshot_dir``), shared by processes via flock.
+    3. a cold boot (snapshots disabled, or a networked VM, which cannot be snapshotted).
+
+    A restored or pooled VM does not boot, so ``on_boot_log`` gets one ``[sandbox] ...`` line saying
+    where the VM came from instead of console lines.
+
+    :meth:`Session.fork` clones a session's VM (memory and disk) into a new, independent session
+    (:func:`~exec_sandbox.fork.fork_vm` under ``Session.exclusive()``); the clone reserves its own
+    admission capacity first.
 """
 
 from __future__ import annotations
@@ -86,7 +113,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -106,6 +133,7 @@ from exec_sandbox.errors import (
     VmCapacityError,
 )
 from exec_sandbox.execution import execute_in_vm
+from exec_sandbox.fork import fork_vm
 from exec_sandbox.host_resources import CgroupManager, VmCgroup, find_cgroup2_mount
 from exec_sandbox.lifecycle_errors import SchedulerClosedError
 from exec_sandbox.models import ExecutionResult, Language, TimingBreakdown
@@ -113,6 +141,7 @@ from exec_sandbox.overlay_pool import OverlayPool
 from exec_sandbox.sandbox_vm import BootLogCallback, SandboxVm, VmOptions
 from exec_sandbox.session import Session
 from exec_sandbox.settings import Settings
+from exec_sandbox.snapshot_cache import SnapshotCache, warm_vm
 from exec_sandbox.validation import (
     input_error,
     validate_code,
@@ -123,6 +152,7 @@ from exec_sandbox.validation import (
     validate_timeout,
 )
 from exec_sandbox.vm_manager import VmManager
+from exec_sandbox.warm_pool import WarmPool
 from smartvm.qemu import default_runtime_dir
 
 __all__ = ["RunResult", "Scheduler", "SchedulerState", "VmLease"]
@@ -187,11 +217,13 @@ class Scheduler:
         settings: Settings | None = None,
         runtime_dir: Path | None = None,
         vm_manager: VmManager | None = None,
+        snapshot_dir: Path | None = None,
     ) -> None:
         """``settings``: default ``config.settings()``. ``runtime_dir``: where overlays, sockets and VM
         directories go (default: a fresh per-Scheduler dir under smartvm's runtime dir, removed on
         close). ``vm_manager``: e.g. ``VmManager(settings, progress=...)`` to show first-run image
-        builds; default ``VmManager(settings)``."""
+        builds; default ``VmManager(settings)``. ``snapshot_dir``: the L1 snapshot cache directory
+        (default ``settings.cache_dir / "snapshots"``, shared with other processes)."""
         self.config = config or SchedulerConfig()
         self.settings = settings or (
             vm_manager.settings if vm_manager is not None else self.config.settings()
@@ -210,6 +242,10 @@ class Scheduler:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sessions: set[Session] = set()
         self._cgroups: CgroupManager | None = None
+        self._snapshot_dir = snapshot_dir
+        self._snapshots: SnapshotCache | None = None
+        self._warm_pools: dict[Language, WarmPool] = {}
+        self._retiring: set[asyncio.Task[None]] = set()  # VMs of finished runs being stopped
 
     # ------------------------------------------------------------------ introspection
 
@@ -230,6 +266,15 @@ class Scheduler:
     @property
     def active_sessions(self) -> int:
         return len(self._sessions)
+
+    @property
+    def snapshot_cache(self) -> SnapshotCache | None:
+        """The L1 snapshot cache (None when ``enable_memory_snapshots`` is off or not started)."""
+        return self._snapshots
+
+    def warm_pool(self, language: Language | str) -> WarmPool | None:
+        """The warm pool of ``language`` (None: no pool, or the language was not used yet)."""
+        return self._warm_pools.get(validate_language(language))
 
     def __repr__(self) -> str:
         runs, sessions = len(self._tasks), len(self._sessions)
@@ -273,6 +318,10 @@ class Scheduler:
                 await pool.stop()
                 await asyncio.to_thread(self._remove_runtime_dir)
                 raise
+            if self.config.enable_memory_snapshots:
+                self._snapshots = SnapshotCache(
+                    self._snapshot_dir, settings=self.settings, vm_manager=self._vm_manager
+                )
             self._admission, self._pool = admission, pool
             self._state = SchedulerState.RUNNING
             logger.info(
@@ -360,12 +409,24 @@ class Scheduler:
         for task in tasks:
             task.cancel()
         sessions = list(self._sessions)
+        pools = list(self._warm_pools.values())
+        # Pools first in the list: their refills stop taking capacity while the rest winds down.
         results = await asyncio.gather(
-            *(s._close("scheduler_closed") for s in sessions), *tasks, return_exceptions=True
+            *(p.drain() for p in pools),
+            *(s._close("scheduler_closed") for s in sessions),
+            *tasks,
+            return_exceptions=True,
         )
         for outcome in results:
             if isinstance(outcome, Exception) and not isinstance(outcome, SandboxError):
                 logger.warning("error while closing the scheduler: %r", outcome)
+        while self._retiring:  # never cancelled: each one finishes stopping its VM
+            await asyncio.wait(set(self._retiring))
+        if self._snapshots is not None:
+            try:
+                await self._snapshots.aclose()  # snapshots being published finish (or clean up)
+            except Exception as exc:
+                logger.warning("error while closing the snapshot cache: %r", exc)
         if self._admission is not None:
             self._admission.close()
         if self._pool is not None:
@@ -504,7 +565,7 @@ class Scheduler:
         setup_ms = _ms(t)
         lease = await self._provision(language, memory_mb, on_boot_log)
         vm = lease.vm
-        teardown_ms = 0.0
+        finished = False
         files: dict[str, bytes] = {}
         download_errors: dict[str, str] = {}
         try:
@@ -534,19 +595,26 @@ class Scheduler:
                     if isinstance(exc, CommunicationOutcomeUnknownError):
                         raise
                     download_errors[given] = exc.message
+            finished = True
         finally:
-            t = time.perf_counter()
-            await self._retire(lease)
-            teardown_ms = _ms(t)
+            if not finished:  # failed or cancelled: the VM is gone before the error propagates
+                await self._retire(lease)
+        # The result is complete: stop the VM after returning it (close() waits for that).
+        self._retire_later(lease)
         res = outcome.result
         boot = vm.timing
+        fresh = not lease.warm_pool_hit  # a pooled VM was made before this run: no cost to it
         timing = TimingBreakdown(
             admission_wait_ms=lease.grant.waited_ms,
-            setup_ms=setup_ms + boot.image_ms,
-            overlay_ms=boot.overlay_ms,
-            boot_ms=boot.qemu_spawn_ms + boot.boot_to_agent_ms,
+            setup_ms=setup_ms + (boot.image_ms if fresh else 0.0),
+            overlay_ms=boot.overlay_ms if fresh else 0.0,
+            boot_ms=boot.qemu_spawn_ms + boot.boot_to_agent_ms + boot.reseed_ms if fresh else 0.0,
+            restore_ms=(
+                boot.qemu_spawn_ms + boot.boot_to_agent_ms + boot.reseed_ms
+                if fresh and boot.restored
+                else None
+            ),
             execute_ms=outcome.execute_ms,
-            teardown_ms=teardown_ms,
             total_ms=_ms(started),
         )
         return RunResult(
@@ -615,6 +683,12 @@ class Scheduler:
     ) -> Session:
         await self._ensure_image(language)
         lease = await self._provision(language, memory_mb, None)
+        return await self._new_session(lease, language, memory_mb, env, idle)
+
+    async def _new_session(
+        self, lease: VmLease, language: Language, memory_mb: int, env: dict[str, str], idle: float
+    ) -> Session:
+        """Wrap a leased VM in a registered :class:`Session` (the lease is retired on failure)."""
         try:
             session = Session(
                 vm=lease.vm,
@@ -625,6 +699,9 @@ class Scheduler:
                 env_vars=env,
                 idle_timeout_seconds=idle,
                 on_closed=self._sessions.discard,
+                fork=self._fork_session,
+                warm_pool_hit=lease.warm_pool_hit,
+                restored_from_snapshot=lease.restored_from_snapshot,
             )
         except BaseException:
             await self._retire(lease)
@@ -632,10 +709,35 @@ class Scheduler:
         self._sessions.add(session)
         return session
 
+    async def _fork_session(self, parent: Session) -> Session:
+        """``parent.fork()``: reserve capacity, clone the VM while the session is quiet, wrap it."""
+        self._require_running("fork a session in")
+        inner = asyncio.get_running_loop().create_task(self._fork(parent), name="sbx-session-fork")
+        session: Session = await self._await_tracked(inner, None)
+        return session
+
+    async def _fork(self, parent: Session) -> Session:
+        grant = await self.admission.acquire(parent.memory_mb, self.config.default_vcpus)
+        try:
+            async with parent.exclusive() as vm:
+                clone = await fork_vm(vm, settings=self.settings, runtime_dir=self._runtime_dir)
+        except BaseException:
+            grant.release()
+            raise
+        lease = VmLease(
+            vm=clone,
+            grant=grant,
+            cgroup=self._attach_cgroup(clone, parent.memory_mb),
+            restored_from_snapshot=True,
+        )
+        return await self._new_session(
+            lease, parent.language, parent.memory_mb, dict(parent.env_vars), parent.idle_timeout_seconds
+        )
+
     # ------------------------------------------------------------------ VMs
 
     async def _ensure_image(self, language: Language) -> Path:
-        """Find (building on first use) the language's image, once at a time, and pool its overlays."""
+        """Find (building on first use) the language's image, pool its overlays, start its warm pool."""
         known = self._images.get(language)
         if known is not None:
             return known
@@ -646,7 +748,48 @@ class Scheduler:
                 if self._pool is not None:
                     await self._pool.start([base])  # registers the base with the running pool
                 self._images[language] = base
+                await self._start_warm_pool(language)
             return self._images[language]
+
+    async def _start_warm_pool(self, language: Language) -> None:
+        if self.config.warm_pool_size == 0 or language in self._warm_pools:
+            return
+        if self._state is not SchedulerState.RUNNING:
+            return
+        pool = WarmPool(
+            self._pooled_vm,
+            self.config.warm_pool_size,
+            self._admission,
+            languages=[language],
+            memory_mb=self.config.default_memory_mb,
+            vcpus=self.config.default_vcpus,
+        )
+        self._warm_pools[language] = pool
+        await pool.start()
+        logger.info("warm pool for %s: %d ready VM(s) kept", language, self.config.warm_pool_size)
+
+    async def prewarm(
+        self,
+        languages: Iterable[Language | str] = ("python",),
+        *,
+        wait: bool = True,
+        timeout_seconds: float | None = None,
+    ) -> None:
+        """Build/find the images of ``languages`` and start their warm pools (and, with snapshots on,
+        fill the snapshot cache with the first cold boot). ``wait``: return only when every pool
+        holds ``config.warm_pool_size`` VMs (or ``timeout_seconds`` passed: ``TimeoutError``)."""
+        self._require_running("prewarm")
+        langs = [validate_language(lang) for lang in languages]
+        for lang in langs:
+            await self._ensure_image(lang)
+        if not wait:
+            return
+        async with asyncio.timeout(timeout_seconds):
+            for lang in langs:
+                pool = self._warm_pools.get(lang)
+                while pool is not None and pool.idle_count(lang) < pool.size_per_language:
+                    self._require_running("prewarm")
+                    await asyncio.sleep(0.02)
 
     def _vm_options(self, language: Language, memory_mb: int) -> VmOptions:
         return VmOptions(
@@ -660,26 +803,89 @@ class Scheduler:
     async def _provision(
         self, language: Language, memory_mb: int, on_boot_log: BootLogCallback | None
     ) -> VmLease:
-        """Reserve capacity and get a ready VM for it (the seam for warm pools and snapshots)."""
+        """A ready VM with the capacity it holds: from the warm pool, else a snapshot restore, else a
+        cold boot (see the module docstring)."""
+        pool = self._warm_pools.get(language)
+        if pool is not None and memory_mb == pool.memory_mb:
+            pooled = await pool.checkout(language)
+            if pooled is not None:
+                assert pooled.grant is not None  # the pools are made with this admission controller
+                await self._note_no_boot(on_boot_log, "a ready VM from the warm pool")
+                return VmLease(
+                    vm=pooled.vm,
+                    grant=pooled.grant,
+                    cgroup=self._attach_cgroup(pooled.vm, memory_mb),
+                    warm_pool_hit=True,
+                    restored_from_snapshot=pooled.vm.timing.restored,
+                )
         grant = await self.admission.acquire(memory_mb, self.config.default_vcpus)
         try:
             vm, attempts = await self._boot(self._vm_options(language, memory_mb), on_boot_log)
         except BaseException:
             grant.release()
             raise
-        return VmLease(vm=vm, grant=grant, boot_attempts=attempts, cgroup=self._attach_cgroup(vm, memory_mb))
+        if vm.timing.restored:
+            await self._note_no_boot(on_boot_log, "restored from a memory snapshot")
+        return VmLease(
+            vm=vm,
+            grant=grant,
+            boot_attempts=attempts,
+            cgroup=self._attach_cgroup(vm, memory_mb),
+            restored_from_snapshot=vm.timing.restored,
+        )
+
+    @staticmethod
+    async def _note_no_boot(on_boot_log: BootLogCallback | None, where: str) -> None:
+        if on_boot_log is None:
+            return
+        try:
+            value = on_boot_log(f"[sandbox] no boot: {where}")
+            if value is not None:
+                await value
+        except Exception:  # a broken log callback must not break the run
+            logger.exception("on_boot_log callback failed")
+
+    async def _pooled_vm(self, language: Language) -> SandboxVm:
+        """The warm pool's factory: a ready VM with the REPL (and a spare interpreter) warm."""
+        options = self._vm_options(language, self.config.default_memory_mb)
+        if self._snapshots is not None:
+            vm, _ = await self._snapshots.restore_or_boot(
+                options, runtime_dir=self._runtime_dir, overlay_pool=self._pool
+            )
+            return vm
+        vm = await SandboxVm.boot(
+            options,
+            settings=self.settings,
+            vm_manager=self._vm_manager,
+            overlay_pool=self._pool,
+            runtime_dir=self._runtime_dir,
+        )
+        try:
+            await warm_vm(vm)
+        except BaseException:
+            await vm.close()
+            raise
+        return vm
 
     async def _boot(self, options: VmOptions, on_boot_log: BootLogCallback | None) -> tuple[SandboxVm, int]:
         for attempt in range(1, _BOOT_ATTEMPTS + 1):
             try:
-                vm = await SandboxVm.boot(
-                    options,
-                    settings=self.settings,
-                    vm_manager=self._vm_manager,
-                    overlay_pool=self._pool,
-                    runtime_dir=self._runtime_dir,
-                    on_boot_log=on_boot_log,
-                )
+                if self._snapshots is not None:
+                    vm, _ = await self._snapshots.restore_or_boot(
+                        options,
+                        runtime_dir=self._runtime_dir,
+                        overlay_pool=self._pool,
+                        on_boot_log=on_boot_log,
+                    )
+                else:
+                    vm = await SandboxVm.boot(
+                        options,
+                        settings=self.settings,
+                        vm_manager=self._vm_manager,
+                        overlay_pool=self._pool,
+                        runtime_dir=self._runtime_dir,
+                        on_boot_log=on_boot_log,
+                    )
                 return vm, attempt
             except VmCapacityError:
                 raise
@@ -688,6 +894,19 @@ class Scheduler:
                     raise
                 logger.warning("VM boot failed (%s); retrying once with a fresh VM", exc.message)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _retire_later(self, lease: VmLease) -> None:
+        """Retire in the background (off the caller's path); ``close()`` waits for it."""
+        task = asyncio.get_running_loop().create_task(
+            self._retire(lease), name=f"sbx-retire-{lease.vm.vm_id}"
+        )
+        self._retiring.add(task)
+        task.add_done_callback(self._retired)
+
+    def _retired(self, task: asyncio.Task[None]) -> None:
+        self._retiring.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("stopping a VM after its run failed: %r", task.exception())
 
     async def _retire(self, lease: VmLease) -> None:
         """Stop a leased VM and return its capacity (runs to completion even when cancelled)."""

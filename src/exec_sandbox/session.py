@@ -17,6 +17,10 @@ Lifecycle (:class:`SessionState`)::
 - Calls (``exec`` and the file operations) run one at a time, in call order; ``exec_count`` counts
   the execs that reached the guest. :meth:`Session.exclusive` holds the session quiet (for example
   to snapshot or fork its VM).
+- :meth:`fork` clones the session - interpreter memory and work-dir files - into a new, independent
+  session with its own VM (and its own admission capacity, idle timeout and lifecycle); from the
+  fork point on the two diverge, and the clone's RNG is reseeded so they draw different random
+  numbers. The parent is paused only while its snapshot is taken.
 - Timeout: the exec returns ``exit_code == -1``, ``timed_out=True`` and a stderr note; the guest
   restarts the interpreter, so the session stays usable but its interpreter state is lost (the note
   says so). Files survive.
@@ -45,7 +49,7 @@ from typing import IO, Any, Self
 
 from exec_sandbox.agent_client import OutputCallback
 from exec_sandbox.config import SchedulerConfig
-from exec_sandbox.errors import CommunicationOutcomeUnknownError, SandboxError
+from exec_sandbox.errors import CommunicationOutcomeUnknownError, SandboxError, SandboxPermanentError
 from exec_sandbox.execution import execute_in_vm
 from exec_sandbox.lifecycle_errors import CloseReason, SessionClosedError
 from exec_sandbox.models import ExecutionResult, FileInfo, Language, TimingBreakdown
@@ -86,8 +90,14 @@ class Session:
         env_vars: Mapping[str, str],
         idle_timeout_seconds: float,
         on_closed: Callable[[Session], Awaitable[None] | None] | None = None,
+        fork: Callable[[Session], Awaitable[Session]] | None = None,
+        warm_pool_hit: bool = False,
+        restored_from_snapshot: bool = False,
     ) -> None:
         self._vm = vm
+        self._fork = fork  # makes the clone (the Scheduler: capacity, fork_vm, registration)
+        self.warm_pool_hit = warm_pool_hit  # the VM came ready from the warm pool
+        self.restored_from_snapshot = restored_from_snapshot  # ... or from a memory snapshot
         self._retire = retire  # stops the VM and returns its capacity (admission grant, cgroup)
         self._config = config
         self.language: Language = language
@@ -219,6 +229,19 @@ class Session:
         async with self._activity(), self._exec_lock:
             self._check_open()
             yield self._vm
+
+    async def fork(self) -> Session:
+        """A new, independent session cloned from this one now (memory and disk); see the module
+        docstring. Waits for the running call to finish. Raises :class:`SessionClosedError` on a
+        closed session, :class:`VmCapacityError` when no capacity frees up for the clone in time,
+        and :class:`SandboxTransientError` if the clone could not be made (this session goes on)."""
+        self._check_open()
+        if self._fork is None:
+            raise SandboxPermanentError(
+                "this session cannot be forked (it was not made by a Scheduler)",
+                context={"vm_id": self.vm_id},
+            )
+        return await self._fork(self)
 
     # ------------------------------------------------------------------ files
 

@@ -63,8 +63,8 @@ async def test_memory_bomb_is_oom_killed_in_the_guest(scheduler: Scheduler) -> N
     assert "out-of-memory killer (memory limit 128 MiB)" in result.stderr
     assert not result.success
     assert rss_mb() - rss_before < 100
+    await assert_no_vms(scheduler)  # the run's VM is stopped in the background after the result
     assert scheduler.admission.stats().memory_in_use_mb == 0
-    await assert_no_vms(scheduler)
 
 
 async def test_50_mb_of_output_is_capped_and_flagged(scheduler: Scheduler) -> None:

@@ -62,17 +62,22 @@ def _vm_leftovers(runtime_dir: Path) -> list[str]:
 
 
 async def assert_no_vms(scheduler: Scheduler, settle_s: float = 3.0) -> None:
-    """No QEMU guest child and nothing but the overlay pool in the runtime dir."""
+    """No QEMU guest child, nothing but the overlay pool in the runtime dir, no capacity held.
+
+    A finished run's VM is stopped in the background right after its result is returned, hence the
+    settle time.
+    """
     assert scheduler.runtime_dir is not None
     loop = asyncio.get_running_loop()
     deadline = loop.time() + settle_s
     while True:
         guests = qemu_children(include_daemon=False)
         files = _vm_leftovers(scheduler.runtime_dir)
-        if not guests and not files:
+        held = scheduler.admission.stats().active
+        if not guests and not files and not held:
             return
         if loop.time() > deadline:
-            raise AssertionError(f"leftovers: guests={guests} files={files}")
+            raise AssertionError(f"leftovers: guests={guests} files={files} admission grants held={held}")
         await asyncio.sleep(0.05)
 
 
