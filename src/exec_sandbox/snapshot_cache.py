@@ -633,7 +633,10 @@ class SnapshotCache:
         finally:
             await asyncio.to_thread(shutil.rmtree, tmp, True)
             writer.release()
-        await self.prune()
+        try:
+            await self.prune()
+        except OSError:
+            logger.warning("pruning the snapshot cache %s failed", self.cache_dir, exc_info=True)
 
     async def wait_saved(self) -> None:
         """Wait until snapshots being published in the background are done (tests, benchmarks)."""
