@@ -40,7 +40,7 @@ import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
@@ -60,7 +60,7 @@ from exec_sandbox.overlay_pool import OverlayPool
 from exec_sandbox.qemu_storage_daemon import create_overlay_with_qemu_img
 from exec_sandbox.settings import KernelFlavor, Settings
 from exec_sandbox.vm_manager import VmManager
-from smartvm.cleanup import shielded
+from smartvm.cleanup import UndoStack, shielded
 from smartvm.errors import SmartVMError
 from smartvm.process import pid_alive
 from smartvm.qemu import (
@@ -261,11 +261,6 @@ def _absolute(path: Path | str) -> Path:
     return Path(path).absolute()
 
 
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-
-
 async def _call_safely(callback: BootLogCallback, line: str) -> None:
     try:
         result = callback(line)
@@ -281,22 +276,6 @@ async def _forward_lines(lines: AsyncIterator[str], callback: BootLogCallback) -
 
 
 # --------------------------------------------------------------------------- the VM
-
-
-@dataclass
-class _Undo:
-    steps: list[tuple[str, Callable[[], Awaitable[None]]]] = field(default_factory=list)
-
-    def push(self, what: str, step: Callable[[], Awaitable[None]]) -> None:
-        self.steps.append((what, step))
-
-    async def run(self) -> None:
-        while self.steps:
-            what, step = self.steps.pop()
-            try:
-                await step()
-            except Exception as exc:  # keep undoing the rest
-                logger.warning("sandbox VM cleanup step %r failed: %r", what, exc)
 
 
 class SandboxVm:
@@ -322,7 +301,7 @@ class SandboxVm:
         self.timing = BootTiming()
         self.hello: Hello | None = None
         self._agent: AgentClient | None = None
-        self._undo = _Undo()
+        self._undo = UndoStack(f"sandbox VM {vm_id}", log=logger)
         self._state = SandboxVmState.BOOTING
         self._lock = asyncio.Lock()
         self._log_task: asyncio.Task[None] | None = None
@@ -493,7 +472,7 @@ class SandboxVm:
             logger.warning("removed overlay %s of a process that no longer exists", stale)
 
     async def _remove_overlay(self) -> None:
-        await asyncio.to_thread(_unlink, self.overlay)
+        await asyncio.to_thread(self.overlay.unlink, missing_ok=True)
 
     async def _boot(self, overlay_pool: OverlayPool | None, on_boot_log: BootLogCallback | None) -> None:
         await self._make_overlay(overlay_pool)

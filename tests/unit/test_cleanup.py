@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from smartvm.cleanup import shielded
+from smartvm.cleanup import UndoStack, UndoStep, shielded
 
 
 class _Cleanup:
@@ -103,3 +103,79 @@ async def test_cleanup_error_during_cancellation_is_logged_and_cancel_wins(
         await caller
     assert step.finished
     assert any("undo failed" in record.getMessage() for record in caplog.records)
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.ran: list[str] = []
+
+    def step(self, name: str, *, fail: bool = False, cancel: bool = False) -> UndoStep:
+        async def run() -> None:
+            self.ran.append(name)
+            if fail:
+                raise OSError(f"{name} failed")
+            if cancel:
+                raise asyncio.CancelledError
+
+        return run
+
+
+async def test_undo_runs_newest_first_and_only_once() -> None:
+    rec = _Recorder()
+    undo = UndoStack("test owner")
+    for name in ("first", "second", "third"):
+        undo.push(name, rec.step(name))
+    assert len(undo) == 3
+    assert await undo.run() == []
+    assert rec.ran == ["third", "second", "first"]
+    assert len(undo) == 0
+    assert await undo.run() == []
+    assert rec.ran == ["third", "second", "first"]
+
+
+async def test_undo_failure_is_logged_returned_and_the_rest_still_run(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rec = _Recorder()
+    undo = UndoStack("test owner")
+    undo.push("first", rec.step("first"))
+    undo.push("broken", rec.step("broken", fail=True))
+    undo.push("last", rec.step("last"))
+    with caplog.at_level(logging.WARNING, logger="smartvm.cleanup"):
+        failures = await undo.run()
+    assert rec.ran == ["last", "broken", "first"]
+    assert [(what, str(exc)) for what, exc in failures] == [("broken", "broken failed")]
+    assert any("test owner" in r.getMessage() and "'broken'" in r.getMessage() for r in caplog.records)
+
+
+async def test_undo_cancelled_step_does_not_stop_the_rest_and_cancel_is_re_raised() -> None:
+    rec = _Recorder()
+    undo = UndoStack("test owner")
+    undo.push("first", rec.step("first", fail=True))
+    undo.push("cut short", rec.step("cut short", cancel=True))
+    undo.push("last", rec.step("last"))
+    with pytest.raises(asyncio.CancelledError):
+        await undo.run()
+    assert rec.ran == ["last", "cut short", "first"]
+    assert len(undo) == 0
+
+
+async def test_shielded_undo_finishes_every_step_when_the_caller_is_cancelled() -> None:
+    step = _Cleanup()
+    rec = _Recorder()
+    undo = UndoStack("test owner")
+    undo.push("first", rec.step("first"))
+
+    async def slow() -> None:
+        await step.run()
+
+    undo.push("slow", slow)
+    caller = asyncio.create_task(shielded(undo.run()))
+    await step.started.wait()
+    caller.cancel()
+    await asyncio.sleep(0)
+    step.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert step.finished
+    assert rec.ran == ["first"]

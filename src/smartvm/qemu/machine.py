@@ -37,7 +37,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from smartvm.cleanup import shielded
+from smartvm.cleanup import UndoStack, UndoStep, shielded
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.process import ChildProcess, stop_ladder
 from smartvm.qemu.accel import AccelChoice, choose_accelerator
@@ -183,7 +183,7 @@ class QemuMachine:
         self._proc: ChildProcess | None = None
         self._qmp: QmpConnection | None = None
         self._watcher: asyncio.Task[int] | None = None
-        self._undo: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+        self._undo = UndoStack(f"QEMU VM {self.vm_id}", log=log)
         self._lock = asyncio.Lock()
         self._exit_code: int | None = None
         self._version: str = ""
@@ -701,22 +701,16 @@ class QemuMachine:
     async def _teardown(self, *, graceful: bool, timeout: float = 5.0) -> None:
         if graceful:
             await self._ladder(timeout)
-        errors: list[BaseException] = []
-        while self._undo:
-            what, undo = self._undo.pop()
-            try:
-                await undo()
-            except Exception as exc:  # keep undoing the rest; report at the end
-                log.warning("QEMU VM %s: undo %r failed: %r", self.vm_id, what, exc)
-                errors.append(exc)
+        failures = await self._undo.run()
         if self._watcher is not None:
             await asyncio.wait([self._watcher])
         await self.console.aclose()
         await self._stderr.aclose()
-        if errors:
+        if failures:
+            first = failures[0][1]
             raise SmartVMError(
-                ErrorCode.STOP_FAILED, f"cleanup of QEMU VM {self.vm_id} failed: {errors[0]}"
-            ) from errors[0]
+                ErrorCode.STOP_FAILED, f"cleanup of QEMU VM {self.vm_id} failed: {first}"
+            ) from first
 
     async def _ladder(self, timeout: float) -> None:
         proc = self._proc
@@ -752,5 +746,5 @@ class QemuMachine:
 
         return _unlink
 
-    def _push_undo(self, what: str, undo: Callable[[], Awaitable[None]]) -> None:
-        self._undo.append((what, undo))
+    def _push_undo(self, what: str, undo: UndoStep) -> None:
+        self._undo.push(what, undo)

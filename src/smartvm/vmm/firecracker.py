@@ -21,11 +21,11 @@ import re
 import shutil
 import stat
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from smartvm.cleanup import UndoStack, UndoStep
 from smartvm.config import VMConfig, boot_configuration_steps, instance_start_step
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.process import ChildProcess, run_tool, stop_ladder
@@ -148,15 +148,6 @@ def _require_snapshot_files(files: SnapshotFiles) -> None:
             )
 
 
-# ---------------------------------------------------------------- undo stack
-
-
-@dataclass
-class _Undo:
-    name: str
-    action: Callable[[], Awaitable[None]]
-
-
 class _FifoDrain:
     """Creates a FIFO for Firecracker's log/metrics and forwards what it writes to Python logging."""
 
@@ -242,7 +233,7 @@ class FirecrackerMachine:
         self._state = FirecrackerState.NEW
         self._proc: ChildProcess | None = None
         self._client: SocketClient | None = None
-        self._undo: list[_Undo] = []
+        self._undo = UndoStack(f"firecracker {self._socket_path}", log=_log)
         self._version: tuple[int, int, int] | None = None
         self._last_exit_code: int | None = None
 
@@ -587,25 +578,16 @@ class FirecrackerMachine:
         finally:
             self._state = FirecrackerState.FAILED
 
-    def _push_undo(self, name: str, action: Callable[[], Awaitable[None]]) -> None:
-        self._undo.append(_Undo(name, action))
+    def _push_undo(self, name: str, action: UndoStep) -> None:
+        self._undo.push(name, action)
 
     async def _run_undo(self) -> None:
-        """Run every registered undo in reverse, once; a failing step is logged and the rest still run."""
-        errors: list[str] = []
-        while self._undo:
-            undo = self._undo.pop()
-            try:
-                await undo.action()
-            except asyncio.CancelledError:
-                # Finish the (short, local) cleanup anyway, then honour the cancellation.
-                await self._run_undo()
-                raise
-            except Exception as exc:
-                _log.warning("cleanup step %r failed: %s", undo.name, exc)
-                errors.append(f"{undo.name}: {exc}")
-        if errors:
-            raise SmartVMError(ErrorCode.STOP_FAILED, "cleanup incomplete: " + "; ".join(errors))
+        """Run every registered undo in reverse, once; a cancelled step does not stop the rest."""
+        failures = await self._undo.run()
+        if failures:
+            raise SmartVMError(
+                ErrorCode.STOP_FAILED, "cleanup incomplete: " + "; ".join(f"{n}: {e}" for n, e in failures)
+            )
 
     async def _kill_process(self) -> None:
         proc = self._proc
