@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 from pyroute2 import IPRoute, NetNS
 from pyroute2.netlink.exceptions import NetlinkError
 
+from smartvm.cleanup import shielded
 from smartvm.errors import ErrorCode, SmartVMError
 from smartvm.network.addressing import validate_interface_name
 
@@ -162,16 +163,9 @@ class HostNetwork:
             await self._in_thread(self._run_undo_sync, entries)
 
     async def _in_thread(self, fn: Callable[..., _T], /, *args: Any) -> _T:
-        task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            # A netlink call cannot be interrupted. Wait until it is over so that whatever it changed
-            # is on the undo stack before the caller's cleanup runs, then let the cancellation go on.
-            await asyncio.wait({task})
-            if not task.cancelled():
-                task.exception()  # mark as retrieved: the cancellation is what the caller sees
-            raise
+        # A netlink call cannot be interrupted. Wait until it is over so that whatever it changed
+        # is on the undo stack before the caller's cleanup runs, then let the cancellation go on.
+        return await shielded(asyncio.to_thread(fn, *args))
 
     # ------------------------------------------------------------------ sync, in worker threads
 
