@@ -397,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
+    # qemu.qmp logs a cancelled QMP handshake at ERROR: expected when close() stops a refill mid-restore.
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     result = asyncio.run(run(args))
     print(report(result))
     if args.json:
