@@ -53,6 +53,7 @@ from exec_sandbox.sandbox_vm import SNAPSHOT_FORMAT, BootLogCallback, SandboxVm,
 from exec_sandbox.settings import Settings
 from exec_sandbox.vm_manager import ImageBundle, VmManager
 from smartvm.errors import ErrorCode
+from smartvm.process import pid_alive, run_tool
 from smartvm.qemu.accel import choose_accelerator
 
 __all__ = [
@@ -191,15 +192,8 @@ async def qemu_version(binary: str) -> str:
     if cached is not None:
         return cached
     try:
-        proc = await asyncio.create_subprocess_exec(
-            binary,
-            "--version",
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-            stdin=asyncio.subprocess.DEVNULL,
-        )
-        out, _ = await proc.communicate()
-        version = parse_qemu_version(out.decode(errors="replace"))
+        result = await run_tool([binary, "--version"])
+        version = parse_qemu_version(result.stdout.decode(errors="replace"))
     except (OSError, ValueError) as exc:
         raise SandboxTransientError(
             f"cannot read the QEMU version from {binary!r}: {exc}", context={"binary": binary}
@@ -312,16 +306,6 @@ def _write_manifest(tmp_entry: Path, key: str, inputs: SnapshotKeyInputs, vm_id:
         fh.write(manifest.model_dump_json(indent=1))
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class _FileLock:
@@ -687,7 +671,7 @@ class SnapshotCache:
             return []
         for leftover in self.cache_dir.iterdir():
             match = _TMP_RE.match(leftover.name)
-            dead_writer = match is not None and not _pid_alive(int(match.group(1)))
+            dead_writer = match is not None and not pid_alive(int(match.group(1)))
             if dead_writer or leftover.name.startswith(".trash-"):
                 shutil.rmtree(leftover, ignore_errors=True)
         used: list[tuple[float, str]] = []
