@@ -25,6 +25,7 @@ from pathlib import Path
 from exec_sandbox.errors import SandboxTransientError
 from exec_sandbox.sandbox_vm import SandboxVm, SandboxVmState
 from exec_sandbox.settings import Settings
+from smartvm.cleanup import shielded
 
 __all__ = ["ForkTiming", "fork_vm"]
 
@@ -79,7 +80,8 @@ async def fork_vm(
             snapshot, settings=settings, runtime_dir=rdir, vm_id=vm_id, reseed=True
         )
     finally:
-        await _remove_tree(tmp)
+        # A cancellation must not leave a RAM-sized snapshot behind: finish removing it first.
+        await shielded(asyncio.to_thread(shutil.rmtree, tmp, True))
     total_ms = (time.perf_counter() - started) * 1000.0
     if timing is not None:
         timing.parent_paused_ms, timing.total_ms = paused_ms, total_ms
@@ -87,16 +89,3 @@ async def fork_vm(
         "forked VM %s into %s in %.0f ms (parent paused %.0f ms)", vm.vm_id, clone.vm_id, total_ms, paused_ms
     )
     return clone
-
-
-async def _remove_tree(path: Path) -> None:
-    """Remove ``path`` completely even if cancelled meanwhile (then re-raise the cancellation)."""
-    task = asyncio.ensure_future(asyncio.to_thread(shutil.rmtree, path, True))
-    cancelled = False
-    while not task.done():
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
