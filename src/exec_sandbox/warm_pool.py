@@ -35,6 +35,7 @@ from exec_sandbox.admission import AdmissionController, Grant
 from exec_sandbox.agent_protocol import Language
 from exec_sandbox.errors import SandboxError, SandboxTransientError
 from exec_sandbox.sandbox_vm import SandboxVm
+from smartvm.cleanup import shielded
 
 __all__ = [
     "PRIME_CODE",
@@ -181,24 +182,17 @@ class WarmPool:
         self._refiller = self._health = None
         for task in tasks:
             task.cancel()
-        cancelled_meanwhile = False
-        # Each task closes what it was making when cancelled; wait for that even if we are cancelled.
-        while tasks and not all(t.done() for t in tasks):
-            try:
-                await asyncio.shield(asyncio.wait(tasks))
-            except asyncio.CancelledError:
-                cancelled_meanwhile = True
+        # Runs to its end even if we are cancelled meanwhile: a half-done drain leaks VMs and grants.
+        await shielded(self._close_all(tasks))
+
+    async def _close_all(self, tasks: list[asyncio.Task[None]]) -> None:
+        # Each task closes what it was making when cancelled: wait for that before collecting the idle.
+        if tasks:
+            await asyncio.wait(tasks)
         idle = [pooled for slot in self._slots.values() for pooled in slot.idle]
         for slot in self._slots.values():
             slot.idle.clear()
-        closing = asyncio.ensure_future(asyncio.gather(*(self._dispose(p) for p in idle)))
-        while not closing.done():
-            try:
-                await asyncio.shield(closing)
-            except asyncio.CancelledError:
-                cancelled_meanwhile = True
-        if cancelled_meanwhile:
-            raise asyncio.CancelledError
+        await asyncio.gather(*(self._dispose(p) for p in idle))
 
     async def aclose(self) -> None:
         await self.drain()
