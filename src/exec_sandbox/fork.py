@@ -25,6 +25,7 @@ from pathlib import Path
 from exec_sandbox.errors import SandboxTransientError
 from exec_sandbox.sandbox_vm import SandboxVm, SandboxVmState
 from exec_sandbox.settings import Settings
+from exec_sandbox.timing import elapsed_ms
 from smartvm.cleanup import shielded
 
 __all__ = ["ForkTiming", "fork_vm"]
@@ -75,14 +76,14 @@ async def fork_vm(
     try:
         t = time.perf_counter()
         snapshot = await vm.save_snapshot(tmp / "snapshot")
-        paused_ms = (time.perf_counter() - t) * 1000.0
+        paused_ms = elapsed_ms(t)
         clone = await SandboxVm.restore_from(
             snapshot, settings=settings, runtime_dir=rdir, vm_id=vm_id, reseed=True
         )
     finally:
         # A cancellation must not leave a RAM-sized snapshot behind: finish removing it first.
         await shielded(asyncio.to_thread(shutil.rmtree, tmp, True))
-    total_ms = (time.perf_counter() - started) * 1000.0
+    total_ms = elapsed_ms(started)
     if timing is not None:
         timing.parent_paused_ms, timing.total_ms = paused_ms, total_ms
     logger.info(

@@ -59,6 +59,7 @@ from exec_sandbox.errors import (
 from exec_sandbox.overlay_pool import OverlayPool
 from exec_sandbox.qemu_storage_daemon import create_overlay_with_qemu_img
 from exec_sandbox.settings import KernelFlavor, Settings
+from exec_sandbox.timing import elapsed_ms
 from exec_sandbox.vm_manager import VmManager
 from smartvm.cleanup import UndoStack, shielded
 from smartvm.errors import SmartVMError
@@ -234,10 +235,6 @@ def build_user_net(options: VmOptions) -> UserNetSpec | None:
 # --------------------------------------------------------------------------- helpers
 
 
-def _ms(start: float) -> float:
-    return (time.perf_counter() - start) * 1000.0
-
-
 def _overlay_path(runtime_dir: Path, vm_id: str) -> Path:
     # The owner pid in the name lets a later process sweep overlays of a crashed one.
     return runtime_dir / f"sbx-{os.getpid()}-{vm_id}.qcow2"
@@ -387,7 +384,7 @@ class SandboxVm:
         manager = vm_manager or VmManager(settings)
         t = time.perf_counter()
         bundle = await manager.aget_bundle(options.language, kernel_flavor=options.kernel_flavor)
-        image_ms = _ms(t)
+        image_ms = elapsed_ms(t)
 
         def make_spec(overlay: Path, new_id: str) -> QemuMachineSpec:
             return build_machine_spec(
@@ -408,7 +405,7 @@ class SandboxVm:
         except BaseException as exc:
             await vm._fail(exc, "boot", started_at=started)
             raise  # unreachable: _fail always raises
-        vm.timing.total_ms = _ms(started)
+        vm.timing.total_ms = elapsed_ms(started)
         logger.info(
             "sandbox VM %s (%s) ready in %.0f ms (%s)",
             vm.vm_id,
@@ -464,7 +461,7 @@ class SandboxVm:
             self.timing.overlay_from_pool = await overlay_pool.acquire(self.base_image, self.overlay)
         else:
             await create_overlay_with_qemu_img(self.base_image, self.overlay, qemu_img=self._qemu_img)
-        self.timing.overlay_ms = _ms(t)
+        self.timing.overlay_ms = elapsed_ms(t)
 
     def _prepare_runtime_dir(self) -> None:
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
@@ -481,10 +478,10 @@ class SandboxVm:
         t = time.perf_counter()
         self._undo.push("stop QEMU", self._stop_machine)
         await self.machine.start()
-        self.timing.qemu_spawn_ms = _ms(t)
+        self.timing.qemu_spawn_ms = elapsed_ms(t)
         t = time.perf_counter()
         await self._connect_agent()
-        self.timing.boot_to_agent_ms = _ms(t)
+        self.timing.boot_to_agent_ms = elapsed_ms(t)
         self._stop_boot_log()
         self._state = SandboxVmState.READY
 
@@ -545,7 +542,7 @@ class SandboxVm:
     async def _fail(self, exc: BaseException, phase: str, *, started_at: float) -> None:
         """Undo everything, then raise the right error for ``exc`` (never returns)."""
         context = self._failure_context(phase)  # before cleanup closes the console
-        context["elapsed_ms"] = round(_ms(started_at), 1)
+        context["elapsed_ms"] = round(elapsed_ms(started_at), 1)
         await shielded(self._undo.run())
         self._state = SandboxVmState.CLOSED
         if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
@@ -721,7 +718,7 @@ class SandboxVm:
         except BaseException as exc:
             await vm._fail(exc, "restore", started_at=started)
             raise
-        vm.timing.total_ms = _ms(started)
+        vm.timing.total_ms = elapsed_ms(started)
         logger.info("sandbox VM %s restored from %s in %.0f ms", vm.vm_id, directory, vm.timing.total_ms)
         return vm
 
@@ -730,21 +727,21 @@ class SandboxVm:
         t = time.perf_counter()
         self._undo.push("remove overlay", self._remove_overlay)
         await asyncio.to_thread(shutil.copyfile, directory / "disk.qcow2", self.overlay)
-        self.timing.overlay_ms = _ms(t)
+        self.timing.overlay_ms = elapsed_ms(t)
         t = time.perf_counter()
         self._undo.push("stop QEMU", self._stop_machine)
         await self.machine.load_snapshot(
             SnapshotFiles(snapshot_path=directory / "vmstate", mem_file_path=directory / "memory"),
             resume=True,
         )
-        self.timing.qemu_spawn_ms = _ms(t)
+        self.timing.qemu_spawn_ms = elapsed_ms(t)
         t = time.perf_counter()
         await self._connect_agent()
-        self.timing.boot_to_agent_ms = _ms(t)
+        self.timing.boot_to_agent_ms = elapsed_ms(t)
         if reseed:
             t = time.perf_counter()
             await self.agent.reseed_rng()
-            self.timing.reseed_ms = _ms(t)
+            self.timing.reseed_ms = elapsed_ms(t)
         self._state = SandboxVmState.READY
 
     # ------------------------------------------------------------------ close
