@@ -326,7 +326,8 @@ class ReseedResult(_GuestMsg):
     id: str
     mixed_bytes: int
     credited_bits: int
-    repls_reseeded: list[str] = Field(default_factory=list)
+    repls_reseeded: list[str] = Field(default_factory=list)  # session interpreters
+    spares_reseeded: list[str] = Field(default_factory=list)  # spare one-shot interpreters
 
 
 class CancelResult(_GuestMsg):

@@ -143,11 +143,73 @@ class Transport:
 
 
 class VirtioTransport(Transport):
+    """The virtio-serial port: reads see EOF while no host is connected, writes block.
+
+    While the host is away the agent waits for it without reading: ``poll`` reports POLLHUP until
+    the host connects, and the guest kernel raises SIGIO on the port's owner when the host
+    (dis)connects (O_ASYNC), which wakes the wait at once. That matters after a snapshot restore:
+    the restored guest sees the old host leave and the new one arrive within milliseconds, and the
+    agent must greet it immediately instead of at the next tick of a backoff timer. Without SIGIO
+    (another kernel, or not the main thread) the wait falls back to a short capped backoff.
+    """
+
     def __init__(self, port_name: str, device: str | None) -> None:
         self.path = device or self._find(port_name)
         self.fd = os.open(self.path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
         self.connected = False
         self.wlock = threading.Lock()
+        self.wake_r = -1
+        self._arm_sigio()
+
+    def _arm_sigio(self) -> None:
+        import signal
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        try:
+            r, w = os.pipe()
+            for fd in (r, w):
+                os.set_blocking(fd, False)
+                os.set_inheritable(fd, False)
+            # The handler does nothing: Python's C-level handler writes to the wakeup fd, which the
+            # disconnected wait selects on. Installed before O_ASYNC so SIGIO can never kill PID 1.
+            signal.signal(signal.SIGIO, lambda _sig, _frame: None)
+            signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+            import fcntl
+
+            fcntl.fcntl(self.fd, fcntl.F_SETOWN, os.getpid())
+            self.wake_r = r
+        except (OSError, ValueError, AttributeError):
+            self.wake_r = -1
+
+    def _set_async(self, on: bool) -> None:
+        # SIGIO only while the host is away: when connected it would fire for every incoming chunk.
+        if self.wake_r < 0:
+            return
+        import fcntl
+
+        try:
+            flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+            want = flags | os.O_ASYNC if on else flags & ~os.O_ASYNC
+            if want != flags:
+                fcntl.fcntl(self.fd, fcntl.F_SETFL, want)
+        except OSError:
+            pass
+
+    def _host_present(self) -> bool:
+        import select
+
+        p = select.poll()
+        p.register(self.fd, select.POLLIN)
+        events = p.poll(0)
+        return not any(ev & select.POLLHUP for _fd, ev in events)
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self.wake_r, 256):
+                pass
+        except OSError:
+            pass
 
     @staticmethod
     def _find(port_name: str) -> str:
@@ -176,20 +238,33 @@ class VirtioTransport(Transport):
             time.sleep(0.01 if warn_at is not None else 0.2)
 
     def recv(self) -> bytes:
-        delay = 0.005
+        delay = 0.001
         while True:
-            data = os.read(self.fd, READ_CHUNK)
-            if data:
-                if not self.connected:
-                    self.connected = True
-                    self._connected()
-                return data
-            # EOF: no host connected. Sleep (never spin) and poll again.
             if self.connected:
+                data = os.read(self.fd, READ_CHUNK)
+                if data:
+                    return data
+                # EOF: the host left (or a restored guest sees its snapshot-time host go away).
                 self.connected = False
+                self._set_async(True)
                 return b""
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+            if self.wake_r >= 0:
+                self._set_async(True)
+                self._drain_wake()  # before the check: a SIGIO from here on wakes the wait below
+            if self._host_present():
+                self.connected = True
+                self._set_async(False)
+                self._connected()
+                continue
+            if self.wake_r >= 0:
+                import select
+
+                # SIGIO announces the host: the timeout is only a safety net (never spin, never hang).
+                select.select([self.wake_r], [], [], delay)
+                delay = min(delay * 2, 0.5)
+            else:
+                time.sleep(delay)
+                delay = min(delay * 2, 0.02)
 
     def send(self, data: bytes) -> None:
         view = memoryview(data)
@@ -481,6 +556,64 @@ def _sbx_main():
 _sbx_main()
 """
 
+# Run inside an interpreter that existed at snapshot time. Only modules already imported need it:
+# a later import seeds itself from the (reseeded) kernel.
+PY_RESEED = (
+    "import sys as _sbx_s\n"
+    "_sbx_m = _sbx_s.modules\n"
+    "if 'random' in _sbx_m: _sbx_m['random'].seed()\n"
+    "if 'tempfile' in _sbx_m: _sbx_m['tempfile']._name_sequence = None\n"
+    "del _sbx_s, _sbx_m\n"
+)
+RND_ADD_ENTROPY = 0x40085203
+RND_RESEED_CRNG = 0x5207
+
+
+def _decode_seed(value: object) -> bytes:
+    import binascii
+
+    if not isinstance(value, str):
+        raise RequestError("invalid_request", "seed must be base64")
+    try:
+        seed = binascii.a2b_base64(value.encode("ascii"), strict_mode=True)
+    except (binascii.Error, ValueError, TypeError):
+        raise RequestError("invalid_request", "seed must be base64") from None
+    if not 16 <= len(seed) <= 4096:
+        raise RequestError("invalid_request", "seed must be 16..4096 bytes")
+    return seed
+
+
+def _prime_reseed() -> None:
+    import binascii  # noqa: F401
+    import fcntl  # noqa: F401
+    import select  # noqa: F401
+
+
+def _reseed_kernel(seed: bytes) -> int:
+    """Mix ``seed`` into the kernel pool, credit it and force a CRNG reseed (root); bits credited."""
+    credited = 0
+    fd = os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, seed)
+        if os.geteuid() == 0:
+            import fcntl
+
+            try:
+                fcntl.ioctl(fd, RND_ADD_ENTROPY,
+                            (len(seed) * 8).to_bytes(4, sys.byteorder) + len(seed).to_bytes(4, sys.byteorder)
+                            + seed)
+                credited = len(seed) * 8
+            except OSError:
+                credited = 0
+            try:
+                fcntl.ioctl(fd, RND_RESEED_CRNG)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return credited
+
+
 JS_DRIVER = r"""
 'use strict';
 const vm = require('vm'); const fs = require('fs'); const net = require('net');
@@ -654,7 +787,18 @@ class Repl:
             self._write_all(str(len(data)).encode() + b"\n" + data)
 
     def _write_all(self, data: bytes) -> None:
-        # Written from a helper thread: a huge block must not block output pumping.
+        # The caller holds the lock of an idle interpreter, which has consumed every earlier block:
+        # a block that fits the (empty) pipe is written at once, without a thread.
+        if len(data) <= 4096:
+            try:
+                n = os.write(self.ctl_w, data)
+            except OSError:
+                return
+            data = data[n:]
+            if not data:
+                return
+
+        # Bigger ones from a helper thread: a huge block must not block output pumping.
         def writer() -> None:
             view = memoryview(data)
             fd = self.ctl_w
@@ -715,6 +859,7 @@ class Agent:
         self.spares: dict[str, Repl] = {}
         self.spare_starting: set[str] = set()
         self.spare_cond = threading.Condition()
+        self.rng_epoch = 0  # bumped by every reseed_rng
         self.counter = 0
         self.counter_lock = threading.Lock()
         self._rundir: str | None = None
@@ -918,8 +1063,6 @@ class Agent:
             self.transport = transport
             transport.on_connect = lambda: self.send(self.hello(None))
             threading.Thread(target=self._writer, name="writer", daemon=True).start()
-            if isinstance(transport, VirtioTransport):
-                self.send(self.hello(None))  # waits in the writer until a host connects
             if os.getpid() != 1:
                 threading.Thread(target=_become_subreaper, daemon=True).start()
             for lang in self.args.warm or []:
@@ -970,7 +1113,10 @@ class Agent:
                 if callable(cancel):
                     cancel()
                 self.send({"type": "cancel_result", "id": req_id, "found": callable(cancel)})
-            elif kind in ("exec", "read_file", "list_files", "warmup", "reseed_rng", "shutdown"):
+            elif kind == "reseed_rng":
+                # Inline, not in a thread: after a snapshot restore this is on the critical path.
+                self.op_reseed_rng(req_id, msg)
+            elif kind in ("exec", "read_file", "list_files", "warmup", "shutdown"):
                 threading.Thread(target=self._guarded, args=(kind, req_id, msg), daemon=True).start()
             else:
                 raise RequestError("unknown_request", f"unknown request type {kind!r}")
@@ -1154,17 +1300,27 @@ class Agent:
     def _start_spare(self, lang: str) -> None:
         repl = Repl(self, lang)
         ok = kept = False
+        with self.spare_cond:
+            epoch = self.rng_epoch
         try:
             with repl.lock:
                 repl.start()
                 repl.submit("")
                 outcome = self._await_repl(repl, None, None, time.monotonic() + 120, threading.Event())
                 ok = outcome[0] == "done"
+                # A reseed_rng that arrived while this spare was starting did not see it: catch up.
+                while ok:
+                    with self.spare_cond:
+                        if self.rng_epoch == epoch:
+                            break
+                        epoch = self.rng_epoch
+                    self._reseed_locked(lang, repl)
+                    ok = repl.alive()
         except Exception:
             ok = False
         with self.spare_cond:
             self.spare_starting.discard(lang)
-            if ok and lang in self.spare_langs:
+            if ok and lang in self.spare_langs and self.rng_epoch == epoch:
                 self.spares[lang] = repl
                 kept = True
             self.spare_cond.notify_all()
@@ -1184,6 +1340,8 @@ class Agent:
                        timeout: float, cwd: str, out: Stream, err: Stream) -> Msg:
         cancelled = threading.Event()
         with repl.lock:
+            if not repl.alive():  # died while being reseeded: a plain one-shot run instead
+                return self._exec_oneshot(req_id, lang, code, env, timeout, cwd, out, err)
             repl.submit(_session_prefix(lang, env, cwd, self.workdir) + code)
             self.running[req_id] = cancelled.set
             try:
@@ -1327,6 +1485,7 @@ class Agent:
         langs = msg.get("languages") or []
         if not isinstance(langs, list) or any(lang not in LANG_EXT for lang in langs):
             raise RequestError("invalid_request", "languages must be a list of python/javascript/raw")
+        _prime_reseed()  # a snapshot taken after a warm-up then reseeds without importing anything
         want_session = msg.get("session", True) is not False
         want_spare = msg.get("spare") is True
         results: dict[str, str | None] = {}
@@ -1356,64 +1515,87 @@ class Agent:
         )
 
     def op_reseed_rng(self, req_id: str, msg: Msg) -> None:
-        import base64
-        import binascii
+        """Reseed the kernel CRNG and every live interpreter's PRNG; answer before the slow part.
 
-        try:
-            seed = base64.b64decode(msg.get("seed", ""), validate=True)
-        except (binascii.Error, ValueError, TypeError):
-            raise RequestError("invalid_request", "seed must be base64") from None
-        if not 16 <= len(seed) <= 4096:
-            raise RequestError("invalid_request", "seed must be 16..4096 bytes")
-        credited = 0
-        with open("/dev/urandom", "wb", buffering=0) as fh:
-            fh.write(seed)
-            if os.geteuid() == 0:
-                import fcntl
-                import struct
+        The kernel part runs here, inline: mix + credit the host's seed, then force a CRNG reseed
+        (an initialised CRNG otherwise reseeds only every 60 s, so snapshot clones kept drawing
+        identical urandom bytes). Processes started from now on draw fresh randomness, including
+        Python's string-hash secret (PYTHONHASHSEED is deliberately left unset: every new
+        interpreter draws its own from getrandom(), and an explicit value would be shared by every
+        Python the user code starts). Interpreters that already existed at snapshot time - the
+        session REPLs and the spare one-shot interpreters - get their ``random`` module reseeded;
+        their hash secret is fixed at process start and stays as it was in the snapshot.
 
-                rnd_add_entropy = 0x40085203
+        The reply goes out once every interpreter's reseed is queued: each interpreter's lock is
+        held until its reseed block has run, so no user code can run in it before.
+        """
+        seed = _decode_seed(msg.get("seed"))
+        credited = _reseed_kernel(seed)
+        with self.spare_cond:
+            self.rng_epoch += 1
+            spares = list(self.spares.items())
+        sessions = list(self.repls.items())
+        queued: list[tuple[Repl, float]] = []
+        later: list[tuple[str, Repl]] = []
+        reseeded: list[str] = []
+        spares_reseeded: list[str] = []
+        for kind, (lang, repl) in [*(("session", x) for x in sessions), *(("spare", x) for x in spares)]:
+            if lang not in ("python", "javascript"):
+                continue  # the shell has no PRNG of its own
+            names = reseeded if kind == "session" else spares_reseeded
+            if not repl.lock.acquire(blocking=False):
+                later.append((lang, repl))  # busy (or starting): reseeded as soon as it is free
+                names.append(lang)
+                continue
+            if not repl.alive():
+                repl.lock.release()
+                continue
+            if lang == "python":
                 try:
-                    fcntl.ioctl(
-                        fh.fileno(), rnd_add_entropy, struct.pack("ii", len(seed) * 8, len(seed)) + seed
-                    )
-                    credited = len(seed) * 8
+                    repl.submit(PY_RESEED)
                 except OSError:
-                    credited = 0
-                # Mixing and crediting do not reseed an initialised CRNG (it reseeds every 60 s), so
-                # snapshot clones kept drawing identical urandom bytes: force the reseed now.
-                try:
-                    fcntl.ioctl(fh.fileno(), 0x5207)  # RNDRESEEDCRNG
-                except OSError:
-                    pass
-        reseeded = self._reseed_repls()
-        self.send({"type": "reseed_result", "id": req_id, "mixed_bytes": len(seed),
-                   "credited_bits": credited, "repls_reseeded": reseeded})
-
-    def _reseed_repls(self) -> list[str]:
-        """Interpreters warmed before a snapshot carry the same PRNG state into every clone."""
-        done = []
-        for lang, repl in list(self.repls.items()):
-            with repl.lock:
-                if not repl.alive():
+                    repl.lock.release()
                     continue
-                if lang == "python":
-                    repl.submit("import random as _sbx_r\n_sbx_r.seed()\ndel _sbx_r\n")
-                    outcome = self._await_repl(repl, None, None, time.monotonic() + 30, threading.Event())
-                    if outcome[0] != "done":
-                        continue
-                elif lang == "javascript":
-                    # V8 cannot reseed Math.random: start a fresh interpreter (a warm one holds no state).
-                    repl.stop()
-                    repl.start()
-                    repl.submit("")
-                    outcome = self._await_repl(repl, None, None, time.monotonic() + 60, threading.Event())
-                    if outcome[0] != "done":
-                        continue
+                queued.append((repl, time.monotonic() + 30))
+            else:
+                queued.append((repl, -1.0))  # restarted by the helper below, still under its lock
+            names.append(lang)
+        self.send({"type": "reseed_result", "id": req_id, "mixed_bytes": len(seed),
+                   "credited_bits": credited, "repls_reseeded": sorted(set(reseeded)),
+                   "spares_reseeded": sorted(set(spares_reseeded))})
+        if queued or later:
+            threading.Thread(target=self._finish_reseed, args=(queued, later), daemon=True).start()
+
+    def _finish_reseed(self, queued: list[tuple[Repl, float]], later: list[tuple[str, Repl]]) -> None:
+        for repl, deadline in queued:
+            try:
+                if deadline < 0:
+                    self._reseed_locked(repl.language, repl)
                 else:
-                    continue  # the shell has no PRNG of its own
-                done.append(lang)
-        return sorted(done)
+                    self._await_repl(repl, None, None, deadline, threading.Event())
+            except Exception:
+                pass
+            finally:
+                repl.lock.release()
+        for lang, repl in later:
+            try:
+                with repl.lock:
+                    self._reseed_locked(lang, repl)
+            except Exception:
+                pass
+
+    def _reseed_locked(self, lang: str, repl: Repl) -> None:
+        if not repl.alive():
+            return
+        if lang == "python":
+            repl.submit(PY_RESEED)
+            self._await_repl(repl, None, None, time.monotonic() + 30, threading.Event())
+        elif lang == "javascript":
+            # V8 cannot reseed Math.random: start a fresh interpreter (a warm one holds no state).
+            repl.stop()
+            repl.start()
+            repl.submit("")
+            self._await_repl(repl, None, None, time.monotonic() + 60, threading.Event())
 
     def terminate(self) -> None:
         """Kill every interpreter and process the agent started, then exit (host mode only)."""
