@@ -852,15 +852,17 @@ class Scheduler:
             vm, _ = await self._snapshots.restore_or_boot(
                 options, runtime_dir=self._runtime_dir, overlay_pool=self._pool
             )
-            return vm
-        vm = await SandboxVm.boot(
-            options,
-            settings=self.settings,
-            vm_manager=self._vm_manager,
-            overlay_pool=self._pool,
-            runtime_dir=self._runtime_dir,
-        )
+        else:
+            vm = await SandboxVm.boot(
+                options,
+                settings=self.settings,
+                vm_manager=self._vm_manager,
+                overlay_pool=self._pool,
+                runtime_dir=self._runtime_dir,
+            )
         try:
+            # Also after a restore: the pool counts a VM only once its REPL and spare interpreter are
+            # up (and done with any post-restore reseed the agent queued), so a hit never waits.
             await warm_vm(vm)
         except BaseException:
             await vm.close()
