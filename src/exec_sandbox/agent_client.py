@@ -24,6 +24,7 @@ import itertools
 import logging
 import os
 import secrets
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -155,6 +156,7 @@ class AgentClient:
         self._state = AgentClientState.NEW
         self._broken: SandboxError | None = None
         self.hello: Hello | None = None
+        self.first_hello_at: float | None = None  # time.perf_counter() when the first hello arrived
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -511,6 +513,49 @@ class AgentClient:
         async with self._request(request) as (req_id, pending):
             return await self._expect(req_id, pending, ReseedResult, timeout)
 
+    async def ready_and_reseeded(
+        self, seed: bytes | None = None, timeout: float = 30.0, *, ping_interval: float = 0.1
+    ) -> tuple[Hello, ReseedResult]:
+        """:meth:`wait_ready` and :meth:`reseed_rng` in one round trip (after a snapshot restore).
+
+        A ping and the reseed go out in one write; the agent answers them in order, so the reseed
+        result normally arrives right behind the hello. If the first ping is not answered (the guest
+        was not listening yet and its port dropped the bytes), this falls back to ``wait_ready`` and
+        a separate reseed - reseeding twice is harmless, never reseeding is not.
+        """
+        seed = secrets.token_bytes(64) if seed is None else seed
+        if not 16 <= len(seed) <= 4096:
+            raise SandboxInputError("seed must be 16..4096 bytes")
+        self.start()
+        self._check_usable()
+        if self._state is AgentClientState.READY:
+            assert self.hello is not None
+            return self.hello, await self.reseed_rng(seed, timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        ping = PingRequest(id=self._new_id())
+        reseed = ReseedRequest(id=self._new_id(), seed=base64.b64encode(seed).decode())
+        ping_pending, reseed_pending = _Pending(asyncio.Queue()), _Pending(asyncio.Queue())
+        self._pending[ping.id] = ping_pending
+        self._pending[reseed.id] = reseed_pending
+        try:
+            await self._send_all((ping, ping_pending), (reseed, reseed_pending))
+            with contextlib.suppress(CommunicationOutcomeUnknownError):
+                result = await self._expect(reseed.id, reseed_pending, ReseedResult, ping_interval)
+                # (A reseed that overtook a dropped ping: the hello is still to come.)
+                hello = self.hello or await self.wait_ready(max(deadline - loop.time(), 0.0))
+                return hello, result
+            hello = await self.wait_ready(max(deadline - loop.time(), 0.0), ping_interval=ping_interval)
+            if not ping_pending.queue.empty() or not reseed_pending.queue.empty():
+                # The first ping arrived, so did the reseed behind it: its answer is on the way.
+                result = await self._expect(reseed.id, reseed_pending, ReseedResult,
+                                            max(deadline - loop.time(), 0.0))
+                return hello, result
+        finally:
+            self._pending.pop(ping.id, None)
+            self._pending.pop(reseed.id, None)
+        return hello, await self.reseed_rng(seed, max(deadline - loop.time(), 0.0))
+
     async def shutdown(self, timeout: float = 10.0) -> ShutdownResult:
         """Ask the agent to stop (in a VM: power off). The transport closes soon after."""
         async with self._request(ShutdownRequest(id=self._new_id())) as (req_id, pending):
@@ -549,6 +594,29 @@ class AgentClient:
             yield req_id, pending
         finally:
             self._pending.pop(req_id, None)
+
+    async def _send_all(self, *requests: tuple[HostRequest, _Pending]) -> None:
+        """Several requests in one write (one wake-up of the guest)."""
+        frames = []
+        for request, _pending in requests:
+            try:
+                frames.append(encode_frame(request.model_dump(mode="json", exclude_none=True),
+                                           max_frame_bytes=self._max_frame))
+            except FrameError as exc:
+                raise SandboxInputError(f"{request.type} request is too large: {exc.message}",
+                                        context=exc.context) from None
+        async with self._send_lock:
+            self._check_usable()
+            for _request, pending in requests:
+                pending.dispatched = True
+            try:
+                self._writer.write(b"".join(frames))
+                await self._writer.drain()
+            except (OSError, ConnectionError, RuntimeError) as exc:
+                error = CommunicationOutcomeUnknownError(
+                    f"writing to the guest agent failed: {exc}", context={"request_id": requests[0][0].id})
+                self._break(error)
+                raise error from exc
 
     async def _send(self, request: HostRequest, pending: _Pending | None = None) -> None:
         try:
@@ -630,6 +698,8 @@ class AgentClient:
 
     def _on_hello(self, hello: Hello) -> None:
         previous = self.hello
+        if self.first_hello_at is None:
+            self.first_hello_at = time.perf_counter()
         if previous is not None and previous.instance != hello.instance:
             # A new agent process cannot answer what the old one was asked.
             self._fail_all(CommunicationOutcomeUnknownError(

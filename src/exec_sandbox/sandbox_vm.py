@@ -503,14 +503,26 @@ class SandboxVm:
             task.cancel()
             await asyncio.wait([task])
 
-    async def _connect_agent(self) -> None:
-        """Connect to the agent port and wait for hello, failing fast if QEMU exits meanwhile."""
+    async def _connect_agent(self, *, reseed: bool = False) -> None:
+        """Connect to the agent port and wait for hello, failing fast if QEMU exits meanwhile.
+
+        ``reseed``: reseed the guest RNG in the same round trip (restores), before anything else.
+        """
         socket_path = self.machine.serial_socket(AGENT_PORT_NAME)
         self._agent = await AgentClient.open_unix(
             socket_path, connect_timeout=10.0, name=f"agent-{self.vm_id}"
         )
         self._undo.push("close agent", self._close_agent)
-        ready = asyncio.ensure_future(self._agent.wait_ready(timeout=self.options.boot_timeout_s))
+        agent = self._agent
+        timeout = self.options.boot_timeout_s
+
+        async def hello_and_reseed() -> Hello:
+            hello, _result = await agent.ready_and_reseeded(timeout=timeout)
+            return hello
+
+        ready = asyncio.ensure_future(
+            hello_and_reseed() if reseed else agent.wait_ready(timeout=self.options.boot_timeout_s)
+        )
         exited = asyncio.ensure_future(self.machine.wait())
         try:
             await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
@@ -736,12 +748,13 @@ class SandboxVm:
         )
         self.timing.qemu_spawn_ms = elapsed_ms(t)
         t = time.perf_counter()
-        await self._connect_agent()
-        self.timing.boot_to_agent_ms = elapsed_ms(t)
+        # The reseed rides in the same round trip as the first ping: nothing can run in the guest
+        # before it, and the host does not wait for the hello before sending it.
+        await self._connect_agent(reseed=reseed)
+        hello_at = self.agent.first_hello_at or time.perf_counter()
+        self.timing.boot_to_agent_ms = (hello_at - t) * 1000.0
         if reseed:
-            t = time.perf_counter()
-            await self.agent.reseed_rng()
-            self.timing.reseed_ms = elapsed_ms(t)
+            self.timing.reseed_ms = elapsed_ms(hello_at)
         self._state = SandboxVmState.READY
 
     # ------------------------------------------------------------------ close

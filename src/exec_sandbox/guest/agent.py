@@ -1181,8 +1181,6 @@ class Agent:
                 result = self._exec_in_spare(req_id, spare, lang, code, env, timeout, cwd, out, err)
             else:
                 result = self._exec_oneshot(req_id, lang, code, env, timeout, cwd, out, err)
-            if lang in self.spare_langs:
-                self.ensure_spare(lang)
         out.flush()
         err.flush()
         result.update(
@@ -1197,6 +1195,10 @@ class Agent:
             }
         )
         self.send(result)
+        if not msg.get("session") and lang in self.spare_langs:
+            # After the reply: starting an interpreter competes for the guest's CPU with sending it.
+            self.flush_out(0.05)
+            self.ensure_spare(lang)
 
     def _exec_oneshot(self, req_id: str, lang: str, code: str, env: dict[str, str], timeout: float,
                       cwd: str, out: Stream, err: Stream) -> Msg:

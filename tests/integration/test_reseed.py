@@ -1,0 +1,138 @@
+"""reseed_rng reaches every interpreter that existed before it: session REPLs and spare one-shot ones.
+
+A snapshot clone inherits every live interpreter's PRNG state; the tests preload ``random`` into the
+spare through ``usercustomize`` (imported by every interpreter the sandbox user starts), so a spare
+that is not reseeded hands identical numbers to every clone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from exec_sandbox.agent_client import AgentClient
+from exec_sandbox.agent_protocol import OutputEvent
+from exec_sandbox.sandbox_vm import SandboxVm, VmOptions
+from exec_sandbox.settings import Settings
+from exec_sandbox.vm_manager import VmManager
+from tests.integration.conftest import LeakChecker
+from tests.integration.test_agent_local import run_agent
+
+pytestmark = pytest.mark.integration
+
+# Records the interpreter's PRNG state at start-up, keyed by pid, for the probe below to compare.
+USERCUSTOMIZE = (
+    "import os, random\n"
+    "with open(os.path.join(os.environ['HOME'], 'rng-%d' % os.getpid()), 'w') as f:\n"
+    "    f.write(repr(random.getstate()))\n"
+)
+PROBE = (
+    "import os, sys\n"
+    "preloaded = 'random' in sys.modules\n"
+    "import random\n"
+    "with open(os.path.join(os.environ['HOME'], 'rng-%d' % os.getpid())) as f:\n"
+    "    start = f.read()\n"
+    "print(preloaded, repr(random.getstate()) == start, random.getrandbits(64))\n"
+)
+
+
+@contextlib.asynccontextmanager
+async def local_agent(*args: str) -> AsyncIterator[AgentClient]:
+    """The real agent on the host (see test_agent_local), ready."""
+    async with run_agent(*args) as running, await AgentClient.open_unix(
+        running.socket, connect_timeout=20
+    ) as agent:
+        await agent.wait_ready(timeout=30)
+        yield agent
+
+
+async def _user_site(agent: AgentClient) -> str:
+    result = await agent.exec("import site; print(site.getusersitepackages())", language="python")
+    assert result.exit_code == 0, result.stderr
+    return result.stdout.strip()
+
+
+async def _fresh_spare_with_random(agent: AgentClient) -> None:
+    """Install usercustomize, then make sure the spare in place was started after that."""
+    site = await _user_site(agent)
+    await agent.write_file(f"{site}/usercustomize.py", USERCUSTOMIZE.encode())
+    # The spare that ran _user_site predates the file: use it up, then wait for its successor.
+    assert (await agent.exec("pass", language="python")).exit_code == 0
+    warm = await agent.warmup(["python"], session=False, spare=True)
+    assert warm.ready == ["python"], warm.errors
+
+
+async def test_reseed_reaches_the_spare_interpreter() -> None:
+    async with local_agent("--spare", "python") as agent:
+        await _fresh_spare_with_random(agent)
+        result = await agent.reseed_rng(secrets.token_bytes(64))
+        assert result.spares_reseeded == ["python"]
+        probe = await agent.exec(PROBE, language="python")
+        assert probe.exit_code == 0, probe.stderr
+        preloaded, unchanged, _value = probe.stdout.split()
+        assert preloaded == "True"  # the exec ran in the spare that had random at start-up
+        assert unchanged == "False"  # ... and its PRNG state was replaced by the reseed
+
+
+async def test_reseed_of_a_busy_session_is_answered_and_applied_after_the_block() -> None:
+    async with local_agent() as agent:
+        await agent.exec("import random, sys, time\nbefore = random.getstate()", language="python",
+                         session=True)
+        events = agent.exec_events(
+            "print('started'); sys.stdout.flush(); time.sleep(2)", language="python", session=True
+        )
+        busy = asyncio.ensure_future(events.__anext__())
+        first = await busy
+        assert isinstance(first, OutputEvent) and first.data.startswith("started")
+        # The session is busy: the reply must not wait for it.
+        result = await agent.reseed_rng(secrets.token_bytes(32))
+        assert result.repls_reseeded == ["python"]
+        async for _event in events:
+            pass
+        # The reseed runs once the block is done (it may race the next block by a moment).
+        changed = ""
+        for _ in range(50):
+            changed = (await agent.exec("print(random.getstate() != before)", language="python",
+                                        session=True)).stdout
+            if changed == "True\n":
+                break
+            await asyncio.sleep(0.1)
+        assert changed == "True\n"
+
+
+async def test_restored_clones_spares_do_not_share_randomness(
+    sbx_settings: Settings, sbx_images: VmManager, sbx_leaks: LeakChecker, tmp_path: Path
+) -> None:
+    snap = tmp_path / "snap"
+    options = VmOptions.model_validate(
+        {"language": "python", "memory_mb": 256, "vcpus": 1, "boot_timeout_s": 90.0, "shared_memory": True}
+    )
+    async with await SandboxVm.boot(
+        options, settings=sbx_settings, vm_manager=sbx_images, runtime_dir=sbx_leaks.runtime_dir,
+        vm_id=sbx_leaks.new_id(),
+    ) as original:
+        await original.agent.warmup(["python"], session=True, spare=True)
+        await _fresh_spare_with_random(original.agent)
+        await original.save_snapshot(snap)
+    probes: list[list[str]] = []
+    hashes: list[str] = []
+    for _ in range(2):
+        async with await SandboxVm.restore_from(
+            snap, settings=sbx_settings, runtime_dir=sbx_leaks.runtime_dir, vm_id=sbx_leaks.new_id()
+        ) as clone:
+            probe = await clone.exec(PROBE)
+            assert probe.exit_code == 0, probe.stderr
+            probes.append(probe.stdout.split())
+            # An interpreter started after the restore draws its own string-hash secret.
+            hashed = await clone.exec("print(hash('exec-sandbox'))")
+            assert hashed.exit_code == 0, hashed.stderr
+            hashes.append(hashed.stdout)
+    assert [p[0] for p in probes] == ["True", "True"]  # both ran in the snapshot's spare
+    assert [p[1] for p in probes] == ["False", "False"]  # whose PRNG state the reseed replaced
+    assert probes[0][2] != probes[1][2]
+    assert hashes[0] != hashes[1]
