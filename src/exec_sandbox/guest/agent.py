@@ -529,6 +529,15 @@ def _sbx_main():
             if not b:
                 os._exit(0)
             line += b
+        if line[:1] == b'r':
+            # Reseed before this block (the agent asks after a snapshot restore): no compile, no
+            # extra round trip, and the user's line numbers stay as written.
+            line = line[1:]
+            m = sys.modules
+            if 'random' in m:
+                m['random'].seed()
+            if 'tempfile' in m:
+                m['tempfile']._name_sequence = None
         code = readn(int(line)).decode('utf-8', 'replace')
         n += 1
         name = '<session-%d>' % n
@@ -556,15 +565,6 @@ def _sbx_main():
 _sbx_main()
 """
 
-# Run inside an interpreter that existed at snapshot time. Only modules already imported need it:
-# a later import seeds itself from the (reseeded) kernel.
-PY_RESEED = (
-    "import sys as _sbx_s\n"
-    "_sbx_m = _sbx_s.modules\n"
-    "if 'random' in _sbx_m: _sbx_m['random'].seed()\n"
-    "if 'tempfile' in _sbx_m: _sbx_m['tempfile']._name_sequence = None\n"
-    "del _sbx_s, _sbx_m\n"
-)
 RND_ADD_ENTROPY = 0x40085203
 RND_RESEED_CRNG = 0x5207
 
@@ -711,6 +711,7 @@ class Repl:
         self.status_buf = b""
         self.ctl_w = -1
         self.status_r = -1
+        self.reseed_pending = False  # python: reseed its PRNG before running the next block
 
     def alive(self) -> bool:
         return self.proc is not None
@@ -784,7 +785,11 @@ class Repl:
             self._write_all(line)
         else:
             self.pending_file = None
-            self._write_all(str(len(data)).encode() + b"\n" + data)
+            mark = b""
+            if self.reseed_pending and self.language == "python":
+                self.reseed_pending = False
+                mark = b"r"
+            self._write_all(mark + str(len(data)).encode() + b"\n" + data)
 
     def _write_all(self, data: bytes) -> None:
         # The caller holds the lock of an idle interpreter, which has consumed every earlier block:
@@ -1517,81 +1522,62 @@ class Agent:
         )
 
     def op_reseed_rng(self, req_id: str, msg: Msg) -> None:
-        """Reseed the kernel CRNG and every live interpreter's PRNG; answer before the slow part.
+        """Reseed the kernel CRNG and every live interpreter's PRNG. Cheap: it runs inline.
 
-        The kernel part runs here, inline: mix + credit the host's seed, then force a CRNG reseed
-        (an initialised CRNG otherwise reseeds only every 60 s, so snapshot clones kept drawing
-        identical urandom bytes). Processes started from now on draw fresh randomness, including
-        Python's string-hash secret (PYTHONHASHSEED is deliberately left unset: every new
-        interpreter draws its own from getrandom(), and an explicit value would be shared by every
-        Python the user code starts). Interpreters that already existed at snapshot time - the
-        session REPLs and the spare one-shot interpreters - get their ``random`` module reseeded;
-        their hash secret is fixed at process start and stays as it was in the snapshot.
-
-        The reply goes out once every interpreter's reseed is queued: each interpreter's lock is
-        held until its reseed block has run, so no user code can run in it before.
+        The kernel part: mix + credit the host's seed, then force a CRNG reseed (an initialised
+        CRNG otherwise reseeds only every 60 s, so snapshot clones kept drawing identical urandom
+        bytes). Processes started from now on draw fresh randomness, including Python's
+        string-hash secret (PYTHONHASHSEED is deliberately left unset: every new interpreter draws
+        its own from getrandom(), while an explicit value would be shared by every Python the user
+        code starts). Interpreters that already existed - the session REPLs and the spare one-shot
+        interpreters, e.g. from a snapshot - are flagged: the driver reseeds ``random`` (and
+        resets ``tempfile``'s name generator) right before running its next block, so no user
+        code runs on the old state and a restore costs no interpreter work. Their string-hash
+        secret is fixed at process start and stays what it was in the snapshot. JavaScript
+        REPLs are restarted (V8 cannot reseed Math.random), under their lock, in the background.
         """
         seed = _decode_seed(msg.get("seed"))
         credited = _reseed_kernel(seed)
         with self.spare_cond:
             self.rng_epoch += 1
             spares = list(self.spares.items())
-        sessions = list(self.repls.items())
-        queued: list[tuple[Repl, float]] = []
-        later: list[tuple[str, Repl]] = []
-        reseeded: list[str] = []
-        spares_reseeded: list[str] = []
-        for kind, (lang, repl) in [*(("session", x) for x in sessions), *(("spare", x) for x in spares)]:
-            if lang not in ("python", "javascript"):
-                continue  # the shell has no PRNG of its own
-            names = reseeded if kind == "session" else spares_reseeded
-            if not repl.lock.acquire(blocking=False):
-                later.append((lang, repl))  # busy (or starting): reseeded as soon as it is free
-                names.append(lang)
-                continue
+        restart: list[tuple[Repl, bool]] = []
+        reseeded: set[str] = set()
+        spares_reseeded: set[str] = set()
+        for kind, (lang, repl) in [*(("session", x) for x in self.repls.items()),
+                                   *(("spare", x) for x in spares)]:
             if not repl.alive():
-                repl.lock.release()
                 continue
             if lang == "python":
-                try:
-                    repl.submit(PY_RESEED)
-                except OSError:
-                    repl.lock.release()
-                    continue
-                queued.append((repl, time.monotonic() + 30))
+                repl.reseed_pending = True  # the driver reseeds before the next block, user code after
+            elif lang == "javascript":
+                # Locked here when idle, so no block can slip in before the restart below.
+                restart.append((repl, repl.lock.acquire(blocking=False)))
             else:
-                queued.append((repl, -1.0))  # restarted by the helper below, still under its lock
-            names.append(lang)
+                continue  # the shell has no PRNG of its own
+            (reseeded if kind == "session" else spares_reseeded).add(lang)
         self.send({"type": "reseed_result", "id": req_id, "mixed_bytes": len(seed),
-                   "credited_bits": credited, "repls_reseeded": sorted(set(reseeded)),
-                   "spares_reseeded": sorted(set(spares_reseeded))})
-        if queued or later:
-            threading.Thread(target=self._finish_reseed, args=(queued, later), daemon=True).start()
+                   "credited_bits": credited, "repls_reseeded": sorted(reseeded),
+                   "spares_reseeded": sorted(spares_reseeded)})
+        if restart:
+            threading.Thread(target=self._restart_js, args=(restart,), daemon=True).start()
 
-    def _finish_reseed(self, queued: list[tuple[Repl, float]], later: list[tuple[str, Repl]]) -> None:
-        for repl, deadline in queued:
+    def _restart_js(self, repls: list[tuple[Repl, bool]]) -> None:
+        for repl, locked in repls:
+            if not locked:
+                repl.lock.acquire()  # it was busy: restart it as soon as its block is done
             try:
-                if deadline < 0:
-                    self._reseed_locked(repl.language, repl)
-                else:
-                    self._await_repl(repl, None, None, deadline, threading.Event())
+                self._reseed_locked(repl.language, repl)
             except Exception:
                 pass
             finally:
                 repl.lock.release()
-        for lang, repl in later:
-            try:
-                with repl.lock:
-                    self._reseed_locked(lang, repl)
-            except Exception:
-                pass
 
     def _reseed_locked(self, lang: str, repl: Repl) -> None:
         if not repl.alive():
             return
         if lang == "python":
-            repl.submit(PY_RESEED)
-            self._await_repl(repl, None, None, time.monotonic() + 30, threading.Event())
+            repl.reseed_pending = True
         elif lang == "javascript":
             # V8 cannot reseed Math.random: start a fresh interpreter (a warm one holds no state).
             repl.stop()
