@@ -13,8 +13,7 @@ Errors form one tree rooted at :class:`SandboxError` (see :mod:`exec_sandbox.err
 Exports other than the errors are imported lazily (PEP 562), so ``sbx`` starts fast.
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from exec_sandbox.errors import (
     CommunicationOutcomeUnknownError,
@@ -27,6 +26,7 @@ from exec_sandbox.errors import (
     SandboxTransientError,
     VmCapacityError,
 )
+from smartvm.lazy_exports import lazy_exports
 
 if TYPE_CHECKING:
     from exec_sandbox.admission import AdmissionController
@@ -84,19 +84,6 @@ _LAZY: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
-
-
 __all__ = [
     "AdmissionController",
     "AgentClient",
@@ -137,3 +124,5 @@ __all__ = [
     "WarmPool",
     "language_from_path",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY, __all__)

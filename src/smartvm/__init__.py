@@ -9,8 +9,9 @@ Layers (imports point down): ``config`` (typed Firecracker payloads) ·
 # Imports are lazy (PEP 562): `import smartvm.qemu` must not pay for pyroute2, httpx and every
 # pydantic model of the Firecracker API. Type checkers see the real imports below.
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from smartvm.lazy_exports import lazy_exports
 
 if TYPE_CHECKING:
     from smartvm.config import (
@@ -62,19 +63,6 @@ _LAZY: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
-
-
 __all__ = [
     "AccelChoice",
     "BaseImageBundle",
@@ -105,3 +93,5 @@ __all__ = [
     "boot_configuration_steps",
     "choose_accelerator",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY, __all__)
