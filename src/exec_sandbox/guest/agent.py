@@ -162,7 +162,8 @@ class VirtioTransport(Transport):
         self._arm_sigio()
 
     def _arm_sigio(self) -> None:
-        import signal
+        # _signal, not signal: the wrapper imports enum and builds IntEnums, costly at boot under TCG.
+        signal: Any = __import__("_signal")
 
         if threading.current_thread() is not threading.main_thread():
             return
