@@ -514,14 +514,16 @@ class AgentClient:
             return await self._expect(req_id, pending, ReseedResult, timeout)
 
     async def ready_and_reseeded(
-        self, seed: bytes | None = None, timeout: float = 30.0, *, ping_interval: float = 0.1
+        self, seed: bytes | None = None, timeout: float = 30.0, *, ping_interval: float = 0.25
     ) -> tuple[Hello, ReseedResult]:
         """:meth:`wait_ready` and :meth:`reseed_rng` in one round trip (after a snapshot restore).
 
         A ping and the reseed go out in one write; the agent answers them in order, so the reseed
         result normally arrives right behind the hello. If the first ping is not answered (the guest
         was not listening yet and its port dropped the bytes), this falls back to ``wait_ready`` and
-        a separate reseed - reseeding twice is harmless, never reseeding is not.
+        a separate reseed - reseeding twice is harmless, never reseeding is not. A restored guest
+        under TCG takes ~100-150 ms to answer its first request (every code path is translated
+        afresh), hence the longer first ``ping_interval``.
         """
         seed = secrets.token_bytes(64) if seed is None else seed
         if not 16 <= len(seed) <= 4096:
