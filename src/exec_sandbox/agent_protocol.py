@@ -132,6 +132,10 @@ class ExecRequest(_Msg):
     session: bool = False
     max_stdout_bytes: int = Field(default=DEFAULT_OUTPUT_CAP_BYTES, ge=0)
     max_stderr_bytes: int = Field(default=DEFAULT_OUTPUT_CAP_BYTES, ge=0)
+    # False: no further one-shot exec will follow (a single-use VM), so the agent does not start a
+    # replacement spare interpreter - a few hundred ms of guest CPU and ~15 MiB of TCG code cache.
+    # None (left out on the wire): the agent's default, refill.
+    refill_spare: bool | None = None
 
     @field_validator("code")
     @classmethod

@@ -588,8 +588,13 @@ class SandboxVm:
         on_stderr: OutputCallback | None = None,
         max_stdout_bytes: int = DEFAULT_OUTPUT_CAP_BYTES,
         max_stderr_bytes: int = DEFAULT_OUTPUT_CAP_BYTES,
+        refill_spare: bool = True,
     ) -> ExecResult:
-        """Run ``code`` through the agent (default language: the VM's). See :meth:`AgentClient.exec`."""
+        """Run ``code`` through the agent (default language: the VM's). See :meth:`AgentClient.exec`.
+
+        ``refill_spare=False`` for the last one-shot exec of a single-use VM: the guest then does not
+        start a replacement spare interpreter it would never use.
+        """
         self._require(SandboxVmState.READY, action="exec in")
         merged = {**self.options.env, **(env or {})}
         return await self.agent.exec(
@@ -603,6 +608,7 @@ class SandboxVm:
             on_stderr=on_stderr,
             max_stdout_bytes=max_stdout_bytes,
             max_stderr_bytes=max_stderr_bytes,
+            refill_spare=refill_spare,
         )
 
     async def pause(self) -> None:

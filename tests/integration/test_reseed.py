@@ -17,6 +17,7 @@ import pytest
 
 from exec_sandbox.agent_client import AgentClient
 from exec_sandbox.agent_protocol import OutputEvent
+from exec_sandbox.errors import SandboxInputError
 from exec_sandbox.sandbox_vm import SandboxVm, VmOptions
 from exec_sandbox.settings import Settings
 from exec_sandbox.vm_manager import VmManager
@@ -136,3 +137,38 @@ async def test_restored_clones_spares_do_not_share_randomness(
     assert [p[1] for p in probes] == ["False", "False"]  # whose PRNG state the reseed replaced
     assert probes[0][2] != probes[1][2]
     assert hashes[0] != hashes[1]
+
+
+async def test_ready_and_reseeded_in_one_round_trip_then_as_a_plain_reseed() -> None:
+    async with run_agent() as running, await AgentClient.open_unix(
+        running.socket, connect_timeout=20
+    ) as agent:
+        hello, result = await agent.ready_and_reseeded(secrets.token_bytes(48), timeout=30)
+        assert hello.instance and agent.hello is hello
+        assert agent.first_hello_at is not None
+        assert result.mixed_bytes == 48
+        # Already ready: the same call is a plain reseed.
+        again_hello, again = await agent.ready_and_reseeded(timeout=30)
+        assert again_hello.instance == hello.instance and again.mixed_bytes == 64
+        with pytest.raises(SandboxInputError, match=r"16\.\.4096"):
+            await agent.ready_and_reseeded(b"short")
+
+
+async def test_last_exec_does_not_refill_the_spare() -> None:
+    async with local_agent("--spare", "python") as agent:
+        warm = await agent.warmup(["python"], session=False, spare=True)
+        assert warm.ready == ["python"]
+        assert (await agent.ping()).boot.spares == ["python"]
+        result = await agent.exec("print(7)", language="python", refill_spare=False)
+        assert result.stdout == "7\n"
+        await asyncio.sleep(1.5)  # a refill (~50 ms on the host) would be up by now
+        assert (await agent.ping()).boot.spares == []
+        # Execs still work (cold), and the default refills again.
+        assert (await agent.exec("print(8)", language="python")).stdout == "8\n"
+        spares: list[str] = []
+        for _ in range(100):
+            spares = (await agent.ping()).boot.spares
+            if spares:
+                break
+            await asyncio.sleep(0.1)
+        assert spares == ["python"]

@@ -1201,7 +1201,7 @@ class Agent:
             }
         )
         self.send(result)
-        if not msg.get("session") and lang in self.spare_langs:
+        if not msg.get("session") and lang in self.spare_langs and msg.get("refill_spare") is not False:
             # After the reply: starting an interpreter competes for the guest's CPU with sending it.
             self.flush_out(0.05)
             self.ensure_spare(lang)
