@@ -43,6 +43,7 @@ __all__ = [
     "build_kernel_cmdline",
     "exec_uri",
     "spec_from_vmconfig",
+    "with_host_tsc",
 ]
 
 Arch = Literal["x86_64"]
@@ -369,6 +370,34 @@ def build_kernel_cmdline(
         }
         extra += [hints[key] for key in _TCG_TIMING_KEYS if not _has_key(cmdline, key)]
     return " ".join([cmdline, *extra]).strip()
+
+
+def with_host_tsc(cmdline: str, tsc_khz: int) -> str:
+    """``cmdline`` with the TCG timing hints set from the host's TSC rate, replacing any guess in it.
+
+    Under TCG the guest's TSC *is* the host's TSC, so ``tsc_early_khz`` describes the host, not the
+    image: a value baked into an image built elsewhere (2.6 GHz on a 2.1 GHz host) skews the local
+    APIC timer calibration, which then fails its check against the PIT ("APIC timer disabled due to
+    verification failure"), and the clocksource watchdog marks the TSC unstable. The guest is then
+    left with ``refined-jiffies`` and a 250 Hz PIT tick: no tickless idle, ~2.5 % of a host core per
+    idle guest instead of ~0.2 %. ``tsc=reliable`` turns that watchdog off for the TSC: it compares
+    against PIT jiffies, whose ticks TCG drops when the host is loaded.
+    """
+    if tsc_khz <= 0:
+        raise SmartVMError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"tsc_khz must be a positive host TSC rate in kHz, got {tsc_khz}",
+            details={"tsc_khz": tsc_khz},
+        )
+    hz = 250  # lpj is loops per jiffy; the kernels here run at HZ=250
+    replaced = {"tsc_early_khz": f"tsc_early_khz={tsc_khz}", "lpj": f"lpj={tsc_khz * 1000 // hz}"}
+    tokens = [
+        tok for tok in cmdline.split() if tok.split("=", 1)[0] not in replaced and tok != "tsc=reliable"
+    ]
+    extra = [*replaced.values(), "tsc=reliable"]
+    if "no_timer_check" not in tokens:
+        extra.append("no_timer_check")
+    return " ".join([*tokens, *extra])
 
 
 def _bucket_rate(size: int | None, refill_time_ms: int | None) -> int | None:
