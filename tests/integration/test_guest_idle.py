@@ -105,7 +105,8 @@ async def test_idle_guest_is_tickless(
     spec = QemuMachineSpec(
         kernel=python_bundle.kernel,
         initrd=python_bundle.initrd,
-        cmdline=with_host_tsc(python_bundle.boot_args, _host_tsc_khz()),
+        # The bundle's own args (a baked TSC rate): QemuMachine must correct them under TCG.
+        cmdline=python_bundle.boot_args,
         memory_mib=128,
         acpi=python_bundle.needs_acpi,
         drives=(DriveSpec(id="rootfs", path=overlay, format="qcow2"),),

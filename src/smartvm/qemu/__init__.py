@@ -19,6 +19,7 @@ from smartvm.qemu.argv import (
     build_argv,
     build_kernel_cmdline,
     spec_from_vmconfig,
+    with_host_tsc,
 )
 from smartvm.qemu.console import ConsoleBuffer
 from smartvm.qemu.machine import MachineState, QemuMachine
@@ -47,4 +48,5 @@ __all__ = [
     "probe_kvm",
     "reap_leftovers",
     "spec_from_vmconfig",
+    "with_host_tsc",
 ]

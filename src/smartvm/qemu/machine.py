@@ -51,6 +51,7 @@ from smartvm.qemu.argv import (
     build_argv,
     exec_uri,
     spec_from_vmconfig,
+    with_host_tsc,
 )
 from smartvm.qemu.console import ConsoleBuffer
 from smartvm.qemu.process import (
@@ -315,6 +316,10 @@ class QemuMachine:
             update["user_net"] = self._user_net
         if not incoming:
             update["incoming"] = None
+            if self._accel.accel == "tcg":
+                # Under TCG the guest TSC runs at the host's rate: a baked-in rate from an image
+                # bundle makes the APIC timer fail calibration and the guest tick 250 Hz on the PIT.
+                update["cmdline"] = with_host_tsc(spec.cmdline, _cpu_khz())
             if self._shared_memory:
                 mem = self._shm_dir / f"smartvm-{self.vm_id}.ram"
                 update["memory_backend"] = MemoryBackendSpec(path=mem, share=True)
