@@ -142,6 +142,7 @@ from exec_sandbox.sandbox_vm import BootLogCallback, SandboxVm, VmOptions
 from exec_sandbox.session import Session
 from exec_sandbox.settings import Settings
 from exec_sandbox.snapshot_cache import SnapshotCache, warm_vm
+from exec_sandbox.timing import elapsed_ms
 from exec_sandbox.validation import (
     input_error,
     validate_code,
@@ -202,9 +203,6 @@ class _RunState:
 
     dispatched: bool = False
 
-
-def _ms(start: float) -> float:
-    return (time.perf_counter() - start) * 1000.0
 
 
 class Scheduler:
@@ -562,7 +560,7 @@ class Scheduler:
         started = time.perf_counter()
         t = time.perf_counter()
         await self._ensure_image(language)
-        setup_ms = _ms(t)
+        setup_ms = elapsed_ms(t)
         lease = await self._provision(language, memory_mb, on_boot_log)
         vm = lease.vm
         finished = False
@@ -615,7 +613,7 @@ class Scheduler:
                 else None
             ),
             execute_ms=outcome.execute_ms,
-            total_ms=_ms(started),
+            total_ms=elapsed_ms(started),
         )
         return RunResult(
             stdout=outcome.stdout,

@@ -54,6 +54,7 @@ from exec_sandbox.execution import execute_in_vm
 from exec_sandbox.lifecycle_errors import CloseReason, SessionClosedError
 from exec_sandbox.models import ExecutionResult, FileInfo, Language, TimingBreakdown
 from exec_sandbox.sandbox_vm import SandboxVm
+from exec_sandbox.timing import elapsed_ms
 from exec_sandbox.validation import (
     input_error,
     validate_code,
@@ -71,9 +72,6 @@ class SessionState(StrEnum):
     OPEN = "open"
     CLOSED = "closed"
 
-
-def _ms(start: float) -> float:
-    return (time.perf_counter() - start) * 1000.0
 
 
 class Session:
@@ -190,7 +188,7 @@ class Session:
             stderr=outcome.stderr,
             exit_code=res.exit_code,
             execution_time_ms=max(res.duration_ms, 0.0),
-            timing=TimingBreakdown(execute_ms=outcome.execute_ms, total_ms=_ms(started)),
+            timing=TimingBreakdown(execute_ms=outcome.execute_ms, total_ms=elapsed_ms(started)),
             language=self.language,
             timed_out=res.timed_out,
             signal=res.signal,
