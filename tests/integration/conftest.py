@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from exec_sandbox.settings import Settings
-from exec_sandbox.vm_manager import VmManager
+from exec_sandbox.vm_manager import ImageBundle, VmManager
+from smartvm.qemu import QemuMachine
 
 __all__ = ["LeakChecker", "child_processes"]
 
@@ -121,3 +122,28 @@ async def sbx_leaks(sbx_runtime_dir: Path) -> AsyncIterator[LeakChecker]:
     assert not before, f"qemu children alive before the test: {before}"
     yield checker
     await checker.assert_clean()
+
+
+@pytest.fixture(scope="session")
+def python_bundle(sbx_images: VmManager) -> ImageBundle:
+    """The real python image bundle (built on first use)."""
+    return sbx_images.get_bundle("python")
+
+
+@pytest.fixture
+def runtime_dir() -> Iterator[Path]:
+    """A QEMU runtime dir; short on purpose: unix socket paths must stay under 108 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="svq-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+async def machines() -> AsyncIterator[list[QemuMachine]]:
+    """Append every QemuMachine a test starts; they are stopped (newest first) afterwards."""
+    made: list[QemuMachine] = []
+    yield made
+    for machine in reversed(made):
+        await machine.stop(timeout=2)

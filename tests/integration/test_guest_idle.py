@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from exec_sandbox.agent_client import AgentClient
-from exec_sandbox.settings import Settings
-from exec_sandbox.vm_manager import ImageBundle, VmManager
+from exec_sandbox.vm_manager import ImageBundle
 from smartvm.errors import SmartVMError
 from smartvm.qemu import QemuMachine, QemuMachineSpec
 from smartvm.qemu.argv import DriveSpec, with_host_tsc
@@ -52,26 +48,6 @@ def _interrupt_counts(text: str) -> dict[str, int]:
     return counts
 
 
-@pytest.fixture(scope="module")
-def python_bundle() -> ImageBundle:
-    return VmManager(Settings()).get_bundle("python")
-
-
-@pytest.fixture
-def runtime_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="svi-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-async def machines() -> AsyncIterator[list[QemuMachine]]:
-    made: list[QemuMachine] = []
-    yield made
-    for machine in reversed(made):
-        await machine.stop(timeout=2)
-
-
 async def _raw(client: AgentClient, command: str) -> str:
     result = await client.exec(command, language="raw")
     assert result.exit_code == 0, result.stderr
@@ -98,7 +74,15 @@ async def test_idle_guest_is_tickless(
 ) -> None:
     overlay = tmp_path / "root.qcow2"
     proc = await asyncio.create_subprocess_exec(
-        "qemu-img", "create", "-q", "-f", "qcow2", "-b", str(python_bundle.rootfs), "-F", "qcow2",
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        str(python_bundle.rootfs),
+        "-F",
+        "qcow2",
         str(overlay),
     )
     assert await proc.wait() == 0

@@ -9,13 +9,10 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -33,21 +30,6 @@ BOOT_TIMEOUT = 120.0
 def virtio_kernel() -> Path:
     override = os.environ.get("SMARTVM_TEST_KERNEL")
     return Path(override) if override else project_kernel()
-
-
-@pytest.fixture
-def runtime_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="svq-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-async def machines() -> AsyncIterator[list[QemuMachine]]:
-    made: list[QemuMachine] = []
-    yield made
-    for machine in reversed(made):
-        await machine.stop(timeout=2)
 
 
 async def test_vmconfig_drives_root_first_and_formats(

@@ -7,14 +7,12 @@ import contextlib
 import hashlib
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -44,13 +42,6 @@ COUNT = re.compile(r"^COUNT (\d+)\r?$", re.MULTILINE)
 def guest() -> tuple[Path, Path]:
     return guest_kernel(), guest_initramfs()
 
-
-@pytest.fixture
-def runtime_dir() -> Iterator[Path]:
-    # short on purpose: unix socket paths must stay under 108 bytes
-    path = Path(tempfile.mkdtemp(prefix="svq-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def make_spec(guest: tuple[Path, Path], mode: str, **update: object) -> QemuMachineSpec:

@@ -8,16 +8,12 @@ that keeps the guest's state. Builds the images on first use (minutes; cached af
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from exec_sandbox.agent_client import AgentClient
-from exec_sandbox.settings import Settings
-from exec_sandbox.vm_manager import ImageBundle, VmManager
+from exec_sandbox.vm_manager import ImageBundle
 from smartvm.config import VMConfig
 from smartvm.qemu import QemuMachine
 from smartvm.vmm.base import SnapshotFiles
@@ -25,26 +21,6 @@ from smartvm.vmm.base import SnapshotFiles
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 
 AGENT_PORT = "org.exec_sandbox.agent"
-
-
-@pytest.fixture(scope="session")
-def python_bundle() -> ImageBundle:
-    return VmManager(Settings()).get_bundle("python")
-
-
-@pytest.fixture
-def runtime_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="svq-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-async def machines() -> AsyncIterator[list[QemuMachine]]:
-    made: list[QemuMachine] = []
-    yield made
-    for machine in reversed(made):
-        await machine.stop(timeout=2)
 
 
 async def _overlay(base: Path, target: Path) -> Path:

@@ -18,8 +18,7 @@ from typing import Any
 
 import pytest
 
-from exec_sandbox.settings import Settings
-from exec_sandbox.vm_manager import ImageBundle, VmManager
+from exec_sandbox.vm_manager import ImageBundle
 from smartvm import BaseImageBundle, MicroVMState, SmartVM, SmartVMError, VmmRunState
 from smartvm.qemu import QemuMachine
 from tests.fake_firecracker.harness import pid_alive, short_tmp_dir
@@ -29,11 +28,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 # Printed by the kernel (without `quiet`) once the root filesystem is mounted and init runs.
 INIT_MARKER = "Run /sbin/init as init process"
-
-
-@pytest.fixture(scope="module")
-def python_bundle() -> ImageBundle:
-    return VmManager(Settings()).get_bundle("python")
 
 
 @pytest.fixture
