@@ -241,7 +241,8 @@ class AgentClient:
                 await self._send(PingRequest(id=req_id))
                 remaining = deadline - loop.time()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._hello_event.wait(), min(interval, max(remaining, 0)))
+                    async with asyncio.timeout(min(interval, max(remaining, 0))):
+                        await self._hello_event.wait()
             finally:
                 self._pending.pop(req_id, None)
             if self._hello_event.is_set() and self.hello is not None:

@@ -271,7 +271,9 @@ class WarmPool:
 
     async def _refill_loop(self) -> None:
         delay = self.retry_delay_s
-        while True:
+        # Checked each turn as well as cancelled: a cancellation lost inside a library call
+        # (asyncio.wait_for on 3.11 can drop one) must not leave drain() waiting for ever.
+        while self._state is WarmPoolState.RUNNING:
             try:
                 await self._yield_to_waiters()
             except Exception:
@@ -376,7 +378,7 @@ class WarmPool:
         return dropped
 
     async def _health_loop(self) -> None:
-        while True:
+        while self._state is WarmPoolState.RUNNING:  # see _refill_loop
             await asyncio.sleep(self.health_interval_s)
             try:
                 await self.check_health()

@@ -205,7 +205,8 @@ class ChildProcess:
         if timeout is None:
             return await self._proc.wait()
         try:
-            return await asyncio.wait_for(self._proc.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                return await self._proc.wait()
         except TimeoutError:
             return None
 
@@ -296,7 +297,8 @@ async def run_tool(
         env=dict(env) if env is not None else None,
     )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate()
     except BaseException:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):

@@ -726,7 +726,8 @@ class QemuMachine:
             if self._qmp is None or not self._qmp.connected:
                 return False
             try:
-                await asyncio.wait_for(self._qmp.execute("quit"), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._qmp.execute("quit")
             except (SmartVMError, TimeoutError):
                 pass  # the link may drop before the reply; the wait decides
             return True

@@ -59,7 +59,8 @@ class QmpConnection:
                 )
             if self.socket_path.exists():
                 try:
-                    await asyncio.wait_for(self._client.connect(str(self.socket_path)), timeout=5.0)
+                    async with asyncio.timeout(5.0):
+                        await self._client.connect(str(self.socket_path))
                     return
                 except (ConnectError, OSError, TimeoutError) as exc:
                     last_error = exc
