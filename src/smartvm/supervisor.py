@@ -85,9 +85,8 @@ async def control_request(data_dir: Path, vm_id: str, request: dict[str, Any], t
     """Send one request to a VM's supervisor and return its result (raising its error)."""
     sock = record_dir(data_dir, vm_id) / "control.sock"
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_unix_connection(str(sock), limit=MAX_CONTROL_LINE), timeout
-        )
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_unix_connection(str(sock), limit=MAX_CONTROL_LINE)
     except (OSError, TimeoutError) as exc:
         raise SmartVMError(
             ErrorCode.NO_CLIENT,
@@ -97,7 +96,8 @@ async def control_request(data_dir: Path, vm_id: str, request: dict[str, Any], t
     try:
         writer.write(json.dumps(request).encode() + b"\n")
         await writer.drain()
-        line = await asyncio.wait_for(reader.readline(), timeout)
+        async with asyncio.timeout(timeout):
+            line = await reader.readline()
     except TimeoutError as exc:
         raise SmartVMError(ErrorCode.API_TIMEOUT, f"VM {vm_id!r} did not answer within {timeout}s") from exc
     finally:
