@@ -1179,12 +1179,13 @@ class Agent:
         out = Stream(self, req_id, "stdout", caps[0])
         err = Stream(self, req_id, "stderr", caps[1])
         started = time.monotonic()
+        used_spare: Repl | None = None
         if msg.get("session"):
             result = self._exec_session(req_id, lang, code, env, timeout, cwd, out, err)
         else:
-            spare = self._take_spare(lang)
-            if spare is not None:
-                result = self._exec_in_spare(req_id, spare, lang, code, env, timeout, cwd, out, err)
+            used_spare = self._take_spare(lang)
+            if used_spare is not None:
+                result = self._exec_in_spare(req_id, used_spare, lang, code, env, timeout, cwd, out, err)
             else:
                 result = self._exec_oneshot(req_id, lang, code, env, timeout, cwd, out, err)
         out.flush()
@@ -1201,6 +1202,11 @@ class Agent:
             }
         )
         self.send(result)
+        if used_spare is not None:
+            # A used spare dies only after the reply: its output is complete once it reported
+            # "done", and killing its tree (a /proc walk) costs ~10 ms of guest CPU under TCG.
+            with used_spare.lock:
+                used_spare.stop()
         if not msg.get("session") and lang in self.spare_langs and msg.get("refill_spare") is not False:
             # After the reply: starting an interpreter competes for the guest's CPU with sending it.
             self.flush_out(0.05)
@@ -1354,9 +1360,12 @@ class Agent:
             self.running[req_id] = cancelled.set
             try:
                 kind, value = self._await_repl(repl, out, err, time.monotonic() + timeout, cancelled)
+            except BaseException:
+                repl.stop()
+                raise
             finally:
                 self.running.pop(req_id, None)
-                repl.stop()  # used once: the interpreter and anything it left behind die here
+            # Used once: op_exec stops the interpreter and anything it left behind after replying.
         if kind == "done":
             return {"exit_code": value, "signal": None, "timed_out": False, "cancelled": False,
                     "session_reset": False}
