@@ -1204,7 +1204,9 @@ class Agent:
         self.send(result)
         if used_spare is not None:
             # A used spare dies only after the reply: its output is complete once it reported
-            # "done", and killing its tree (a /proc walk) costs ~10 ms of guest CPU under TCG.
+            # "done", and killing its tree (a /proc walk) costs ~10 ms of guest CPU under TCG, which
+            # must not hold the GIL before the writer thread has taken the reply.
+            self.flush_out(0.05)
             with used_spare.lock:
                 used_spare.stop()
         if not msg.get("session") and lang in self.spare_langs and msg.get("refill_spare") is not False:
