@@ -157,6 +157,8 @@ class AgentClient:
         self._broken: SandboxError | None = None
         self.hello: Hello | None = None
         self.first_hello_at: float | None = None  # time.perf_counter() when the first hello arrived
+        # time.monotonic() when the agent last sent anything: proof of life that costs no round trip.
+        self.last_heard_at: float | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -674,6 +676,7 @@ class AgentClient:
                 if not data:
                     self._break(CommunicationOutcomeUnknownError("the guest agent closed the connection"))
                     return
+                self.last_heard_at = time.monotonic()
                 for payload in self._decoder.feed(data):
                     self._route(payload)
         except asyncio.CancelledError:

@@ -9,7 +9,9 @@ Refills run in one background task, one VM at a time, and take capacity only thr
 :meth:`AdmissionController.try_acquire` - which refuses while any foreground caller is queued - so
 a refill never makes a foreground run wait; and when foreground callers do queue (for a language
 or size the pool does not hold), idle VMs are closed to give their capacity back. Idle VMs are
-health-checked (agent ping) on checkout and every ``health_interval_s``; dead ones are replaced.
+health-checked (agent ping) every ``health_interval_s`` and on checkout - unless the agent was heard
+from within ``checkout_ping_after_s`` (a round trip is ~3 ms under TCG, most of a pool hit); dead
+ones are replaced.
 
 Lifecycle::
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -77,6 +80,7 @@ class WarmPoolStats:
     created: int = 0
     create_failures: int = 0
     unhealthy_dropped: int = 0
+    checkout_pings: int = 0  # health pings on checkout (skipped while the agent was heard recently)
     refill_deferred: int = 0  # no capacity right now (or foreground callers queued)
     yielded: int = 0  # idle VMs closed so that queued foreground requests could get capacity
 
@@ -106,6 +110,7 @@ class WarmPool:
         health_interval_s: float = 30.0,
         ping_timeout_s: float = 2.0,
         ping_on_checkout: bool = True,
+        checkout_ping_after_s: float = 5.0,
         retry_delay_s: float = 0.5,
         max_retry_delay_s: float = 30.0,
         yield_poll_s: float = 0.25,
@@ -113,8 +118,10 @@ class WarmPool:
     ) -> None:
         if size_per_language < 0:
             raise ValueError("size_per_language must be >= 0")
-        if health_interval_s <= 0 or ping_timeout_s <= 0 or retry_delay_s <= 0:
-            raise ValueError("health_interval_s, ping_timeout_s and retry_delay_s must be > 0")
+        if health_interval_s <= 0 or ping_timeout_s <= 0 or retry_delay_s <= 0 or checkout_ping_after_s < 0:
+            raise ValueError(
+                "health_interval_s, ping_timeout_s and retry_delay_s must be > 0, checkout_ping_after_s >= 0"
+            )
         self._factory = factory
         self.size_per_language = size_per_language
         self._admission = admission
@@ -124,6 +131,7 @@ class WarmPool:
         self.health_interval_s = health_interval_s
         self.ping_timeout_s = ping_timeout_s
         self.ping_on_checkout = ping_on_checkout
+        self.checkout_ping_after_s = checkout_ping_after_s
         self.retry_delay_s = retry_delay_s
         self.max_retry_delay_s = max_retry_delay_s
         self.yield_poll_s = yield_poll_s
@@ -236,6 +244,11 @@ class WarmPool:
             return False
         if on_checkout and not self.ping_on_checkout:
             return True
+        heard = vm.agent.last_heard_at
+        if on_checkout and heard is not None and time.monotonic() - heard < self.checkout_ping_after_s:
+            return True
+        if on_checkout:
+            self.stats.checkout_pings += 1
         try:
             await vm.agent.ping(timeout=self.ping_timeout_s)
         except (SandboxError, TimeoutError) as exc:

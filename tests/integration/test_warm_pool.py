@@ -192,6 +192,44 @@ async def test_dead_idle_vm_is_dropped_and_replaced(
     await cache.aclose()
 
 
+async def test_checkout_pings_a_quiet_vm_and_drops_a_hung_one(
+    cache_dir: Path, sbx_settings: Settings, sbx_images: VmManager, sbx_leaks: LeakChecker
+) -> None:
+    """A VM heard from recently is handed out without a round trip; a quiet one is pinged first,
+    and one whose QEMU is alive but does not answer (stopped) is dropped, not handed out."""
+    admission = admission_for(3)
+    cache = SnapshotCache(cache_dir, settings=sbx_settings, vm_manager=sbx_images)
+    pool = WarmPool(
+        restoring_factory(cache, sbx_leaks, []), 2, admission, languages=["python"], memory_mb=MEMORY_MB,
+        checkout_ping_after_s=3600.0, ping_timeout_s=1.0,
+    )
+    async with pool:
+        await wait_for(lambda: pool.idle_count() == 2)
+        fresh = await pool.checkout("python")
+        assert fresh is not None and pool.stats.checkout_pings == 0
+        assert (await fresh.vm.exec("print(4)")).stdout == "4\n"
+        await fresh.vm.close()
+        assert fresh.grant is not None
+        fresh.grant.release()
+
+        await wait_for(lambda: pool.idle_count() == 2)
+        pool.checkout_ping_after_s = 0.0  # everything counts as quiet now
+        hung = pool._slots["python"].idle[0].vm
+        # Its vCPU stops (QEMU itself stays up and answers QMP): the guest agent cannot answer.
+        await hung.machine.execute_qmp("stop")
+        hit = await pool.checkout("python")
+        assert hit is not None and hit.vm is not hung
+        assert pool.stats.checkout_pings == 2 and pool.stats.unhealthy_dropped == 1
+        assert not hung.alive
+        assert (await hit.vm.exec("print(5)")).stdout == "5\n"
+        await hit.vm.close()
+        assert hit.grant is not None
+        hit.grant.release()
+    assert admission.stats().active == 0
+    await sbx_leaks.assert_clean()
+    await cache.aclose()
+
+
 async def test_idle_vms_give_capacity_back_to_a_queued_foreground_request(
     cache_dir: Path, sbx_settings: Settings, sbx_images: VmManager, sbx_leaks: LeakChecker
 ) -> None:
