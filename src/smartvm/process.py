@@ -50,6 +50,7 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_THP_DISABLE = 41
 DEFAULT_TAIL_LINES = 40
 
 StreamConsumer = Callable[[asyncio.StreamReader], object]
@@ -72,11 +73,15 @@ def _load_prctl() -> Callable[..., int] | None:
 _PRCTL = _load_prctl()
 
 
-def pdeathsig_preexec(*, sig: int = signal.SIGKILL, process_group: bool = False) -> Callable[[], None]:
+def pdeathsig_preexec(
+    *, sig: int = signal.SIGKILL, process_group: bool = False, thp_disable: bool = False
+) -> Callable[[], None]:
     """A ``preexec_fn`` that makes the child get ``sig`` when its parent thread dies.
 
     ``process_group``: also move the child into a process group of its own (use this or
-    ``start_new_session=True``, not both).
+    ``start_new_session=True``, not both). ``thp_disable``: ``PR_SET_THP_DISABLE`` (kept across
+    ``execve``), so the child's ``MADV_HUGEPAGE`` regions are backed by 4 KiB pages: a region then
+    costs the memory it touches, not whole 2 MiB pages (QEMU's TCG code buffer: ~2 MiB per VM).
     """
     prctl = _PRCTL
     owner = os.getpid()
@@ -86,6 +91,8 @@ def pdeathsig_preexec(*, sig: int = signal.SIGKILL, process_group: bool = False)
             os.setpgid(0, 0)
         if prctl is not None:
             prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+            if thp_disable:
+                prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0)
         # The owner may have died between fork() and prctl(): then nobody will ever signal us.
         if os.getppid() != owner:
             os._exit(1)
@@ -155,17 +162,21 @@ class ChildProcess:
         stdout: OutputMode = "tail",
         stderr: OutputMode = "tail",
         tail_lines: int = DEFAULT_TAIL_LINES,
+        thp_disable: bool = False,
     ) -> ChildProcess:
         """Start ``argv`` (stdin from /dev/null); OSError (e.g. FileNotFoundError) propagates.
 
         ``new_session``: ``setsid`` (own session and process group) instead of ``setpgid``.
+        ``thp_disable``: no transparent huge pages in the child (see :func:`pdeathsig_preexec`).
         """
         proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=_pipe(stdout),
             stderr=_pipe(stderr),
-            preexec_fn=pdeathsig_preexec(sig=pdeathsig, process_group=not new_session),
+            preexec_fn=pdeathsig_preexec(
+                sig=pdeathsig, process_group=not new_session, thp_disable=thp_disable
+            ),
             start_new_session=new_session,
             env=dict(env) if env is not None else None,
         )

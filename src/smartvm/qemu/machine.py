@@ -49,6 +49,7 @@ from smartvm.qemu.argv import (
     SupportsVMConfig,
     UserNetSpec,
     build_argv,
+    build_env,
     exec_uri,
     spec_from_vmconfig,
     with_host_tsc,
@@ -384,8 +385,15 @@ class QemuMachine:
         log.debug("spawning %s", " ".join(self.argv))
         try:
             # The console (QEMU's stdout) and stderr go to byte-bounded buffers that also serve waiters.
+            # No THP (the TCG code buffer is MADV_HUGEPAGE: 2 MiB steps of RSS) and one malloc arena:
+            # ~2-2.5 MiB less per idle VM, measured with bench/density.py.
             self._proc = await ChildProcess.spawn(
-                self.argv, new_session=True, stdout=self.console.attach, stderr=self._stderr.attach
+                self.argv,
+                env=build_env(os.environ),
+                new_session=True,
+                stdout=self.console.attach,
+                stderr=self._stderr.attach,
+                thp_disable=True,
             )
         except OSError as exc:
             raise SmartVMError(
