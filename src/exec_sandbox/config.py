@@ -58,6 +58,15 @@ class SchedulerConfig(BaseModel):
 
     # Capacity
     warm_pool_size: int = Field(default=0, ge=0, le=256, description="ready VMs kept per language")
+    warm_pool_refill_concurrency: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description=(
+            "VMs a warm pool makes at once (per language). 1 keeps refills from competing with "
+            "foreground runs for the CPU on small hosts; raise it for sustained throughput"
+        ),
+    )
     memory_overcommit_ratio: float = Field(default=1.0, gt=0, le=4.0)
     cpu_overcommit_ratio: float = Field(default=4.0, gt=0, le=64.0)
     max_concurrent_vms: int | None = Field(

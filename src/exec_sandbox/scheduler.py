@@ -761,6 +761,7 @@ class Scheduler:
             languages=[language],
             memory_mb=self.config.default_memory_mb,
             vcpus=self.config.default_vcpus,
+            refill_concurrency=self.config.warm_pool_refill_concurrency,
         )
         self._warm_pools[language] = pool
         await pool.start()

@@ -5,7 +5,9 @@ the host budget like any running VM; :meth:`WarmPool.checkout` hands the VM *and
 caller (the grant is released by whoever retires the VM). VMs are single-use: nothing is ever
 returned to the pool.
 
-Refills run in one background task, one VM at a time, and take capacity only through
+Refills run in one background task, up to ``refill_concurrency`` VMs at a time (default 1: on a
+small host a second concurrent boot/restore competes with foreground runs for the CPU; raise it for
+throughput), and take capacity only through
 :meth:`AdmissionController.try_acquire` - which refuses while any foreground caller is queued - so
 a refill never makes a foreground run wait; and when foreground callers do queue (for a language
 or size the pool does not hold), idle VMs are closed to give their capacity back. Idle VMs are
@@ -115,9 +117,12 @@ class WarmPool:
         max_retry_delay_s: float = 30.0,
         yield_poll_s: float = 0.25,
         prime: bool = True,
+        refill_concurrency: int = 1,
     ) -> None:
         if size_per_language < 0:
             raise ValueError("size_per_language must be >= 0")
+        if refill_concurrency < 1:
+            raise ValueError("refill_concurrency must be >= 1")
         if health_interval_s <= 0 or ping_timeout_s <= 0 or retry_delay_s <= 0 or checkout_ping_after_s < 0:
             raise ValueError(
                 "health_interval_s, ping_timeout_s and retry_delay_s must be > 0, checkout_ping_after_s >= 0"
@@ -136,13 +141,14 @@ class WarmPool:
         self.max_retry_delay_s = max_retry_delay_s
         self.yield_poll_s = yield_poll_s
         self.prime = prime
+        self.refill_concurrency = refill_concurrency
         self.stats = WarmPoolStats()
         self._slots: dict[Language, _Slot] = {lang: _Slot() for lang in self.languages}
         self._state = WarmPoolState.NEW
         self._wakeup = asyncio.Event()
         self._refiller: asyncio.Task[None] | None = None
         self._health: asyncio.Task[None] | None = None
-        self._building: Language | None = None
+        self._building: dict[asyncio.Task[bool], Language] = {}
 
     # ------------------------------------------------------------------ introspection
 
@@ -158,8 +164,12 @@ class WarmPool:
 
     @property
     def refilling(self) -> Language | None:
-        """The language of the VM being made right now, if any."""
-        return self._building
+        """The language of a VM being made right now, if any (the oldest such build)."""
+        return next(iter(self._building.values()), None)
+
+    @property
+    def refills_in_flight(self) -> int:
+        return len(self._building)
 
     def __repr__(self) -> str:
         idle = {lang: len(s.idle) for lang, s in self._slots.items()}
@@ -268,10 +278,11 @@ class WarmPool:
     # ------------------------------------------------------------------ refill
 
     def _next_language(self) -> Language | None:
-        """The language furthest below target (ties: declaration order)."""
+        """The language furthest below target, counting VMs being made (ties: declaration order)."""
+        building = list(self._building.values())
         best: tuple[int, Language] | None = None
         for lang in self.languages:
-            missing = self.size_per_language - len(self._slots[lang].idle)
+            missing = self.size_per_language - len(self._slots[lang].idle) - building.count(lang)
             if missing > 0 and (best is None or missing > best[0]):
                 best = (missing, lang)
         return None if best is None else best[1]
@@ -284,32 +295,62 @@ class WarmPool:
 
     async def _refill_loop(self) -> None:
         delay = self.retry_delay_s
-        # Checked each turn as well as cancelled: a cancellation lost inside a library call
-        # (asyncio.wait_for on 3.11 can drop one) must not leave drain() waiting for ever.
-        while self._state is WarmPoolState.RUNNING:
-            try:
-                await self._yield_to_waiters()
-            except Exception:
-                logger.warning("warm pool could not give capacity back", exc_info=True)
-            language = self._next_language()
-            if language is None:
-                # With admission, wake up now and then to notice foreground callers queueing.
-                await self._sleep_or_wakeup(self.yield_poll_s if self._admission is not None else None)
-                continue
-            ok, grant = self._try_grant()
-            if not ok:
-                self.stats.refill_deferred += 1
-                await self._sleep_or_wakeup(self.retry_delay_s)
-                continue
-            if await self._make_one(language, grant):
-                delay = self.retry_delay_s
-            else:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.max_retry_delay_s)
+        try:
+            # Checked each turn as well as cancelled: a cancellation lost inside a library call
+            # (asyncio.wait_for on 3.11 can drop one) must not leave drain() waiting for ever.
+            while self._state is WarmPoolState.RUNNING:
+                try:
+                    await self._yield_to_waiters()
+                except Exception:
+                    logger.warning("warm pool could not give capacity back", exc_info=True)
+                if len(self._building) >= self.refill_concurrency:
+                    await self._wait_for_a_build()
+                    continue
+                language = self._next_language()
+                if language is None:
+                    if self._building:
+                        await self._wait_for_a_build()
+                        continue
+                    # With admission, wake up now and then to notice foreground callers queueing.
+                    await self._sleep_or_wakeup(self.yield_poll_s if self._admission is not None else None)
+                    continue
+                ok, grant = self._try_grant()
+                if not ok:
+                    self.stats.refill_deferred += 1
+                    await self._sleep_or_wakeup(self.retry_delay_s)
+                    continue
+                task = asyncio.get_running_loop().create_task(
+                    self._make_one(language, grant), name=f"warm-pool-make-{language}"
+                )
+                self._building[task] = language
+                task.add_done_callback(self._build_done)
+                if self.refill_concurrency == 1 or len(self._building) >= self.refill_concurrency:
+                    if not await self._wait_for_a_build():
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, self.max_retry_delay_s)
+                    else:
+                        delay = self.retry_delay_s
+        finally:
+            # Cancelled (drain): every build in flight closes what it made and releases its grant.
+            builds = list(self._building)
+            for task in builds:
+                task.cancel()
+            if builds:
+                await asyncio.wait(builds)
+
+    def _build_done(self, task: asyncio.Task[bool]) -> None:
+        self._building.pop(task, None)
+        self._wakeup.set()
+
+    async def _wait_for_a_build(self) -> bool:
+        """Wait until one build in flight finishes; its result (False: it failed)."""
+        if not self._building:
+            return True
+        done, _ = await asyncio.wait(list(self._building), return_when=asyncio.FIRST_COMPLETED)
+        return all(not t.cancelled() and t.exception() is None and t.result() for t in done)
 
     async def _make_one(self, language: Language, grant: Grant | None) -> bool:
         """Make one VM under ``grant``; on any failure or cancellation the grant is released."""
-        self._building = language
         vm: SandboxVm | None = None
         try:
             vm = await self._factory(language)
@@ -326,8 +367,6 @@ class WarmPool:
             message = exc.message if isinstance(exc, SandboxError) else repr(exc)
             logger.warning("warm pool could not make a %s VM: %s", language, message)
             return False
-        finally:
-            self._building = None
         if self._state is not WarmPoolState.RUNNING:  # drained while the factory finished
             await self._dispose(PooledVm(vm, grant))
             return True
@@ -336,17 +375,17 @@ class WarmPool:
         return True
 
     async def _prime(self, vm: SandboxVm) -> None:
+        """One block in the REPL. The REPL and the spare one-shot interpreter run the same driver at
+        the same addresses (the guest has no userspace ASLR), so this also translates the one-shot
+        path - without using up the spare, whose replacement would cost 250-700 ms of guest CPU."""
         try:
-            for session in (False, True):
-                result = await vm.exec(PRIME_CODE[vm.language], session=session, timeout_s=60.0)
-                if result.exit_code != 0:
-                    raise SandboxTransientError(
-                        f"priming {vm.language} VM {vm.vm_id} failed (exit {result.exit_code}): "
-                        f"{result.stderr[-300:]}",
-                        context={"vm_id": vm.vm_id},
-                    )
-            # The one-shot exec used up the spare interpreter: wait for its replacement to be up.
-            await vm.agent.warmup([vm.language], session=True, spare=vm.language != "raw")
+            result = await vm.exec(PRIME_CODE[vm.language], session=True, timeout_s=60.0)
+            if result.exit_code != 0:
+                raise SandboxTransientError(
+                    f"priming {vm.language} VM {vm.vm_id} failed (exit {result.exit_code}): "
+                    f"{result.stderr[-300:]}",
+                    context={"vm_id": vm.vm_id},
+                )
         except BaseException:
             await vm.close()
             raise

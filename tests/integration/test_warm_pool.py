@@ -192,6 +192,30 @@ async def test_dead_idle_vm_is_dropped_and_replaced(
     await cache.aclose()
 
 
+async def test_parallel_refills_make_working_vms(
+    cache_dir: Path, sbx_settings: Settings, sbx_images: VmManager, sbx_leaks: LeakChecker
+) -> None:
+    admission = admission_for(3)
+    cache = SnapshotCache(cache_dir, settings=sbx_settings, vm_manager=sbx_images)
+    pool = WarmPool(
+        restoring_factory(cache, sbx_leaks, []), 2, admission, languages=["python"], memory_mb=MEMORY_MB,
+        refill_concurrency=2,
+    )
+    async with pool:
+        await wait_for(lambda: pool.refills_in_flight == 2)
+        await wait_for(lambda: pool.idle_count() == 2)
+        hits = [await pool.checkout("python") for _ in range(2)]
+        for n, hit in enumerate(hits):
+            assert hit is not None
+            assert (await hit.vm.exec(f"print({n} * 7)")).stdout == f"{n * 7}\n"
+            await hit.vm.close()
+            assert hit.grant is not None
+            hit.grant.release()
+    assert admission.stats().active == 0
+    await sbx_leaks.assert_clean()
+    await cache.aclose()
+
+
 async def test_checkout_pings_a_quiet_vm_and_drops_a_hung_one(
     cache_dir: Path, sbx_settings: Settings, sbx_images: VmManager, sbx_leaks: LeakChecker
 ) -> None:

@@ -111,3 +111,34 @@ async def test_zero_size_pool_never_calls_the_factory() -> None:
         await asyncio.sleep(0.05)
         assert await pool.checkout("python") is None
         assert pool.stats.misses == 1 and pool.idle_count() == 0
+
+
+async def test_parallel_refills_stay_within_concurrency_and_drain_cancels_them_all() -> None:
+    adm = admission(8)
+    running: list[Language] = []
+    peak = 0
+    cancelled = 0
+
+    async def slow(language: Language) -> SandboxVm:
+        nonlocal peak, cancelled
+        running.append(language)
+        peak = max(peak, len(running))
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled += 1
+            raise
+        finally:
+            running.remove(language)
+        raise AssertionError("unreachable")
+
+    with pytest.raises(ValueError, match="refill_concurrency"):
+        WarmPool(slow, 1, adm, languages=["python"], memory_mb=256, refill_concurrency=0)
+    pool = WarmPool(slow, 5, adm, languages=["python"], memory_mb=256, refill_concurrency=3)
+    await pool.start()
+    await wait_for(lambda: pool.refills_in_flight == 3)
+    await asyncio.sleep(0.05)  # no fourth one starts while three are in flight
+    assert peak == 3 and adm.stats().active == 3 and pool.refilling == "python"
+    await pool.drain()
+    assert cancelled == 3 and not running
+    assert adm.stats().active == 0 and pool.refills_in_flight == 0
