@@ -1,10 +1,40 @@
-"""Admission control: a memory and CPU budget that every VM must reserve from before it starts.
+"""Admission control: the memory and CPU every VM must reserve before it starts.
 
-Budget (see :func:`compute_budget`)::
+Three checks, all of which a request must pass (see :meth:`AdmissionController.acquire`)::
 
-    memory_budget_mb = (min(host RAM, cgroup memory limit) - host_memory_reserve_mb) * memory_overcommit_ratio
-    cpu_budget       = min(CPU affinity, cgroup CPU quota) * cpu_overcommit_ratio
-    cost of one VM   = memory_mb + vm_overhead_mb  (QEMU + TCG translation cache),  vcpus
+    commit (worst case)  sum(memory_mb + vm_overhead_mb) of held grants
+                           <= (min(host RAM, cgroup limit) - host_memory_reserve_mb) * memory_overcommit_ratio
+    CPU (busy VMs only)  sum(vcpus) of grants that are *busy* (starting, or running a one-shot run)
+                           <= min(CPU affinity, cgroup CPU quota) * cpu_overcommit_ratio
+    live memory guard    host headroom now (MemAvailable, and every memory-limited cgroup level's
+                         limit - working set) - start footprints of VMs not yet settled - this VM's
+                         start footprint >= host_memory_reserve_mb
+
+Why this shape (issue 5: >= 200 idle sandboxes on 24 GiB without ever pushing the host into swap
+or an OOM kill):
+
+* **An idle VM costs memory, not CPU.** A restored, idle TCG guest uses ~0 % of a core (measured
+  0.0-0.2 %); CPU contention comes from VMs that boot/restore or run code. So a grant holds its
+  ``vcpus`` only while *busy*: from admission until :meth:`Grant.settle` (the Scheduler settles a
+  session's VM once it is up and waiting for calls; a one-shot run stays busy until it is released).
+  ``cpu_overcommit_ratio`` therefore bounds concurrent starts and one-shot runs - FIFO, with the
+  timeout - not how many sessions may exist.
+* **Committed memory is over-committed on purpose, and the real memory is guarded live.** Charging
+  every VM its full guest RAM (+ overhead) as if it were resident admits ~70 VMs of 256 MiB on
+  24 GiB, while an idle restored one really holds ~25-35 MiB (PSS; guest RAM is a private mapping
+  of the snapshot file: only pages the guest writes after the restore become its own). So the commit
+  check allows ``memory_overcommit_ratio`` (default 4) times the usable RAM, and the *live guard*
+  refuses (queues) any start that would take the host's real headroom - read from ``/proc/meminfo``
+  and the cgroup files at each decision, not estimated - below ``host_memory_reserve_mb``. A VM that
+  is starting is counted at ``start_footprint_mb`` (capped at its own cost) until it settles,
+  because its memory is not yet visible in MemAvailable when the next request is decided.
+  While the queue head waits only on the live guard, it is re-checked every
+  ``live_poll_seconds`` (memory freed by other processes wakes nobody).
+* **What admission cannot do:** stop already admitted guests from growing into their RAM. The
+  commit check bounds that worst case (``ratio`` x usable RAM); with ``ratio`` > 1 the rest is
+  bounded per VM by its cgroup ``memory.max`` where the host delegates the memory controller, and
+  by the guest's own RAM size. Set ``memory_overcommit_ratio=1`` for a strict, never-overcommitted
+  budget.
 
 Waiting is strictly FIFO: a request that does not fit waits behind everything queued before it,
 and a large request at the head of the queue also holds back smaller ones behind it that would
@@ -14,25 +44,27 @@ never queues and never jumps the queue, so it cannot delay a foreground run.
 
 A request larger than the whole budget fails at once with :class:`VmCapacityError`; a request
 that does not get capacity within its timeout fails with :class:`VmCapacityError` (context:
-``requested_mb``, ``available_mb``, ``budget_mb``, ``waited_ms`` and the CPU equivalents). A
-waiter that is cancelled leaves the queue and takes nothing with it, even if capacity was granted
-to it in the same instant.
+``reason``, ``blocked_by`` - ``memory``, ``cpu``, ``live_memory``, ``max_concurrent_vms`` or
+``queue`` - ``requested_mb``, ``available_mb``, ``budget_mb``, ``live_available_mb``, ``waited_ms``
+and the CPU equivalents). A waiter that is cancelled leaves the queue and takes nothing with it,
+even if capacity was granted to it in the same instant.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final
 
-from exec_sandbox.config import DEFAULT_VM_OVERHEAD_MB, SchedulerConfig
+from exec_sandbox.config import DEFAULT_VM_OVERHEAD_MB, DEFAULT_VM_START_FOOTPRINT_MB, SchedulerConfig
 from exec_sandbox.errors import SandboxPermanentError, VmCapacityError
-from exec_sandbox.host_resources import HostResources, probe_host_resources
+from exec_sandbox.host_resources import HostResources, MemoryHeadroomProbe, probe_host_resources
 from exec_sandbox.validation import input_error
 
 __all__ = [
@@ -40,12 +72,19 @@ __all__ = [
     "AdmissionState",
     "AdmissionStats",
     "Grant",
+    "MemoryProbe",
     "compute_budget",
 ]
+
+MemoryProbe = Callable[[], int]
+"""Returns the bytes that can be taken right now without swapping (e.g. :class:`MemoryHeadroomProbe`)."""
+
+log = logging.getLogger(__name__)
 
 _MIB: Final = 1024 * 1024
 # CPU budgets are products of float ratios; compare with a little slack so 4 x 0.5 fits in 2.0.
 _EPS: Final = 1e-9
+DEFAULT_LIVE_POLL_SECONDS: Final = 0.2
 
 
 def compute_budget(config: SchedulerConfig, resources: HostResources) -> tuple[int, float]:
@@ -84,6 +123,10 @@ class AdmissionStats:
     granted_total: int
     timed_out_total: int
     rejected_total: int  # larger than the whole budget, or refused after close()
+    busy: int = 0  # grants holding CPU (starting, or running a one-shot run)
+    starting_memory_mb: int = 0  # start footprints of grants not settled yet (live guard)
+    live_available_mb: int | None = None  # host headroom at the last decision (None: no live guard)
+    live_guard_waits_total: int = 0  # times the queue head waited on the live guard alone
 
     @property
     def memory_available_mb(self) -> int:
@@ -91,21 +134,47 @@ class AdmissionStats:
 
 
 class Grant:
-    """Capacity held for one VM. Release it exactly once (:meth:`release` is idempotent)."""
+    """Capacity held for one VM. Release it exactly once (:meth:`release` is idempotent).
+
+    A new grant is *busy*: it holds its ``vcpus`` and its start footprint counts against the live
+    guard. :meth:`settle` (idempotent) makes it *idle*: the CPU goes back to the queue and the VM's
+    memory is from then on seen in the host's real headroom instead of estimated. The committed
+    memory (``cost_mb``) is held until :meth:`release`.
+    """
 
     def __init__(
-        self, controller: AdmissionController, *, memory_mb: int, cost_mb: int, vcpus: int, waited_ms: float
+        self,
+        controller: AdmissionController,
+        *,
+        memory_mb: int,
+        cost_mb: int,
+        vcpus: int,
+        waited_ms: float,
+        start_footprint_mb: int = 0,
     ) -> None:
         self._controller = controller
         self.memory_mb = memory_mb  # guest RAM asked for
         self.cost_mb = cost_mb  # what the budget is charged: guest RAM + per-VM overhead
         self.vcpus = vcpus
         self.waited_ms = waited_ms
+        self.start_footprint_mb = start_footprint_mb  # counted by the live guard until settled
         self._released = False
+        self._settled = False
 
     @property
     def released(self) -> bool:
         return self._released
+
+    @property
+    def settled(self) -> bool:
+        """True once the VM went idle (:meth:`settle`) or the grant was released."""
+        return self._settled
+
+    def settle(self) -> None:
+        """The VM is up and idle: give its CPU back and stop estimating its start footprint."""
+        if not self._settled and not self._released:
+            self._settled = True
+            self._controller._settle(self)
 
     def release(self) -> None:
         if not self._released:
@@ -113,7 +182,7 @@ class Grant:
             self._controller._release(self)
 
     def __repr__(self) -> str:
-        state = "released" if self._released else "held"
+        state = "released" if self._released else ("idle" if self._settled else "busy")
         return f"Grant(cost_mb={self.cost_mb}, vcpus={self.vcpus}, waited_ms={self.waited_ms:.1f}, {state})"
 
 
@@ -124,16 +193,24 @@ class _Waiter:
     vcpus: int
     started: float
     future: asyncio.Future[Grant]
+    blocked_by: str = "queue"
 
 
 class AdmissionController:
-    """FIFO admission against a memory (MiB) and CPU (vCPU) budget; optional cap on the VM count.
+    """FIFO admission against a memory (MiB) and CPU (vCPU) budget, an optional cap on the VM count
+    and an optional live guard on the host's real memory (see the module docstring).
 
     ::
 
         admission = AdmissionController.from_config(config)
         async with admission.reserve(memory_mb=256, vcpus=1) as grant:
-            ...  # boot and run the VM; capacity is returned on exit, also on errors
+            ...  # boot the VM
+            grant.settle()  # idle from here on (a session): its CPU goes back to the queue
+            ...  # capacity is returned on exit, also on errors
+
+    ``memory_probe`` (bytes free now; None = no live guard) is called at each decision;
+    ``host_memory_reserve_mb`` is what it must leave free, ``start_footprint_mb`` what a VM that has
+    not settled yet is assumed to take (capped at its cost).
     """
 
     def __init__(
@@ -144,6 +221,10 @@ class AdmissionController:
         timeout_seconds: float | None = 60.0,
         vm_overhead_mb: int = DEFAULT_VM_OVERHEAD_MB,
         max_concurrent_vms: int | None = None,
+        memory_probe: MemoryProbe | None = None,
+        host_memory_reserve_mb: int = 0,
+        start_footprint_mb: int = DEFAULT_VM_START_FOOTPRINT_MB,
+        live_poll_seconds: float = DEFAULT_LIVE_POLL_SECONDS,
     ) -> None:
         if (
             isinstance(memory_budget_mb, bool)
@@ -161,15 +242,38 @@ class AdmissionController:
             or max_concurrent_vms < 1
         ):
             raise input_error("max_concurrent_vms", max_concurrent_vms, "must be a positive int or None")
+        if memory_probe is not None and not callable(memory_probe):
+            raise input_error("memory_probe", memory_probe, "must be a callable returning bytes, or None")
+        for name, value in (
+            ("host_memory_reserve_mb", host_memory_reserve_mb),
+            ("start_footprint_mb", start_footprint_mb),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise input_error(name, value, "must be a non-negative int (MiB)")
+        if (
+            isinstance(live_poll_seconds, bool)
+            or not isinstance(live_poll_seconds, (int, float))
+            or not 0 < live_poll_seconds <= 60
+        ):
+            raise input_error("live_poll_seconds", live_poll_seconds, "must be a number in (0, 60]")
         self.memory_budget_mb = memory_budget_mb
         self.cpu_budget = float(cpu_budget)
         self.timeout_seconds = _check_timeout("timeout_seconds", timeout_seconds)
         self.vm_overhead_mb = vm_overhead_mb
         self.max_concurrent_vms = max_concurrent_vms
+        self.memory_probe = memory_probe
+        self.host_memory_reserve_mb = host_memory_reserve_mb
+        self.start_footprint_mb = start_footprint_mb
+        self.live_poll_seconds = float(live_poll_seconds)
         self._state = AdmissionState.OPEN
         self._memory_in_use = 0
         self._cpu_in_use = 0
         self._active = 0
+        self._busy = 0
+        self._starting_mb = 0
+        self._live_mb: int | None = None  # headroom at the last decision
+        self._live_waits_total = 0
+        self._poll: asyncio.TimerHandle | None = None
         self._waiters: deque[_Waiter] = deque()
         self._granted_total = 0
         self._timed_out_total = 0
@@ -177,16 +281,30 @@ class AdmissionController:
 
     @classmethod
     def from_config(
-        cls, config: SchedulerConfig, resources: HostResources | None = None
+        cls,
+        config: SchedulerConfig,
+        resources: HostResources | None = None,
+        *,
+        memory_probe: MemoryProbe | None = None,
     ) -> AdmissionController:
-        """A controller sized from the host's real resources (probed now unless given)."""
+        """A controller sized from the host's real resources (probed now unless given).
+
+        With ``config.admission_live_memory_guard`` (default on) the live guard reads
+        ``memory_probe``, by default a :class:`MemoryHeadroomProbe` of this host and its cgroups.
+        """
         memory_budget, cpu_budget = compute_budget(config, resources or probe_host_resources())
+        probe: MemoryProbe | None = None
+        if config.admission_live_memory_guard:
+            probe = memory_probe if memory_probe is not None else MemoryHeadroomProbe()
         return cls(
             memory_budget,
             cpu_budget,
             timeout_seconds=config.admission_timeout_seconds,
             vm_overhead_mb=config.vm_overhead_mb,
             max_concurrent_vms=config.max_concurrent_vms,
+            memory_probe=probe,
+            host_memory_reserve_mb=config.host_memory_reserve_mb,
+            start_footprint_mb=config.vm_start_footprint_mb,
         )
 
     @property
@@ -197,10 +315,20 @@ class AdmissionController:
         """What one VM with ``memory_mb`` of guest RAM is charged."""
         return memory_mb + self.vm_overhead_mb
 
+    def start_footprint(self, memory_mb: int) -> int:
+        """What the live guard counts for one VM with ``memory_mb`` until it settles."""
+        return min(self.cost_mb(memory_mb), self.start_footprint_mb)
+
     def max_vms(self, memory_mb: int, vcpus: int = 1) -> int:
-        """How many VMs of this size the whole budget admits at once (for sizing pools)."""
-        cost = self._check_request(memory_mb, vcpus)
-        count = min(self.memory_budget_mb // cost, int((self.cpu_budget + _EPS) // vcpus))
+        """How many VMs of this size may *start* (or run one-shot) at once: memory, CPU and the cap
+        together (for sizing pools of per-start resources such as overlays)."""
+        self._check_request(memory_mb, vcpus)
+        return min(self.max_idle_vms(memory_mb), int((self.cpu_budget + _EPS) // vcpus))
+
+    def max_idle_vms(self, memory_mb: int) -> int:
+        """How many settled (idle) VMs of this size the commit budget and the cap allow at once.
+        The live guard may allow fewer: it depends on what the guests really use."""
+        count = self.memory_budget_mb // self._check_request(memory_mb, 1)
         if self.max_concurrent_vms is not None:
             count = min(count, self.max_concurrent_vms)
         return count
@@ -219,6 +347,10 @@ class AdmissionController:
             granted_total=self._granted_total,
             timed_out_total=self._timed_out_total,
             rejected_total=self._rejected_total,
+            busy=self._busy,
+            starting_memory_mb=self._starting_mb,
+            live_available_mb=self._live_mb,
+            live_guard_waits_total=self._live_waits_total,
         )
 
     @asynccontextmanager
@@ -244,7 +376,7 @@ class AdmissionController:
             or vcpus > self.cpu_budget + _EPS
         ):
             return None
-        if self._has_waiters() or not self._fits(cost, vcpus):
+        if self._has_waiters() or self._blocker(cost, vcpus, self._read_live()) is not None:
             return None
         return self._grant(memory_mb, cost, vcpus, 0.0)
 
@@ -268,14 +400,18 @@ class AdmissionController:
                 0.0,
                 reason="exceeds_budget",
             )
-        if not self._has_waiters() and self._fits(cost, vcpus):
+        blocked_by = "queue" if self._has_waiters() else self._blocker(cost, vcpus, self._read_live())
+        if blocked_by is None:
             return self._grant(memory_mb, cost, vcpus, 0.0)
         loop = asyncio.get_running_loop()
         if wait == 0:
             self._timed_out_total += 1
-            raise self._timeout_error(memory_mb, cost, vcpus, 0.0)
-        waiter = _Waiter(memory_mb, cost, vcpus, loop.time(), loop.create_future())
+            raise self._timeout_error(memory_mb, cost, vcpus, 0.0, blocked_by)
+        waiter = _Waiter(memory_mb, cost, vcpus, loop.time(), loop.create_future(), blocked_by)
         self._waiters.append(waiter)
+        if blocked_by == "live_memory":
+            self._live_waits_total += 1
+            self._schedule_poll()
         try:
             async with asyncio.timeout(wait):
                 return await waiter.future
@@ -285,7 +421,9 @@ class AdmissionController:
                 return waiter.future.result()
             self._forget(waiter)
             self._timed_out_total += 1
-            raise self._timeout_error(memory_mb, cost, vcpus, (loop.time() - waiter.started) * 1000) from None
+            raise self._timeout_error(
+                memory_mb, cost, vcpus, (loop.time() - waiter.started) * 1000, waiter.blocked_by
+            ) from None
         except asyncio.CancelledError:
             # Capacity granted to a task that is being cancelled goes straight back.
             if waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
@@ -298,6 +436,9 @@ class AdmissionController:
         if self._state is AdmissionState.CLOSED:
             return
         self._state = AdmissionState.CLOSED
+        if self._poll is not None:
+            self._poll.cancel()
+            self._poll = None
         now = asyncio.get_running_loop().time() if self._waiters else 0.0
         while self._waiters:
             w = self._waiters.popleft()
@@ -326,25 +467,73 @@ class AdmissionController:
     def _has_waiters(self) -> bool:
         return any(not w.future.done() for w in self._waiters)
 
-    def _fits(self, cost: int, vcpus: int) -> bool:
+    def _read_live(self) -> int | None:
+        """The host's headroom now in MiB (None without a live guard, or when the probe fails:
+        then this one decision rests on the commit and CPU checks alone, with a warning - a
+        release must never raise, and refusing every VM because /proc is unreadable helps nobody)."""
+        if self.memory_probe is None:
+            return None
+        try:
+            self._live_mb = int(self.memory_probe()) // _MIB
+        except Exception as exc:
+            log.warning("admission: cannot read the host's free memory (%r); live guard skipped once", exc)
+            return None
+        return self._live_mb
+
+    def _blocker(self, cost: int, vcpus: int, live_mb: int | None) -> str | None:
+        """Why a request of this size cannot be granted now (None: it can)."""
         if self.max_concurrent_vms is not None and self._active >= self.max_concurrent_vms:
-            return False
-        return (
-            self._memory_in_use + cost <= self.memory_budget_mb
-            and self._cpu_in_use + vcpus <= self.cpu_budget + _EPS
-        )
+            return "max_concurrent_vms"
+        if self._memory_in_use + cost > self.memory_budget_mb:
+            return "memory"
+        if self._cpu_in_use + vcpus > self.cpu_budget + _EPS:
+            return "cpu"
+        if live_mb is not None:
+            footprint = min(cost, self.start_footprint_mb)
+            if live_mb - self._starting_mb - footprint < self.host_memory_reserve_mb:
+                return "live_memory"
+        return None
 
     def _grant(self, memory_mb: int, cost: int, vcpus: int, waited_ms: float) -> Grant:
+        footprint = min(cost, self.start_footprint_mb)
         self._memory_in_use += cost
         self._cpu_in_use += vcpus
+        self._busy += 1
+        self._starting_mb += footprint
         self._active += 1
         self._granted_total += 1
-        return Grant(self, memory_mb=memory_mb, cost_mb=cost, vcpus=vcpus, waited_ms=waited_ms)
+        return Grant(
+            self,
+            memory_mb=memory_mb,
+            cost_mb=cost,
+            vcpus=vcpus,
+            waited_ms=waited_ms,
+            start_footprint_mb=footprint,
+        )
+
+    def _settle(self, grant: Grant) -> None:
+        self._cpu_in_use -= grant.vcpus
+        self._busy -= 1
+        self._starting_mb -= grant.start_footprint_mb
+        self._wake()
 
     def _release(self, grant: Grant) -> None:
         self._memory_in_use -= grant.cost_mb
-        self._cpu_in_use -= grant.vcpus
+        if not grant.settled:
+            self._cpu_in_use -= grant.vcpus
+            self._busy -= 1
+            self._starting_mb -= grant.start_footprint_mb
         self._active -= 1
+        self._wake()
+
+    def _schedule_poll(self) -> None:
+        """Re-check the queue head soon: memory freed outside this controller wakes nobody."""
+        if self._poll is None and self._state is AdmissionState.OPEN:
+            loop = asyncio.get_running_loop()
+            self._poll = loop.call_later(self.live_poll_seconds, self._on_poll)
+
+    def _on_poll(self) -> None:
+        self._poll = None
         self._wake()
 
     def _wake(self) -> None:
@@ -352,12 +541,22 @@ class AdmissionController:
         if not self._waiters:
             return
         now = asyncio.get_running_loop().time()
+        live: int | None = None
+        live_read = False
         while self._waiters:
             head = self._waiters[0]
             if head.future.done():  # cancelled / timed out, not yet removed
                 self._waiters.popleft()
                 continue
-            if not self._fits(head.cost_mb, head.vcpus):
+            if not live_read:  # one probe read per pass; grants below are counted in _starting_mb
+                live, live_read = self._read_live(), True
+            blocked_by = self._blocker(head.cost_mb, head.vcpus, live)
+            if blocked_by is not None:
+                if blocked_by == "live_memory":
+                    if head.blocked_by != "live_memory":
+                        self._live_waits_total += 1
+                    self._schedule_poll()
+                head.blocked_by = blocked_by
                 return
             self._waiters.popleft()
             head.future.set_result(
@@ -373,21 +572,34 @@ class AdmissionController:
         if self._state is AdmissionState.OPEN:
             self._wake()
 
-    def _timeout_error(self, memory_mb: int, cost: int, vcpus: int, waited_ms: float) -> VmCapacityError:
+    def _timeout_error(
+        self, memory_mb: int, cost: int, vcpus: int, waited_ms: float, blocked_by: str
+    ) -> VmCapacityError:
         free = self.memory_budget_mb - self._memory_in_use
         queued = len([w for w in self._waiters if not w.future.done()])
+        live = "" if self._live_mb is None else f", host headroom {self._live_mb} MiB"
         return self._error(
             f"no capacity for a VM with {memory_mb} MiB and {vcpus} vCPU(s) within the admission timeout "
-            f"({waited_ms:.0f} ms waited; {free} of {self.memory_budget_mb} MiB free, {queued} queued ahead)",
+            f"({waited_ms:.0f} ms waited, blocked by {blocked_by}; {free} of {self.memory_budget_mb} MiB "
+            f"free{live}, {queued} queued ahead)",
             memory_mb,
             cost,
             vcpus,
             waited_ms,
             reason="timeout",
+            blocked_by=blocked_by,
         )
 
     def _error(
-        self, message: str, memory_mb: int, cost: int, vcpus: int, waited_ms: float, *, reason: str
+        self,
+        message: str,
+        memory_mb: int,
+        cost: int,
+        vcpus: int,
+        waited_ms: float,
+        *,
+        reason: str,
+        blocked_by: str | None = None,
     ) -> VmCapacityError:
         context: dict[str, Any] = {
             "reason": reason,
@@ -402,7 +614,13 @@ class AdmissionController:
             "active": self._active,
             "waiting": len([w for w in self._waiters if not w.future.done()]),
             "waited_ms": round(waited_ms, 3),
+            "busy": self._busy,
+            "live_available_mb": self._live_mb,
+            "host_memory_reserve_mb": self.host_memory_reserve_mb,
+            "starting_memory_mb": self._starting_mb,
         }
+        if blocked_by is not None:
+            context["blocked_by"] = blocked_by
         return VmCapacityError(message, context=context)
 
 

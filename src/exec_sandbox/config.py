@@ -22,7 +22,9 @@ from exec_sandbox.settings import Settings
 from exec_sandbox.validation import MIN_MEMORY_MB, validate_domains, validate_port_forwards
 
 __all__ = [
+    "DEFAULT_MEMORY_OVERCOMMIT_RATIO",
     "DEFAULT_VM_OVERHEAD_MB",
+    "DEFAULT_VM_START_FOOTPRINT_MB",
     "ENV_PREFIX",
     "MAX_MEMORY_MB",
     "MAX_TIMEOUT_SECONDS",
@@ -34,6 +36,15 @@ MAX_TIMEOUT_SECONDS: Final = 3600.0
 # Host RAM a TCG guest costs beyond its own RAM: ~48 MiB translation cache (tb-size=32) plus QEMU
 # itself and the mapped kernel, measured at ~60 MiB here (see shared/notes/qemu-field-notes.md).
 DEFAULT_VM_OVERHEAD_MB: Final = 60
+# Host RAM the live admission guard counts for a VM that is still starting (its pages are not in
+# MemAvailable yet). Measured here: a snapshot restore settles at ~30-45 MiB RSS, a cold boot of a
+# Python guest at ~100-120 MiB; the larger one, rounded up.
+DEFAULT_VM_START_FOOTPRINT_MB: Final = 128
+# Committed guest RAM may be this many times the usable host RAM. An idle restored VM really holds
+# ~25-35 MiB of its 316 MiB charge (256 MiB guest + 60 MiB overhead), so 4x still leaves the live
+# guard (real MemAvailable, see exec_sandbox.admission) as the check that binds; 4x admits ~290
+# such VMs on a 24 GiB host. Use 1.0 for a budget that never over-commits.
+DEFAULT_MEMORY_OVERCOMMIT_RATIO: Final = 4.0
 ENV_PREFIX: Final = "EXEC_SANDBOX_SCHEDULER_"
 _MIB: Final = 1024 * 1024
 
@@ -67,18 +78,47 @@ class SchedulerConfig(BaseModel):
             "foreground runs for the CPU on small hosts; raise it for sustained throughput"
         ),
     )
-    memory_overcommit_ratio: float = Field(default=1.0, gt=0, le=4.0)
-    cpu_overcommit_ratio: float = Field(default=4.0, gt=0, le=64.0)
+    # Admission (see exec_sandbox.admission for the model and why it is shaped so)
+    memory_overcommit_ratio: float = Field(
+        default=DEFAULT_MEMORY_OVERCOMMIT_RATIO,
+        gt=0,
+        le=16.0,
+        description="committed guest RAM + overhead may be this many times the usable host RAM",
+    )
+    cpu_overcommit_ratio: float = Field(
+        default=4.0,
+        gt=0,
+        le=64.0,
+        description="vCPUs of busy VMs (starting, or in a one-shot run) per usable host CPU; "
+        "idle sessions do not count",
+    )
     max_concurrent_vms: int | None = Field(
         default=None, ge=1, description="explicit cap on top of the budget"
     )
     admission_timeout_seconds: float = Field(default=60.0, ge=0, le=86400)
-    host_memory_reserve_mb: int = Field(default=1024, ge=0, description="host RAM never handed to VMs")
+    host_memory_reserve_mb: int = Field(
+        default=1024,
+        ge=0,
+        description="host RAM never handed to VMs: left out of the budget, and the live guard "
+        "keeps at least this much really free",
+    )
     vm_overhead_mb: int = Field(
         default=DEFAULT_VM_OVERHEAD_MB,
         ge=0,
         le=4096,
         description="host RAM per VM beyond its guest RAM (QEMU, TCG cache)",
+    )
+    admission_live_memory_guard: bool = Field(
+        default=True,
+        description="refuse (queue) a VM start that would take the host's real free memory "
+        "(MemAvailable and cgroup headroom, read at each decision) below host_memory_reserve_mb",
+    )
+    vm_start_footprint_mb: int = Field(
+        default=DEFAULT_VM_START_FOOTPRINT_MB,
+        ge=0,
+        le=MAX_MEMORY_MB,
+        description="host RAM the live guard assumes a starting VM takes until it is up "
+        "(capped at its guest RAM + overhead)",
     )
 
     # Network (off unless asked for)

@@ -7,6 +7,10 @@ Reading (pure parsers + small readers that take their file roots as parameters):
                                        found via <proc>/self/mountinfo and <proc>/self/cgroup; the
                                        effective limit is the smallest along the path to the root
     probe_host_resources(proc_root)    all of the above + os.sched_getaffinity -> HostResources
+    MemoryHeadroomProbe(proc_root)     live: bytes that can still be taken *now* without swapping or
+                                       an OOM kill = min(MemAvailable, every memory-limited cgroup
+                                       level's limit - its working set); read on every call (admission
+                                       control's live guard, see :mod:`exec_sandbox.admission`)
 
 Writing: :class:`CgroupManager` owns one parent cgroup (default ``<cgroup2 mount>/exec-sandbox``),
 enables the controllers it can in the ancestors' ``cgroup.subtree_control``, and creates one child
@@ -43,13 +47,16 @@ __all__ = [
     "CgroupLimits",
     "CgroupManager",
     "CgroupManagerState",
+    "CgroupMemoryLevel",
     "CgroupMount",
     "CgroupSupport",
     "HostResources",
     "MemInfo",
+    "MemoryHeadroomProbe",
     "VmCgroup",
     "cpu_count",
     "find_cgroup2_mount",
+    "find_memory_limited_cgroups",
     "parse_cpu_max",
     "parse_meminfo",
     "parse_mountinfo",
@@ -57,6 +64,7 @@ __all__ = [
     "probe_cgroup_delegation",
     "probe_host_resources",
     "read_cgroup_limits",
+    "read_cgroup_memory_headroom",
     "read_meminfo",
 ]
 
@@ -257,6 +265,104 @@ def read_cgroup_limits(proc_root: Path = PROC, *, pid: int | Literal["self"] = "
         cpu_max=min(cpus) if cpus else None,
         sources=tuple(sources),
     )
+
+
+@dataclass(frozen=True)
+class CgroupMemoryLevel:
+    """One cgroup directory on this process's path that has a memory limit."""
+
+    version: Literal[1, 2]
+    path: Path
+
+
+def find_memory_limited_cgroups(
+    proc_root: Path = PROC, *, pid: int | Literal["self"] = "self"
+) -> tuple[CgroupMemoryLevel, ...]:
+    """The cgroup levels (v2 and v1) from ``pid``'s cgroup up to the root that limit memory."""
+    proc = proc_root / str(pid)
+    try:
+        mounts = parse_mountinfo((proc / "mountinfo").read_text())
+        membership = parse_proc_cgroup((proc / "cgroup").read_text())
+    except FileNotFoundError:
+        return ()
+    found: list[CgroupMemoryLevel] = []
+    for mount in mounts:
+        if mount.version == 2:
+            path = membership.get("")
+            if path is None:
+                continue
+            found += [CgroupMemoryLevel(2, d) for d in _levels(mount, path) if _v2_limit(d) is not None]
+        elif "memory" in mount.controllers and "memory" in membership:
+            found += [
+                CgroupMemoryLevel(1, d)
+                for d in _levels(mount, membership["memory"])
+                if _v1_limit(d) is not None
+            ]
+    return tuple(found)
+
+
+def _v2_limit(level: Path) -> int | None:
+    text = _read(level / "memory.max")
+    return int(text) if text is not None and text.isdigit() else None
+
+
+def _v1_limit(level: Path) -> int | None:
+    text = _read(level / "memory.limit_in_bytes")
+    if text is None or not text.isdigit() or int(text) >= _V1_UNLIMITED:
+        return None
+    return int(text)
+
+
+def _stat_value(text: str | None, *keys: str) -> int:
+    """The first of ``keys`` found in a ``memory.stat`` text (0 when none is)."""
+    values: dict[str, int] = {}
+    for line in (text or "").splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().isdigit():
+            values[key] = int(value)
+    return next((values[k] for k in keys if k in values), 0)
+
+
+def read_cgroup_memory_headroom(level: CgroupMemoryLevel) -> int | None:
+    """``limit - working set`` of one cgroup level in bytes (None: no limit / unreadable now).
+
+    The working set is usage minus inactive file cache (what the kernel reclaims first, before it
+    would OOM-kill anything), the same measure container runtimes use for memory pressure.
+    """
+    if level.version == 2:
+        limit, usage = _v2_limit(level.path), _read(level.path / "memory.current")
+        inactive = _stat_value(_read(level.path / "memory.stat"), "inactive_file")
+    else:
+        limit, usage = _v1_limit(level.path), _read(level.path / "memory.usage_in_bytes")
+        inactive = _stat_value(_read(level.path / "memory.stat"), "total_inactive_file", "inactive_file")
+    if limit is None or usage is None or not usage.isdigit():
+        return None
+    return max(0, limit - max(0, int(usage) - inactive))
+
+
+class MemoryHeadroomProbe:
+    """Bytes that can still be taken now without swapping or an OOM kill; call it to read.
+
+    ``min(MemAvailable, headroom of every memory-limited cgroup level)``. The cgroup levels are
+    found once (at construction: this process does not move between cgroups); their usage, and
+    ``<proc>/meminfo``, are read on every call (~20 us), so the answer is always current.
+    """
+
+    def __init__(self, proc_root: Path = PROC) -> None:
+        self.proc_root = proc_root
+        self.cgroup_levels = find_memory_limited_cgroups(proc_root)
+
+    def __call__(self) -> int:
+        available = read_meminfo(self.proc_root).available_bytes
+        for level in self.cgroup_levels:
+            headroom = read_cgroup_memory_headroom(level)
+            if headroom is not None:
+                available = min(available, headroom)
+        return available
+
+    def __repr__(self) -> str:
+        levels = ", ".join(str(lv.path) for lv in self.cgroup_levels) or "none"
+        return f"MemoryHeadroomProbe(proc_root={str(self.proc_root)!r}, cgroup_levels=[{levels}])"
 
 
 def cpu_count() -> int:

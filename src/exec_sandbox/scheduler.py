@@ -705,6 +705,7 @@ class Scheduler:
             await self._retire(lease)
             raise
         self._sessions.add(session)
+        lease.grant.settle()  # an idle session holds memory only: its CPU share goes back to admission
         return session
 
     async def _fork_session(self, parent: Session) -> Session:

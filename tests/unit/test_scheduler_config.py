@@ -22,7 +22,7 @@ def test_defaults() -> None:
     assert c.session_idle_timeout_seconds == 300.0
     assert c.images_dir is None and c.cache_dir is None
     assert c.warm_pool_size == 0
-    assert c.memory_overcommit_ratio == 1.0 and c.cpu_overcommit_ratio == 4.0
+    assert c.memory_overcommit_ratio == 4.0 and c.cpu_overcommit_ratio == 4.0
     assert c.max_concurrent_vms is None
     assert c.admission_timeout_seconds == 60.0
     assert c.network_enabled is False and c.allowed_domains == () and c.port_forwards == ()
@@ -32,6 +32,8 @@ def test_defaults() -> None:
     assert c.enable_memory_snapshots is True
     assert c.host_memory_reserve_mb == 1024
     assert c.vm_overhead_mb == DEFAULT_VM_OVERHEAD_MB
+    assert c.admission_live_memory_guard is True
+    assert c.vm_start_footprint_mb == 128
 
 
 def test_frozen_and_hashable() -> None:
@@ -59,7 +61,10 @@ def test_unknown_field_is_an_error() -> None:
         ("session_idle_timeout_seconds", 0),
         ("warm_pool_size", -1),
         ("memory_overcommit_ratio", 0),
-        ("memory_overcommit_ratio", 4.5),
+        ("memory_overcommit_ratio", 16.5),
+        ("vm_start_footprint_mb", -1),
+        ("vm_start_footprint_mb", 16385),
+        ("admission_live_memory_guard", "maybe"),
         ("cpu_overcommit_ratio", 0),
         ("cpu_overcommit_ratio", -1),
         ("max_concurrent_vms", 0),
@@ -82,11 +87,14 @@ def test_bounds_inclusive() -> None:
     c = SchedulerConfig(
         default_memory_mb=64,
         default_timeout_seconds=3600,
-        memory_overcommit_ratio=4.0,
+        memory_overcommit_ratio=16.0,
         admission_timeout_seconds=0,
         max_concurrent_vms=1,
+        vm_start_footprint_mb=0,
     )
-    assert (c.default_memory_mb, c.default_timeout_seconds, c.memory_overcommit_ratio) == (64, 3600.0, 4.0)
+    assert (c.default_memory_mb, c.default_timeout_seconds, c.memory_overcommit_ratio) == (64, 3600.0, 16.0)
+    assert c.vm_start_footprint_mb == 0
+    assert SchedulerConfig(vm_start_footprint_mb=16384).vm_start_footprint_mb == 16384
 
 
 def test_default_timeout_cannot_exceed_max() -> None:
