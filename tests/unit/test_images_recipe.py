@@ -9,7 +9,10 @@ import pytest
 
 from exec_sandbox.images.recipe import (
     EXCLUDED_PACKAGES,
+    KERNEL_PATCHES,
     AptRecord,
+    KernelPatch,
+    apply_kernel_patch,
     check_kernel_config,
     dependency_closure,
     digest_files,
@@ -177,8 +180,36 @@ def test_kernel_hash_is_stable_and_changes_with_every_input() -> None:
         _kernel(source_id={"tarball": "linux-source-6.1.tar.xz", "size": 1, "mtime_ns": 3}),
         _kernel(fragment="CONFIG_A=n\n"),
         _kernel(scripts={"kernel.py": "9" * 64}),
+        _kernel(patches=(KernelPatch("a.c", "x", "y", "why"),)),
+        _kernel(patches=(KernelPatch("a.c", "x", "z", "why"),)),
+        _kernel(patches=(KernelPatch("b.c", "x", "y", "why"),)),
     ]
     assert len({base, *variants}) == 1 + len(variants)
+
+
+def test_kernel_hash_without_patches_is_unchanged_and_ignores_the_explanation() -> None:
+    assert _kernel(patches=()) == _kernel()
+    one = _kernel(patches=(KernelPatch("a.c", "x", "y", "why"),))
+    assert one == _kernel(patches=(KernelPatch("a.c", "x", "y", "another explanation"),))
+    # a cloud kernel is not compiled here: source patches cannot change it
+    cloud = _kernel(flavor="debian-cloud")
+    assert cloud == _kernel(flavor="debian-cloud", patches=(KernelPatch("a.c", "x", "y", "why"),))
+
+
+def test_apply_kernel_patch_needs_exactly_one_match() -> None:
+    patch = KernelPatch("init.c", "POISON, what);", "-1, what);", "why")
+    assert apply_kernel_patch("a(b,\n   POISON, what);\n", patch) == "a(b,\n   -1, what);\n"
+    with pytest.raises(ValueError, match="init.c.*0 times"):
+        apply_kernel_patch("nothing here", patch)
+    with pytest.raises(ValueError, match="2 times"):
+        apply_kernel_patch("POISON, what); POISON, what);", patch)
+
+
+def test_shipped_kernel_patches_are_distinct_edits() -> None:
+    assert KERNEL_PATCHES
+    for patch in KERNEL_PATCHES:
+        assert patch.old and patch.old != patch.new and patch.path and patch.why
+    assert len({(p.path, p.old) for p in KERNEL_PATCHES}) == len(KERNEL_PATCHES)
 
 
 def test_bundle_hash_changes_with_every_input() -> None:

@@ -25,6 +25,7 @@ from .progress import ProgressCallback, ProgressEvent, ProgressKind, StepTimer, 
 from .recipe import (
     BOOT_ARGS,
     EXCLUDED_PACKAGES,
+    KERNEL_PATCHES,
     LANGUAGES,
     AptRecord,
     LanguageSpec,
@@ -85,7 +86,11 @@ class ImageBuilder:
                 "init": cloud_kernel.initramfs_init_digest()
             }
         return kernel_recipe_hash(
-            flavor=flavor, source_id=source, fragment=kernel_fragment_text(), scripts=scripts
+            flavor=flavor,
+            source_id=source,
+            fragment=kernel_fragment_text(),
+            scripts=scripts,
+            patches=KERNEL_PATCHES,
         )
 
     def resolve_packages(
@@ -193,6 +198,7 @@ class ImageBuilder:
                     workdir=work,
                     out_dir=scratch,
                     progress=self.progress,
+                    patches=KERNEL_PATCHES,
                 )
                 initrd = None
                 source = kernel.linux_source_id(self.settings.linux_source_tarball)
@@ -306,12 +312,16 @@ class ImageBuilder:
         times["pack"] = round(time.monotonic() - started, 1)
 
         km = kbundle.manifest
+        # The kernel manifest records the boot args of its build, but its hash does not cover them:
+        # take the current recipe's, so a BOOT_ARGS change reaches the bundle (whose hash covers
+        # recipe/__init__.py) without a kernel rebuild.
+        boot_args = BOOT_ARGS if km.kernel_flavor == "compiled" else cloud_kernel.BOOT_ARGS
         return BundleManifest(
             bundle_id=f"exec-sandbox-{language}-{bhash[:16]}",
             kernel=km.kernel,
             initrd=km.initrd,
             rootfs=artifact_for(qcow2).model_copy(update={"path": str(final / qcow2.name)}),
-            boot_args=km.boot_args,
+            boot_args=boot_args,
             name=f"exec_sandbox {language} image ({spec.description})",
             recipe_hash=bhash,
             language=language,

@@ -17,7 +17,7 @@ from exec_sandbox.errors import ImageBuildError
 
 from .process import run, run_streaming
 from .progress import ProgressCallback, StepTimer
-from .recipe import check_kernel_config
+from .recipe import KernelPatch, apply_kernel_patch, check_kernel_config
 
 __all__ = ["build_compiled_kernel", "linux_source_id", "reproducible_build_env"]
 
@@ -53,6 +53,18 @@ def _extract(tarball: Path, dest: Path) -> Path:
     return tops[0]
 
 
+def _apply(src: Path, patch: KernelPatch) -> None:
+    target = src / patch.path
+    try:
+        target.write_text(apply_kernel_patch(target.read_text(encoding="utf-8"), patch), encoding="utf-8")
+    except (OSError, ValueError) as exc:
+        raise ImageBuildError(
+            f"kernel source patch of {patch.path} failed: {exc}",
+            step="kernel-patch",
+            context={"path": patch.path},
+        ) from exc
+
+
 def build_compiled_kernel(
     *,
     tarball: Path,
@@ -61,8 +73,11 @@ def build_compiled_kernel(
     workdir: Path,
     out_dir: Path,
     progress: ProgressCallback,
+    patches: tuple[KernelPatch, ...] = (),
 ) -> Path:
-    """Compile ``vmlinux`` into ``out_dir`` (also writes ``config``); returns the vmlinux path."""
+    """Compile ``vmlinux`` into ``out_dir`` (also writes ``config``); returns the vmlinux path.
+
+    ``patches`` are applied to the extracted source first (see ``recipe.KERNEL_PATCHES``)."""
     if not tarfile.is_tarfile(tarball):
         raise ImageBuildError(f"{tarball} is not a tar archive", step="kernel-extract")
     env = reproducible_build_env()
@@ -70,6 +85,8 @@ def build_compiled_kernel(
     timer = StepTimer(progress, "kernel: extract linux-source").start(tarball.name)
     src = _extract(tarball, workdir)
     timer.done()
+    for patch in patches:
+        _apply(src, patch)
 
     timer = StepTimer(progress, "kernel: configure").start("tinyconfig + fragment + olddefconfig")
     run(["make", "tinyconfig"], step="kernel-config", cwd=src, env=env)
