@@ -15,8 +15,14 @@ Measured (all wall clock, ``time.perf_counter``, medians and p95 over the runs):
   and spawn -> QEMU exit. The packages are fetched with ``apt-get download`` + ``dpkg-deb -x``
   and cached under the exec-sandbox cache dir.
 * baseline ``python3 -c 'print(1)'``: an unsandboxed subprocess on the host, spawn -> exit.
+* ``--cold-runs N``: ``Scheduler.run("print(1)")`` end to end through the public API with memory
+  snapshots and the warm pool off (every run boots a fresh VM), with its timing breakdown.
+* ``--timeline``: one boot with the kernel argument ``sbx.trace``; prints the guest's own clock
+  (``/proc/uptime``) at the kernel milestones (printk times, ``loglevel=7``), in init, in the agent,
+  and around the first one-shot ``print(1)``. Only that boot is traced.
 
-Usage: ``python bench/boot.py [--runs 10] [--rtt-runs 50] [--json out.json]``
+Usage: ``python bench/boot.py [--runs 10] [--rtt-runs 50] [--cold-runs 7] [--timeline] [--json out.json]``
+(``--cold-only`` skips the other sections.)
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import io
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -37,8 +44,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from exec_sandbox.config import SchedulerConfig
 from exec_sandbox.overlay_pool import OverlayPool
 from exec_sandbox.sandbox_vm import SandboxVm, VmOptions
+from exec_sandbox.scheduler import Scheduler
 from exec_sandbox.settings import Settings
 from exec_sandbox.vm_manager import VmManager
 from smartvm.qemu import QemuMachineSpec, build_argv, choose_accelerator
@@ -129,6 +138,91 @@ async def bench_sandbox(settings: Settings, runs: int, rtt_runs: int, language: 
         "print1_round_trip": summary(rtts),
         "print1_session_round_trip": summary(sessions),
         "ping_round_trip": summary(pings),
+    }
+
+
+# --------------------------------------------------------------------------- cold Scheduler.run
+
+
+async def bench_cold_run(settings: Settings, runs: int, language: str) -> dict[str, Any]:
+    """``Scheduler.run("print(1)")`` with snapshots and the warm pool off: a cold boot every run."""
+    code = "print(1)" if language == "python" else "console.log(1)" if language == "javascript" else "echo 1"
+    snapshot_dir = Path(tempfile.mkdtemp(prefix="sbx-bench-snap-", dir="/tmp"))
+    totals: list[float] = []
+    parts: dict[str, list[float]] = {"boot_ms": [], "execute_ms": [], "overlay_ms": [], "setup_ms": []}
+    loads: list[float] = []
+    try:
+        config = SchedulerConfig(enable_memory_snapshots=False, warm_pool_size=0)
+        async with Scheduler(config, settings=settings, snapshot_dir=snapshot_dir) as sched:
+            await sched.run(code, language=language)  # image lookup (or build) outside the timing
+            for _ in range(runs):
+                loads.append(os.getloadavg()[0])
+                t = time.perf_counter()
+                result = await sched.run(code, language=language)
+                totals.append((time.perf_counter() - t) * 1000)
+                if result.stdout != "1\n" or result.warm_pool_hit or result.restored_from_snapshot:
+                    raise RuntimeError(f"not a cold run: {result!r}")
+                for key in parts:
+                    parts[key].append(getattr(result.timing, key))
+    finally:
+        shutil.rmtree(snapshot_dir, ignore_errors=True)
+    return {
+        "run": summary(totals),
+        "phases": {k: summary(v) for k, v in parts.items()},
+        "host_load_1min": [round(x, 2) for x in loads],
+    }
+
+
+_MILESTONES = (
+    ("kernel: printk on", r"printk: console \[ttyS0\] enabled"),
+    ("kernel: local APIC timer set up", r"smpboot: CPU0: "),
+    ("kernel: root mounted", r"VFS: Mounted root"),
+    ("kernel: init memory freed", r"Freeing unused kernel image \(initmem\)"),
+    ("kernel: runs /sbin/init", r"Run /sbin/init as init process"),
+)
+_STAMP = re.compile(r"^\[\s*([0-9.]+)\] (.*)$")
+_TRACE = re.compile(r"sbx-trace ([0-9.]+) (.*)$")
+
+
+def parse_timeline(console: str) -> list[tuple[float, str]]:
+    """(guest seconds since boot, event) from a traced boot's console, in time order."""
+    events: list[tuple[float, str]] = []
+    for line in console.splitlines():
+        if match := _TRACE.search(line):
+            events.append((float(match[1]), match[2]))
+        elif match := _STAMP.match(line):
+            for label, pattern in _MILESTONES:
+                if re.search(pattern, match[2]):
+                    events.append((float(match[1]), label))
+    return sorted(events)
+
+
+async def bench_timeline(settings: Settings, language: str) -> dict[str, Any]:
+    """One traced cold boot + first one-shot exec; the guest's timeline and the host's view."""
+    manager = VmManager(settings)
+    options = VmOptions(language=language, memory_mb=256, vcpus=1, kernel_args=("loglevel=7", "sbx.trace"))
+    runtime_dir = Path(tempfile.mkdtemp(prefix="sbx-bench-tl-", dir="/tmp"))
+    try:
+        t = time.perf_counter()
+        async with await SandboxVm.boot(
+            options, settings=settings, vm_manager=manager, runtime_dir=runtime_dir
+        ) as vm:
+            boot_ms = (time.perf_counter() - t) * 1000
+            t = time.perf_counter()
+            result = await vm.exec("print(1)", refill_spare=False)
+            exec_ms = (time.perf_counter() - t) * 1000
+            await asyncio.sleep(0.2)  # the agent's last stamps follow its reply
+            console = vm.console_output()
+            hello_uptime = vm.hello.boot.uptime_s if vm.hello is not None else None
+    finally:
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+    if result.stdout != "1\n":
+        raise RuntimeError(f"traced exec printed {result.stdout!r} / {result.stderr!r}")
+    return {
+        "host_boot_ms": round(boot_ms, 1),
+        "host_first_exec_ms": round(exec_ms, 1),
+        "hello_guest_uptime_s": hello_uptime,
+        "events": [[round(ts, 3), what] for ts, what in parse_timeline(console)],
     }
 
 
@@ -258,6 +352,13 @@ async def bench_python_subprocess(runs: int) -> dict[str, Any]:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = Settings(force_emulation=True) if args.force_emulation else Settings()
     started = time.time()
+    extra: dict[str, Any] = {}
+    if args.cold_runs:
+        extra["cold_scheduler_run"] = await bench_cold_run(settings, args.cold_runs, args.language)
+    if args.timeline:
+        extra["timeline"] = await bench_timeline(settings, args.language)
+    if args.cold_only:
+        return {"host": _host(), "started_at": started, **extra}
     sandbox = await bench_sandbox(settings, args.runs, args.rtt_runs, args.language)
     plain = await bench_plain_qemu(settings, args.baseline_runs or args.runs)
     py = await bench_python_subprocess(args.rtt_runs)
@@ -277,16 +378,43 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         ),
     }
     return {
-        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "host": _host(),
         "started_at": started,
         "sandbox": sandbox,
         "baseline_plain_qemu": plain,
         "baseline_subprocess": py,
         "ratios": ratios,
+        **extra,
     }
 
 
+def _host() -> dict[str, Any]:
+    return {
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def report_cold(result: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    if cold := result.get("cold_scheduler_run"):
+        lines.append(fmt("cold Scheduler.run('print(1)'), no snapshots", cold["run"]))
+        lines += [fmt(f"  {k}", v) for k, v in cold["phases"].items()]
+        lines.append(f"  host load (1 min) before each run: {cold['host_load_1min']}")
+    if tl := result.get("timeline"):
+        lines.append(
+            f"traced boot: host saw the agent after {tl['host_boot_ms']} ms, first print(1) "
+            f"took {tl['host_first_exec_ms']} ms; guest clock (s since boot):"
+        )
+        lines += [f"  {ts:7.3f}  {what}" for ts, what in tl["events"]]
+    return lines
+
+
 def report(result: dict[str, Any]) -> str:
+    if "sandbox" not in result:
+        return "\n".join(report_cold(result))
     sb, plain, py = result["sandbox"], result["baseline_plain_qemu"], result["baseline_subprocess"]
     lines = [
         f"accelerator: {sb['accelerator']}",
@@ -302,6 +430,7 @@ def report(result: dict[str, Any]) -> str:
         fmt("baseline: python3 -c 'print(1)' subprocess", py["python3_c_print1"]),
         "ratios (medians):",
         *(f"  {k}: {v}" for k, v in result["ratios"].items()),
+        *report_cold(result),
     ]
     return "\n".join(lines)
 
@@ -315,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-runs", type=int, default=0, help="plain QEMU boots (default: --runs)")
     parser.add_argument("--language", default="python", choices=["python", "javascript", "raw"])
     parser.add_argument("--force-emulation", action="store_true", help="force TCG")
+    parser.add_argument("--cold-runs", type=int, default=0, help="cold Scheduler.run('print(1)') runs")
+    parser.add_argument("--timeline", action="store_true", help="one traced boot: the guest's timeline")
+    parser.add_argument("--cold-only", action="store_true", help="only --cold-runs / --timeline")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     result = asyncio.run(run(args))

@@ -136,13 +136,17 @@ def test_init_script_mounts_and_starts_the_agent() -> None:
     assert text.startswith("#!/bin/sh\n")
     assert os.access(guest_dir() / "init", os.X_OK)
     for needle in (
+        "mount -a -T /opt/sbx/fstab",  # see test_fstab_mounts_what_the_guest_needs
+        # without that file (e.g. another /opt/sbx), one by one:
         "mount -t proc proc /proc",
         "mount -t sysfs sysfs /sys",
-        "devtmpfs",
         "tmpfs /tmp",
         "tmpfs /dev/shm",
-        "cgroup2",
-        "hostname sandbox",
+        "mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup",
+        "devtmpfs",
+        "mkdir -p /dev/pts /dev/shm",
+        "echo sandbox > /proc/sys/kernel/hostname",
+        "echo 0 > /proc/sys/kernel/randomize_va_space",
         "ip link set lo up",
         "exec /usr/bin/python3 /opt/sbx/agent.py",
         'echo "sbx: no agent"',
@@ -151,6 +155,21 @@ def test_init_script_mounts_and_starts_the_agent() -> None:
         assert needle in text, needle
     # The agent exec must come before the fallback, or the guest would always reboot.
     assert text.index("exec /usr/bin/python3") < text.index("sbx: no agent")
+
+
+def test_fstab_mounts_what_the_guest_needs() -> None:
+    text = (guest_dir() / "fstab").read_text()
+    entries = [line.split() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    assert all(len(e) == 6 for e in entries)
+    mounts = {e[1]: (e[0], e[2], e[3]) for e in entries}
+    assert entries[0][1] == "/proc"  # first: everything after it in init reads /proc
+    assert mounts["/proc"][1] == "proc"
+    assert mounts["/sys"][1] == "sysfs"
+    assert mounts["/sys/fs/cgroup"][1] == "cgroup2"
+    for tmp in ("/tmp", "/dev/shm"):
+        assert mounts[tmp][1] == "tmpfs" and "mode=1777" in mounts[tmp][2] and "nosuid" in mounts[tmp][2]
+    # /sys/fs/cgroup lives on sysfs: it must come after /sys
+    assert [e[1] for e in entries].index("/sys") < [e[1] for e in entries].index("/sys/fs/cgroup")
 
 
 def test_initramfs_init_switches_root() -> None:

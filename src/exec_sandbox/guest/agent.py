@@ -610,15 +610,21 @@ def exit_code_of(status: int) -> tuple[int, int | None]:
 # --------------------------------------------------------------------------- process tree kill
 
 
-def _proc_stat(pid: int) -> tuple[int, int, int, int] | None:
-    """(ppid, pgid, sid, uid) of ``pid`` from /proc, or None when gone."""
+def _proc_stat(pid: int) -> tuple[int, int, int] | None:
+    """(ppid, pgid, sid) of ``pid`` from /proc, or None when gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             raw = fh.read()
         fields = raw[raw.rindex(b")") + 2 :].split()
-        st = os.stat(f"/proc/{pid}")
-        return int(fields[1]), int(fields[2]), int(fields[3]), st.st_uid
+        return int(fields[1]), int(fields[2]), int(fields[3])
     except (OSError, ValueError, IndexError):
+        return None
+
+
+def _proc_uid(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
         return None
 
 
@@ -653,7 +659,7 @@ def _kill_round(root_pid: int, protected: set[int], run_uid: int | None, me: int
         os.killpg(root_pid, sig)
     except OSError:
         pass
-    table: dict[int, tuple[int, int, int, int]] = {}
+    table: dict[int, tuple[int, int, int]] = {}
     try:
         names = os.listdir("/proc")
     except OSError:
@@ -664,17 +670,19 @@ def _kill_round(root_pid: int, protected: set[int], run_uid: int | None, me: int
             if info is not None:
                 table[int(name)] = info
     victims: set[int] = set()
-    for pid, (ppid, pgid, sid, uid) in table.items():
+    for pid, (ppid, pgid, sid) in table.items():
         if pid in protected or pid == me:
             continue
-        in_tree = root_pid in (pid, pgid, sid)
-        orphan = ppid == me and run_uid is not None and uid == run_uid and run_uid != 0
-        if in_tree or orphan:
+        # Only the agent's own children can be orphans; their owner is looked up for those alone
+        # (one stat per process would double the scan, which runs after every one-shot exec).
+        if root_pid in (pid, pgid, sid) or (
+            ppid == me and run_uid is not None and run_uid != 0 and _proc_uid(pid) == run_uid
+        ):
             victims.add(pid)
     changed = True
     while changed:
         changed = False
-        for pid, (ppid, _pg, _sid, _uid) in table.items():
+        for pid, (ppid, _pg, _sid) in table.items():
             if ppid in victims and pid not in victims and pid not in protected and pid != me:
                 victims.add(pid)
                 changed = True
