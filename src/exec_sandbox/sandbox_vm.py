@@ -49,7 +49,7 @@ from typing import Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from exec_sandbox.agent_client import AgentClient, ExecResult, OutputCallback
-from exec_sandbox.agent_protocol import DEFAULT_OUTPUT_CAP_BYTES, Hello, Language
+from exec_sandbox.agent_protocol import DEFAULT_OUTPUT_CAP_BYTES, Hello, Language, ReseedResult
 from exec_sandbox.errors import (
     SandboxError,
     SandboxInputError,
@@ -297,6 +297,8 @@ class SandboxVm:
         self.runtime_dir = runtime_dir
         self.timing = BootTiming()
         self.hello: Hello | None = None
+        # After a restore: which interpreters the snapshot brought along (and were reseeded).
+        self.reseed_result: ReseedResult | None = None
         self._agent: AgentClient | None = None
         self._undo = UndoStack(f"sandbox VM {vm_id}", log=logger)
         self._state = SandboxVmState.BOOTING
@@ -517,7 +519,7 @@ class SandboxVm:
         timeout = self.options.boot_timeout_s
 
         async def hello_and_reseed() -> Hello:
-            hello, _result = await agent.ready_and_reseeded(timeout=timeout)
+            hello, self.reseed_result = await agent.ready_and_reseeded(timeout=timeout)
             return hello
 
         ready = asyncio.ensure_future(

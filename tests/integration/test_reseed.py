@@ -20,6 +20,7 @@ from exec_sandbox.agent_protocol import OutputEvent
 from exec_sandbox.errors import SandboxInputError
 from exec_sandbox.sandbox_vm import SandboxVm, VmOptions
 from exec_sandbox.settings import Settings
+from exec_sandbox.snapshot_cache import warm_vm
 from exec_sandbox.vm_manager import VmManager
 from tests.integration.conftest import LeakChecker
 from tests.integration.test_agent_local import run_agent
@@ -126,6 +127,13 @@ async def test_restored_clones_spares_do_not_share_randomness(
         async with await SandboxVm.restore_from(
             snap, settings=sbx_settings, runtime_dir=sbx_leaks.runtime_dir, vm_id=sbx_leaks.new_id()
         ) as clone:
+            restored = clone.reseed_result
+            assert restored is not None
+            assert restored.repls_reseeded == ["python"] and restored.spares_reseeded == ["python"]
+            # Both interpreters came with the snapshot: warming up needs no round trip at all.
+            heard = clone.agent.last_heard_at
+            await warm_vm(clone)
+            assert clone.agent.last_heard_at == heard
             probe = await clone.exec(PROBE)
             assert probe.exit_code == 0, probe.stderr
             probes.append(probe.stdout.split())

@@ -43,7 +43,7 @@ class QmpConnection:
         *,
         timeout: float = 30.0,
         alive: Callable[[], bool] | None = None,
-        interval: float = 0.02,
+        interval: float = 0.005,
     ) -> None:
         """Connect, retrying until the socket accepts, ``alive()`` turns False, or ``timeout``."""
         loop = asyncio.get_running_loop()
