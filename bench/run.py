@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import platform
+import resource
 import shutil
 import statistics
 import sys
@@ -149,12 +150,37 @@ async def bench_session(settings: Settings, snapshot_dir: Path, runs: int) -> di
     return {"exec": summary(times)}
 
 
+def _child_cpu_s() -> float:
+    """CPU seconds of this process's live children (QEMU, qemu-storage-daemon), from /proc."""
+    total = 0
+    me = str(os.getpid())
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(")") + 2 :].split()
+        if fields[1] == me:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> tuple[float, float]:
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+
 async def bench_throughput(
     settings: Settings, snapshot_dir: Path, clients: int, total: int
 ) -> dict[str, Any]:
+    """Also measures the CPU all of it costs (this process + every QEMU/daemon it ran, from the
+    start of the timed runs to the Scheduler closed): under TCG that, not latency, caps runs/s."""
     latencies: list[float] = []
     hits = restored = 0
-    async with new_scheduler(settings, snapshot_dir, warm_pool_size=clients) as sched:
+    config = {"warm_pool_size": clients}
+    async with new_scheduler(settings, snapshot_dir, **config) as sched:
         await sched.prewarm(["python"], timeout_seconds=300)
         remaining = total
 
@@ -167,19 +193,27 @@ async def bench_throughput(
                 hits += r.warm_pool_hit
                 restored += r.restored_from_snapshot
 
+        live_before = _child_cpu_s()
+        self_before, reaped_before = _own_cpu_s()
         t = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(clients)))
         wall = time.perf_counter() - t
+    self_after, reaped_after = _own_cpu_s()
+    cpu_s = (self_after - self_before) + (reaped_after - reaped_before) - live_before
+    cpus = os.cpu_count() or 1
+    per_run_ms = cpu_s / total * 1000
     return {
         "clients": clients,
+        "config": config,
         "runs": total,
         "wall_s": round(wall, 2),
         "runs_per_s": round(total / wall, 2),
         "latency": summary(latencies),
         "warm_pool_hits": hits,
         "restored": restored,
+        "cpu_ms_per_run": round(per_run_ms, 1),
+        "cpu_bound_ceiling_runs_per_s": round(cpus * 1000 / per_run_ms, 1),
     }
-
 
 def _smaps_kib(pid: int) -> dict[str, int]:
     out = {}
@@ -365,6 +399,8 @@ def report(r: dict[str, Any]) -> str:
         f"({tp['runs']} runs in {tp['wall_s']} s; {tp['warm_pool_hits']} pool hits, "
         f"{tp['restored']} restored)",
         _line("  latency under that load", tp["latency"], py),
+        f"    CPU per run (host process + its QEMUs, incl. making the VM): {tp['cpu_ms_per_run']} ms"
+        f" -> at most {tp['cpu_bound_ceiling_runs_per_s']} runs/s on {h['cpus']} cores",
     ]
     idle = r["idle"]
     lines += [
