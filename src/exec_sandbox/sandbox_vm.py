@@ -97,8 +97,9 @@ SNAPSHOT_FORMAT = 1
 _ROOT_DRIVE_ID = "root"
 # TCG code cache of a cold-booted VM. Boot + agent + the first one-shot Python run translate ~53 MB of
 # guest code; smartvm's default 32 MiB cache overflowed twice on that path and QEMU retranslated
-# everything after each flush (~0.6 s of a cold run). Only generated code is resident, so a VM that
-# translates less costs no more RAM. Restored VMs keep the size recorded in their snapshot's spec.
+# everything after each flush (~0.6 s of a cold run). The cost: only generated code is resident, so
+# a cold VM holds ~53 MiB of code instead of at most 32, and a VM that translates less costs no more.
+# Restored VMs keep the size recorded in their snapshot's spec.
 COLD_BOOT_TB_SIZE_MIB = 64
 _CONSOLE_TAIL = 4000
 _OVERLAY_RE = re.compile(r"^sbx-(\d+)-([A-Za-z0-9_.-]+)\.qcow2$")
