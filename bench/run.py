@@ -231,7 +231,8 @@ def _cpu_ticks(pid: int) -> int:
 
 
 async def bench_idle(settings: Settings, snapshot_dir: Path, count: int, idle_s: float) -> dict[str, Any]:
-    config = {"cpu_overcommit_ratio": 64.0, "session_idle_timeout_seconds": 3600.0}
+    # Admission defaults: idle sessions hold memory only (see bench/density.py for 200 of them).
+    config = {"session_idle_timeout_seconds": 3600.0}
     async with new_scheduler(settings, snapshot_dir, **config) as sched:
         sessions = []
         try:

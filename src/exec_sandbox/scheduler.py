@@ -67,7 +67,10 @@ the code had not been sent, so this cannot run it twice; a second failure raises
 
 Concurrency
     Many ``run()`` / ``session()`` calls may run at once on one Scheduler; each holds an admission
-    grant for its VM's lifetime, so the host is never over-committed beyond the configured budget.
+    grant for its VM's lifetime (see :mod:`exec_sandbox.admission`): guest memory is committed up to
+    ``memory_overcommit_ratio`` x the usable RAM (1.0: never over-committed), CPU is held only while a
+    VM starts or runs a one-shot ``run()`` (an idle session holds memory only), and every start is
+    also checked against the host's real free memory, so admission queues before the host runs out.
     All Scheduler state lives on one event loop; there are no threads sharing it.
 
 Close
