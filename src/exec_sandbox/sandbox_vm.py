@@ -382,12 +382,14 @@ class SandboxVm:
         runtime_dir: Path | None = None,
         on_boot_log: BootLogCallback | None = None,
         vm_id: str | None = None,
+        nice: int = 0,
     ) -> SandboxVm:
         """Boot a fresh VM for ``options.language`` and wait for its agent (within ``boot_timeout_s``).
 
         The overlay comes from ``overlay_pool`` when given (else ``qemu-img create``). Images are
         built on first use by ``vm_manager`` (default: ``VmManager(settings)``); that build time is
         not part of ``boot_timeout_s``. ``on_boot_log`` gets each console line until the agent is up.
+        ``nice``: QEMU's CPU priority (e.g. 10 for a VM made in the background; see :meth:`set_nice`).
         """
         started = time.perf_counter()
         settings = settings or (vm_manager.settings if vm_manager is not None else Settings())
@@ -407,7 +409,7 @@ class SandboxVm:
                 name=f"sbx-{new_id}",
             )
 
-        vm = cls._new(options, settings, bundle.rootfs, runtime_dir, vm_id, make_spec)
+        vm = cls._new(options, settings, bundle.rootfs, runtime_dir, vm_id, make_spec, nice=nice)
         vm.timing.image_ms = image_ms
         try:
             async with asyncio.timeout(options.boot_timeout_s):
@@ -436,6 +438,7 @@ class SandboxVm:
         make_spec: Callable[[Path, str], QemuMachineSpec],
         *,
         restoring: bool = False,
+        nice: int = 0,
     ) -> SandboxVm:
         vm_id = vm_id or uuid.uuid4().hex[:12]
         rdir = (runtime_dir or default_runtime_dir()).absolute()
@@ -451,6 +454,7 @@ class SandboxVm:
             serial_ports=(AGENT_PORT_NAME,),
             user_net=None if restoring else build_user_net(options),
             shared_memory=options.shared_memory and not restoring,
+            nice=nice,
         )
         return cls(
             vm_id=vm_id,
@@ -707,11 +711,13 @@ class SandboxVm:
         vm_id: str | None = None,
         boot_timeout_s: float | None = None,
         reseed: bool = True,
+        nice: int = 0,
     ) -> SandboxVm:
         """Start a new VM from a snapshot made by :meth:`save_snapshot`, in a fresh QEMU process.
 
         The disk is a private copy of the snapshot's overlay; the guest RNG is reseeded with host
         randomness (``reseed=False`` only for tests that want to see what happens without it).
+        ``nice``: as for :meth:`boot`.
         """
         started = time.perf_counter()
         directory = _absolute(directory)
@@ -738,7 +744,7 @@ class SandboxVm:
             )
             return saved_spec.model_copy(update={"drives": drives, "name": f"sbx-{new_id}"})
 
-        vm = cls._new(options, settings, base_image, runtime_dir, vm_id, make_spec, restoring=True)
+        vm = cls._new(options, settings, base_image, runtime_dir, vm_id, make_spec, restoring=True, nice=nice)
         vm.timing.restored = True
         try:
             async with asyncio.timeout(options.boot_timeout_s):
@@ -749,6 +755,12 @@ class SandboxVm:
         vm.timing.total_ms = elapsed_ms(started)
         logger.info("sandbox VM %s restored from %s in %.0f ms", vm.vm_id, directory, vm.timing.total_ms)
         return vm
+
+    def set_nice(self, nice: int) -> bool:
+        """Set the CPU priority of this VM's QEMU (every thread). A VM made in the background at a
+        high nice value is set back to 0 when it starts serving a caller; False if not allowed
+        (raising priority needs CAP_SYS_NICE) or QEMU is gone."""
+        return self.machine.set_nice(nice)
 
     async def _restore(self, directory: Path, *, reseed: bool) -> None:
         await asyncio.to_thread(self._prepare_runtime_dir)

@@ -136,6 +136,7 @@ from exec_sandbox.errors import (
     VmCapacityError,
 )
 from exec_sandbox.execution import execute_in_vm
+from exec_sandbox.foreground import ForegroundActivity
 from exec_sandbox.fork import fork_vm
 from exec_sandbox.host_resources import CgroupManager, VmCgroup, find_cgroup2_mount
 from exec_sandbox.lifecycle_errors import SchedulerClosedError
@@ -157,13 +158,16 @@ from exec_sandbox.validation import (
 )
 from exec_sandbox.vm_manager import VmManager
 from exec_sandbox.warm_pool import WarmPool
+from smartvm.process import can_raise_priority
 from smartvm.qemu import default_runtime_dir
 
-__all__ = ["RunResult", "Scheduler", "SchedulerState", "VmLease"]
+__all__ = ["BACKGROUND_NICE", "RunResult", "Scheduler", "SchedulerState", "VmLease"]
 
 logger = logging.getLogger(__name__)
 
 _BOOT_ATTEMPTS = 2
+# Nice value of VMs the warm pool makes in the background (set back to 0 at checkout).
+BACKGROUND_NICE = 10
 _BOOT_TIMEOUT_S = 90.0
 # QEMU's threads (vCPUs, RCU, I/O workers); far below what a runaway would need, far above normal.
 _QEMU_PIDS_MAX = 512
@@ -241,6 +245,11 @@ class Scheduler:
         self._image_lock = asyncio.Lock()
         self._images: dict[Language, Path] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Background VMs run niced only where they can be un-niced (root or CAP_SYS_NICE).
+        self._can_renice = can_raise_priority()
+        self._base_nice = os.getpriority(os.PRIO_PROCESS, 0)
+        # Runs and session execs in flight: warm-pool refills wait for a gap between them.
+        self._foreground = ForegroundActivity()
         self._sessions: set[Session] = set()
         self._cgroups: CgroupManager | None = None
         self._snapshot_dir = snapshot_dir
@@ -477,7 +486,7 @@ class Scheduler:
         self._require_running("run code in")
         state = _RunState()
         inner = asyncio.get_running_loop().create_task(
-            self._run(
+            self._run_tracked(
                 code, lang, timeout, memory, env, on_stdout, on_stderr, on_boot_log, uploads, downloads, state
             ),
             name="sbx-run",
@@ -545,6 +554,10 @@ class Scheduler:
         if isinstance(download, str | bytes) or not isinstance(download, Sequence):
             raise input_error("download", download, "must be a list of guest paths, not a single string")
         return [(p, validate_guest_path(p, field="download")) for p in download]
+
+    async def _run_tracked(self, *args: Any) -> RunResult:
+        with self._foreground.track():
+            return await self._run(*args)
 
     async def _run(
         self,
@@ -703,6 +716,7 @@ class Scheduler:
                 fork=self._fork_session,
                 warm_pool_hit=lease.warm_pool_hit,
                 restored_from_snapshot=lease.restored_from_snapshot,
+                foreground=self._foreground,
             )
         except BaseException:
             await self._retire(lease)
@@ -766,6 +780,7 @@ class Scheduler:
             memory_mb=self.config.default_memory_mb,
             vcpus=self.config.default_vcpus,
             refill_concurrency=self.config.warm_pool_refill_concurrency,
+            foreground=self._foreground,
         )
         self._warm_pools[language] = pool
         await pool.start()
@@ -813,6 +828,8 @@ class Scheduler:
             pooled = await pool.checkout(language)
             if pooled is not None:
                 assert pooled.grant is not None  # the pools are made with this admission controller
+                if self._can_renice:
+                    pooled.vm.set_nice(self._base_nice)  # it serves a caller now: our own priority
                 await self._note_no_boot(on_boot_log, "a ready VM from the warm pool")
                 return VmLease(
                     vm=pooled.vm,
@@ -849,11 +866,15 @@ class Scheduler:
             logger.exception("on_boot_log callback failed")
 
     async def _pooled_vm(self, language: Language) -> SandboxVm:
-        """The warm pool's factory: a ready VM with the REPL (and a spare interpreter) warm."""
+        """The warm pool's factory: a ready VM with the REPL (and a spare interpreter) warm.
+
+        Made at a low CPU priority (when it can be raised again at checkout): on a small host a
+        refill otherwise competes for the cores with the very run that just emptied the pool."""
         options = self._vm_options(language, self.config.default_memory_mb)
+        nice = BACKGROUND_NICE if self._can_renice else 0
         if self._snapshots is not None:
             vm, _ = await self._snapshots.restore_or_boot(
-                options, runtime_dir=self._runtime_dir, overlay_pool=self._pool
+                options, runtime_dir=self._runtime_dir, overlay_pool=self._pool, nice=nice
             )
         else:
             vm = await SandboxVm.boot(
@@ -862,6 +883,7 @@ class Scheduler:
                 vm_manager=self._vm_manager,
                 overlay_pool=self._pool,
                 runtime_dir=self._runtime_dir,
+                nice=nice,
             )
         try:
             # Also after a restore: the pool counts a VM only once its REPL and spare interpreter are

@@ -51,6 +51,7 @@ from exec_sandbox.agent_client import OutputCallback
 from exec_sandbox.config import SchedulerConfig
 from exec_sandbox.errors import CommunicationOutcomeUnknownError, SandboxError, SandboxPermanentError
 from exec_sandbox.execution import execute_in_vm
+from exec_sandbox.foreground import ForegroundActivity
 from exec_sandbox.lifecycle_errors import CloseReason, SessionClosedError
 from exec_sandbox.models import ExecutionResult, FileInfo, Language, TimingBreakdown
 from exec_sandbox.sandbox_vm import SandboxVm
@@ -91,8 +92,10 @@ class Session:
         fork: Callable[[Session], Awaitable[Session]] | None = None,
         warm_pool_hit: bool = False,
         restored_from_snapshot: bool = False,
+        foreground: ForegroundActivity | None = None,
     ) -> None:
         self._vm = vm
+        self._foreground = foreground or ForegroundActivity()  # execs count as foreground work
         self._fork = fork  # makes the clone (the Scheduler: capacity, fork_vm, registration)
         self.warm_pool_hit = warm_pool_hit  # the VM came ready from the warm pool
         self.restored_from_snapshot = restored_from_snapshot  # ... or from a memory snapshot
@@ -168,18 +171,19 @@ class Session:
             self._check_open()
             self._exec_count += 1
             try:
-                outcome = await execute_in_vm(
-                    self._vm,
-                    code,
-                    language=self.language,
-                    session=True,
-                    timeout_s=timeout,
-                    env=env,
-                    max_output_bytes=self._config.max_output_bytes,
-                    memory_mb=self.memory_mb,
-                    on_stdout=on_stdout,
-                    on_stderr=on_stderr,
-                )
+                with self._foreground.track():
+                    outcome = await execute_in_vm(
+                        self._vm,
+                        code,
+                        language=self.language,
+                        session=True,
+                        timeout_s=timeout,
+                        env=env,
+                        max_output_bytes=self._config.max_output_bytes,
+                        memory_mb=self.memory_mb,
+                        on_stdout=on_stdout,
+                        on_stderr=on_stderr,
+                    )
             except SandboxError as exc:
                 raise await self._exec_failed(exc) from exc
         res = outcome.result

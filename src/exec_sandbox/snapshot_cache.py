@@ -477,13 +477,14 @@ class SnapshotCache:
         vm_id: str | None = None,
         overlay_pool: OverlayPool | None = None,
         on_boot_log: BootLogCallback | None = None,
+        nice: int = 0,
     ) -> tuple[SandboxVm, bool]:
         """A ready, REPL-warm VM for ``options`` and whether it was restored from the cache.
 
         A miss cold-boots (with the RAM in a shared file) and snapshots the warm guest for the next
         caller; hashing and publishing that snapshot continue in the background after this returns.
         A corrupt entry is discarded and a failed restore falls back to a cold boot: the cache can
-        make a VM faster, never make it fail.
+        make a VM faster, never make it fail. ``nice``: QEMU's CPU priority (see ``SandboxVm.boot``).
         """
         if self._state is not SnapshotCacheState.OPEN:
             raise SandboxTransientError(
@@ -493,14 +494,19 @@ class SnapshotCache:
         if reason is not None:
             self.stats.uncacheable += 1
             logger.debug("not using the snapshot cache: %s", reason)
-            return await self._boot_warm(options, runtime_dir, vm_id, overlay_pool, on_boot_log), False
+            return await self._boot_warm(options, runtime_dir, vm_id, overlay_pool, on_boot_log, nice), False
         inputs = await self.key_inputs(options)
         key = inputs.key()
-        vm = await self._try_restore(key, options, runtime_dir, vm_id)
+        vm = await self._try_restore(key, options, runtime_dir, vm_id, nice)
         if vm is not None:
             return vm, True
         vm = await self._boot_warm(
-            options.model_copy(update={"shared_memory": True}), runtime_dir, vm_id, overlay_pool, on_boot_log
+            options.model_copy(update={"shared_memory": True}),
+            runtime_dir,
+            vm_id,
+            overlay_pool,
+            on_boot_log,
+            nice,
         )
         try:
             await self._save(key, inputs, vm)
@@ -518,6 +524,7 @@ class SnapshotCache:
         vm_id: str | None,
         overlay_pool: OverlayPool | None,
         on_boot_log: BootLogCallback | None,
+        nice: int = 0,
     ) -> SandboxVm:
         vm = await SandboxVm.boot(
             options,
@@ -527,6 +534,7 @@ class SnapshotCache:
             runtime_dir=runtime_dir,
             on_boot_log=on_boot_log,
             vm_id=vm_id,
+            nice=nice,
         )
         try:
             await warm_vm(vm, spare=self.spare)
@@ -537,7 +545,7 @@ class SnapshotCache:
         return vm
 
     async def _try_restore(
-        self, key: str, options: VmOptions, runtime_dir: Path | None, vm_id: str | None
+        self, key: str, options: VmOptions, runtime_dir: Path | None, vm_id: str | None, nice: int = 0
     ) -> SandboxVm | None:
         entry = self.entry_dir(key)
         if not await asyncio.to_thread(entry.is_dir):
@@ -563,6 +571,7 @@ class SnapshotCache:
                         vm_id=vm_id,
                         boot_timeout_s=options.boot_timeout_s,
                         reseed=True,
+                        nice=nice,
                     )
                 except SandboxError as exc:
                     self.stats.restore_failures += 1

@@ -39,6 +39,7 @@ from typing import Self
 from exec_sandbox.admission import AdmissionController, Grant
 from exec_sandbox.agent_protocol import Language
 from exec_sandbox.errors import SandboxError, SandboxTransientError
+from exec_sandbox.foreground import ForegroundActivity
 from exec_sandbox.sandbox_vm import SandboxVm
 from smartvm.cleanup import shielded
 
@@ -58,7 +59,7 @@ VmFactory = Callable[[Language], Awaitable[SandboxVm]]
 
 # Run once in every new pooled VM, off the foreground path: under TCG a restored guest starts with an
 # empty translation cache, so its first exec pays for translating the interpreter's code paths.
-PRIME_CODE: dict[str, str] = {"python": "pass", "javascript": "0", "raw": "true"}
+PRIME_CODE: dict[str, str] = {"python": "print(end='')", "javascript": "0", "raw": "true"}
 
 
 class WarmPoolState(StrEnum):
@@ -84,6 +85,7 @@ class WarmPoolStats:
     unhealthy_dropped: int = 0
     checkout_pings: int = 0  # health pings on checkout (skipped while the agent was heard recently)
     refill_deferred: int = 0  # no capacity right now (or foreground callers queued)
+    refill_waited_for_foreground: int = 0  # a refill waited for a gap between foreground operations
     yielded: int = 0  # idle VMs closed so that queued foreground requests could get capacity
 
 
@@ -118,11 +120,15 @@ class WarmPool:
         yield_poll_s: float = 0.25,
         prime: bool = True,
         refill_concurrency: int = 1,
+        foreground: ForegroundActivity | None = None,
+        max_refill_defer_s: float = 1.0,
     ) -> None:
         if size_per_language < 0:
             raise ValueError("size_per_language must be >= 0")
         if refill_concurrency < 1:
             raise ValueError("refill_concurrency must be >= 1")
+        if max_refill_defer_s < 0:
+            raise ValueError("max_refill_defer_s must be >= 0")
         if health_interval_s <= 0 or ping_timeout_s <= 0 or retry_delay_s <= 0 or checkout_ping_after_s < 0:
             raise ValueError(
                 "health_interval_s, ping_timeout_s and retry_delay_s must be > 0, checkout_ping_after_s >= 0"
@@ -142,6 +148,9 @@ class WarmPool:
         self.yield_poll_s = yield_poll_s
         self.prime = prime
         self.refill_concurrency = refill_concurrency
+        # A refill starts in a gap between foreground operations, or after max_refill_defer_s.
+        self._foreground = foreground
+        self.max_refill_defer_s = max_refill_defer_s
         self.stats = WarmPoolStats()
         self._slots: dict[Language, _Slot] = {lang: _Slot() for lang in self.languages}
         self._state = WarmPoolState.NEW
@@ -314,6 +323,13 @@ class WarmPool:
                     # With admission, wake up now and then to notice foreground callers queueing.
                     await self._sleep_or_wakeup(self.yield_poll_s if self._admission is not None else None)
                     continue
+                if self._foreground is not None and self._foreground.active:
+                    # The run that just emptied the pool is still executing: making its
+                    # replacement right now would compete with it for the host's cores.
+                    self.stats.refill_waited_for_foreground += 1
+                    await self._foreground.wait_for_gap(self.max_refill_defer_s)
+                    if self._state is not WarmPoolState.RUNNING:
+                        break
                 ok, grant = self._try_grant()
                 if not ok:
                     self.stats.refill_deferred += 1

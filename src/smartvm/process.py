@@ -30,6 +30,7 @@ import signal
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, overload
 
 from smartvm.cleanup import shielded
@@ -40,9 +41,11 @@ __all__ = [
     "OutputMode",
     "StreamConsumer",
     "ToolResult",
+    "can_raise_priority",
     "pdeathsig_preexec",
     "pid_alive",
     "run_tool",
+    "set_process_nice",
     "signal_group",
     "stop_ladder",
 ]
@@ -74,7 +77,7 @@ _PRCTL = _load_prctl()
 
 
 def pdeathsig_preexec(
-    *, sig: int = signal.SIGKILL, process_group: bool = False, thp_disable: bool = False
+    *, sig: int = signal.SIGKILL, process_group: bool = False, thp_disable: bool = False, nice: int = 0
 ) -> Callable[[], None]:
     """A ``preexec_fn`` that makes the child get ``sig`` when its parent thread dies.
 
@@ -82,6 +85,8 @@ def pdeathsig_preexec(
     ``start_new_session=True``, not both). ``thp_disable``: ``PR_SET_THP_DISABLE`` (kept across
     ``execve``), so the child's ``MADV_HUGEPAGE`` regions are backed by 4 KiB pages: a region then
     costs the memory it touches, not whole 2 MiB pages (QEMU's TCG code buffer: ~2 MiB per VM).
+    ``nice``: added to the child's nice value before ``execve``, so every thread it creates inherits
+    it (nice is per thread on Linux: renicing a running process reaches only the threads named).
     """
     prctl = _PRCTL
     owner = os.getpid()
@@ -93,11 +98,45 @@ def pdeathsig_preexec(
             prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
             if thp_disable:
                 prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0)
+        if nice:
+            os.nice(nice)
         # The owner may have died between fork() and prctl(): then nobody will ever signal us.
         if os.getppid() != owner:
             os._exit(1)
 
     return preexec
+
+
+_CAP_SYS_NICE = 23
+
+
+def can_raise_priority() -> bool:
+    """True when this process may lower nice values again (root or CAP_SYS_NICE)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> _CAP_SYS_NICE & 1)
+    except (OSError, ValueError):
+        pass
+    return os.geteuid() == 0
+
+
+def set_process_nice(pid: int, nice: int) -> bool:
+    """Set the nice value of every thread of ``pid``; False if the process is gone or it is not
+    allowed (raising priority needs CAP_SYS_NICE)."""
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    ok = True
+    for tid in tids:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+        except ProcessLookupError:
+            continue  # a thread that just ended
+        except PermissionError:
+            ok = False
+    return ok
 
 
 def pid_alive(pid: int) -> bool:
@@ -163,11 +202,13 @@ class ChildProcess:
         stderr: OutputMode = "tail",
         tail_lines: int = DEFAULT_TAIL_LINES,
         thp_disable: bool = False,
+        nice: int = 0,
     ) -> ChildProcess:
         """Start ``argv`` (stdin from /dev/null); OSError (e.g. FileNotFoundError) propagates.
 
         ``new_session``: ``setsid`` (own session and process group) instead of ``setpgid``.
         ``thp_disable``: no transparent huge pages in the child (see :func:`pdeathsig_preexec`).
+        ``nice``: the child (and all its threads) starts at this nice value.
         """
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -175,7 +216,7 @@ class ChildProcess:
             stdout=_pipe(stdout),
             stderr=_pipe(stderr),
             preexec_fn=pdeathsig_preexec(
-                sig=pdeathsig, process_group=not new_session, thp_disable=thp_disable
+                sig=pdeathsig, process_group=not new_session, thp_disable=thp_disable, nice=nice
             ),
             start_new_session=new_session,
             env=dict(env) if env is not None else None,

@@ -10,6 +10,7 @@ no runtime file and no half-written snapshot remains. No test asserts on timing.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import subprocess
 import tempfile
@@ -23,9 +24,10 @@ import pytest_asyncio
 from exec_sandbox.config import SchedulerConfig
 from exec_sandbox.errors import VmCapacityError
 from exec_sandbox.lifecycle_errors import SchedulerClosedError, SessionClosedError
-from exec_sandbox.scheduler import Scheduler, SchedulerState
+from exec_sandbox.scheduler import BACKGROUND_NICE, Scheduler, SchedulerState
 from exec_sandbox.settings import Settings
 from exec_sandbox.snapshot_cache import SnapshotCache
+from smartvm.process import can_raise_priority
 from tests.integration.test_scheduler_support import assert_closed_clean, assert_no_vms, qemu_children
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
@@ -60,6 +62,14 @@ async def speed_scheduler(config: SchedulerConfig, snapshot_dir: Path) -> AsyncI
         assert snapshot_leftovers(snapshot_dir) == []
     finally:
         shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+def qemu_thread_nices(pid: int) -> list[int]:
+    values = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        raw = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        values.append(int(raw[raw.rindex(")") + 2 :].split()[16]))  # field 19: nice
+    return values
 
 
 def copy_cache(src: Path, dst: Path) -> Path:
@@ -178,11 +188,19 @@ async def test_warm_pool_hits_refill_and_drain(filled_snapshots: Path) -> None:
         assert first.stdout.split()[0] != second.stdout.split()[0]
 
         await sched.prewarm(["python"], timeout_seconds=120)
+        idle_vm = pool._slots["python"].idle[0].vm
+        assert idle_vm.machine.pid is not None
+        base = os.getpriority(os.PRIO_PROCESS, 0)
+        background = min(base + BACKGROUND_NICE, 19) if can_raise_priority() else base
+        assert set(qemu_thread_nices(idle_vm.machine.pid)) == {background}  # made in the background
         async with await sched.session() as s:
-            assert s.warm_pool_hit
+            assert s.warm_pool_hit and s.vm is idle_vm
+            assert set(qemu_thread_nices(idle_vm.machine.pid)) == {base}  # serving a caller now
             await s.exec("y = 5")
             assert (await s.exec("print(y)")).stdout == "5\n"
         assert pool.stats.hits == 3 and pool.stats.created >= 3
+        # Each refill waited for the run that emptied the pool to finish first.
+        assert pool.stats.refill_waited_for_foreground >= 2
         # A size the pool does not hold is not served from it.
         await sched.prewarm(["python"], timeout_seconds=120)
         assert not (await sched.run("print(1)", memory_mb=pool.memory_mb + 64)).warm_pool_hit

@@ -13,6 +13,7 @@ import pytest
 from exec_sandbox.admission import AdmissionController
 from exec_sandbox.agent_protocol import Language
 from exec_sandbox.errors import SandboxTransientError
+from exec_sandbox.foreground import ForegroundActivity
 from exec_sandbox.sandbox_vm import SandboxVm
 from exec_sandbox.warm_pool import WarmPool, WarmPoolState
 
@@ -142,3 +143,39 @@ async def test_parallel_refills_stay_within_concurrency_and_drain_cancels_them_a
     await pool.drain()
     assert cancelled == 3 and not running
     assert adm.stats().active == 0 and pool.refills_in_flight == 0
+
+
+async def test_refill_waits_for_a_gap_in_foreground_work() -> None:
+    adm = admission(4)
+    fg = ForegroundActivity()
+    calls = 0
+
+    async def failing(language: Language) -> SandboxVm:
+        nonlocal calls
+        calls += 1
+        raise SandboxTransientError("no VM today")
+
+    with pytest.raises(ValueError, match="max_refill_defer_s"):
+        WarmPool(failing, 1, adm, languages=["python"], memory_mb=256, max_refill_defer_s=-1)
+    busy = fg.track()
+    busy.__enter__()
+    pool = WarmPool(
+        failing, 1, adm, languages=["python"], memory_mb=256, foreground=fg, max_refill_defer_s=30.0,
+        retry_delay_s=0.01,
+    )
+    async with pool:
+        await wait_for(lambda: pool.stats.refill_waited_for_foreground == 1)
+        await asyncio.sleep(0.1)
+        assert calls == 0  # nothing is made while a foreground operation runs
+        busy.__exit__(None, None, None)
+        await wait_for(lambda: calls >= 1)
+    # Under sustained foreground load a refill still happens after max_refill_defer_s.
+    calls = 0
+    with fg.track():
+        pool = WarmPool(
+            failing, 1, adm, languages=["python"], memory_mb=256, foreground=fg, max_refill_defer_s=0.05,
+            retry_delay_s=0.01,
+        )
+        async with pool:
+            await wait_for(lambda: calls >= 2)
+    assert adm.stats().active == 0

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from smartvm.cleanup import UndoStack, UndoStep, shielded
 from smartvm.errors import ErrorCode, SmartVMError
-from smartvm.process import ChildProcess, stop_ladder
+from smartvm.process import ChildProcess, set_process_nice, stop_ladder
 from smartvm.qemu.accel import AccelChoice, choose_accelerator
 from smartvm.qemu.argv import (
     ARCH_PROFILES,
@@ -163,6 +163,7 @@ class QemuMachine:
         shm_dir: Path = Path("/dev/shm"),
         console_limit: int = 64 * 1024,
         start_timeout: float = 30.0,
+        nice: int = 0,
     ) -> None:
         self.vm_id = vm_id or uuid.uuid4().hex[:12]
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.vm_id):
@@ -173,6 +174,7 @@ class QemuMachine:
         self.vm_dir = self.runtime_dir / self.vm_id
         self._accel_override = accel
         self._serial_names = tuple(serial_ports)
+        self._nice = nice  # QEMU starts at this nice value (a background VM: see set_nice)
         self._user_net = user_net
         self._shared_memory = shared_memory
         self._acpi = acpi
@@ -394,6 +396,7 @@ class QemuMachine:
                 stdout=self.console.attach,
                 stderr=self._stderr.attach,
                 thp_disable=True,
+                nice=self._nice,
             )
         except OSError as exc:
             raise SmartVMError(
@@ -488,6 +491,15 @@ class QemuMachine:
             self._require(*_LIVE, action="pause")
             await self._qmp_exec("stop")
             self._state = MachineState.PAUSED
+
+    def set_nice(self, nice: int) -> bool:
+        """Renice every QEMU thread (e.g. a VM made in the background, now serving a caller).
+        False when QEMU is not running or raising priority is not allowed (CAP_SYS_NICE)."""
+        pid = self.pid
+        if pid is None or not set_process_nice(pid, nice):
+            return False
+        self._nice = nice
+        return True
 
     async def resume(self) -> None:
         async with self._lock:
