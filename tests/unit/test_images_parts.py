@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from exec_sandbox.errors import ImageBuildError, SandboxInputError
-from exec_sandbox.images.builder import ImageBuilder, guest_dir
+from exec_sandbox.images.builder import ImageBuilder, guest_dir, staged_guest_problems
 from exec_sandbox.images.cache import bundle_lock, publish, scratch_dir, verify_artifacts
 from exec_sandbox.images.cloud_kernel import initramfs_init, module_load_order
 from exec_sandbox.images.debian import deb_file_name
@@ -170,6 +170,25 @@ def test_fstab_mounts_what_the_guest_needs() -> None:
         assert mounts[tmp][1] == "tmpfs" and "mode=1777" in mounts[tmp][2] and "nosuid" in mounts[tmp][2]
     # /sys/fs/cgroup lives on sysfs: it must come after /sys
     assert [e[1] for e in entries].index("/sys") < [e[1] for e in entries].index("/sys/fs/cgroup")
+
+
+def test_staged_guest_files_must_match_the_hashed_ones(tmp_path: Path) -> None:
+    from exec_sandbox.images.recipe import digest_files
+
+    (tmp_path / "sbin").mkdir()
+    (tmp_path / "opt/sbx").mkdir(parents=True)
+    (tmp_path / "sbin/init").write_text("#!/bin/sh\n")
+    (tmp_path / "opt/sbx/agent.py").write_text("print(1)\n")
+    expected = {
+        "init": digest_files([tmp_path / "sbin/init"])["init"],
+        "agent.py": digest_files([tmp_path / "opt/sbx/agent.py"])["agent.py"],
+    }
+    assert staged_guest_problems(tmp_path, expected) == []
+    # edited between hashing and copying: the image would not be what its hash names
+    (tmp_path / "opt/sbx/agent.py").write_text("print(2)\n")
+    assert staged_guest_problems(tmp_path, expected) == ["agent.py"]
+    (tmp_path / "sbin/init").unlink()
+    assert staged_guest_problems(tmp_path, expected) == ["agent.py", "init"]
 
 
 def test_initramfs_init_switches_root() -> None:

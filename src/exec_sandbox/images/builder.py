@@ -35,7 +35,7 @@ from .recipe import (
     rootfs_recipe_hash,
 )
 
-__all__ = ["ImageBuilder", "KernelBundle", "guest_dir"]
+__all__ = ["ImageBuilder", "KernelBundle", "guest_dir", "staged_guest_problems"]
 
 _PKG_DIR = Path(__file__).resolve().parent
 _GUEST_DIR = _PKG_DIR.parent / "guest"
@@ -45,8 +45,30 @@ def guest_dir() -> Path:
     return _GUEST_DIR
 
 
+# The build scripts' digests as of when this process loaded them: a long-running process whose
+# (already imported) build code is older than the files on disk must not name its bundles after
+# the newer files, or it would publish old-code bundles under the new recipe's hash.
+_LOADED_SCRIPTS = digest_files(
+    [
+        _PKG_DIR / n
+        for n in (
+            "builder.py",
+            "rootfs.py",
+            "debian.py",
+            "manifest.py",
+            "process.py",
+            "kernel.py",
+            "cloud_kernel.py",
+            "recipe/__init__.py",
+        )
+    ],
+    root=_PKG_DIR,
+)
+
+
 def _script_digests(*names: str) -> dict[str, str]:
-    return digest_files([_PKG_DIR / n for n in names])
+    # Keyed by file name, as before (keeps the recipe hashes of unchanged scripts stable).
+    return {Path(n).name: _LOADED_SCRIPTS[n] for n in names}
 
 
 def _guest_digests() -> dict[str, str]:
@@ -56,6 +78,21 @@ def _guest_digests() -> dict[str, str]:
         if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith(".")
     ]
     return digest_files(files, root=_GUEST_DIR)
+
+
+def staged_guest_problems(staging: Path, expected: dict[str, str]) -> list[str]:
+    """Guest files whose copy in the assembled root ``staging`` does not have the digest the
+    bundle's hash was computed from (e.g. edited while the image was being built)."""
+    problems: list[str] = []
+    for rel, digest in sorted(expected.items()):
+        staged = staging / ("sbin/init" if rel == "init" else f"opt/sbx/{rel}")
+        try:
+            got = digest_files([staged])[staged.name]
+        except OSError:
+            got = "missing"
+        if got != digest:
+            problems.append(rel)
+    return problems
 
 
 @dataclass(frozen=True)
@@ -121,7 +158,8 @@ class ImageBuilder:
         tmp.replace(cache_file)
         return pins
 
-    def bundle_hash(self, language: str, kernel_hash: str) -> str:
+    def bundle_hash(self, language: str, kernel_hash: str, guest: dict[str, str] | None = None) -> str:
+        """``guest``: the guest files' digests (default: read them now)."""
         spec = self._spec(language)
         return rootfs_recipe_hash(
             language=language,
@@ -129,7 +167,7 @@ class ImageBuilder:
             scripts=_script_digests(
                 "builder.py", "rootfs.py", "debian.py", "manifest.py", "process.py", "recipe/__init__.py"
             ),
-            guest_files=_guest_digests(),
+            guest_files=guest if guest is not None else _guest_digests(),
             kernel_hash=kernel_hash,
         )
 
@@ -251,7 +289,10 @@ class ImageBuilder:
 
     def ensure_bundle(self, language: str, flavor: KernelFlavor | None = None) -> BundleManifest:
         flavor = flavor or self.settings.kernel_flavor
-        final, bhash, _ = self.bundle_dir(language, flavor)
+        self._spec(language)
+        guest = _guest_digests()  # what the hash names; the assembled image is checked against it
+        bhash = self.bundle_hash(language, self.kernel_hash(flavor), guest)
+        final = self.images_dir / f"{language}-{bhash[:16]}"
         found = self._valid_bundle(final)
         if found is not None:
             self.progress(ProgressEvent(f"image {language}", ProgressKind.CACHED, final.name))
@@ -270,7 +311,7 @@ class ImageBuilder:
                 return found
             scratch = scratch_dir(self.images_dir, final.name)
             try:
-                manifest = self._build_bundle(language, bhash, kbundle, scratch, final)
+                manifest = self._build_bundle(language, bhash, kbundle, scratch, final, guest)
                 write_json_atomic(scratch / "manifest.json", manifest)
                 publish(scratch, final)
             finally:
@@ -285,7 +326,13 @@ class ImageBuilder:
         return manifest
 
     def _build_bundle(
-        self, language: str, bhash: str, kbundle: KernelBundle, scratch: Path, final: Path
+        self,
+        language: str,
+        bhash: str,
+        kbundle: KernelBundle,
+        scratch: Path,
+        final: Path,
+        guest: dict[str, str],
     ) -> BundleManifest:
         times: dict[str, float] = {"kernel": kbundle.manifest.build_seconds}
         spec = self._spec(language)
@@ -298,6 +345,14 @@ class ImageBuilder:
         staging.mkdir()
         started = time.monotonic()
         rootfs.assemble_rootfs(debs=debs, staging=staging, guest_dir=_GUEST_DIR, progress=self.progress)
+        changed = staged_guest_problems(staging, guest)
+        if changed:
+            raise ImageBuildError(
+                "guest files changed while the image was being built (it would not match its recipe "
+                f"hash): {', '.join(changed)}; build again",
+                step="rootfs",
+                context={"changed": changed},
+            )
         times["assemble"] = round(time.monotonic() - started, 1)
         started = time.monotonic()
         qcow2 = scratch / "rootfs.qcow2"
