@@ -1066,6 +1066,7 @@ class Agent:
         self.counter_lock = threading.Lock()
         self._rundir: str | None = None
         self._reaper: Reaper | None = None
+        self._reaper_lock = threading.Lock()
         self._interpreters: Msg | None = None
         self.transport: Transport | None = None
         self.stop_event = threading.Event()
@@ -1074,9 +1075,12 @@ class Agent:
 
     @property
     def reaper(self) -> Reaper:
-        if self._reaper is None:
-            self._reaper = Reaper()
-        return self._reaper
+        # Locked: two threads creating it at once would start two reapers, which split the exit
+        # statuses between them (a waiter on the discarded one never sees its child exit).
+        with self._reaper_lock:
+            if self._reaper is None:
+                self._reaper = Reaper()
+            return self._reaper
 
     @property
     def interpreters(self) -> Msg:
@@ -1202,7 +1206,7 @@ class Agent:
                                  uid=self.run_uid, gid=self.run_gid if self.run_uid is not None else None)
             with self.tracked_lock:
                 self.tracked.add(proc.pid)
-        self.reaper.notify_spawn()
+            self.reaper.notify_spawn()
         return proc
 
     def _limit_user_processes(self) -> None:
