@@ -279,13 +279,16 @@ class AgentClient:
         on_stderr: OutputCallback | None = None,
         reply_grace_s: float = 30.0,
         refill_spare: bool = True,
+        prime_spare: bool = False,
     ) -> ExecResult:
         """Run ``code``; output is passed to the callbacks as produced and collected in the result.
 
         The agent enforces ``timeout_s`` (exit_code -1, ``timed_out``); ``reply_grace_s`` more is
         allowed for the answer before the outcome is declared unknown. A failing callback is logged
         and does not stop the run. ``refill_spare=False``: this is the VM's last one-shot exec, the
-        agent need not start another spare interpreter afterwards.
+        agent need not start another spare interpreter afterwards. ``prime_spare=True`` (warm-up
+        code of the host's own only, never user code): run in the spare one-shot interpreter and
+        keep it instead of replacing it.
         """
         stdout: list[str] = []
         stderr: list[str] = []
@@ -293,7 +296,7 @@ class AgentClient:
         events = self.exec_events(
             code, language=language, env=env, timeout_s=timeout_s, cwd=cwd, session=session,
             max_stdout_bytes=max_stdout_bytes, max_stderr_bytes=max_stderr_bytes,
-            reply_grace_s=reply_grace_s, refill_spare=refill_spare,
+            reply_grace_s=reply_grace_s, refill_spare=refill_spare, prime_spare=prime_spare,
         )
         async with contextlib.aclosing(events):
             async for event in events:
@@ -329,12 +332,14 @@ class AgentClient:
         max_stderr_bytes: int = DEFAULT_OUTPUT_CAP_BYTES,
         reply_grace_s: float = 30.0,
         refill_spare: bool = True,
+        prime_spare: bool = False,
     ) -> AsyncGenerator[OutputEvent | ExitEvent, None]:
         """Yield output events in order, then the exit event (last)."""
         request = _build(
             ExecRequest, id=self._new_id(), language=language, code=code, env=dict(env or {}),
             timeout_s=timeout_s, cwd=cwd, session=session, max_stdout_bytes=max_stdout_bytes,
             max_stderr_bytes=max_stderr_bytes, refill_spare=None if refill_spare else False,
+            prime_spare=True if prime_spare else None,
         )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s + reply_grace_s

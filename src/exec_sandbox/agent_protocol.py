@@ -136,6 +136,10 @@ class ExecRequest(_Msg):
     # replacement spare interpreter - a few hundred ms of guest CPU and ~15 MiB of TCG code cache.
     # None (left out on the wire): the agent's default, refill.
     refill_spare: bool | None = None
+    # True: a warm-up block of the host's own (never user code) run in the spare one-shot
+    # interpreter, which is then kept instead of replaced: under TCG the block translates the
+    # one-shot path ahead of the first real run, and a replacement would cost 250-700 ms of guest CPU.
+    prime_spare: bool | None = None
 
     @field_validator("code")
     @classmethod

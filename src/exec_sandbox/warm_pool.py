@@ -391,17 +391,21 @@ class WarmPool:
         return True
 
     async def _prime(self, vm: SandboxVm) -> None:
-        """One block in the REPL. The REPL and the spare one-shot interpreter run the same driver at
-        the same addresses (the guest has no userspace ASLR), so this also translates the one-shot
-        path - without using up the spare, whose replacement would cost 250-700 ms of guest CPU."""
+        """Run a trivial block in the REPL and in the spare one-shot interpreter (which is kept: a
+        replacement would cost 250-700 ms of guest CPU), so that the translations a run needs exist
+        before a caller gets the VM."""
         try:
-            result = await vm.exec(PRIME_CODE[vm.language], session=True, timeout_s=60.0)
-            if result.exit_code != 0:
-                raise SandboxTransientError(
-                    f"priming {vm.language} VM {vm.vm_id} failed (exit {result.exit_code}): "
-                    f"{result.stderr[-300:]}",
-                    context={"vm_id": vm.vm_id},
+            for session in (True, False):
+                result = await vm.agent.exec(
+                    PRIME_CODE[vm.language], language=vm.language, session=session, timeout_s=60.0,
+                    prime_spare=not session, refill_spare=False,
                 )
+                if result.exit_code != 0:
+                    raise SandboxTransientError(
+                        f"priming {vm.language} VM {vm.vm_id} failed (exit {result.exit_code}): "
+                        f"{result.stderr[-300:]}",
+                        context={"vm_id": vm.vm_id},
+                    )
         except BaseException:
             await vm.close()
             raise

@@ -180,3 +180,19 @@ async def test_last_exec_does_not_refill_the_spare() -> None:
                 break
             await asyncio.sleep(0.1)
         assert spares == ["python"]
+
+
+async def test_a_priming_exec_keeps_the_spare_and_the_next_run_uses_it() -> None:
+    async with local_agent("--spare", "python") as agent:
+        warm = await agent.warmup(["python"], session=False, spare=True)
+        assert warm.ready == ["python"]
+        pid = "import os; print(os.getpid())"
+        primed = await agent.exec(pid, language="python", prime_spare=True, refill_spare=False)
+        assert primed.exit_code == 0, primed.stderr
+        assert (await agent.ping()).boot.spares == ["python"]  # kept, not replaced
+        run = await agent.exec(pid, language="python", refill_spare=False)
+        assert run.stdout == primed.stdout  # the same interpreter process
+        assert (await agent.ping()).boot.spares == []  # a real run uses it up, as always
+        # Priming when there is no spare is an ordinary one-shot exec.
+        again = await agent.exec(pid, language="python", prime_spare=True, refill_spare=False)
+        assert again.exit_code == 0 and again.stdout != run.stdout

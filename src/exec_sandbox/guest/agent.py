@@ -552,6 +552,35 @@ def _raise_child_failure(data: bytes, program: str, cwd: str) -> None:
 
 
 
+class Workers:
+    """Threads that run requests, kept for the next one: starting a thread costs ~5-15 ms in a TCG
+    guest, handing a job to a waiting one ~1 ms. Grows to the peak number of concurrent requests
+    (an exec that runs for an hour holds its thread); idle threads just wait."""
+
+    def __init__(self) -> None:
+        self.jobs: Any = __import__("_queue").SimpleQueue()  # the C queue: no `queue` import at boot
+        self.lock = threading.Lock()
+        self.idle = 0  # waiting threads not yet promised a job
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        with self.lock:
+            if self.idle > 0:
+                self.idle -= 1  # promised: the job below is theirs
+                self.jobs.put((fn, args))
+                return
+        threading.Thread(target=self._run, args=(fn, args), daemon=True).start()
+
+    def _run(self, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+        while True:
+            try:
+                fn(*args)
+            except BaseException:  # the job reports its own errors; the thread must survive
+                pass
+            with self.lock:
+                self.idle += 1
+            fn, args = self.jobs.get()
+
+
 class Reaper:
     """Reaps every child (and, as PID 1 or subreaper, every orphan); waiters look statuses up."""
 
@@ -1070,6 +1099,7 @@ class Agent:
         self._interpreters: Msg | None = None
         self.transport: Transport | None = None
         self.stop_event = threading.Event()
+        self.workers = Workers()
 
     # ---- lazily built pieces (kept off the boot critical path)
 
@@ -1307,7 +1337,7 @@ class Agent:
                 # Inline, not in a thread: after a snapshot restore this is on the critical path.
                 self.op_reseed_rng(req_id, msg)
             elif kind in ("exec", "read_file", "list_files", "warmup", "shutdown"):
-                threading.Thread(target=self._guarded, args=(kind, req_id, msg), daemon=True).start()
+                self.workers.submit(self._guarded, kind, req_id, msg)
             else:
                 raise RequestError("unknown_request", f"unknown request type {kind!r}")
         except RequestError as exc:
@@ -1388,6 +1418,8 @@ class Agent:
         )
         self.send(result)
         _trace("exec replied")
+        if used_spare is not None and msg.get("prime_spare") is True and self._keep_spare(lang, used_spare):
+            return  # a warm-up block of the host's own: the spare stays, now with its paths translated
         if used_spare is not None:
             # A used spare dies only after the reply: its output is complete once it reported
             # "done", and killing its tree (a /proc walk) costs ~10 ms of guest CPU under TCG, which
@@ -1531,6 +1563,17 @@ class Agent:
             self.spare_cond.notify_all()
         if not kept:
             repl.stop()
+
+    def _keep_spare(self, lang: str, repl: Repl) -> bool:
+        """Put a spare that ran a priming block back (unless it died, or another took its place)."""
+        with self.spare_cond:
+            if not repl.alive() or lang in self.spares or lang not in self.spare_langs:
+                return False
+            if lang == "python":
+                repl.reseed_pending = True  # cheap insurance: it was out of self.spares for a while
+            self.spares[lang] = repl
+            self.spare_cond.notify_all()
+            return True
 
     def _take_spare(self, lang: str, wait_s: float = 60.0) -> Repl | None:
         deadline = time.monotonic() + wait_s
