@@ -3,30 +3,14 @@ boot) must produce and accept exactly what the stdlib json module does."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-from exec_sandbox import agent_protocol
+from tests.support.guest_agent import load_agent
 
-AGENT = Path(agent_protocol.__file__).parent / "guest" / "agent.py"
-
-
-def _load_agent() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("sbx_guest_agent_json_test", AGENT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-agent = _load_agent()
+agent = load_agent("sbx_guest_agent_json_test")
 
 VALUES: list[object] = [
     {},
