@@ -872,19 +872,7 @@ class Scheduler:
         refill otherwise competes for the cores with the very run that just emptied the pool."""
         options = self._vm_options(language, self.config.default_memory_mb)
         nice = BACKGROUND_NICE if self._can_renice else 0
-        if self._snapshots is not None:
-            vm, _ = await self._snapshots.restore_or_boot(
-                options, runtime_dir=self._runtime_dir, overlay_pool=self._pool, nice=nice
-            )
-        else:
-            vm = await SandboxVm.boot(
-                options,
-                settings=self.settings,
-                vm_manager=self._vm_manager,
-                overlay_pool=self._pool,
-                runtime_dir=self._runtime_dir,
-                nice=nice,
-            )
+        vm = await self._make_vm(options, nice=nice)
         try:
             # Also after a restore: the pool counts a VM only once its REPL and spare interpreter are
             # up (and done with any post-restore reseed the agent queued), so a hit never waits.
@@ -894,26 +882,30 @@ class Scheduler:
             raise
         return vm
 
+    async def _make_vm(
+        self, options: VmOptions, *, on_boot_log: BootLogCallback | None = None, nice: int = 0
+    ) -> SandboxVm:
+        """One VM: restored from the snapshot cache (or cold-booted into it), or cold-booted."""
+        if self._snapshots is not None:
+            vm, _ = await self._snapshots.restore_or_boot(
+                options, runtime_dir=self._runtime_dir, overlay_pool=self._pool, on_boot_log=on_boot_log,
+                nice=nice,
+            )
+            return vm
+        return await SandboxVm.boot(
+            options,
+            settings=self.settings,
+            vm_manager=self._vm_manager,
+            overlay_pool=self._pool,
+            runtime_dir=self._runtime_dir,
+            on_boot_log=on_boot_log,
+            nice=nice,
+        )
+
     async def _boot(self, options: VmOptions, on_boot_log: BootLogCallback | None) -> tuple[SandboxVm, int]:
         for attempt in range(1, _BOOT_ATTEMPTS + 1):
             try:
-                if self._snapshots is not None:
-                    vm, _ = await self._snapshots.restore_or_boot(
-                        options,
-                        runtime_dir=self._runtime_dir,
-                        overlay_pool=self._pool,
-                        on_boot_log=on_boot_log,
-                    )
-                else:
-                    vm = await SandboxVm.boot(
-                        options,
-                        settings=self.settings,
-                        vm_manager=self._vm_manager,
-                        overlay_pool=self._pool,
-                        runtime_dir=self._runtime_dir,
-                        on_boot_log=on_boot_log,
-                    )
-                return vm, attempt
+                return await self._make_vm(options, on_boot_log=on_boot_log), attempt
             except VmCapacityError:
                 raise
             except SandboxTransientError as exc:

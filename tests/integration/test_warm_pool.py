@@ -23,7 +23,7 @@ from exec_sandbox.sandbox_vm import SandboxVm, VmOptions
 from exec_sandbox.settings import Settings
 from exec_sandbox.snapshot_cache import SnapshotCache
 from exec_sandbox.vm_manager import VmManager
-from exec_sandbox.warm_pool import WarmPool, WarmPoolState
+from exec_sandbox.warm_pool import PooledVm, WarmPool, WarmPoolState
 from tests.integration.conftest import LeakChecker, child_processes
 
 pytestmark = pytest.mark.integration
@@ -184,12 +184,18 @@ async def test_dead_idle_vm_is_dropped_and_replaced(
         await wait_for(lambda: pool.idle_count() == 1)
         hit = await pool.checkout("python")
         assert hit is not None and hit.vm is not victim
-        assert (await hit.vm.exec("print(3)")).stdout == "3\n"
-        await hit.vm.close()
-        assert hit.grant is not None
-        hit.grant.release()
+        await use_once(hit, 3)
     assert admission.stats().active == 0
     await cache.aclose()
+
+
+async def use_once(hit: PooledVm | None, n: int) -> None:
+    """Run one exec in a checked-out VM, then retire it as its caller would (close, release)."""
+    assert hit is not None
+    assert (await hit.vm.exec(f"print({n})")).stdout == f"{n}\n"
+    await hit.vm.close()
+    assert hit.grant is not None
+    hit.grant.release()
 
 
 async def test_parallel_refills_make_working_vms(
@@ -206,11 +212,7 @@ async def test_parallel_refills_make_working_vms(
         await wait_for(lambda: pool.idle_count() == 2)
         hits = [await pool.checkout("python") for _ in range(2)]
         for n, hit in enumerate(hits):
-            assert hit is not None
-            assert (await hit.vm.exec(f"print({n} * 7)")).stdout == f"{n * 7}\n"
-            await hit.vm.close()
-            assert hit.grant is not None
-            hit.grant.release()
+            await use_once(hit, n * 7)
     assert admission.stats().active == 0
     await sbx_leaks.assert_clean()
     await cache.aclose()
@@ -231,10 +233,7 @@ async def test_checkout_pings_a_quiet_vm_and_drops_a_hung_one(
         await wait_for(lambda: pool.idle_count() == 2)
         fresh = await pool.checkout("python")
         assert fresh is not None and pool.stats.checkout_pings == 0
-        assert (await fresh.vm.exec("print(4)")).stdout == "4\n"
-        await fresh.vm.close()
-        assert fresh.grant is not None
-        fresh.grant.release()
+        await use_once(fresh, 4)
 
         await wait_for(lambda: pool.idle_count() == 2)
         pool.checkout_ping_after_s = 0.0  # everything counts as quiet now
@@ -245,10 +244,7 @@ async def test_checkout_pings_a_quiet_vm_and_drops_a_hung_one(
         assert hit is not None and hit.vm is not hung
         assert pool.stats.checkout_pings == 2 and pool.stats.unhealthy_dropped == 1
         assert not hung.alive
-        assert (await hit.vm.exec("print(5)")).stdout == "5\n"
-        await hit.vm.close()
-        assert hit.grant is not None
-        hit.grant.release()
+        await use_once(hit, 5)
     assert admission.stats().active == 0
     await sbx_leaks.assert_clean()
     await cache.aclose()
