@@ -45,6 +45,9 @@ from exec_sandbox.session import Session
 from exec_sandbox.settings import Settings
 from smartvm.qemu import choose_accelerator
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procfs import cpu_ticks, own_children
+
 __all__ = ["main"]
 
 TARGET_PSS_MIB = 30.0
@@ -113,27 +116,16 @@ def pss_breakdown_kib(pid: int) -> Counter[str]:
     return out
 
 
-def cpu_ticks(pid: int) -> int:
-    raw = Path(f"/proc/{pid}/stat").read_text()
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime
-
-
 def vm_children() -> list[tuple[int, str]]:
     """QEMU / qemu-storage-daemon processes whose parent is this process."""
-    me = os.getpid()
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in own_children():
         try:
-            stat = (entry / "stat").read_text()
-            cmd = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[1]) == me and "qemu" in Path(cmd).name:
-            found.append((int(entry.name), Path(cmd).name))
+        if "qemu" in Path(cmd).name:
+            found.append((pid, Path(cmd).name))
     return found
 
 

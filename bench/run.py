@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -45,6 +46,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from boot import bench_plain_qemu, bench_python_subprocess, summary
+from procfs import cpu_ticks, own_children
 
 from exec_sandbox.config import SchedulerConfig
 from exec_sandbox.scheduler import RunResult, Scheduler
@@ -153,17 +155,9 @@ async def bench_session(settings: Settings, snapshot_dir: Path, runs: int) -> di
 def _child_cpu_s() -> float:
     """CPU seconds of this process's live children (QEMU, qemu-storage-daemon), from /proc."""
     total = 0
-    me = str(os.getpid())
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            raw = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = raw[raw.rindex(")") + 2 :].split()
-        if fields[1] == me:
-            total += int(fields[11]) + int(fields[12])
+    for pid in own_children():
+        with contextlib.suppress(OSError):  # it ended meanwhile: counted by RUSAGE_CHILDREN instead
+            total += cpu_ticks(pid)
     return total / os.sysconf("SC_CLK_TCK")
 
 
@@ -224,12 +218,6 @@ def _smaps_kib(pid: int) -> dict[str, int]:
     return out
 
 
-def _cpu_ticks(pid: int) -> int:
-    raw = Path(f"/proc/{pid}/stat").read_text()
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime
-
-
 async def bench_idle(settings: Settings, snapshot_dir: Path, count: int, idle_s: float) -> dict[str, Any]:
     # Admission defaults: idle sessions hold memory only (see bench/density.py for 200 of them).
     config = {"session_idle_timeout_seconds": 3600.0}
@@ -242,9 +230,9 @@ async def bench_idle(settings: Settings, snapshot_dir: Path, count: int, idle_s:
                 sessions.append(s)
             pids = [s.vm.machine.pid for s in sessions if s.vm.machine.pid is not None]
             await asyncio.sleep(2.0)  # let the guests go idle
-            ticks0 = {pid: _cpu_ticks(pid) for pid in pids}
+            ticks0 = {pid: cpu_ticks(pid) for pid in pids}
             await asyncio.sleep(idle_s)
-            ticks1 = {pid: _cpu_ticks(pid) for pid in pids}
+            ticks1 = {pid: cpu_ticks(pid) for pid in pids}
             mem = [_smaps_kib(pid) for pid in pids]
             restored = sum(s.restored_from_snapshot for s in sessions)
             budget_mb = sched.admission.memory_budget_mb
