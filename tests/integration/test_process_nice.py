@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from pathlib import Path
 
 import pytest
 
 from smartvm.process import ChildProcess, can_raise_priority, set_process_nice
+from tests.support.procfs import thread_nices
 
 pytestmark = pytest.mark.integration
 
@@ -19,14 +19,6 @@ CHILD = (
     "for _ in range(2): threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
     "print('ready', flush=True); time.sleep(60)\n"
 )
-
-
-def thread_nices(pid: int) -> list[int]:
-    values = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        raw = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        values.append(int(raw[raw.rindex(")") + 2 :].split()[16]))  # field 19: nice
-    return values
 
 
 _pumps: set[asyncio.Future[None]] = set()

@@ -29,6 +29,7 @@ from exec_sandbox.settings import Settings
 from exec_sandbox.snapshot_cache import SnapshotCache
 from smartvm.process import can_raise_priority
 from tests.integration.test_scheduler_support import assert_closed_clean, assert_no_vms, qemu_children
+from tests.support.procfs import thread_nices
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -62,14 +63,6 @@ async def speed_scheduler(config: SchedulerConfig, snapshot_dir: Path) -> AsyncI
         assert snapshot_leftovers(snapshot_dir) == []
     finally:
         shutil.rmtree(runtime_dir, ignore_errors=True)
-
-
-def qemu_thread_nices(pid: int) -> list[int]:
-    values = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        raw = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        values.append(int(raw[raw.rindex(")") + 2 :].split()[16]))  # field 19: nice
-    return values
 
 
 def copy_cache(src: Path, dst: Path) -> Path:
@@ -192,10 +185,10 @@ async def test_warm_pool_hits_refill_and_drain(filled_snapshots: Path) -> None:
         assert idle_vm.machine.pid is not None
         base = os.getpriority(os.PRIO_PROCESS, 0)
         background = min(base + BACKGROUND_NICE, 19) if can_raise_priority() else base
-        assert set(qemu_thread_nices(idle_vm.machine.pid)) == {background}  # made in the background
+        assert set(thread_nices(idle_vm.machine.pid)) == {background}  # made in the background
         async with await sched.session() as s:
             assert s.warm_pool_hit and s.vm is idle_vm
-            assert set(qemu_thread_nices(idle_vm.machine.pid)) == {base}  # serving a caller now
+            assert set(thread_nices(idle_vm.machine.pid)) == {base}  # serving a caller now
             await s.exec("y = 5")
             assert (await s.exec("print(y)")).stdout == "5\n"
         assert pool.stats.hits == 3 and pool.stats.created >= 3
