@@ -486,12 +486,13 @@ class Scheduler:
         self._require_running("run code in")
         state = _RunState()
         inner = asyncio.get_running_loop().create_task(
-            self._run_tracked(
+            self._run(
                 code, lang, timeout, memory, env, on_stdout, on_stderr, on_boot_log, uploads, downloads, state
             ),
             name="sbx-run",
         )
-        result: RunResult = await self._await_tracked(inner, state)
+        with self._foreground.track():  # warm-pool refills wait for a gap (see ForegroundActivity)
+            result: RunResult = await self._await_tracked(inner, state)
         return result
 
     async def _await_tracked(self, inner: asyncio.Task[Any], state: _RunState | None) -> Any:
@@ -554,10 +555,6 @@ class Scheduler:
         if isinstance(download, str | bytes) or not isinstance(download, Sequence):
             raise input_error("download", download, "must be a list of guest paths, not a single string")
         return [(p, validate_guest_path(p, field="download")) for p in download]
-
-    async def _run_tracked(self, *args: Any) -> RunResult:
-        with self._foreground.track():
-            return await self._run(*args)
 
     async def _run(
         self,
