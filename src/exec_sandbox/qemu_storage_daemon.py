@@ -6,7 +6,13 @@ Creating an overlay through a running daemon (blockdev-create file -> blockdev-a
 
 - runs in its own process group with a parent-death signal (``smartvm.process``),
   so it never outlives the Python process that started it;
-- listens on a QMP socket in a private temp dir (several daemons can coexist);
+- talks QMP with us over an inherited, already connected socket: QEMU 7.2 greets a
+  client of a *listening* monitor socket twice when it connects while the monitor
+  is still being set up (measured: about 1 start in 1,500), which breaks the
+  capabilities negotiation; a socket connected before the daemon starts is greeted
+  exactly once, and nothing needs to poll for the daemon to listen;
+- also listens on a QMP socket in a private temp dir, for operators (``qmp-shell``)
+  and for telling daemons apart (several can coexist);
 - serialises commands (one overlay at a time: QMP job events and node names stay
   unambiguous, and the daemon's main loop is single-threaded anyway);
 - undoes a half-made overlay (jobs, nodes, the file) on any failure or cancellation.
@@ -96,10 +102,21 @@ def escape_qemu_option_value(value: str) -> str:
     return value.replace(",", ",,")
 
 
-def build_daemon_argv(binary: str, socket_path: Path) -> list[str]:
-    """argv of a daemon serving QMP on a listening unix socket (no block exports)."""
-    chardev = f"socket,id=qmp0,path={escape_qemu_option_value(str(socket_path))},server=on,wait=off"
-    return [binary, "--chardev", chardev, "--monitor", "chardev=qmp0"]
+def build_daemon_argv(binary: str, socket_path: Path, qmp_fd: int) -> list[str]:
+    """argv of a daemon serving QMP on the connected socket ``qmp_fd`` (ours) and on a
+    listening unix socket at ``socket_path`` (operators'); no block exports."""
+    listening = f"socket,id=qmp1,path={escape_qemu_option_value(str(socket_path))},server=on,wait=off"
+    return [
+        binary,
+        "--chardev",
+        f"socket,id=qmp0,fd={qmp_fd}",
+        "--monitor",
+        "chardev=qmp0",
+        "--chardev",
+        listening,
+        "--monitor",
+        "chardev=qmp1",
+    ]
 
 
 def build_qemu_img_info_argv(qemu_img: str, image: Path) -> list[str]:
@@ -469,27 +486,32 @@ class QemuStorageDaemon:
                 "use a shorter runtime_dir"
             )
         self._socket_path = socket_path
-        argv = build_daemon_argv(self._binary, socket_path)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        argv = build_daemon_argv(self._binary, socket_path, theirs.fileno())
         self._last_process = None
         try:
             # Own process group: the kill ladder reaches everything.
-            self._process = await ChildProcess.spawn(argv, new_session=True, stdout="devnull", stderr="tail")
+            self._process = await ChildProcess.spawn(
+                argv, new_session=True, stdout="devnull", stderr="tail", pass_fds=(theirs.fileno(),)
+            )
         except OSError as exc:
+            ours.close()
             raise QemuStorageDaemonError(
                 f"Cannot run qemu-storage-daemon ({self._binary}): {exc}", context={"command": argv}
             ) from exc
+        finally:
+            theirs.close()  # the daemon holds its end now; EOF on ours means it is gone
         self._last_process = self._process
         self._exit_task = asyncio.create_task(self._process.wait())
         self._exit_task.add_done_callback(self._on_exit)
+        # Registered before connecting so a half-done handshake is undone by _teardown.
+        self._qmp = QMPClient(f"qsd-{self._process.pid}")
         try:
             async with asyncio.timeout(self._start_timeout):
-                sock = await self._connect_socket(socket_path)
-                # Registered before connecting so a half-done handshake is undone by _teardown.
-                self._qmp = QMPClient(f"qsd-{self._process.pid}")
                 try:
-                    await self._qmp.connect(sock)
+                    await self._qmp.connect(ours)
                 except BaseException:
-                    sock.close()
+                    ours.close()
                     raise
         except TimeoutError as exc:
             raise QemuStorageDaemonError(
@@ -497,14 +519,30 @@ class QemuStorageDaemon:
                 f"stderr: {self.stderr_tail() or '(empty)'}",
                 context={"command": argv, "stderr": self.stderr_tail()},
             ) from exc
-        except QemuStorageDaemonError:
-            raise
-        except Exception as exc:  # qemu.qmp greeting/negotiation failures
+        except Exception as exc:  # qemu.qmp greeting/negotiation failures, or EOF from a dead daemon
+            exit_code = await self._exit_code_soon()
+            if exit_code is not None:
+                raise QemuStorageDaemonError(
+                    f"qemu-storage-daemon exited with code {exit_code} before QMP was ready; "
+                    f"stderr: {self.stderr_tail() or '(empty)'}",
+                    context={"exit_code": exit_code, "stderr": self.stderr_tail()},
+                ) from exc
             raise QemuStorageDaemonError(
                 f"QMP handshake with qemu-storage-daemon failed: {exc}; "
                 f"stderr: {self.stderr_tail() or '(empty)'}",
                 context={"command": argv, "stderr": self.stderr_tail()},
             ) from exc
+
+    async def _exit_code_soon(self, grace: float = 1.0) -> int | None:
+        """Its exit code if the daemon exits within ``grace`` seconds (stderr read to the end), else None."""
+        assert self._exit_task is not None
+        try:
+            async with asyncio.timeout(grace):
+                code = await asyncio.shield(self._exit_task)
+        except TimeoutError:
+            return None
+        await self._stderr_settled()
+        return code
 
     def _on_exit(self, task: asyncio.Task[int]) -> None:
         if self._state is DaemonState.RUNNING and not task.cancelled():
@@ -513,31 +551,6 @@ class QemuStorageDaemon:
                 task.result(),
                 self.stderr_tail() or "(empty)",
             )
-
-    async def _connect_socket(self, path: Path) -> socket.socket:
-        """Poll until the daemon listens (it is ready within milliseconds), failing fast if it exits."""
-        loop = asyncio.get_running_loop()
-        assert self._exit_task is not None
-        while True:
-            if self._exit_task.done():
-                await self._stderr_settled()
-                raise QemuStorageDaemonError(
-                    f"qemu-storage-daemon exited with code {self._exit_task.result()} before QMP was ready; "
-                    f"stderr: {self.stderr_tail() or '(empty)'}",
-                    context={"exit_code": self._exit_task.result(), "stderr": self.stderr_tail()},
-                )
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            try:
-                await loop.sock_connect(sock, str(path))
-            except (FileNotFoundError, ConnectionRefusedError):
-                sock.close()
-            except BaseException:
-                sock.close()
-                raise
-            else:
-                return sock
-            await asyncio.sleep(0.002)
 
     async def _stderr_settled(self) -> None:
         if self._process is not None:

@@ -203,12 +203,14 @@ class ChildProcess:
         tail_lines: int = DEFAULT_TAIL_LINES,
         thp_disable: bool = False,
         nice: int = 0,
+        pass_fds: Sequence[int] = (),
     ) -> ChildProcess:
         """Start ``argv`` (stdin from /dev/null); OSError (e.g. FileNotFoundError) propagates.
 
         ``new_session``: ``setsid`` (own session and process group) instead of ``setpgid``.
         ``thp_disable``: no transparent huge pages in the child (see :func:`pdeathsig_preexec`).
         ``nice``: the child (and all its threads) starts at this nice value.
+        ``pass_fds``: descriptors the child inherits under the same numbers (all others are closed).
         """
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -220,6 +222,7 @@ class ChildProcess:
             ),
             start_new_session=new_session,
             env=dict(env) if env is not None else None,
+            pass_fds=tuple(pass_fds),
         )
         return cls(argv, proc, stdout=stdout, stderr=stderr, tail_lines=tail_lines)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from qemu.qmp import QMPClient
 
 from exec_sandbox.errors import QemuStorageDaemonError, SandboxInputError
 from exec_sandbox.qemu_storage_daemon import DaemonState, QemuStorageDaemon
@@ -117,6 +118,22 @@ class TestLifecycle:
         assert not sock.exists()
         assert list(runtime.iterdir()) == []
         assert daemon._process is None and daemon._socket_path is None
+
+    async def test_operator_socket_is_a_second_monitor_beside_ours(self, tmp_path: Path) -> None:
+        """Our QMP runs over an inherited socket; the listening one stays free for an operator."""
+        base = make_base(tmp_path / "base.qcow2")
+        async with QemuStorageDaemon(runtime_dir=tmp_path / "rt") as daemon:
+            assert daemon.socket_path is not None
+            operator = QMPClient("operator")
+            await operator.connect(str(daemon.socket_path))
+            try:
+                version = await operator.execute("query-version")
+                assert isinstance(version, dict) and version["qemu"]["major"] >= 7
+                await daemon.create_overlay(base, tmp_path / "vm.qcow2")  # ours works meanwhile
+            finally:
+                await operator.disconnect()
+            await daemon.create_overlay(base, tmp_path / "vm2.qcow2")
+        assert (await image_info(tmp_path / "vm2.qcow2"))["backing-filename"] == str(base)
 
     async def test_stop_ladder_kills_a_daemon_that_does_not_answer(self, tmp_path: Path) -> None:
         daemon = QemuStorageDaemon(runtime_dir=tmp_path / "rt", stop_timeout=0.3)

@@ -41,14 +41,18 @@ class TestBuilders:
     def test_escape_doubles_commas_only(self) -> None:
         assert escape_qemu_option_value("/a,b,,c=d") == "/a,,b,,,,c=d"
 
-    def test_daemon_argv_serves_qmp_on_the_socket(self) -> None:
-        argv = build_daemon_argv("qsd", Path("/run/x,y/qmp.sock"))
+    def test_daemon_argv_serves_qmp_on_the_inherited_fd_and_the_socket(self) -> None:
+        argv = build_daemon_argv("qsd", Path("/run/x,y/qmp.sock"), 7)
         assert argv == [
             "qsd",
             "--chardev",
-            "socket,id=qmp0,path=/run/x,,y/qmp.sock,server=on,wait=off",
+            "socket,id=qmp0,fd=7",
             "--monitor",
             "chardev=qmp0",
+            "--chardev",
+            "socket,id=qmp1,path=/run/x,,y/qmp.sock,server=on,wait=off",
+            "--monitor",
+            "chardev=qmp1",
         ]
 
     def test_info_argv_pins_file_driver_so_odd_names_are_literal(self) -> None:
