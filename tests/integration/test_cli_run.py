@@ -231,6 +231,10 @@ def test_invalid_input_exits_126_with_one_line(sbx: Sbx, args: tuple[str, ...], 
     assert needle in lines[0]
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize(
     ("signum", "code", "message"),
     [(signal.SIGTERM, 143, "sbx: terminated"), (signal.SIGINT, 130, "sbx: interrupted")],
@@ -246,6 +250,9 @@ def test_output_streams_live_and_a_signal_cleans_up(
         text=True,
         cwd=sbx.cwd,
         env=sbx.env(),
+        # As in a terminal. A shell without job control starts background commands with
+        # SIGINT ignored, and sbx (like Python, like any program) keeps an inherited ignore.
+        preexec_fn=_sigint_default,
     )
     try:
         assert proc.stdout is not None
