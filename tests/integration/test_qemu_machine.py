@@ -29,6 +29,7 @@ from smartvm.qemu import (
     reap_leftovers,
 )
 from smartvm.qemu.process import OwnerRecord, process_start_ticks, write_owner_record
+from smartvm.qemu.qmp import QmpConnection
 from smartvm.vmm.base import SnapshotFiles, VmmBackend, VmmRunState
 from tests.integration.qemu_guest import READY_MARKER, guest_initramfs, guest_kernel
 
@@ -150,6 +151,30 @@ async def test_boot_info_pause_resume_stop(
     with pytest.raises(SmartVMError) as again:
         await machine.start(config)
     assert again.value.code == "INVALID_STATE"
+
+
+async def test_owner_qmp_is_inherited_and_the_socket_is_a_second_monitor(
+    guest: tuple[Path, Path], runtime_dir: Path, machines: list[QemuMachine]
+) -> None:
+    machine = QemuMachine(make_spec(guest, "counter"), runtime_dir=runtime_dir)
+    machines.append(machine)
+    await machine.start()
+    assert machine.spec is not None and machine.spec.qmp_fd is not None
+    pid = machine.pid
+    assert pid is not None
+    # QEMU's end of our session is a socket it inherited (QMP needs no listening socket for us).
+    assert os.readlink(f"/proc/{pid}/fd/{machine.spec.qmp_fd}").startswith("socket:")
+    operator = QmpConnection(machine.qmp_socket, name="operator")
+    await operator.connect(timeout=30)
+    try:
+        status = await operator.execute("query-status")
+        assert status["status"] == "running" and status["running"] is True
+        assert await machine.query_status() == "running"  # ours, meanwhile
+    finally:
+        await operator.close()
+    await machine.stop()
+    assert machine.exit_code == 0  # QMP quit over the inherited socket was enough
+    assert_nothing_left(machine, pid)
 
 
 def sha256(path: Path) -> str:

@@ -68,6 +68,21 @@ def test_minimal_spec_exact_argv() -> None:
     ]
 
 
+def test_inherited_qmp_fd_is_a_monitor_before_the_listening_one() -> None:
+    spec = QemuMachineSpec(kernel=Path("/k/vmlinux"), qmp_socket=Path("/run/x/qmp.sock"), qmp_fd=9)
+    argv = build_argv(spec)
+    assert _pairs(argv, "-chardev")[-2:] == [
+        "socket,id=qmpfd,fd=9",
+        "socket,id=qmp,path=/run/x/qmp.sock,server=on,wait=off",
+    ]
+    assert _pairs(argv, "-mon") == ["chardev=qmpfd,mode=control", "chardev=qmp,mode=control"]
+
+
+def test_qmp_fd_must_be_a_descriptor_number() -> None:
+    with pytest.raises(ValueError, match="qmp_fd"):
+        QemuMachineSpec(kernel=Path("/k/vmlinux"), qmp_fd=-1)
+
+
 def test_full_spec_devices_and_snapshot_flags() -> None:
     spec = QemuMachineSpec(
         name="vm-1",

@@ -177,6 +177,9 @@ class QemuMachineSpec(_Spec):
     incoming: Literal["defer"] | None = None
     console: bool = True
     qmp_socket: Path | None = None
+    # A connected socket QEMU inherits under this number, for the owner's own QMP session: a
+    # client of a listening monitor socket can be greeted twice (QEMU 7.2), this one only once.
+    qmp_fd: int | None = Field(default=None, ge=0)
     tb_size_mib: int | None = Field(default=32, ge=1)
     no_reboot: bool = True
 
@@ -298,6 +301,8 @@ def build_argv(spec: QemuMachineSpec, *, binary: str | None = None) -> list[str]
     if spec.vsock is not None and spec.accel == "kvm":
         argv += ["-device", f"vhost-vsock-device,guest-cid={spec.vsock.guest_cid}"]
 
+    if spec.qmp_fd is not None:
+        argv += ["-chardev", f"socket,id=qmpfd,fd={spec.qmp_fd}", "-mon", "chardev=qmpfd,mode=control"]
     if spec.qmp_socket is not None:
         argv += [
             "-chardev",

@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from enum import StrEnum
@@ -286,10 +287,18 @@ class QemuMachine:
                 )
             await asyncio.to_thread(reap_leftovers, self.runtime_dir)
             self._make_vm_dir(spec)
-            self.spec = spec
-            self.argv = build_argv(spec, binary=binary)
-            await self._spawn(spec)
-            await self._connect_qmp()
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                spec = spec.model_copy(update={"qmp_fd": theirs.fileno()})
+                self.spec = spec
+                self.argv = build_argv(spec, binary=binary)
+                await self._spawn(spec, pass_fds=(theirs.fileno(),))
+            except BaseException:
+                ours.close()
+                raise
+            finally:
+                theirs.close()  # QEMU holds its end now; EOF on ours means it is gone
+            await self._connect_qmp(ours)
             version = await self._qmp_exec("query-version")
             qemu = version.get("qemu", {}) if isinstance(version, dict) else {}
             self._version = f"{qemu.get('major', '?')}.{qemu.get('minor', '?')}.{qemu.get('micro', '?')}"
@@ -383,7 +392,7 @@ class QemuMachine:
         )
         write_owner_record(self.vm_dir, self._record)
 
-    async def _spawn(self, spec: QemuMachineSpec) -> None:
+    async def _spawn(self, spec: QemuMachineSpec, *, pass_fds: Sequence[int] = ()) -> None:
         log.debug("spawning %s", " ".join(self.argv))
         try:
             # The console (QEMU's stdout) and stderr go to byte-bounded buffers that also serve waiters.
@@ -397,6 +406,7 @@ class QemuMachine:
                 stderr=self._stderr.attach,
                 thp_disable=True,
                 nice=self._nice,
+                pass_fds=pass_fds,
             )
         except OSError as exc:
             raise SmartVMError(
@@ -414,11 +424,11 @@ class QemuMachine:
     def _alive(self) -> bool:
         return self._proc is not None and self._proc.alive
 
-    async def _connect_qmp(self) -> None:
+    async def _connect_qmp(self, sock: socket.socket) -> None:
         self._qmp = QmpConnection(self.qmp_socket, name=f"smartvm-{self.vm_id}")
         self._push_undo("close QMP", self._qmp.close)
         try:
-            await self._qmp.connect(timeout=self._start_timeout, alive=self._alive)
+            await self._qmp.attach(sock, timeout=self._start_timeout)
         except SmartVMError as exc:
             raise await self._start_failure(str(exc)) from exc
 
@@ -596,7 +606,9 @@ class QemuMachine:
                     "ram": "file" if shared else "stream",
                     "spec": self.spec.model_dump(
                         mode="json",
-                        exclude={"qmp_socket", "incoming", "memory_backend", "serial_ports", "name"},
+                        exclude={
+                            "qmp_socket", "qmp_fd", "incoming", "memory_backend", "serial_ports", "name"
+                        },
                     ),
                     "serial_ports": list(self._serial_names),
                     # A streamed snapshot of a file-backed guest names its RAM block after the backend.

@@ -1,8 +1,9 @@
 """A thin wrapper over ``qemu.qmp.QMPClient``: the only QMP client in the project.
 
-It adds what every caller needs and the library leaves out: connecting with retry
-while QEMU is still creating its socket (giving up as soon as the process is gone),
-and mapping library errors to :class:`~smartvm.errors.SmartVMError`::
+It adds what every caller needs and the library leaves out: connecting over a socket
+QEMU inherited already connected (:meth:`QmpConnection.attach`), or with retry while
+QEMU is still creating its listening socket (giving up as soon as the process is
+gone), and mapping library errors to :class:`~smartvm.errors.SmartVMError`::
 
     SmartVMError(code="QMP_ERROR", details={"error_class": ..., "command": ...})
         the command ran and QEMU refused it (ExecuteError), or the link broke mid-call
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,28 @@ class QmpConnection:
                     retryable=True,
                 ) from last_error
             await asyncio.sleep(interval)
+
+    async def attach(self, sock: socket.socket, *, timeout: float = 30.0) -> None:
+        """Talk QMP over ``sock``, the other end of a socket QEMU inherited (``QemuMachineSpec.qmp_fd``).
+
+        No retry: it is connected before QEMU starts, so a failure means QEMU died or is broken.
+        ``sock`` is owned from here on, closed on failure and by :meth:`close`.
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                await self._client.connect(sock)
+        except (ConnectError, OSError, TimeoutError) as exc:
+            sock.close()
+            await self._reset()
+            raise SmartVMError(
+                ErrorCode.API_CONNECTION_FAILED,
+                f"QMP handshake over the inherited socket failed: {exc or type(exc).__name__}",
+                details={"socket": str(self.socket_path)},
+                retryable=True,
+            ) from exc
+        except BaseException:
+            sock.close()
+            raise
 
     async def _reset(self) -> None:
         try:
