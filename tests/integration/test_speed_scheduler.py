@@ -181,6 +181,11 @@ async def test_warm_pool_hits_refill_and_drain(filled_snapshots: Path) -> None:
         assert first.stdout.split()[0] != second.stdout.split()[0]
 
         await sched.prewarm(["python"], timeout_seconds=120)
+        third = await sched.run("print('only this')")
+        assert third.warm_pool_hit
+        assert (third.stdout, third.stderr) == ("only this\n", "")  # nothing of the priming run
+
+        await sched.prewarm(["python"], timeout_seconds=120)
         idle_vm = pool._slots["python"].idle[0].vm
         assert idle_vm.machine.pid is not None
         base = os.getpriority(os.PRIO_PROCESS, 0)
@@ -191,9 +196,9 @@ async def test_warm_pool_hits_refill_and_drain(filled_snapshots: Path) -> None:
             assert set(thread_nices(idle_vm.machine.pid)) == {base}  # serving a caller now
             await s.exec("y = 5")
             assert (await s.exec("print(y)")).stdout == "5\n"
-        assert pool.stats.hits == 3 and pool.stats.created >= 3
+        assert pool.stats.hits == 4 and pool.stats.created >= 4
         # Each refill waited for the run that emptied the pool to finish first.
-        assert pool.stats.refill_waited_for_foreground >= 2
+        assert pool.stats.refill_waited_for_foreground >= 3
         # A size the pool does not hold is not served from it.
         await sched.prewarm(["python"], timeout_seconds=120)
         assert not (await sched.run("print(1)", memory_mb=pool.memory_mb + 64)).warm_pool_hit
