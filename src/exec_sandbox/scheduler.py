@@ -114,7 +114,9 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import secrets
+import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -158,10 +160,17 @@ from exec_sandbox.validation import (
 )
 from exec_sandbox.vm_manager import VmManager
 from exec_sandbox.warm_pool import WarmPool
-from smartvm.process import can_raise_priority
-from smartvm.qemu import default_runtime_dir
+from smartvm.process import can_raise_priority, pid_alive
+from smartvm.qemu import default_runtime_dir, reap_leftovers
 
-__all__ = ["BACKGROUND_NICE", "RunResult", "Scheduler", "SchedulerState", "VmLease"]
+__all__ = [
+    "BACKGROUND_NICE",
+    "RunResult",
+    "Scheduler",
+    "SchedulerState",
+    "VmLease",
+    "reap_dead_scheduler_dirs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +180,34 @@ BACKGROUND_NICE = 10
 _BOOT_TIMEOUT_S = 90.0
 # QEMU's threads (vCPUs, RCU, I/O workers); far below what a runaway would need, far above normal.
 _QEMU_PIDS_MAX = 512
+
+
+_SCHEDULER_DIR = re.compile(r"s(\d+)-[0-9a-f]{4}")
+
+
+def reap_dead_scheduler_dirs(base: Path) -> list[Path]:
+    """Remove the runtime dirs (``s<pid>-<hex>``) of Schedulers whose process is gone; return them.
+
+    A Scheduler killed outright (SIGKILL, the OOM killer) takes its QEMUs and storage daemon with
+    it (parent-death signal), but nothing of it removes its overlays, its VM directories or the
+    guest-RAM files in /dev/shm (tmpfs: RAM that stays used). The next Scheduler on this host
+    does, first through smartvm's verified reaper (it kills only QEMUs whose recorded owner is
+    gone and deletes their RAM files). A pid that is alive, or reused, keeps its dir.
+    """
+    reaped: list[Path] = []
+    try:
+        candidates = sorted(base.iterdir())
+    except OSError:
+        return reaped
+    for path in candidates:
+        match = _SCHEDULER_DIR.fullmatch(path.name)
+        if match is None or not path.is_dir() or pid_alive(int(match.group(1))):
+            continue
+        reap_leftovers(path, min_age=0.0)
+        shutil.rmtree(path, ignore_errors=True)
+        reaped.append(path)
+        logger.info("removed the runtime dir %s of a Scheduler that is gone", path)
+    return reaped
 
 
 class SchedulerState(StrEnum):
@@ -388,6 +425,7 @@ class Scheduler:
             # Per scheduler, short (QEMU socket paths must stay under 108 bytes).
             base = default_runtime_dir().parent
             base.mkdir(parents=True, exist_ok=True)
+            reap_dead_scheduler_dirs(base)
             path = base / f"s{os.getpid()}-{secrets.token_hex(2)}"
             path.mkdir()
             self._created_runtime_dir = True
