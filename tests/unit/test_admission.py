@@ -16,6 +16,7 @@ from exec_sandbox.errors import (
     VmCapacityError,
 )
 from exec_sandbox.host_resources import CgroupLimits, HostResources
+from tests.support.loop import until
 
 GiB = 1024**3
 
@@ -24,15 +25,6 @@ def controller(memory: int = 1000, cpus: float = 100.0, **kwargs: object) -> Adm
     kwargs.setdefault("vm_overhead_mb", 0)
     kwargs.setdefault("timeout_seconds", 30.0)
     return AdmissionController(memory, cpus, **kwargs)  # type: ignore[arg-type]
-
-
-async def until(predicate: object, *, spins: int = 1000) -> None:
-    """Yield to the loop until ``predicate()`` holds (bounded by iterations, not by time)."""
-    for _ in range(spins):
-        if predicate():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("condition never became true")
 
 
 async def spin(n: int = 20) -> None:

@@ -13,6 +13,7 @@ from exec_sandbox.admission import AdmissionController
 from exec_sandbox.config import SchedulerConfig
 from exec_sandbox.errors import SandboxInputError, VmCapacityError
 from exec_sandbox.host_resources import CgroupLimits, HostResources, MemoryHeadroomProbe
+from tests.support.loop import until
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -48,14 +49,6 @@ def guarded(host: Host, **kwargs: object) -> AdmissionController:
     kwargs.setdefault("host_memory_reserve_mb", 1024)
     kwargs.setdefault("start_footprint_mb", 128)
     return AdmissionController(100_000, 100.0, memory_probe=host.probe, **kwargs)  # type: ignore[arg-type]
-
-
-async def until(predicate: object, *, spins: int = 1000) -> None:
-    for _ in range(spins):
-        if predicate():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("condition never became true")
 
 
 # --------------------------------------------------------------------------- busy / idle CPU
