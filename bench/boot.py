@@ -44,6 +44,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from percentile import p95
+
 from exec_sandbox.config import SchedulerConfig
 from exec_sandbox.overlay_pool import OverlayPool
 from exec_sandbox.sandbox_vm import SandboxVm, VmOptions
@@ -62,10 +64,9 @@ BASELINE_ARGS = (
 
 def summary(values_ms: list[float]) -> dict[str, float]:
     ordered = sorted(values_ms)
-    p95 = ordered[min(len(ordered) - 1, max(0, round(0.95 * len(ordered)) - 1))]
     return {
         "median_ms": round(statistics.median(ordered), 2),
-        "p95_ms": round(p95, 2),
+        "p95_ms": round(p95(ordered), 2),
         "min_ms": round(ordered[0], 2),
         "runs": len(ordered),
     }

@@ -46,6 +46,7 @@ from exec_sandbox.settings import Settings
 from smartvm.qemu import choose_accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from percentile import p95
 from procfs import cpu_ticks, own_children
 
 __all__ = ["main"]
@@ -66,10 +67,9 @@ def mem_available_mib() -> float:
 
 def stats(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
-    p95 = ordered[min(len(ordered) - 1, max(0, round(0.95 * len(ordered)) - 1))]
     return {
         "median": round(statistics.median(ordered), 2),
-        "p95": round(p95, 2),
+        "p95": round(p95(ordered), 2),
         "min": round(ordered[0], 2),
         "max": round(ordered[-1], 2),
         "n": len(ordered),

@@ -46,6 +46,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from boot import bench_plain_qemu, bench_python_subprocess, summary
+from percentile import p95
 from procfs import cpu_ticks, own_children
 
 from exec_sandbox.config import SchedulerConfig
@@ -248,7 +249,7 @@ async def bench_idle(settings: Settings, snapshot_dir: Path, count: int, idle_s:
         ordered = sorted(values)
         return {
             "median": round(statistics.median(ordered), 2),
-            "p95": round(ordered[min(len(ordered) - 1, max(0, round(0.95 * len(ordered)) - 1))], 2),
+            "p95": round(p95(ordered), 2),
             "max": round(ordered[-1], 2),
         }
 
