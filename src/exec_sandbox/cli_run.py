@@ -70,6 +70,8 @@ from exec_sandbox.validation import (
     validate_memory_mb,
     validate_timeout,
 )
+from smartvm.errors import ErrorCode
+from smartvm.hostfs import UnsafePathError, atomic_write_file
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -114,6 +116,8 @@ class ExitCode(enum.IntEnum):
 _FILE_NAME: Final = re.compile(
     r"[\w.~/-]*\.(?:" + "|".join(re.escape(e[1:]) for e in LANGUAGE_EXTENSIONS) + r")", re.IGNORECASE
 )
+# Downloaded files hold what untrusted guest code produced: private to the user, like every file we write.
+DOWNLOAD_FILE_MODE: Final = 0o600
 _CONTEXT_SKIP: Final = frozenset({"errors"})
 _CONTEXT_MAX_ITEMS: Final = 4
 _CONTEXT_MAX_CHARS: Final = 80
@@ -272,6 +276,10 @@ def plan_downloads(downloads: Sequence[Download], *, force: bool) -> None:
             raise input_error("--download", d.guest, f"directory {target.parent} does not exist")
         if not os.access(target.parent, os.W_OK):
             raise input_error("--download", d.guest, f"directory {target.parent} is not writable")
+        if target.is_symlink():
+            raise input_error(
+                "--download", d.guest, f"{target} is a symbolic link; give the real path", local=str(target)
+            )
         if target.is_dir():
             raise input_error("--download", d.guest, f"{target} is a directory")
         if target.exists() and not force:
@@ -283,25 +291,23 @@ def plan_downloads(downloads: Sequence[Download], *, force: bool) -> None:
 def write_download(data: bytes, target: Path, *, force: bool) -> None:
     """Write ``data`` to ``target`` atomically; without ``force`` never replace an existing file.
 
-    The bytes go to a temporary file next to the target first, so a reader never sees half a file;
-    ``os.link`` then publishes it only if the name is still free (no check-then-write race).
+    Through :func:`smartvm.hostfs.atomic_write_file`: the bytes go to a new temporary file with an
+    unpredictable name beside the target (``mkstemp``: ``O_CREAT|O_EXCL|O_NOFOLLOW``, mode 0600),
+    so a reader never sees half a file and nothing planted beside the target is written through;
+    ``os.link`` (or, with ``force``, ``rename``) then publishes it. A symlink at ``target`` is
+    refused, ``--force`` or not: give the real path (a rename would replace the link itself, not
+    the file it names, which is never what the user meant).
     """
-    tmp = target.with_name(f".{target.name}.sbx-{os.getpid()}")
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        if force:
-            os.replace(tmp, target)
-        else:
-            try:
-                os.link(tmp, target)
-            except FileExistsError:
-                raise input_error(
-                    "--download", str(target), f"{target} exists; use --force to overwrite it"
-                ) from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        atomic_write_file(target, data, overwrite=force, mode=DOWNLOAD_FILE_MODE)
+    except UnsafePathError as exc:
+        if exc.code == ErrorCode.PATH_EXISTS:
+            raise input_error(
+                "--download", str(target), f"{target} exists; use --force to overwrite it"
+            ) from None
+        raise input_error(
+            "--download", str(target), exc.message, local=str(target), problem=exc.problem
+        ) from None
 
 
 def exit_code_for_result(result: ExecutionResult) -> int:

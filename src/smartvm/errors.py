@@ -10,6 +10,9 @@ machine-readable ``code`` (see :class:`ErrorCode`) plus optional fields::
     ├── .details         free-form mapping with context (paths, ids, stderr tail)
     └── .retryable       True when the operation never ran and may be retried
 
+    Subclasses (same codes and fields, plus their own):
+    └── smartvm.hostfs.UnsafePathError   .path, .problem (UNSAFE_PATH / PATH_EXISTS)
+
 Third-party errors are wrapped at the boundary with ``raise SmartVMError(...) from exc``;
 ``asyncio.CancelledError`` is never wrapped.
 """
@@ -60,6 +63,9 @@ class ErrorCode(StrEnum):
     BASE_IMAGE_NOT_FOUND = "BASE_IMAGE_NOT_FOUND"
     INVALID_PRESET = "INVALID_PRESET"
     IMAGE_COPY_FAILED = "IMAGE_COPY_FAILED"
+    # host filesystem safety (smartvm.hostfs)
+    UNSAFE_PATH = "UNSAFE_PATH"
+    PATH_EXISTS = "PATH_EXISTS"
 
 
 class SmartVMError(Exception):

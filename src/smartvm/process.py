@@ -5,6 +5,7 @@ Every long-lived helper process (Firecracker, QEMU, qemu-storage-daemon) is spaw
 * in its own process group (``new_session=True``: its own session too), so signals reach
   anything it forks (QEMU's ``exec:`` migration ``cat``, for instance);
 * with ``PR_SET_PDEATHSIG`` (SIGKILL by default), so it dies even on ``kill -9`` of the owner;
+* with umask 077, so whatever it creates (guest RAM files, overlays, snapshots) is private;
 * with stdout/stderr drained continuously into bounded line tails (or handed to the caller's
   own reader), so a chatty child never blocks on a full pipe and errors can quote it.
 
@@ -37,6 +38,7 @@ from smartvm.cleanup import shielded
 
 __all__ = [
     "DEFAULT_TAIL_LINES",
+    "PRIVATE_UMASK",
     "ChildProcess",
     "OutputMode",
     "StreamConsumer",
@@ -55,6 +57,8 @@ _log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 _PR_SET_THP_DISABLE = 41
 DEFAULT_TAIL_LINES = 40
+PRIVATE_UMASK = 0o077
+"""Children create files readable and writable by our uid only."""
 
 StreamConsumer = Callable[[asyncio.StreamReader], object]
 """Takes over a pipe (e.g. ``ConsoleBuffer.attach``); it must keep draining it."""
@@ -204,9 +208,12 @@ class ChildProcess:
         thp_disable: bool = False,
         nice: int = 0,
         pass_fds: Sequence[int] = (),
+        umask: int = PRIVATE_UMASK,
     ) -> ChildProcess:
         """Start ``argv`` (stdin from /dev/null); OSError (e.g. FileNotFoundError) propagates.
 
+        ``umask``: the child's (default 077): every file it creates (RAM file, overlay, snapshot,
+        socket) is private from creation.
         ``new_session``: ``setsid`` (own session and process group) instead of ``setpgid``.
         ``thp_disable``: no transparent huge pages in the child (see :func:`pdeathsig_preexec`).
         ``nice``: the child (and all its threads) starts at this nice value.
@@ -223,6 +230,7 @@ class ChildProcess:
             start_new_session=new_session,
             env=dict(env) if env is not None else None,
             pass_fds=tuple(pass_fds),
+            umask=umask,
         )
         return cls(argv, proc, stdout=stdout, stderr=stderr, tail_lines=tail_lines)
 
@@ -337,9 +345,11 @@ async def run_tool(
     timeout: float | None = None,
     merge_stderr: bool = False,
     env: Mapping[str, str] | None = None,
+    umask: int = PRIVATE_UMASK,
 ) -> ToolResult:
     """Run a short-lived tool to its end (stdin from /dev/null), capturing its output.
 
+    ``umask``: the tool's (default 077: what ``qemu-img create`` makes is private).
     OSError when it cannot be started; TimeoutError after ``timeout`` seconds. On timeout
     or cancellation the tool is killed and reaped before this returns (a second
     cancellation does not cut the reaping short; it is re-raised afterwards).
@@ -350,6 +360,7 @@ async def run_tool(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT if merge_stderr else asyncio.subprocess.PIPE,
         env=dict(env) if env is not None else None,
+        umask=umask,
     )
     try:
         async with asyncio.timeout(timeout):

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import socket
 import uuid
@@ -40,6 +41,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from smartvm.cleanup import UndoStack, UndoStep, shielded
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.hostfs import UnsafePathError, atomic_write_file, ensure_private_dir, private_file
+from smartvm.leftovers import (
+    OwnerRecord,
+    private_runtime_dir,
+    private_shm_dir,
+    process_start_ticks,
+    reap_leftovers,
+    write_owner_record,
+)
 from smartvm.process import ChildProcess, set_process_nice, stop_ladder
 from smartvm.qemu.accel import AccelChoice, choose_accelerator
 from smartvm.qemu.argv import (
@@ -56,13 +66,6 @@ from smartvm.qemu.argv import (
     with_host_tsc,
 )
 from smartvm.qemu.console import ConsoleBuffer
-from smartvm.qemu.process import (
-    OwnerRecord,
-    default_runtime_dir,
-    process_start_ticks,
-    reap_leftovers,
-    write_owner_record,
-)
 from smartvm.qemu.qmp import QmpConnection
 from smartvm.vmm.base import NetworkOverride, SnapshotFiles, VmmInfo, VmmRunState
 
@@ -106,9 +109,10 @@ def _is_file(path: Path) -> bool:
 
 
 def _sparse_copy(src: Path, dst: Path) -> None:
-    """Copy ``src`` to ``dst`` keeping holes: guest RAM files are mostly untouched pages."""
+    """Copy ``src`` to the new private file ``dst`` (0600, ``O_EXCL|O_NOFOLLOW``) keeping holes:
+    guest RAM files are mostly untouched pages."""
     chunk = 1 << 20
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
+    with open(src, "rb") as fin, private_file(dst) as fout:
         size = os.fstat(fin.fileno()).st_size
         offset = 0
         while offset < size:
@@ -147,6 +151,10 @@ class QemuMachine:
     names; their sockets live in the VM directory (:meth:`serial_socket`). ``shared_memory``: keep
     guest RAM in a /dev/shm file so snapshots skip streaming RAM. ``user_net``: slirp networking.
     ``acpi``: for a ``VMConfig`` boot, turn microvm's ACPI on (kernels with modular virtio drivers).
+    ``runtime_dir``: default :func:`smartvm.leftovers.private_runtime_dir`; either way it is created
+    0700 and verified (ours, not a symlink) before use. ``shm_dir``: where the RAM file goes (default
+    :func:`smartvm.leftovers.private_shm_dir`, ``/dev/shm/smartvm-<uid>``), verified the same way.
+    Everything QEMU creates (RAM file, snapshot files, sockets) is made under umask 077.
     """
 
     def __init__(
@@ -161,7 +169,7 @@ class QemuMachine:
         user_net: UserNetSpec | None = None,
         shared_memory: bool = False,
         acpi: bool = False,
-        shm_dir: Path = Path("/dev/shm"),
+        shm_dir: Path | None = None,
         console_limit: int = 64 * 1024,
         start_timeout: float = 30.0,
         nice: int = 0,
@@ -171,7 +179,7 @@ class QemuMachine:
             raise SmartVMError(ErrorCode.INVALID_ARGUMENT, f"invalid vm_id {self.vm_id!r}")
         self._spec = spec
         self._binary = binary
-        self.runtime_dir = (runtime_dir or default_runtime_dir()).absolute()
+        self.runtime_dir = (runtime_dir or private_runtime_dir()).absolute()
         self.vm_dir = self.runtime_dir / self.vm_id
         self._accel_override = accel
         self._serial_names = tuple(serial_ports)
@@ -285,6 +293,7 @@ class QemuMachine:
                 raise SmartVMError(
                     ErrorCode.VMM_NOT_FOUND, f"QEMU binary not found: {binary}", details={"binary": binary}
                 )
+            await asyncio.to_thread(self._verify_runtime_dir)
             await asyncio.to_thread(reap_leftovers, self.runtime_dir)
             self._make_vm_dir(spec)
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -312,6 +321,21 @@ class QemuMachine:
             self._state = MachineState.FAILED
             raise
 
+    def _verify_runtime_dir(self) -> None:
+        try:
+            ensure_private_dir(self.runtime_dir)
+        except UnsafePathError as exc:
+            raise SmartVMError(
+                ErrorCode.UNSAFE_PATH,
+                f"QEMU runtime directory is not safe to use: {exc.message}",
+                details={"path": str(exc.path), "problem": exc.problem},
+            ) from exc
+
+    def _ram_file(self) -> Path:
+        """This VM's guest-RAM file, in a verified private directory (0700, ours)."""
+        directory = ensure_private_dir(self._shm_dir) if self._shm_dir is not None else private_shm_dir()
+        return directory / f"smartvm-{self.vm_id}.ram"
+
     def _resolve(self, spec: QemuMachineSpec, *, incoming: bool) -> QemuMachineSpec:
         assert self._accel is not None
         update: dict[str, Any] = {
@@ -333,7 +357,7 @@ class QemuMachine:
                 # bundle makes the APIC timer fail calibration and the guest tick 250 Hz on the PIT.
                 update["cmdline"] = with_host_tsc(spec.cmdline, _cpu_khz())
             if self._shared_memory:
-                mem = self._shm_dir / f"smartvm-{self.vm_id}.ram"
+                mem = self._ram_file()
                 update["memory_backend"] = MemoryBackendSpec(path=mem, share=True)
         else:
             update["incoming"] = "defer"
@@ -367,7 +391,6 @@ class QemuMachine:
                 )
 
     def _make_vm_dir(self, spec: QemuMachineSpec) -> None:
-        self.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             self.vm_dir.mkdir(mode=0o700, exist_ok=False)  # sockets inside: owner only
         except FileExistsError as exc:
@@ -583,10 +606,14 @@ class QemuMachine:
             shared = self.spec.memory_backend is not None and self.spec.memory_backend.share
             snap = _absolute(files.snapshot_path)
             mem = _absolute(files.mem_file_path)
-            snap.parent.mkdir(parents=True, exist_ok=True)
-            tmp_snap = snap.with_name(f".{snap.name}.{self.vm_id}.tmp")
-            tmp_mem = mem.with_name(f".{mem.name}.{self.vm_id}.tmp")
+            snap.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Unpredictable names, made here (0600, O_EXCL|O_NOFOLLOW) so that `cat >` and the copy
+            # write into files of ours, never through a symlink planted beside the target.
+            tmp_snap = snap.with_name(f".{snap.name}.{secrets.token_hex(8)}.tmp")
+            tmp_mem = mem.with_name(f".{mem.name}.{secrets.token_hex(8)}.tmp")
             try:
+                with private_file(tmp_snap):
+                    pass
                 await self._qmp_exec("migrate-set-parameters", {"max-bandwidth": _MIGRATION_BANDWIDTH})
                 await self._qmp_exec(
                     "migrate-set-capabilities",
@@ -596,7 +623,7 @@ class QemuMachine:
                 await self._await_migration(incoming=False)
                 if shared:
                     assert self.spec.memory_backend is not None
-                    mem.parent.mkdir(parents=True, exist_ok=True)
+                    mem.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                     # The guest is paused, so the RAM file is stable while we copy it.
                     await asyncio.to_thread(_sparse_copy, self.spec.memory_backend.path, tmp_mem)
                     os.replace(tmp_mem, mem)
@@ -614,7 +641,7 @@ class QemuMachine:
                     # A streamed snapshot of a file-backed guest names its RAM block after the backend.
                     "memory_backend": self.spec.memory_backend is not None,
                 }
-                _sidecar(snap).write_text(json.dumps(sidecar, indent=1))
+                atomic_write_file(_sidecar(snap), json.dumps(sidecar, indent=1).encode())
             except BaseException:
                 for leftover in (tmp_snap, tmp_mem):
                     with contextlib.suppress(OSError):
@@ -673,7 +700,7 @@ class QemuMachine:
                 spec = spec.model_copy(update={"memory_backend": MemoryBackendSpec(path=mem, share=False)})
             elif had_backend:
                 # The stream fills a fresh RAM file of this VM's own (shared: it snapshots fast in turn).
-                own = MemoryBackendSpec(path=self._shm_dir / f"smartvm-{self.vm_id}.ram", share=True)
+                own = MemoryBackendSpec(path=self._ram_file(), share=True)
                 spec = spec.model_copy(update={"memory_backend": own})
             # The snapshot's CPU state only fits the accelerator it was taken with.
             self._accel = AccelChoice(spec.accel, "from the snapshot")
