@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +25,8 @@ from exec_sandbox.sandbox_vm import SandboxVm, SandboxVmState
 from exec_sandbox.settings import Settings
 from exec_sandbox.timing import elapsed_ms
 from smartvm.cleanup import shielded
+from smartvm.hostfs import ensure_private_dir
+from smartvm.leftovers import make_owned_dir, remove_owned_dir
 
 __all__ = ["ForkTiming", "fork_vm"]
 
@@ -71,8 +71,9 @@ async def fork_vm(
     started = time.perf_counter()
     rdir = runtime_dir or vm.runtime_dir
     base = work_dir or rdir
-    await asyncio.to_thread(base.mkdir, parents=True, exist_ok=True)
-    tmp = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=f"fork-{vm.vm_id}-", dir=base))
+    await asyncio.to_thread(ensure_private_dir, base)
+    # Private (0700) and owned by a record: a reaper running meanwhile keeps it, a crash leaves it to one.
+    tmp = await asyncio.to_thread(make_owned_dir, base, f"fork-{vm.vm_id}-", kind="fork")
     try:
         t = time.perf_counter()
         snapshot = await vm.save_snapshot(tmp / "snapshot")
@@ -82,7 +83,7 @@ async def fork_vm(
         )
     finally:
         # A cancellation must not leave a RAM-sized snapshot behind: finish removing it first.
-        await shielded(asyncio.to_thread(shutil.rmtree, tmp, True))
+        await shielded(asyncio.to_thread(remove_owned_dir, tmp))
     total_ms = elapsed_ms(started)
     if timing is not None:
         timing.parent_paused_ms, timing.total_ms = paused_ms, total_ms

@@ -13,6 +13,10 @@ refills them in the background.
 - A base whose identity (device, inode, size, mtime) changes drops its pooled overlays.
 - ``pool_dir`` is locked (flock) while the pool runs; leftovers of a crashed run
   are swept on start, and everything the pool made is removed on stop.
+- A ``pool_dir`` the pool creates is private (``0700``, verified) and carries an owner record
+  (:mod:`smartvm.leftovers`), so the reaper that runs at every QEMU start in the same runtime
+  dir keeps it while this process lives (and removes it once the process is gone). Overlays are
+  created ``0600`` (the daemon and ``qemu-img`` run with umask 077).
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ import fcntl
 import hashlib
 import logging
 import os
-import shutil
 import uuid
 from collections import deque
 from collections.abc import Sequence
@@ -42,6 +45,8 @@ from exec_sandbox.qemu_storage_daemon import (
     get_image_info,
 )
 from smartvm.cleanup import shielded
+from smartvm.hostfs import UnsafePathError, ensure_private_dir, private_copy
+from smartvm.leftovers import OWNER_FILE, new_owner_record, write_owner_record
 
 __all__ = ["OverlayPool", "PoolState", "default_pool_size"]
 
@@ -106,11 +111,7 @@ def _move(src: Path, dst: Path) -> None:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        try:
-            shutil.copyfile(src, dst)
-        except BaseException:
-            _unlink_quietly(dst)
-            raise
+        private_copy(src, dst)  # removes a partial dst itself
         _unlink_quietly(src)
 
 
@@ -223,7 +224,7 @@ class OverlayPool:
             try:
                 try:
                     self._prepare_pool_dir()
-                except OSError as exc:
+                except (OSError, UnsafePathError) as exc:
                     raise SandboxInputError(
                         f"Cannot use pool_dir {self._pool_dir}: {exc}",
                         context={"pool_dir": str(self._pool_dir)},
@@ -262,12 +263,17 @@ class OverlayPool:
         await self._filled.wait()
 
     def _prepare_pool_dir(self) -> None:
-        if not self._pool_dir.exists():
-            self._pool_dir.mkdir(parents=True)
+        if not self._pool_dir.exists() and not self._pool_dir.is_symlink():
+            self._pool_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._pool_dir.mkdir(mode=0o700)
             self._created_pool_dir = True
+            # Ours while we live: the reaper of the runtime dir it sits in must not take it.
+            write_owner_record(self._pool_dir, new_owner_record(self._pool_dir.name, kind="overlay-pool"))
+        ensure_private_dir(self._pool_dir, create=False)
         lock_path = self._pool_dir / _LOCK_FILE
         while True:
-            handle = lock_path.open("ab")
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            handle = os.fdopen(os.open(lock_path, flags, 0o600), "ab")
             try:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError as exc:
@@ -323,6 +329,7 @@ class OverlayPool:
             self._lock_handle.close()
             self._lock_handle = None
         if self._created_pool_dir:
+            _unlink_quietly(self._pool_dir / OWNER_FILE)
             with contextlib.suppress(OSError):
                 self._pool_dir.rmdir()
             self._created_pool_dir = False
@@ -339,7 +346,7 @@ class OverlayPool:
             return entry
         directory = self._pool_dir / _entry_dir_name(base)
         created = not directory.exists()
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         entry = _BaseEntry(base=base, directory=directory, identity=_identity(base), created_dir=created)
         self._entries[base] = entry
         self._filled.clear()

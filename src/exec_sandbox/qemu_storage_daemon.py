@@ -11,8 +11,10 @@ Creating an overlay through a running daemon (blockdev-create file -> blockdev-a
   is still being set up (measured: about 1 start in 1,500), which breaks the
   capabilities negotiation; a socket connected before the daemon starts is greeted
   exactly once, and nothing needs to poll for the daemon to listen;
-- also listens on a QMP socket in a private temp dir, for operators (``qmp-shell``)
-  and for telling daemons apart (several can coexist);
+- also listens on a QMP socket in a private directory of its own (``0700``, made by
+  ``mkdtemp`` under the verified runtime dir, with an owner record naming us and the daemon:
+  :mod:`smartvm.leftovers`), for operators (``qmp-shell``) and for telling daemons apart;
+- runs with umask 077, so the overlays it creates are ``0600`` from creation;
 - serialises commands (one overlay at a time: QMP job events and node names stay
   unambiguous, and the daemon's main loop is single-threaded anyway);
 - undoes a half-made overlay (jobs, nodes, the file) on any failure or cancellation.
@@ -28,9 +30,7 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import socket
-import tempfile
 import uuid
 from collections.abc import Mapping
 from enum import StrEnum
@@ -43,7 +43,17 @@ from qemu.qmp import EventListener, ExecuteError, QMPClient
 
 from exec_sandbox.errors import QemuStorageDaemonError, SandboxInputError
 from smartvm.cleanup import shielded
-from smartvm.process import ChildProcess, pid_alive, run_tool, stop_ladder
+from smartvm.hostfs import UnsafePathError
+from smartvm.leftovers import (
+    make_owned_dir,
+    private_runtime_dir,
+    process_start_ticks,
+    read_owner_record,
+    reap_leftovers,
+    remove_owned_dir,
+    write_owner_record,
+)
+from smartvm.process import ChildProcess, run_tool, stop_ladder
 
 __all__ = [
     "DaemonState",
@@ -69,7 +79,6 @@ logger = logging.getLogger(__name__)
 # Linux caps sun_path at 108 bytes including the NUL.
 _MAX_UNIX_PATH = 107
 _RUNTIME_PREFIX = "exec-sandbox-qsd-"
-_OWNER_FILE = "owner.pid"
 _INFO_CACHE_SIZE = 64
 
 
@@ -328,21 +337,6 @@ def _event_data(event: Mapping[str, object]) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _reap_stale_runtime_dirs(parent: Path) -> None:
-    """Remove runtime dirs left by daemons whose owner died (socket files would pile up)."""
-    try:
-        candidates = list(parent.glob(f"{_RUNTIME_PREFIX}*"))
-    except OSError:
-        return
-    for path in candidates:
-        try:
-            owner = int((path / _OWNER_FILE).read_text().strip())
-        except (OSError, ValueError):
-            continue
-        if owner != os.getpid() and not pid_alive(owner):
-            shutil.rmtree(path, ignore_errors=True)
-
-
 # --------------------------------------------------------------------------- the daemon
 
 
@@ -469,15 +463,15 @@ class QemuStorageDaemon:
             lock.release()
 
     async def _launch(self) -> None:
-        parent = self._runtime_parent or Path(tempfile.gettempdir())
+        parent = self._runtime_parent
         try:
-            parent.mkdir(parents=True, exist_ok=True)
-            _reap_stale_runtime_dirs(parent)
-            self._runtime_dir = Path(tempfile.mkdtemp(prefix=_RUNTIME_PREFIX, dir=parent))
-            (self._runtime_dir / _OWNER_FILE).write_text(str(os.getpid()))
-        except OSError as exc:
+            parent = private_runtime_dir(parent)
+            reap_leftovers(parent)  # daemons (and VMs) of dead owners, by their owner records
+            self._runtime_dir = make_owned_dir(parent, _RUNTIME_PREFIX, kind="qemu-storage-daemon")
+        except (OSError, UnsafePathError) as exc:
             raise QemuStorageDaemonError(
-                f"Cannot create a runtime dir for qemu-storage-daemon under {parent}: {exc}"
+                f"Cannot create a runtime dir for qemu-storage-daemon under {parent or 'the default'}: {exc}",
+                context={"path": str(parent) if parent else None},
             ) from exc
         socket_path = self._runtime_dir / "qmp.sock"
         if len(os.fsencode(socket_path)) > _MAX_UNIX_PATH:
@@ -502,6 +496,12 @@ class QemuStorageDaemon:
         finally:
             theirs.close()  # the daemon holds its end now; EOF on ours means it is gone
         self._last_process = self._process
+        record = read_owner_record(self._runtime_dir)
+        if record is not None:  # the daemon, so a later reaper can prove it is ours
+            record.qemu_pid = self._process.pid
+            record.qemu_start = process_start_ticks(self._process.pid)
+            record.marker = str(socket_path)
+            write_owner_record(self._runtime_dir, record)
         self._exit_task = asyncio.create_task(self._process.wait())
         self._exit_task.add_done_callback(self._on_exit)
         # Registered before connecting so a half-done handshake is undone by _teardown.
@@ -593,7 +593,7 @@ class QemuStorageDaemon:
             with contextlib.suppress(FileNotFoundError):
                 self._socket_path.unlink()
         if self._runtime_dir is not None:
-            shutil.rmtree(self._runtime_dir, ignore_errors=True)
+            remove_owned_dir(self._runtime_dir)
         self._socket_path = None
         self._runtime_dir = None
 

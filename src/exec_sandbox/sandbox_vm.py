@@ -63,7 +63,15 @@ from exec_sandbox.timing import elapsed_ms
 from exec_sandbox.vm_manager import VmManager
 from smartvm.cleanup import UndoStack, shielded
 from smartvm.errors import SmartVMError
-from smartvm.process import pid_alive
+from smartvm.hostfs import UnsafePathError, atomic_write_file, ensure_private_dir, private_copy
+from smartvm.leftovers import (
+    SIDECAR_SUFFIX,
+    new_owner_record,
+    private_runtime_dir,
+    reap,
+    remove_sidecar_record,
+    write_sidecar_record,
+)
 from smartvm.qemu import (
     AccelChoice,
     DriveSpec,
@@ -71,7 +79,6 @@ from smartvm.qemu import (
     QemuMachine,
     QemuMachineSpec,
     UserNetSpec,
-    default_runtime_dir,
 )
 from smartvm.vmm.base import SnapshotFiles
 
@@ -102,7 +109,7 @@ _ROOT_DRIVE_ID = "root"
 # Restored VMs keep the size recorded in their snapshot's spec.
 COLD_BOOT_TB_SIZE_MIB = 64
 _CONSOLE_TAIL = 4000
-_OVERLAY_RE = re.compile(r"^sbx-(\d+)-([A-Za-z0-9_.-]+)\.qcow2$")
+_OVERLAY_RECORD_RE = re.compile(r"sbx-\d+-[A-Za-z0-9_.-]+\.qcow2" + re.escape(SIDECAR_SUFFIX))
 
 BootLogCallback = Callable[[str], Awaitable[None] | None]
 
@@ -244,22 +251,13 @@ def build_user_net(options: VmOptions) -> UserNetSpec | None:
 
 
 def _overlay_path(runtime_dir: Path, vm_id: str) -> Path:
-    # The owner pid in the name lets a later process sweep overlays of a crashed one.
     return runtime_dir / f"sbx-{os.getpid()}-{vm_id}.qcow2"
 
 
 def sweep_stale_overlays(runtime_dir: Path) -> list[Path]:
-    """Delete overlays left in ``runtime_dir`` by processes that no longer exist."""
-    removed: list[Path] = []
-    with contextlib.suppress(OSError):
-        for entry in runtime_dir.iterdir():
-            match = _OVERLAY_RE.match(entry.name)
-            if match is None or pid_alive(int(match.group(1))) or (runtime_dir / match.group(2)).exists():
-                continue
-            with contextlib.suppress(OSError):
-                entry.unlink()
-                removed.append(entry)
-    return removed
+    """Delete overlays left in ``runtime_dir`` by dead owners: each overlay ``X`` has an owner
+    record ``X.owner.json`` (:mod:`smartvm.leftovers`), written before the overlay is made."""
+    return reap(runtime_dir, name_pattern=_OVERLAY_RECORD_RE, remove_unrecorded=False).removed
 
 
 def _absolute(path: Path | str) -> Path:
@@ -441,7 +439,7 @@ class SandboxVm:
         nice: int = 0,
     ) -> SandboxVm:
         vm_id = vm_id or uuid.uuid4().hex[:12]
-        rdir = (runtime_dir or default_runtime_dir()).absolute()
+        rdir = (runtime_dir or private_runtime_dir()).absolute()
         overlay = _overlay_path(rdir, vm_id)
         # A restore takes accelerator, user net and RAM mode from the snapshot's spec.
         accel = None if restoring else options.accel or ("tcg" if settings.force_emulation else None)
@@ -467,10 +465,10 @@ class SandboxVm:
         )
 
     async def _make_overlay(self, overlay_pool: OverlayPool | None) -> None:
-        await asyncio.to_thread(self._prepare_runtime_dir)
-        t = time.perf_counter()
         # Registered before creating: a cancelled creation may leave a partial file behind.
         self._undo.push("remove overlay", self._remove_overlay)
+        await asyncio.to_thread(self._prepare_runtime_dir)
+        t = time.perf_counter()
         if overlay_pool is not None:
             self.timing.overlay_from_pool = await overlay_pool.acquire(self.base_image, self.overlay)
         else:
@@ -478,12 +476,24 @@ class SandboxVm:
         self.timing.overlay_ms = elapsed_ms(t)
 
     def _prepare_runtime_dir(self) -> None:
-        self.runtime_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            ensure_private_dir(self.runtime_dir)
+        except UnsafePathError as exc:
+            raise SandboxPermanentError(
+                f"the runtime directory is not safe to use: {exc.message}",
+                context={"path": str(exc.path), "problem": exc.problem},
+            ) from exc
         for stale in sweep_stale_overlays(self.runtime_dir):
             logger.warning("removed overlay %s of a process that no longer exists", stale)
+        # The record first: an overlay never exists without one (a crash leaves both to the reaper).
+        write_sidecar_record(self.overlay, new_owner_record(self.vm_id, kind="overlay"))
+
+    def _unlink_overlay(self) -> None:
+        self.overlay.unlink(missing_ok=True)
+        remove_sidecar_record(self.overlay)
 
     async def _remove_overlay(self) -> None:
-        await asyncio.to_thread(self.overlay.unlink, missing_ok=True)
+        await asyncio.to_thread(self._unlink_overlay)
 
     async def _boot(self, overlay_pool: OverlayPool | None, on_boot_log: BootLogCallback | None) -> None:
         await self._make_overlay(overlay_pool)
@@ -669,13 +679,13 @@ class SandboxVm:
             try:
                 if was_running:
                     await self.machine.pause()
-                await asyncio.to_thread(tmp.mkdir, parents=True)
+                await asyncio.to_thread(tmp.mkdir, 0o700, True)
                 await self.machine.create_snapshot(
                     SnapshotFiles(snapshot_path=tmp / "vmstate", mem_file_path=tmp / "memory")
                 )
                 # QEMU flushed the overlay when the guest stopped and the migration inactivated it:
                 # the file on disk now matches the saved memory.
-                await asyncio.to_thread(shutil.copyfile, self.overlay, tmp / "disk.qcow2")
+                await asyncio.to_thread(private_copy, self.overlay, tmp / "disk.qcow2")
                 meta = {
                     "format": SNAPSHOT_FORMAT,
                     "vm_id": self.vm_id,
@@ -684,7 +694,9 @@ class SandboxVm:
                     "accel": self.accelerator.accel if self.accelerator else None,
                     "created_at": time.time(),
                 }
-                await asyncio.to_thread((tmp / "sandbox.json").write_text, json.dumps(meta, indent=1))
+                await asyncio.to_thread(
+                    atomic_write_file, tmp / "sandbox.json", json.dumps(meta, indent=1).encode()
+                )
                 await asyncio.to_thread(os.rename, tmp, directory)
             except BaseException as exc:
                 await asyncio.to_thread(shutil.rmtree, tmp, True)
@@ -763,10 +775,10 @@ class SandboxVm:
         return self.machine.set_nice(nice)
 
     async def _restore(self, directory: Path, *, reseed: bool) -> None:
+        self._undo.push("remove overlay", self._remove_overlay)
         await asyncio.to_thread(self._prepare_runtime_dir)
         t = time.perf_counter()
-        self._undo.push("remove overlay", self._remove_overlay)
-        await asyncio.to_thread(shutil.copyfile, directory / "disk.qcow2", self.overlay)
+        await asyncio.to_thread(private_copy, directory / "disk.qcow2", self.overlay)
         self.timing.overlay_ms = elapsed_ms(t)
         t = time.perf_counter()
         self._undo.push("stop QEMU", self._stop_machine)

@@ -116,7 +116,6 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -160,8 +159,9 @@ from exec_sandbox.validation import (
 )
 from exec_sandbox.vm_manager import VmManager
 from exec_sandbox.warm_pool import WarmPool
-from smartvm.process import can_raise_priority, pid_alive
-from smartvm.qemu import default_runtime_dir, reap_leftovers
+from smartvm.hostfs import UnsafePathError, ensure_private_dir
+from smartvm.leftovers import OWNER_FILE, new_owner_record, private_runtime_dir, reap, write_owner_record
+from smartvm.process import can_raise_priority
 
 __all__ = [
     "BACKGROUND_NICE",
@@ -191,23 +191,11 @@ def reap_dead_scheduler_dirs(base: Path) -> list[Path]:
     A Scheduler killed outright (SIGKILL, the OOM killer) takes its QEMUs and storage daemon with
     it (parent-death signal), but nothing of it removes its overlays, its VM directories or the
     guest-RAM files in /dev/shm (tmpfs: RAM that stays used). The next Scheduler on this host
-    does, first through smartvm's verified reaper (it kills only QEMUs whose recorded owner is
-    gone and deletes their RAM files). A pid that is alive, or reused, keeps its dir.
+    does, through smartvm's reaper (:mod:`smartvm.leftovers`): a Scheduler dir carries an owner
+    record (pid + start time), so a live or reused pid keeps its dir; a dir without a record, not
+    ours, or a symlink is never touched (``base`` may be a shared directory such as ``/tmp``).
     """
-    reaped: list[Path] = []
-    try:
-        candidates = sorted(base.iterdir())
-    except OSError:
-        return reaped
-    for path in candidates:
-        match = _SCHEDULER_DIR.fullmatch(path.name)
-        if match is None or not path.is_dir() or pid_alive(int(match.group(1))):
-            continue
-        reap_leftovers(path, min_age=0.0)
-        shutil.rmtree(path, ignore_errors=True)
-        reaped.append(path)
-        logger.info("removed the runtime dir %s of a Scheduler that is gone", path)
-    return reaped
+    return reap(base, name_pattern=_SCHEDULER_DIR, remove_unrecorded=False, shared_base=True).removed
 
 
 class SchedulerState(StrEnum):
@@ -418,23 +406,33 @@ class Scheduler:
             return None
 
     def _make_runtime_dir(self) -> Path:
+        try:
+            return self._make_private_runtime_dir()
+        except UnsafePathError as exc:
+            raise SandboxPermanentError(
+                f"the runtime directory is not safe to use: {exc.message}",
+                context={"path": str(exc.path), "problem": exc.problem},
+            ) from exc
+
+    def _make_private_runtime_dir(self) -> Path:
         if self._given_runtime_dir is not None:
-            path = self._given_runtime_dir.absolute()
-            path.mkdir(parents=True, exist_ok=True)
+            path = ensure_private_dir(self._given_runtime_dir)
         else:
             # Per scheduler, short (QEMU socket paths must stay under 108 bytes).
-            base = default_runtime_dir().parent
-            base.mkdir(parents=True, exist_ok=True)
+            base = private_runtime_dir().parent
             reap_dead_scheduler_dirs(base)
             path = base / f"s{os.getpid()}-{secrets.token_hex(2)}"
-            path.mkdir()
+            path.mkdir(mode=0o700)
             self._created_runtime_dir = True
+            ensure_private_dir(path, create=False)
+            write_owner_record(path, new_owner_record(path.name, kind="scheduler"))
         self._runtime_dir = path
         return path
 
     def _remove_runtime_dir(self) -> None:
         if self._created_runtime_dir and self._runtime_dir is not None:
             try:
+                (self._runtime_dir / OWNER_FILE).unlink(missing_ok=True)
                 self._runtime_dir.rmdir()
             except OSError as exc:
                 logger.warning("runtime dir %s not removed: %s", self._runtime_dir, exc)

@@ -13,7 +13,8 @@ Layout of ``cache_dir``::
     <key>/snapshot/...           what SandboxVm.save_snapshot wrote (vmstate, memory, disk.qcow2, ...)
     .locks/<key>.lock            shared by restorers, exclusive for discard/prune
     .locks/<key>.write           exclusive: one writer per key (others skip saving)
-    .tmp-<key>-<pid>-<rand>/     an entry being written (renamed to <key>/ when complete)
+    .tmp-<key>-<rand>/           an entry being written, with the writer's owner record (renamed to
+                                 <key>/ when complete; smartvm.leftovers reaps those of dead writers)
     .trash-<key>-<rand>/         an entry being deleted
 
 Guarantees: a stale snapshot is never restored (every input that shapes the guest is part of the
@@ -21,6 +22,8 @@ key); an entry appears only complete (written in a temp dir, then renamed); ever
 against its recorded sha256 before the first use in this process, and again whenever its size,
 inode or mtime changed - a mismatch discards the entry (logged) and the caller cold-boots; several
 processes share one cache through ``fcntl`` locks. Old entries are pruned least-recently-used.
+The cache holds guest memory: ``cache_dir`` and every directory in it are ``0700`` (verified before
+use, see :mod:`smartvm.hostfs`) and every file ``0600`` from creation.
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -53,7 +55,9 @@ from exec_sandbox.sandbox_vm import SNAPSHOT_FORMAT, BootLogCallback, SandboxVm,
 from exec_sandbox.settings import Settings
 from exec_sandbox.vm_manager import ImageBundle, VmManager
 from smartvm.errors import ErrorCode
-from smartvm.process import pid_alive, run_tool
+from smartvm.hostfs import UnsafePathError, atomic_write_file, ensure_private_dir
+from smartvm.leftovers import OWNER_FILE, make_owned_dir, reap, remove_owned_dir
+from smartvm.process import run_tool
 from smartvm.qemu.accel import choose_accelerator
 
 __all__ = [
@@ -79,7 +83,8 @@ CACHE_FORMAT = 2
 _HASH_CHUNK = 1 << 20
 _SNAPSHOT_SUBDIR = "snapshot"
 _KEY_RE = re.compile(r"^[0-9a-f]{40}$")
-_TMP_RE = re.compile(r"^\.tmp-[0-9a-f]{40}-(\d+)-[0-9a-f]+$")
+_TMP_RE = re.compile(r"\.tmp-[0-9a-f]{40}-.+")
+_UNRECORDED_TMP_MAX_AGE_S = 3600.0  # a writer's dir without a record (older versions): abandoned by then
 # VmOptions fields that do not change the guest (only how long we wait for it).
 _NOT_IN_KEY = frozenset({"boot_timeout_s"})
 
@@ -302,11 +307,7 @@ def _write_manifest(tmp_entry: Path, key: str, inputs: SnapshotKeyInputs, vm_id:
         created_at=time.time(),
         source_vm_id=vm_id,
     )
-    target = tmp_entry / "manifest.json"
-    with target.open("w") as fh:
-        fh.write(manifest.model_dump_json(indent=1))
-        fh.flush()
-        os.fsync(fh.fileno())
+    atomic_write_file(tmp_entry / "manifest.json", manifest.model_dump_json(indent=1).encode(), fsync=True)
 
 
 class _FileLock:
@@ -319,8 +320,8 @@ class _FileLock:
     def try_acquire(self, *, shared: bool) -> bool:
         if self._fd is not None:
             raise RuntimeError(f"lock {self.path} is already held")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        ensure_private_dir(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as exc:
@@ -601,13 +602,13 @@ class SnapshotCache:
         if not await asyncio.to_thread(writer.try_acquire, shared=False):
             self.stats.save_skipped += 1  # another process is writing this key right now
             return
-        tmp = self.cache_dir / f".tmp-{key}-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp: Path | None = None
         handed_off = False
         try:
             if await asyncio.to_thread(self.entry_dir(key).is_dir):
                 self.stats.save_skipped += 1
                 return
-            await asyncio.to_thread(tmp.mkdir, parents=True)
+            tmp = await asyncio.to_thread(self._new_tmp_entry, key)
             # The guest is paused only while QEMU saves and the RAM file and overlay are copied.
             await vm.save_snapshot(tmp / _SNAPSHOT_SUBDIR)
             task = asyncio.get_running_loop().create_task(
@@ -618,8 +619,13 @@ class SnapshotCache:
             handed_off = True
         finally:
             if not handed_off:
-                await asyncio.to_thread(shutil.rmtree, tmp, True)
+                if tmp is not None:
+                    await asyncio.to_thread(remove_owned_dir, tmp)
                 writer.release()
+
+    def _new_tmp_entry(self, key: str) -> Path:
+        ensure_private_dir(self.cache_dir)
+        return make_owned_dir(self.cache_dir, f".tmp-{key}-", kind="snapshot-write")
 
     async def _publish(
         self, key: str, inputs: SnapshotKeyInputs, vm_id: str, tmp: Path, writer: _FileLock
@@ -627,6 +633,7 @@ class SnapshotCache:
         """Hash the files, write the manifest, then make the entry visible with one rename."""
         try:
             await asyncio.to_thread(_write_manifest, tmp, key, inputs, vm_id)
+            await asyncio.to_thread((tmp / OWNER_FILE).unlink)  # a published entry belongs to the cache
             await asyncio.to_thread(os.rename, tmp, self.entry_dir(key))
             self.stats.saves += 1
             logger.info("cached snapshot %s (%s, %d MiB)", key, inputs.language, inputs.memory_mb)
@@ -636,7 +643,7 @@ class SnapshotCache:
                 return
             logger.warning("could not publish snapshot %s", key, exc_info=True)
         finally:
-            await asyncio.to_thread(shutil.rmtree, tmp, True)
+            await asyncio.to_thread(remove_owned_dir, tmp)
             writer.release()
         try:
             await self.prune()
@@ -666,7 +673,7 @@ class SnapshotCache:
             os.rename(self.entry_dir(key), trash)
         except FileNotFoundError:
             return False
-        shutil.rmtree(trash, ignore_errors=True)
+        remove_owned_dir(trash)
         return True
 
     async def prune(self, *, max_entries: int | None = None, max_age_s: float | None = None) -> list[str]:
@@ -690,11 +697,16 @@ class SnapshotCache:
     def _prune_candidates(self, keep: int, max_age_s: float | None) -> list[str]:
         if not self.cache_dir.is_dir():
             return []
+        try:
+            ensure_private_dir(self.cache_dir)
+        except UnsafePathError as exc:
+            logger.warning("not pruning the snapshot cache: %s", exc.message)
+            return []
+        # Entries being written by dead writers (their owner record says so; smartvm.leftovers).
+        reap(self.cache_dir, name_pattern=_TMP_RE, min_age=_UNRECORDED_TMP_MAX_AGE_S)
         for leftover in self.cache_dir.iterdir():
-            match = _TMP_RE.match(leftover.name)
-            dead_writer = match is not None and not pid_alive(int(match.group(1)))
-            if dead_writer or leftover.name.startswith(".trash-"):
-                shutil.rmtree(leftover, ignore_errors=True)
+            if leftover.name.startswith(".trash-"):
+                remove_owned_dir(leftover)
         used: list[tuple[float, str]] = []
         for key in self.entries():
             with contextlib.suppress(FileNotFoundError):

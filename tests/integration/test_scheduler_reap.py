@@ -24,6 +24,7 @@ import pytest
 
 from exec_sandbox.config import SchedulerConfig
 from exec_sandbox.scheduler import Scheduler, reap_dead_scheduler_dirs
+from smartvm.leftovers import OwnerRecord, new_owner_record, write_owner_record
 from smartvm.process import pid_alive
 from smartvm.qemu.process import read_owner_record
 
@@ -105,10 +106,14 @@ def test_only_dirs_named_like_a_dead_schedulers_are_reaped(tmp_path: Path) -> No
     os.waitpid(dead_pid, 0)
     assert not pid_alive(dead_pid)
     dead = tmp_path / f"s{dead_pid}-0a1b"
-    (dead / "vm1").mkdir(parents=True)
+    (dead / "vm1").mkdir(parents=True, mode=0o700)
+    dead.chmod(0o700)
     (dead / "vm1" / "disk.qcow2").write_bytes(b"x")
+    # Scheduler dirs carry an owner record (smartvm.leftovers): pid + start time.
+    write_owner_record(dead, OwnerRecord(dead.name, dead_pid, 1, kind="scheduler"))
     alive = tmp_path / f"s{os.getpid()}-0a1b"
-    alive.mkdir()
+    alive.mkdir(mode=0o700)
+    write_owner_record(alive, new_owner_record(alive.name, kind="scheduler"))
     odd = [tmp_path / f"s{dead_pid}-0a1b-extra", tmp_path / f"x{dead_pid}-0a1b", tmp_path / "qemu"]
     for path in odd:
         path.mkdir()

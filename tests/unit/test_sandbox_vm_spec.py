@@ -85,10 +85,15 @@ def test_port_forwards_without_network_are_restricted() -> None:
 def test_sweep_removes_only_overlays_of_dead_processes(tmp_path: Path) -> None:
     import os
 
+    from smartvm.leftovers import OwnerRecord, new_owner_record, write_sidecar_record
+
     mine = tmp_path / f"sbx-{os.getpid()}-vm1.qcow2"
     dead = tmp_path / "sbx-999999999-vm2.qcow2"
     other = tmp_path / "unrelated.qcow2"
     for path in (mine, dead, other):
         path.write_bytes(b"x")
+    # The owner record beside each overlay (smartvm.leftovers) says whose it is.
+    write_sidecar_record(mine, new_owner_record("vm1", kind="overlay"))
+    write_sidecar_record(dead, OwnerRecord("vm2", 999999999, 1, kind="overlay"))
     assert sweep_stale_overlays(tmp_path) == [dead]
     assert mine.exists() and other.exists() and not dead.exists()

@@ -22,6 +22,7 @@ from exec_sandbox.snapshot_cache import (
     cacheable_reason,
     parse_qemu_version,
 )
+from smartvm.leftovers import OwnerRecord, write_owner_record
 
 QEMU = "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)"
 
@@ -213,7 +214,10 @@ async def test_discard_waits_for_restorers_and_prune_keeps_the_newest(tmp_path: 
     finally:
         os.close(fd)
     # Leftovers of a dead writer and of an interrupted delete are swept by prune.
-    (cache.cache_dir / f".tmp-{'1' * 40}-999999999-ab").mkdir()
+    dead_writer = cache.cache_dir / f".tmp-{'1' * 40}-ab"
+    dead_writer.mkdir(mode=0o700)
+    # whose dir it is: the owner record (smartvm.leftovers), here of a process that is gone
+    write_owner_record(dead_writer, OwnerRecord(dead_writer.name, 999999999, 1, kind="snapshot-write"))
     (cache.cache_dir / f".trash-{'2' * 40}-ab").mkdir()
     assert await cache.prune() == []  # one entry, max_entries=1
     assert sorted(p.name for p in cache.cache_dir.iterdir()) == [".locks", k]
