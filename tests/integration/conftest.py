@@ -80,7 +80,8 @@ class LeakChecker:
                 entries = sorted(str(p) for p in directory.rglob("*"))
                 if entries:
                     found[str(directory)] = entries
-        shm = sorted(str(p) for p in Path("/dev/shm").glob(f"*{self.prefix}*"))
+        # RAM files live in /dev/shm/smartvm-<uid>/ (or a fallback dir beside it): look everywhere.
+        shm = sorted(str(p) for p in Path("/dev/shm").glob(f"**/*{self.prefix}*"))
         if shm:
             found["/dev/shm"] = shm
         return found

@@ -82,7 +82,7 @@ class Sbx:
             if needle in cmdline:
                 found.append(f"process {entry}: {cmdline[:200]!r}")
         if vm_id:
-            found += [str(p) for p in Path("/dev/shm").glob(f"*{vm_id}*")]
+            found += [str(p) for p in Path("/dev/shm").glob(f"**/*{vm_id}*")]
         return found
 
     def assert_clean(self, vm_id: str | None = None) -> None:

@@ -28,7 +28,7 @@ from smartvm.qemu import (
     build_kernel_cmdline,
     reap_leftovers,
 )
-from smartvm.qemu.process import OwnerRecord, process_start_ticks, write_owner_record
+from smartvm.qemu.process import OwnerRecord, private_shm_dir, process_start_ticks, write_owner_record
 from smartvm.qemu.qmp import QmpConnection
 from smartvm.vmm.base import SnapshotFiles, VmmBackend, VmmRunState
 from tests.integration.qemu_guest import READY_MARKER, guest_initramfs, guest_kernel
@@ -71,7 +71,7 @@ def gone(pid: int) -> bool:
 def assert_nothing_left(machine: QemuMachine, pid: int | None) -> None:
     assert pid is not None and gone(pid), f"QEMU pid {pid} still running"
     assert not machine.vm_dir.exists(), list(machine.vm_dir.iterdir())
-    assert not list(Path("/dev/shm").glob(f"smartvm-{machine.vm_id}*"))
+    assert not list(Path("/dev/shm").glob(f"**/smartvm-{machine.vm_id}*"))
 
 
 async def wait_count_above(machine: QemuMachine, value: int) -> int:
@@ -436,9 +436,10 @@ def test_owner_killed_takes_qemu_with_it(guest: tuple[Path, Path], runtime_dir: 
         time.sleep(0.02)
     assert gone(qemu_pid), "QEMU survived its owner"
     # the dead owner's files are reaped on the next start (here: called directly)
-    assert (runtime_dir / vm_id).is_dir() and Path(f"/dev/shm/smartvm-{vm_id}.ram").exists()
+    ram = private_shm_dir() / f"smartvm-{vm_id}.ram"  # guest RAM lives in our private dir in /dev/shm
+    assert (runtime_dir / vm_id).is_dir() and ram.exists()
     assert reap_leftovers(runtime_dir) == []  # nothing left to kill, only files to delete
-    assert not (runtime_dir / vm_id).exists() and not Path(f"/dev/shm/smartvm-{vm_id}.ram").exists()
+    assert not (runtime_dir / vm_id).exists() and not ram.exists()
 
 
 def _dead_pid() -> int:
