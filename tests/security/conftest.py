@@ -73,7 +73,11 @@ class Attacker:
 
     def tree(self, root: Path) -> list[str]:
         """Everything under ``root`` as the attacker sees it (their own directory)."""
-        code = "import os, sys\nfor d, dirs, files in os.walk(sys.argv[1]):\n    [print(os.path.join(d, n)) for n in dirs + files]"
+        code = (
+            "import os, sys\n"
+            "for d, dirs, files in os.walk(sys.argv[1]):\n"
+            "    [print(os.path.join(d, n)) for n in dirs + files]"
+        )
         return sorted(self.python(code, str(root)).split())
 
 

@@ -13,8 +13,6 @@ The directories above ours are made world-traversable (0755), as a user's ``~/.c
 so only the library's own modes stand between the other user and the files.
 """
 
-# ruff: noqa: ASYNC240
-
 from __future__ import annotations
 
 import os
@@ -54,7 +52,9 @@ def _open_files(pid: int) -> set[Path]:
         except OSError:
             continue
         target = target.removesuffix(" (deleted)")
-        if target.startswith("/") and not target.startswith(("/dev/null", "/dev/urandom", "/dev/random", "/proc/")):
+        if target.startswith("/") and not target.startswith(
+            ("/dev/null", "/dev/urandom", "/dev/random", "/proc/")
+        ):
             found.add(Path(target))
     return found
 
@@ -66,7 +66,9 @@ def _walk(root: Path) -> set[Path]:
     return found
 
 
-async def test_nothing_of_a_live_session_is_readable_by_another_user(attacker: Attacker, open_base: Path) -> None:
+async def test_nothing_of_a_live_session_is_readable_by_another_user(
+    attacker: Attacker, open_base: Path
+) -> None:
     config = SchedulerConfig(enable_memory_snapshots=True)
     snapshots = open_base / "cache" / "snapshots"
     async with Scheduler(config, snapshot_dir=snapshots) as scheduler:

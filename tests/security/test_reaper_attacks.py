@@ -6,12 +6,9 @@ we find a forged one in our own. Either way: no root-owned file outside our veri
 is deleted, and no process that is not a VMM we started is killed.
 """
 
-# ruff: noqa: ASYNC240
-
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -141,8 +138,16 @@ def test_attackers_own_process_named_by_a_record_is_not_killed(
     marker = str(vm_dir / "qmp.sock")
     script = f"exec -a qemu-system-x86_64 /usr/bin/python3 -c 'import time; time.sleep(120)' {marker}"
     theirs = subprocess.Popen(
-        ["setpriv", f"--reuid={attacker.uid}", f"--regid={attacker.uid}", "--clear-groups", "--",
-         "/bin/bash", "-c", script]
+        [
+            "setpriv",
+            f"--reuid={attacker.uid}",
+            f"--regid={attacker.uid}",
+            "--clear-groups",
+            "--",
+            "/bin/bash",
+            "-c",
+            script,
+        ]
     )
     try:
         # setpriv and bash exec python in place: same pid. Wait until it has.

@@ -7,8 +7,6 @@ directory (the default path), and never write into theirs. Plus the overlay-pool
 Scheduler's own directories carry owner records, so a QEMU start's reaper never takes them.
 """
 
-# ruff: noqa: ASYNC240
-
 from __future__ import annotations
 
 import os
