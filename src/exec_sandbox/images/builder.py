@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Any
 
 from exec_sandbox.errors import ImageBuildError, SandboxInputError
 from exec_sandbox.settings import KernelFlavor, Settings
+from smartvm.hostfs import atomic_write_file
 
 from . import cloud_kernel, debian, kernel, rootfs
 from .cache import bundle_lock, publish, scratch_dir, verify_artifacts
@@ -153,9 +153,8 @@ class ImageBuilder:
         pins = [r.pin() for r in records]
         timer.done(f"{len(pins)} packages")
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.{threading.get_ident()}")
-        tmp.write_text(json.dumps({"fingerprint": fingerprint, "pins": pins}, indent=1))
-        tmp.replace(cache_file)
+        data = json.dumps({"fingerprint": fingerprint, "pins": pins}, indent=1)
+        atomic_write_file(cache_file, data.encode(), mode=0o644)
         return pins
 
     def bundle_hash(self, language: str, kernel_hash: str, guest: dict[str, str] | None = None) -> str:

@@ -20,11 +20,14 @@ import fcntl
 import json
 import os
 import shutil
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from smartvm.hostfs import atomic_write_file
+
 from .manifest import Artifact, sha256_file
+
+BUNDLE_FILE_MODE = 0o644  # read-only base images: no user data, readable like any installed file
 
 __all__ = ["bundle_lock", "publish", "scratch_dir", "verify_artifacts"]
 
@@ -83,9 +86,8 @@ def verify_artifacts(bundle_dir: Path, artifacts: Sequence[Artifact]) -> list[st
         fresh[str(path)] = key
     if not problems and fresh != stamps:
         with contextlib.suppress(OSError):
-            tmp = stamp_path.with_name(f"{_STAMP}.{os.getpid()}.{threading.get_ident()}")
-            tmp.write_text(json.dumps(fresh))
-            tmp.replace(stamp_path)
+            # Bundles hold no user data: readable (0644), but written like every host file (mkstemp + rename).
+            atomic_write_file(stamp_path, json.dumps(fresh).encode(), mode=BUNDLE_FILE_MODE)
     return problems
 
 

@@ -16,6 +16,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from smartvm.hostfs import atomic_write_file
+
 __all__ = [
     "Artifact",
     "BundleManifest",
@@ -104,9 +106,10 @@ class BundleManifest(BaseModel):
 
 
 def write_json_atomic(path: Path, model: BaseModel) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(model.model_dump(mode="json"), indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
+    """Through :func:`smartvm.hostfs.atomic_write_file` (unpredictable temp name, ``O_EXCL``, rename);
+    0644: a bundle manifest holds no user data."""
+    data = json.dumps(model.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
+    atomic_write_file(path, data.encode(), mode=0o644)
 
 
 def read_manifest(path: Path, model: type[_M]) -> _M | None:

@@ -122,7 +122,7 @@ def _prepare_paths(vm_id: str, vm_dir: Path, base_rootfs: Path | str) -> tuple[P
             details={"vm_id": vm_id, "source": str(source)},
         )
     try:
-        vm_dir.mkdir(parents=True, exist_ok=True)
+        vm_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise SmartVMError(
             ErrorCode.IMAGE_COPY_FAILED,
