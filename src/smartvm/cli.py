@@ -283,7 +283,8 @@ def start_cmd(c: _Ctx, vm_id: str, timeout: float) -> None:
     record = record.model_copy(update={"state": "starting", "error": None})
     save_record(c.data_dir, record)
     directory = record_dir(c.data_dir, vm_id)
-    with (directory / "supervisor.log").open("ab") as log:
+    log_flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    with os.fdopen(os.open(directory / "supervisor.log", log_flags, 0o600), "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "smartvm.supervisor", vm_id, "--data-dir", str(c.data_dir)],
             stdin=subprocess.DEVNULL,

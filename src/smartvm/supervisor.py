@@ -29,6 +29,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from smartvm.errors import ErrorCode, SmartVMError
+from smartvm.hostfs import atomic_write_file, ensure_private_dir
 
 __all__ = ["VmRecord", "control_request", "load_record", "record_dir", "save_record"]
 
@@ -74,11 +75,8 @@ def load_record(data_dir: Path, vm_id: str) -> VmRecord:
 
 
 def save_record(data_dir: Path, record: VmRecord) -> None:
-    directory = record_dir(data_dir, record.id)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / "record.json.tmp"
-    tmp.write_text(record.model_dump_json(indent=2) + "\n")
-    os.replace(tmp, directory / "record.json")
+    directory = ensure_private_dir(record_dir(data_dir, record.id))
+    atomic_write_file(directory / "record.json", (record.model_dump_json(indent=2) + "\n").encode())
 
 
 async def control_request(data_dir: Path, vm_id: str, request: dict[str, Any], timeout: float) -> Any:
