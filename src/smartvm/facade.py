@@ -142,7 +142,7 @@ class SmartVM:
             if copy_rootfs or (copy_rootfs is None and base_image is not None):
                 vm_config = await self._with_rootfs_copy(resolved_id, vm_config)
             try:
-                self._socket_path(resolved_id).parent.mkdir(parents=True, exist_ok=True)
+                self._socket_path(resolved_id).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 vm = MicroVM(
                     resolved_id,
                     vm_config,
