@@ -22,6 +22,14 @@ from smartvm.qemu.process import OwnerRecord, process_start_ticks, reap_leftover
 from tests.security.conftest import Attacker
 
 
+def _wait_dressed(pid: int) -> None:
+    """Wait until ``pid`` has exec'd into its QEMU costume (argv[0] ``qemu-system-x86_64``)."""
+    deadline = time.monotonic() + 10
+    while not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"qemu-system-x86_64\0"):
+        assert time.monotonic() < deadline, "the dressed-up process never started"
+        time.sleep(0.01)
+
+
 def _dead_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()
@@ -46,6 +54,7 @@ def fake_vmm(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
         ["qemu-system-x86_64", "-c", "import time; time.sleep(120)", marker], executable=sys.executable
     )
     try:
+        _wait_dressed(proc.pid)
         yield proc, marker
     finally:
         proc.kill()
@@ -120,6 +129,7 @@ def test_owner_record_kills_only_a_proven_vmm_even_in_our_own_dir(
         ["qemu-system-x86_64", "-c", "import time; time.sleep(120)", marker], executable=sys.executable
     )
     try:
+        _wait_dressed(dressed.pid)
         record = OwnerRecord("vm1", _dead_pid(), 1, dressed.pid, process_start_ticks(dressed.pid), marker)
         write_owner_record(vm_dir, record)
         assert reap_leftovers(private_runtime_dir) == []
@@ -150,11 +160,7 @@ def test_attackers_own_process_named_by_a_record_is_not_killed(
         ]
     )
     try:
-        # setpriv and bash exec python in place: same pid. Wait until it has.
-        deadline = time.monotonic() + 10
-        while marker not in Path(f"/proc/{theirs.pid}/cmdline").read_bytes().decode(errors="replace"):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        _wait_dressed(theirs.pid)  # setpriv and bash exec python in place: same pid
         record = OwnerRecord("vm1", _dead_pid(), 1, theirs.pid, process_start_ticks(theirs.pid), marker)
         write_owner_record(vm_dir, record)
         reap_leftovers(private_runtime_dir)
