@@ -439,7 +439,13 @@ class SandboxVm:
         nice: int = 0,
     ) -> SandboxVm:
         vm_id = vm_id or uuid.uuid4().hex[:12]
-        rdir = (runtime_dir or private_runtime_dir()).absolute()
+        try:
+            rdir = (runtime_dir or private_runtime_dir()).absolute()
+        except UnsafePathError as exc:
+            raise SandboxPermanentError(
+                f"the runtime directory is not safe to use: {exc.message}",
+                context={"path": str(exc.path), "problem": exc.problem},
+            ) from exc
         overlay = _overlay_path(rdir, vm_id)
         # A restore takes accelerator, user net and RAM mode from the snapshot's spec.
         accel = None if restoring else options.accel or ("tcg" if settings.force_emulation else None)

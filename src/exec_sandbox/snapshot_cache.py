@@ -48,7 +48,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from exec_sandbox.agent_protocol import PROTOCOL_VERSION
-from exec_sandbox.errors import SandboxError, SandboxTransientError
+from exec_sandbox.errors import SandboxError, SandboxPermanentError, SandboxTransientError
 from exec_sandbox.images.manifest import BundleManifest
 from exec_sandbox.overlay_pool import OverlayPool
 from exec_sandbox.sandbox_vm import SNAPSHOT_FORMAT, BootLogCallback, SandboxVm, VmOptions
@@ -320,7 +320,13 @@ class _FileLock:
     def try_acquire(self, *, shared: bool) -> bool:
         if self._fd is not None:
             raise RuntimeError(f"lock {self.path} is already held")
-        ensure_private_dir(self.path.parent)
+        try:
+            ensure_private_dir(self.path.parent)
+        except UnsafePathError as exc:
+            raise SandboxPermanentError(
+                f"the snapshot cache is not safe to use: {exc.message}",
+                context={"path": str(exc.path), "problem": exc.problem},
+            ) from exc
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from smartvm.cleanup import UndoStack, UndoStep, shielded
 from smartvm.errors import ErrorCode, SmartVMError
-from smartvm.hostfs import UnsafePathError, atomic_write_file, ensure_private_dir, private_file
+from smartvm.hostfs import atomic_write_file, ensure_private_dir, private_file
 from smartvm.leftovers import (
     OwnerRecord,
     private_runtime_dir,
@@ -322,14 +322,7 @@ class QemuMachine:
             raise
 
     def _verify_runtime_dir(self) -> None:
-        try:
-            ensure_private_dir(self.runtime_dir)
-        except UnsafePathError as exc:
-            raise SmartVMError(
-                ErrorCode.UNSAFE_PATH,
-                f"QEMU runtime directory is not safe to use: {exc.message}",
-                details={"path": str(exc.path), "problem": exc.problem},
-            ) from exc
+        ensure_private_dir(self.runtime_dir)  # UnsafePathError (code UNSAFE_PATH) when it is not ours
 
     def _ram_file(self) -> Path:
         """This VM's guest-RAM file, in a verified private directory (0700, ours)."""
