@@ -343,12 +343,13 @@ def private_runtime_dir(path: Path | None = None) -> Path:
         return ensure_private_dir(base / candidate.name)
 
 
-def private_shm_dir(root: Path = SHM_ROOT) -> Path:
+def private_shm_dir(root: Path | None = None) -> Path:
     """``/dev/shm/smartvm-<euid>`` created 0700 and verified, for guest-RAM files (tmpfs).
 
     If someone else holds that name, a fresh ``mkdtemp`` directory ``smartvm-<euid>-XXXXXXXX``
     beside it, with a warning.
     """
+    root = SHM_ROOT if root is None else root
     candidate = root / f"smartvm-{os.geteuid()}"
     try:
         return ensure_private_dir(candidate)

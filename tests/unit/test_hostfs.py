@@ -24,6 +24,7 @@ from smartvm.leftovers import (
     make_owned_dir,
     new_owner_record,
     private_runtime_dir,
+    private_shm_dir,
     read_owner_record,
     reap,
     write_owner_record,
@@ -210,3 +211,18 @@ def test_private_runtime_dir_falls_back_when_the_default_is_taken(
     monkeypatch.setenv("SMARTVM_RUNTIME_DIR", str(shared / "smartvm"))
     with pytest.raises(UnsafePathError):  # an explicit choice is never replaced silently
         private_runtime_dir()
+
+
+def test_private_shm_dir_falls_back_when_its_name_is_taken(tmp_path: Path) -> None:
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    shm.chmod(0o1777)
+    assert private_shm_dir(shm) == shm / f"smartvm-{os.geteuid()}"
+    assert _mode(shm / f"smartvm-{os.geteuid()}") == 0o700
+    other = tmp_path / "shm2"
+    other.mkdir()
+    other.chmod(0o1777)
+    (other / f"smartvm-{os.geteuid()}").symlink_to(tmp_path)  # planted
+    chosen = private_shm_dir(other)
+    assert chosen.parent == other and chosen.name.startswith(f"smartvm-{os.geteuid()}-")
+    assert verify_private_dir(chosen)
