@@ -421,8 +421,14 @@ class Scheduler:
             # Per scheduler, short (QEMU socket paths must stay under 108 bytes).
             base = private_runtime_dir().parent
             reap_dead_scheduler_dirs(base)
-            path = base / f"s{os.getpid()}-{secrets.token_hex(2)}"
-            path.mkdir(mode=0o700)
+            for attempt in range(16):  # a name taken (planted, if base is shared) is skipped, never used
+                path = base / f"s{os.getpid()}-{secrets.token_hex(2)}"
+                try:
+                    path.mkdir(mode=0o700)
+                    break
+                except FileExistsError:
+                    if attempt == 15:
+                        raise
             self._created_runtime_dir = True
             ensure_private_dir(path, create=False)
             write_owner_record(path, new_owner_record(path.name, kind="scheduler"))
