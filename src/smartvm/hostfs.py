@@ -152,7 +152,7 @@ def open_private_dir(path: str | os.PathLike[str], *, create: bool = False, tigh
     for index, name in enumerate(parts):
         current = current / name
         last = index == len(parts) - 1
-        if create:
+        if create and not os.path.lexists(current):
             try:
                 os.mkdir(current, PRIVATE_DIR_MODE)
             except FileExistsError:
