@@ -25,8 +25,10 @@ __all__ = [
     "SessionClosedError",
 ]
 
-CloseReason = Literal["closed", "idle_timeout", "scheduler_closed", "vm_failed"]
-CLOSE_REASONS: Final[tuple[CloseReason, ...]] = ("closed", "idle_timeout", "scheduler_closed", "vm_failed")
+CloseReason = Literal["closed", "idle_timeout", "scheduler_closed", "vm_failed", "guest_unresponsive"]
+CLOSE_REASONS: Final[tuple[CloseReason, ...]] = (
+    "closed", "idle_timeout", "scheduler_closed", "vm_failed", "guest_unresponsive",
+)
 
 
 class SchedulerClosedError(SandboxTransientError):
