@@ -76,7 +76,8 @@ async def identity(s: Session) -> tuple[str, str, int]:
 @pytest.mark.asyncio(loop_scope="module")
 async def test_forked_sessions_have_their_own_boot_id_machine_id_and_pids(scheduler: Scheduler) -> None:
     async with await scheduler.session(language="python") as parent:
-        await parent.exec("import os")  # the REPL is up: the forks copy it
+        # The parent has used its identity (the kernel makes boot_id on its first read).
+        before = await identity(parent)
         first = await parent.fork()
         second = await parent.fork()
         async with first, second:
@@ -85,6 +86,7 @@ async def test_forked_sessions_have_their_own_boot_id_machine_id_and_pids(schedu
                 "fork 1": await identity(first),
                 "fork 2": await identity(second),
             }
+    assert seen["parent"][:2] == before[:2]  # the parent keeps its own
     boot_id = seen["parent"][0]
     assert len(boot_id) == 36 and boot_id.count("-") == 4, boot_id  # still a well-formed uuid
     assert len(seen["parent"][1]) == 32, seen["parent"][1]
