@@ -12,7 +12,8 @@ in the guest); for ``raw`` (shell) the environment and the working directory. Fi
 
 Lifecycle (:class:`SessionState`)::
 
-    OPEN --close() / idle timeout / Scheduler closed / VM failed--> CLOSED   (close() is idempotent)
+    OPEN --close() / idle timeout / Scheduler closed / VM failed / guest unresponsive--> CLOSED
+                                                                    (close() is idempotent)
 
 - Calls (``exec`` and the file operations) run one at a time, in call order; ``exec_count`` counts
   the execs that reached the guest. :meth:`Session.exclusive` holds the session quiet (for example
@@ -29,6 +30,13 @@ Lifecycle (:class:`SessionState`)::
 - A call on a closed session raises :class:`SessionClosedError` (``context["reason"]``); an exec in
   flight when the session closes raises :class:`CommunicationOutcomeUnknownError`. If the VM dies
   under an exec (outcome unknown), the session closes itself (``reason="vm_failed"``).
+- The host enforces the deadline: an exec returns at most
+  :data:`~exec_sandbox.execution.HOST_DEADLINE_GRACE_S` after its timeout. If the guest had not
+  answered by then, the result has ``timed_out`` and ``guest_unresponsive``, the VM is destroyed
+  and the session closed (``reason="guest_unresponsive"``; the next call raises
+  :class:`SessionClosedError`).
+- Processes an exec starts die with it (a cgroup per exec in the guest); the interpreter and its
+  state survive. :meth:`cpu_seconds` is the VM's CPU time, measured on the host.
 
 Paths are confined to the guest work dir (``/home/sandbox``): relative paths are taken from it,
 absolute ones must lie under it (:func:`~exec_sandbox.validation.validate_guest_path`); the guest

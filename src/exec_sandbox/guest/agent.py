@@ -13,6 +13,10 @@ EOF while the host is away, so the agent announces ``hello`` on start and on eve
 (re)connection, answers ``ping`` with ``hello`` and tags every reply with the request id.
 
 Startup imports are kept minimal (this is on the VM boot critical path); exec machinery is lazy.
+
+Containment: as the guest's PID 1, every exec runs in a cgroup v2 group of its own under
+/sys/fs/cgroup/sbx (see ``Cgroups``), ended with ``cgroup.kill``; user code (uid 1000) cannot
+leave it. Elsewhere (tests on a host) the /proc-scanning ``kill_tree`` is the fallback.
 """
 
 from __future__ import annotations
@@ -2024,6 +2028,10 @@ class Agent:
         code runs on the old state and a restore costs no interpreter work. Their string-hash
         secret is fixed at process start and stays what it was in the snapshot. JavaScript
         REPLs are restarted (V8 cannot reseed Math.random), under their lock, in the background.
+
+        The clone also gets its own identity here (:func:`_regenerate_identity`): boot_id,
+        machine-id and a random next PID, so clones of one snapshot cannot be told apart from
+        their parent or predict each other's PIDs.
         """
         seed = _decode_seed(msg.get("seed"))
         credited = _reseed_kernel(seed)
