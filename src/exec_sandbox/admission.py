@@ -4,7 +4,8 @@ Three checks, all of which a request must pass (see :meth:`AdmissionController.a
 
     commit (worst case)  sum(memory_mb + vm_overhead_mb) of held grants
                            <= (min(host RAM, cgroup limit) - host_memory_reserve_mb) * memory_overcommit_ratio
-    CPU (busy VMs only)  sum(vcpus) of grants that are *busy* (starting, or running a one-shot run)
+    CPU (busy VMs)       sum(vcpus) of grants that are *busy* (starting, or running a one-shot run)
+                         + sum(vcpus) of settled grants *measured* burning CPU (see below)
                            <= min(CPU affinity, cgroup CPU quota) * cpu_overcommit_ratio
     live memory guard    host headroom now (MemAvailable, and every memory-limited cgroup level's
                          limit - working set) - start footprints of VMs not yet settled - this VM's
@@ -19,6 +20,11 @@ or an OOM kill):
   session's VM once it is up and waiting for calls; a one-shot run stays busy until it is released).
   ``cpu_overcommit_ratio`` therefore bounds concurrent starts and one-shot runs - FIFO, with the
   timeout - not how many sessions may exist.
+* **...but idle is measured, not assumed.** Guest code can leave work running in an idle session
+  (a thread of its interpreter, a timer). A settled grant with a CPU meter (:meth:`Grant.meter_cpu`,
+  the Scheduler attaches its VM's QEMU process CPU time read from ``/proc``) is sampled every
+  ``cpu_sample_seconds``; while it used at least ``burning_cpu_fraction`` of a core over the last
+  interval it counts its ``vcpus`` against the CPU budget again, exactly like a busy grant.
 * **Committed memory is over-committed on purpose, and the real memory is guarded live.** Charging
   every VM its full guest RAM (+ overhead) as if it were resident admits ~70 VMs of 256 MiB on
   24 GiB, while an idle restored one really holds ~25-35 MiB (PSS; guest RAM is a private mapping
@@ -53,6 +59,7 @@ even if capacity was granted to it in the same instant.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from collections import deque
@@ -85,6 +92,9 @@ _MIB: Final = 1024 * 1024
 # CPU budgets are products of float ratios; compare with a little slack so 4 x 0.5 fits in 2.0.
 _EPS: Final = 1e-9
 DEFAULT_LIVE_POLL_SECONDS: Final = 0.2
+# Idle VMs' CPU: read every second; a settled VM using >= a quarter of a core counts as busy.
+DEFAULT_CPU_SAMPLE_SECONDS: Final = 1.0
+DEFAULT_BURNING_CPU_FRACTION: Final = 0.25
 
 
 def compute_budget(config: SchedulerConfig, resources: HostResources) -> tuple[int, float]:
@@ -127,6 +137,7 @@ class AdmissionStats:
     starting_memory_mb: int = 0  # start footprints of grants not settled yet (live guard)
     live_available_mb: int | None = None  # host headroom at the last decision (None: no live guard)
     live_guard_waits_total: int = 0  # times the queue head waited on the live guard alone
+    cpu_burning: int = 0  # vCPUs of settled grants measured busy at the last CPU sample
 
     @property
     def memory_available_mb(self) -> int:
@@ -160,6 +171,17 @@ class Grant:
         self.start_footprint_mb = start_footprint_mb  # counted by the live guard until settled
         self._released = False
         self._settled = False
+        self._meter: Callable[[], float | None] | None = None
+        self._cpu_sample: tuple[float, float] | None = None  # (loop time, CPU seconds)
+        self.burning = False  # settled, and measured using CPU at the last sample
+        self.cpu_rate: float | None = None  # cores used over the last sample interval
+
+    def meter_cpu(self, meter: Callable[[], float | None]) -> None:
+        """Measure this VM's CPU while it is settled: ``meter()`` returns the CPU seconds it has
+        used so far (None: unknown). An idle VM found burning CPU counts against the CPU budget."""
+        if not self._released:
+            self._meter = meter
+            self._controller._metered(self)
 
     @property
     def released(self) -> bool:
@@ -225,6 +247,8 @@ class AdmissionController:
         host_memory_reserve_mb: int = 0,
         start_footprint_mb: int = DEFAULT_VM_START_FOOTPRINT_MB,
         live_poll_seconds: float = DEFAULT_LIVE_POLL_SECONDS,
+        cpu_sample_seconds: float = DEFAULT_CPU_SAMPLE_SECONDS,
+        burning_cpu_fraction: float = DEFAULT_BURNING_CPU_FRACTION,
     ) -> None:
         if (
             isinstance(memory_budget_mb, bool)
@@ -256,6 +280,18 @@ class AdmissionController:
             or not 0 < live_poll_seconds <= 60
         ):
             raise input_error("live_poll_seconds", live_poll_seconds, "must be a number in (0, 60]")
+        if (
+            isinstance(cpu_sample_seconds, bool)
+            or not isinstance(cpu_sample_seconds, (int, float))
+            or not 0 < cpu_sample_seconds <= 60
+        ):
+            raise input_error("cpu_sample_seconds", cpu_sample_seconds, "must be a number in (0, 60]")
+        if (
+            isinstance(burning_cpu_fraction, bool)
+            or not isinstance(burning_cpu_fraction, (int, float))
+            or not 0 < burning_cpu_fraction <= 64
+        ):
+            raise input_error("burning_cpu_fraction", burning_cpu_fraction, "must be cores in (0, 64]")
         self.memory_budget_mb = memory_budget_mb
         self.cpu_budget = float(cpu_budget)
         self.timeout_seconds = _check_timeout("timeout_seconds", timeout_seconds)
@@ -265,6 +301,11 @@ class AdmissionController:
         self.host_memory_reserve_mb = host_memory_reserve_mb
         self.start_footprint_mb = start_footprint_mb
         self.live_poll_seconds = float(live_poll_seconds)
+        self.cpu_sample_seconds = float(cpu_sample_seconds)
+        self.burning_cpu_fraction = float(burning_cpu_fraction)
+        self._meters: set[Grant] = set()
+        self._burning_vcpus = 0
+        self._cpu_timer: asyncio.TimerHandle | None = None
         self._state = AdmissionState.OPEN
         self._memory_in_use = 0
         self._cpu_in_use = 0
@@ -351,6 +392,7 @@ class AdmissionController:
             starting_memory_mb=self._starting_mb,
             live_available_mb=self._live_mb,
             live_guard_waits_total=self._live_waits_total,
+            cpu_burning=self._burning_vcpus,
         )
 
     @asynccontextmanager
@@ -439,6 +481,9 @@ class AdmissionController:
         if self._poll is not None:
             self._poll.cancel()
             self._poll = None
+        if self._cpu_timer is not None:
+            self._cpu_timer.cancel()
+            self._cpu_timer = None
         now = asyncio.get_running_loop().time() if self._waiters else 0.0
         while self._waiters:
             w = self._waiters.popleft()
@@ -486,7 +531,7 @@ class AdmissionController:
             return "max_concurrent_vms"
         if self._memory_in_use + cost > self.memory_budget_mb:
             return "memory"
-        if self._cpu_in_use + vcpus > self.cpu_budget + _EPS:
+        if self._cpu_in_use + self._burning_vcpus + vcpus > self.cpu_budget + _EPS:
             return "cpu"
         if live_mb is not None:
             footprint = min(cost, self.start_footprint_mb)
@@ -519,12 +564,66 @@ class AdmissionController:
 
     def _release(self, grant: Grant) -> None:
         self._memory_in_use -= grant.cost_mb
+        if grant in self._meters:
+            self._meters.discard(grant)
+            if grant.burning:
+                grant.burning = False
+                self._burning_vcpus -= grant.vcpus
         if not grant.settled:
             self._cpu_in_use -= grant.vcpus
             self._busy -= 1
             self._starting_mb -= grant.start_footprint_mb
         self._active -= 1
         self._wake()
+
+    # ------------------------------------------------------------------ measured CPU of idle VMs
+
+    def _metered(self, grant: Grant) -> None:
+        self._meters.add(grant)
+        grant._cpu_sample = None
+        self._schedule_cpu_sample()
+
+    def _schedule_cpu_sample(self) -> None:
+        if self._cpu_timer is None and self._meters and self._state is AdmissionState.OPEN:
+            with contextlib.suppress(RuntimeError):  # no running loop: sampled on the next call
+                loop = asyncio.get_running_loop()
+                self._cpu_timer = loop.call_later(self.cpu_sample_seconds, self._on_cpu_timer)
+
+    def _on_cpu_timer(self) -> None:
+        self._cpu_timer = None
+        self.sample_cpu(asyncio.get_running_loop().time())
+        self._schedule_cpu_sample()
+
+    def sample_cpu(self, now: float) -> int:
+        """Read every metered grant's CPU meter (``now``: a monotonic time, e.g. the loop's) and
+        recount the vCPUs of settled grants that used at least ``burning_cpu_fraction`` of a core
+        since their previous reading. Returns that count; wakes the queue when it fell."""
+        before = self._burning_vcpus
+        burning = 0
+        for grant in list(self._meters):
+            meter = grant._meter
+            cpu: float | None = None
+            if meter is not None:
+                try:
+                    cpu = meter()
+                except Exception as exc:  # a meter must never break admission
+                    log.debug("admission: CPU meter failed: %r", exc)
+            prev = grant._cpu_sample
+            if cpu is None:
+                grant.burning, grant.cpu_rate, grant._cpu_sample = False, None, None
+                continue
+            grant._cpu_sample = (now, cpu)
+            if prev is None or now <= prev[0]:
+                continue  # the first reading only sets the baseline (keeps the last verdict)
+            grant.cpu_rate = max(cpu - prev[1], 0.0) / (now - prev[0])
+            grant.burning = grant.settled and grant.cpu_rate >= self.burning_cpu_fraction
+        for grant in self._meters:
+            if grant.burning:
+                burning += grant.vcpus
+        self._burning_vcpus = burning
+        if burning < before:
+            self._wake()
+        return burning
 
     def _schedule_poll(self) -> None:
         """Re-check the queue head soon: memory freed outside this controller wakes nobody."""

@@ -9,7 +9,11 @@ What it adds on top of :meth:`AgentClient.exec <exec_sandbox.agent_client.AgentC
   (the guest console carries kernel messages at error level) gets ``oom_killed=True`` and a stderr
   note naming the memory limit. The guest has only ``memory_mb`` of RAM, so a memory bomb is
   bounded by the guest kernel, never by the host;
-- the host-side execute time.
+- the host-side execute time and the QEMU process's CPU time over the exec (``cpu_seconds``);
+- the wall-clock deadline, enforced by the host: whatever the guest does (agent hung, tmpfs full,
+  vCPUs stopped), the call returns at most :data:`HOST_DEADLINE_GRACE_S` after ``timeout_s``. A
+  guest that did not answer by then gets ``timed_out`` and ``guest_unresponsive``; its VM can no
+  longer be trusted and the caller destroys it (``Scheduler.run`` retires it, a session closes).
 
 Streaming callbacks may be sync or async; one that raises is logged and ignored (the run goes on).
 """
@@ -33,6 +37,7 @@ from exec_sandbox.sandbox_vm import SandboxVm, SandboxVmState
 from exec_sandbox.timing import elapsed_ms
 
 __all__ = [
+    "HOST_DEADLINE_GRACE_S",
     "OOM_CONSOLE_PATTERN",
     "ExecOutcome",
     "execute_in_vm",
@@ -49,8 +54,16 @@ OOM_CONSOLE_PATTERN: Final = re.compile(
 _SIGKILL: Final = 9
 # The console line can trail the agent's exit event by a little (different channels).
 _OOM_CONSOLE_WAIT_S: Final = 1.5
-# Extra time the agent gets to answer after the timeout (it kills the process tree first).
-_REPLY_GRACE_S: Final = 30.0
+# How long after the timeout the host waits for the agent's own timeout answer (it kills the
+# exec's cgroup - milliseconds - and replies) before it ends the run itself.
+HOST_DEADLINE_GRACE_S: Final = 1.5
+
+
+def unresponsive_note(timeout_s: float) -> str:
+    return (
+        f"\n[sandbox] execution timed out after {timeout_s:g}s and the guest did not answer within "
+        f"{HOST_DEADLINE_GRACE_S:g}s more; its VM was destroyed\n"
+    )
 
 
 def truncation_marker(stream: str, shown: int, total: int) -> str:
@@ -71,6 +84,8 @@ class ExecOutcome:
     stderr: str
     oom_killed: bool
     execute_ms: float
+    guest_unresponsive: bool = False  # the host ended the run at its deadline: destroy the VM
+    cpu_seconds: float | None = None  # the VM's QEMU process CPU time over the exec
 
 
 async def _notify(callback: OutputCallback | None, data: str) -> None:
@@ -116,21 +131,52 @@ async def execute_in_vm(
         )
     console_mark = vm.machine.console.total_bytes
     started = time.perf_counter()
-    result = await vm.agent.exec(
-        code,
-        language=language,
-        env=dict(env),
-        timeout_s=timeout_s,
-        session=session,
-        max_stdout_bytes=max_output_bytes,
-        max_stderr_bytes=max_output_bytes,
-        on_stdout=on_stdout,
-        on_stderr=on_stderr,
-        reply_grace_s=_REPLY_GRACE_S,
-        # run() VMs are single-use and sessions exec in their REPL: a replacement one-shot
-        # interpreter would only cost guest CPU and ~15 MiB of TCG code cache.
-        refill_spare=False,
-    )
+    cpu_before = vm.cpu_seconds()
+    # Output as it arrives, for the result of a run the host has to end itself.
+    seen: dict[str, list[str]] = {"stdout": [], "stderr": []}
+
+    def collect(stream: str, callback: OutputCallback | None) -> OutputCallback:
+        async def forward(data: str) -> None:
+            seen[stream].append(data)
+            await _notify(callback, data)
+
+        return forward
+
+    try:
+        async with asyncio.timeout(timeout_s + HOST_DEADLINE_GRACE_S):
+            result = await vm.agent.exec(
+                code,
+                language=language,
+                env=dict(env),
+                timeout_s=timeout_s,
+                session=session,
+                max_stdout_bytes=max_output_bytes,
+                max_stderr_bytes=max_output_bytes,
+                on_stdout=collect("stdout", on_stdout),
+                on_stderr=collect("stderr", on_stderr),
+                # Never the one to give up first: the deadline above ends the run.
+                reply_grace_s=HOST_DEADLINE_GRACE_S + 5.0,
+                # run() VMs are single-use and sessions exec in their REPL: a replacement one-shot
+                # interpreter would only cost guest CPU and ~15 MiB of TCG code cache.
+                refill_spare=False,
+            )
+    except TimeoutError:
+        execute_ms = elapsed_ms(started)
+        logger.warning(
+            "VM %s: no answer %.1fs after the %gs timeout; ending the run from the host",
+            vm.vm_id, HOST_DEADLINE_GRACE_S, timeout_s,
+        )
+        note = unresponsive_note(timeout_s)
+        await _notify(on_stderr, note)
+        stdout, stderr = "".join(seen["stdout"]), "".join(seen["stderr"]) + note
+        synthetic = ExecResult(
+            stdout=stdout, stderr=stderr, exit_code=-1, timed_out=True, cancelled=False,
+            session_reset=True, duration_ms=execute_ms, stdout_truncated=False, stderr_truncated=False,
+            stdout_bytes=len(stdout.encode()), stderr_bytes=len(stderr.encode()), signal=None,
+        )
+        return ExecOutcome(result=synthetic, stdout=stdout, stderr=stderr, oom_killed=False,
+                           execute_ms=execute_ms, guest_unresponsive=True,
+                           cpu_seconds=_cpu_delta(vm, cpu_before))
     execute_ms = elapsed_ms(started)
     stdout, stderr = result.stdout, result.stderr
     if result.stdout_truncated:
@@ -148,4 +194,12 @@ async def execute_in_vm(
             note = oom_note(memory_mb)
             stderr += note
             await _notify(on_stderr, note)
-    return ExecOutcome(result=result, stdout=stdout, stderr=stderr, oom_killed=oom, execute_ms=execute_ms)
+    return ExecOutcome(result=result, stdout=stdout, stderr=stderr, oom_killed=oom, execute_ms=execute_ms,
+                       cpu_seconds=_cpu_delta(vm, cpu_before))
+
+
+def _cpu_delta(vm: SandboxVm, before: float | None) -> float | None:
+    after = vm.cpu_seconds()
+    if before is None or after is None:
+        return None
+    return round(max(after - before, 0.0), 3)

@@ -5,7 +5,8 @@ Both sit in the one :class:`~exec_sandbox.errors.SandboxError` tree::
     SandboxTransientError
     └── SchedulerClosedError   the Scheduler was closed before the code ran (nothing ran)
     SandboxInputError
-    └── SessionClosedError     a call on a session that is closed (``context["reason"]`` says why)
+    └── SessionClosedError     a call on a session that is closed (``context["reason"]`` says why:
+                               closed, idle_timeout, scheduler_closed, vm_failed, guest_unresponsive)
 
 A run or session exec whose code had already been sent to the guest when the Scheduler or session
 closed fails with :class:`~exec_sandbox.errors.CommunicationOutcomeUnknownError` instead (the code
@@ -25,8 +26,10 @@ __all__ = [
     "SessionClosedError",
 ]
 
-CloseReason = Literal["closed", "idle_timeout", "scheduler_closed", "vm_failed"]
-CLOSE_REASONS: Final[tuple[CloseReason, ...]] = ("closed", "idle_timeout", "scheduler_closed", "vm_failed")
+CloseReason = Literal["closed", "idle_timeout", "scheduler_closed", "vm_failed", "guest_unresponsive"]
+CLOSE_REASONS: Final[tuple[CloseReason, ...]] = (
+    "closed", "idle_timeout", "scheduler_closed", "vm_failed", "guest_unresponsive",
+)
 
 
 class SchedulerClosedError(SandboxTransientError):

@@ -108,6 +108,11 @@ class ExecutionResult(_Frozen):
     restored_from_snapshot: bool = False
     memory_peak_mb: float | None = Field(default=None, ge=0)
     oom_killed: bool = False
+    # CPU the VM's QEMU process used during this call, measured on the host (/proc), all vCPUs.
+    cpu_seconds: float | None = Field(default=None, ge=0)
+    # The guest did not answer by the host's deadline (timeout + a short grace): the host ended the
+    # run itself (``timed_out``) and destroyed the VM (a session is closed).
+    guest_unresponsive: bool = False
 
     @model_validator(mode="after")
     def _timeout_exit_code(self) -> ExecutionResult:

@@ -343,6 +343,11 @@ class SandboxVm:
             and self._agent.state.value == "ready"
         )
 
+    def cpu_seconds(self) -> float | None:
+        """CPU seconds the VM's QEMU process has used so far, measured on the host (None once it is
+        gone). Whatever the guest says or hides, this is what it cost the host."""
+        return self.machine.cpu_seconds()
+
     def console_output(self) -> str:
         """The tail of the guest console (kernel messages, init output)."""
         return self.machine.console_output()

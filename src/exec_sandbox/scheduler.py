@@ -638,6 +638,9 @@ class Scheduler:
                 on_stderr=on_stderr,
             )
             for given, rel in downloads:
+                if outcome.guest_unresponsive:  # the VM is being destroyed: nothing to ask it
+                    download_errors[given] = "the guest did not answer by the deadline"
+                    continue
                 try:
                     problem = await self._download_problem(vm, rel)
                     if problem is None:
@@ -686,6 +689,8 @@ class Scheduler:
             warm_pool_hit=lease.warm_pool_hit,
             restored_from_snapshot=lease.restored_from_snapshot,
             oom_killed=outcome.oom_killed,
+            cpu_seconds=outcome.cpu_seconds,
+            guest_unresponsive=outcome.guest_unresponsive,
             files=files,
             download_errors=download_errors,
         )
@@ -762,6 +767,9 @@ class Scheduler:
             raise
         self._sessions.add(session)
         lease.grant.settle()  # an idle session holds memory only: its CPU share goes back to admission
+        # ...as long as it really is idle: its QEMU's CPU time is measured, and a session found
+        # burning CPU (work its code left running) counts against the CPU budget again.
+        lease.grant.meter_cpu(lease.vm.cpu_seconds)
         return session
 
     async def _fork_session(self, parent: Session) -> Session:

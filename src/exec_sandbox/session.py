@@ -12,7 +12,8 @@ in the guest); for ``raw`` (shell) the environment and the working directory. Fi
 
 Lifecycle (:class:`SessionState`)::
 
-    OPEN --close() / idle timeout / Scheduler closed / VM failed--> CLOSED   (close() is idempotent)
+    OPEN --close() / idle timeout / Scheduler closed / VM failed / guest unresponsive--> CLOSED
+                                                                    (close() is idempotent)
 
 - Calls (``exec`` and the file operations) run one at a time, in call order; ``exec_count`` counts
   the execs that reached the guest. :meth:`Session.exclusive` holds the session quiet (for example
@@ -29,6 +30,13 @@ Lifecycle (:class:`SessionState`)::
 - A call on a closed session raises :class:`SessionClosedError` (``context["reason"]``); an exec in
   flight when the session closes raises :class:`CommunicationOutcomeUnknownError`. If the VM dies
   under an exec (outcome unknown), the session closes itself (``reason="vm_failed"``).
+- The host enforces the deadline: an exec returns at most
+  :data:`~exec_sandbox.execution.HOST_DEADLINE_GRACE_S` after its timeout. If the guest had not
+  answered by then, the result has ``timed_out`` and ``guest_unresponsive``, the VM is destroyed
+  and the session closed (``reason="guest_unresponsive"``; the next call raises
+  :class:`SessionClosedError`).
+- Processes an exec starts die with it (a cgroup per exec in the guest); the interpreter and its
+  state survive. :meth:`cpu_seconds` is the VM's CPU time, measured on the host.
 
 Paths are confined to the guest work dir (``/home/sandbox``): relative paths are taken from it,
 absolute ones must lie under it (:func:`~exec_sandbox.validation.validate_guest_path`); the guest
@@ -186,6 +194,11 @@ class Session:
                     )
             except SandboxError as exc:
                 raise await self._exec_failed(exc) from exc
+            if outcome.guest_unresponsive:
+                # The host ended the run at its deadline: the guest is wedged or hostile. The result
+                # goes back now; the VM is destroyed behind it, and the next call says why.
+                logger.warning("session %s: guest did not answer by the deadline; closing", self.vm_id)
+                self._close_soon("guest_unresponsive")
         res = outcome.result
         return ExecutionResult(
             stdout=outcome.stdout,
@@ -201,6 +214,8 @@ class Session:
             vm_id=self.vm_id,
             accelerator=self._vm.accelerator.accel if self._vm.accelerator else None,
             oom_killed=outcome.oom_killed,
+            cpu_seconds=outcome.cpu_seconds,
+            guest_unresponsive=outcome.guest_unresponsive,
         )
 
     async def _exec_failed(self, exc: SandboxError) -> SandboxError:
@@ -334,14 +349,22 @@ class Session:
         await self._close("closed")
 
     async def _close(self, reason: CloseReason) -> None:
+        # Every caller waits for the one teardown; shielded so a cancelled caller cannot cut it short.
+        await asyncio.shield(self._close_soon(reason))
+
+    def _close_soon(self, reason: CloseReason) -> asyncio.Task[None]:
+        """Close now (calls fail from here on) and start the one teardown; returns its task."""
         if self._close_task is None:
             self._close_reason = reason
             self._state = SessionState.CLOSED
             self._close_task = asyncio.get_running_loop().create_task(
                 self._teardown(), name=f"sbx-session-close-{self.vm_id}"
             )
-        # Every caller waits for the one teardown; shielded so a cancelled caller cannot cut it short.
-        await asyncio.shield(self._close_task)
+        return self._close_task
+
+    def cpu_seconds(self) -> float | None:
+        """CPU seconds the session's VM (its QEMU process) has used so far, measured on the host."""
+        return self._vm.cpu_seconds()
 
     async def _teardown(self) -> None:
         idle, self._idle_task = self._idle_task, None

@@ -142,7 +142,12 @@ def test_init_script_mounts_and_starts_the_agent() -> None:
         "mount -t sysfs sysfs /sys",
         "tmpfs /tmp",
         "tmpfs /dev/shm",
-        "mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup",
+        "mount -t cgroup2 -o nsdelegate,favordynmods cgroup2 /sys/fs/cgroup",
+        "mount -o bind /etc/sbx-boot-id /proc/sys/kernel/random/boot_id",
+        # a fresh identity each boot (the agent renews it in every restored or forked clone)
+        'echo "$U" > /etc/sbx-boot-id',
+        'echo "${U//-/}" > /etc/machine-id',
+        "echo 32768 > /proc/sys/kernel/pid_max",
         "devtmpfs",
         "mkdir -p /dev/pts /dev/shm",
         "echo sandbox > /proc/sys/kernel/hostname",
@@ -168,6 +173,16 @@ def test_fstab_mounts_what_the_guest_needs() -> None:
     assert mounts["/sys/fs/cgroup"][1] == "cgroup2"
     for tmp in ("/tmp", "/dev/shm"):
         assert mounts[tmp][1] == "tmpfs" and "mode=1777" in mounts[tmp][2] and "nosuid" in mounts[tmp][2]
+    # Unreclaimable tmpfs pages must never pin all guest RAM: together at most half of it.
+    sizes = [int(o.removeprefix("size=").removesuffix("%")) for t in ("/tmp", "/dev/shm")
+             for o in mounts[t][2].split(",") if o.startswith("size=")]
+    assert len(sizes) == 2 and sum(sizes) <= 50, sizes
+    # Per-exec cgroups migrate the agent at every spawn: cheap with favordynmods.
+    assert "favordynmods" in mounts["/sys/fs/cgroup"][2]
+    # boot_id as guest processes see it: a file the agent can renew per clone, bound after /proc.
+    assert mounts["/proc/sys/kernel/random/boot_id"] == ("/etc/sbx-boot-id", "none", "bind")
+    order = [e[1] for e in entries]
+    assert order.index("/proc") < order.index("/proc/sys/kernel/random/boot_id")
     # /sys/fs/cgroup lives on sysfs: it must come after /sys
     assert [e[1] for e in entries].index("/sys") < [e[1] for e in entries].index("/sys/fs/cgroup")
 

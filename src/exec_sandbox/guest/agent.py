@@ -13,6 +13,10 @@ EOF while the host is away, so the agent announces ``hello`` on start and on eve
 (re)connection, answers ``ping`` with ``hello`` and tags every reply with the request id.
 
 Startup imports are kept minimal (this is on the VM boot critical path); exec machinery is lazy.
+
+Containment: as the guest's PID 1, every exec runs in a cgroup v2 group of its own under
+/sys/fs/cgroup/sbx (see ``Cgroups``), ended with ``cgroup.kill``; user code (uid 1000) cannot
+leave it. Elsewhere (tests on a host) the /proc-scanning ``kill_tree`` is the fallback.
 """
 
 from __future__ import annotations
@@ -724,6 +728,130 @@ def _kill_round(root_pid: int, protected: set[int], run_uid: int | None, me: int
     return not alive
 
 
+class Cgroups:
+    """One cgroup v2 group per exec under ``/sys/fs/cgroup/sbx`` (the agent as root only).
+
+    A process cannot leave its cgroup without write access to the ``cgroup.procs`` of the groups
+    involved, and every group here is made by root (files 0644 root): double-forking, ``setsid``
+    and re-parenting change nothing, so ``cgroup.kill`` (Linux >= 5.14; it also catches processes
+    forked while it runs) ends everything an exec started. Children are born in their group:
+    :meth:`Agent.spawn` moves the agent itself into the group, forks, and moves back, under the
+    spawn lock (only spawns fork in the agent), so no user instruction runs outside it.
+    ``kill_tree`` (process group/session/descendants) stays the fallback without cgroups (the
+    agent run on a host for tests, an old kernel).
+    """
+
+    def __init__(self, base: str, home: str) -> None:
+        self.base = base  # .../sbx
+        self.home = home  # the agent's own group (the cgroup2 root)
+        self.n = 0
+        self.lock = threading.Lock()
+        self.stale: list[str] = []  # groups whose rmdir failed (still emptying); retried later
+
+    @classmethod
+    def open(cls, mount: str = "/sys/fs/cgroup") -> Cgroups | None:
+        # Only as the guest's PID 1: an agent run on a host (tests) must not touch the host's cgroups.
+        if os.getpid() != 1 or os.geteuid() != 0:
+            return None
+        base = os.path.join(mount, "sbx")
+        try:
+            try:
+                os.mkdir(base, 0o755)
+            except FileExistsError:
+                pass
+            st = os.lstat(base)
+            if st.st_uid != 0 or not os.path.exists(os.path.join(base, "cgroup.kill")):
+                return None
+            with open("/proc/self/cgroup") as fh:
+                rel = fh.read().strip().partition("::")[2] or "/"
+        except OSError:
+            return None
+        return cls(base, os.path.normpath(mount + rel))
+
+    def create(self, kind: str) -> str:
+        with self.lock:
+            self.n += 1
+            path = os.path.join(self.base, f"{kind}-{self.n}")
+        os.mkdir(path, 0o755)
+        return path
+
+    @staticmethod
+    def move(path: str, pid: int) -> None:
+        fd = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, str(pid).encode())
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def pids(path: str) -> list[int]:
+        try:
+            with open(os.path.join(path, "cgroup.procs"), "rb") as fh:
+                return [int(x) for x in fh.read().split()]
+        except (OSError, ValueError):
+            return []
+
+    @staticmethod
+    def populated(path: str) -> bool:
+        try:
+            with open(os.path.join(path, "cgroup.events"), "rb") as fh:
+                return b"populated 1" in fh.read()
+        except OSError:
+            return False
+
+    def kill(self, path: str, timeout: float = 5.0) -> bool:
+        """SIGKILL every process in ``path`` (and in forks made meanwhile), wait until it is empty
+        and remove it. True when it emptied in time."""
+        try:
+            fd = os.open(os.path.join(path, "cgroup.kill"), os.O_WRONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return True
+        try:
+            os.write(fd, b"1")
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        deadline = time.monotonic() + timeout
+        delay = 0.0005
+        while self.populated(path):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+        empty = not self.populated(path)
+        self.remove(path)
+        return empty
+
+    def kill_others(self, path: str, keep: int) -> None:
+        """SIGKILL every process in ``path`` except ``keep`` (a session's interpreter at rest)."""
+        for _ in range(50):
+            victims = [p for p in self.pids(path) if p != keep]
+            if not victims:
+                return
+            for pid in victims:
+                try:
+                    os.kill(pid, 9)
+                except OSError:
+                    pass
+            time.sleep(0.002)
+
+    def remove(self, path: str) -> None:
+        with self.lock:
+            todo, self.stale = [*self.stale, path], []
+        left = []
+        for p in todo:
+            try:
+                os.rmdir(p)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                left.append(p)
+        if left:
+            with self.lock:
+                self.stale += left[-256:]
+
+
 def _is_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
@@ -842,6 +970,48 @@ def _reseed_kernel(seed: bytes) -> int:
     return credited
 
 
+BOOT_ID_FILE = "/etc/sbx-boot-id"  # bind-mounted over /proc/sys/kernel/random/boot_id by the guest init
+MACHINE_ID_FILE = "/etc/machine-id"
+
+
+def _regenerate_identity() -> list[str]:
+    """A clone's own identity (PID 1 in the guest only; call after the CRNG reseed): a fresh boot_id
+    (the file bind-mounted over the kernel's read-only one) and machine-id, and the next PID moved to
+    a random point of pid_max (``ns_last_pid``, CONFIG_CHECKPOINT_RESTORE). Returns what changed."""
+    if os.getpid() != 1:
+        return []
+    done = []
+    for path, dashes in ((BOOT_ID_FILE, True), (MACHINE_ID_FILE, False)):
+        try:
+            with open("/proc/sys/kernel/random/uuid", "rb") as fh:
+                value = fh.read().strip()
+            if not dashes:
+                value = value.replace(b"-", b"")
+            # In place, same length as what the init wrote: no new block, even on a full disk.
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.pwrite(fd, value + b"\n", 0)
+            finally:
+                os.close(fd)
+            done.append(path)
+        except OSError:
+            pass
+    try:
+        with open("/proc/sys/kernel/pid_max", "rb") as fh:
+            pid_max = int(fh.read())
+        span = max(pid_max - 2000, 1)
+        nxt = 1000 + int.from_bytes(os.urandom(4), "big") % span
+        fd = os.open("/proc/sys/kernel/ns_last_pid", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, str(nxt).encode())
+        finally:
+            os.close(fd)
+        done.append("ns_last_pid")
+    except (OSError, ValueError):
+        pass
+    return done
+
+
 JS_DRIVER = r"""
 'use strict';
 const vm = require('vm'); const fs = require('fs'); const net = require('net');
@@ -940,6 +1110,8 @@ class Repl:
         self.ctl_w = -1
         self.status_r = -1
         self.reseed_pending = False  # python: reseed its PRNG before running the next block
+        self.cg: str | None = None  # the interpreter's own cgroup (its home between blocks)
+        self.exec_cg: str | None = None  # a session block's cgroup while the block runs
 
     def alive(self) -> bool:
         return self.proc is not None
@@ -963,8 +1135,16 @@ class Repl:
         if agent.run_uid is not None:
             # The shell re-opens the status pipe through /proc, which checks the pipe inode's owner.
             os.fchown(status_w, agent.run_uid, agent.run_gid if agent.run_gid is not None else -1)
+        cgroups = agent.cgroups
+        self.cg = cgroups.create("repl") if cgroups is not None else None
         try:
-            proc = agent.spawn(argv, env=env, cwd=agent.workdir, stdin=stdin, pass_fds=(code_r, status_w))
+            proc = agent.spawn(argv, env=env, cwd=agent.workdir, stdin=stdin, pass_fds=(code_r, status_w),
+                               cgroup=self.cg)
+        except BaseException:
+            if self.cg is not None and cgroups is not None:
+                cgroups.kill(self.cg)
+                self.cg = None
+            raise
         finally:
             os.close(code_r)
             os.close(status_w)
@@ -985,7 +1165,14 @@ class Repl:
         if proc is None:
             return
         self.proc = None
-        kill_tree(proc.pid, self.agent.protected_pids, self.agent.run_uid, self.agent.spawn_lock)
+        cgroups = self.agent.cgroups
+        if cgroups is not None and self.cg is not None:
+            for cg in (self.exec_cg, self.cg):
+                if cg is not None:
+                    cgroups.kill(cg)
+            self.exec_cg = self.cg = None
+        else:
+            kill_tree(proc.pid, self.agent.protected_pids, self.agent.run_uid, self.agent.spawn_lock)
         if proc.returncode is None:
             status = self.agent.reaper.wait(proc.pid, 5.0)
             proc.returncode = status if status is not None else -9
@@ -1097,6 +1284,8 @@ class Agent:
         self._reaper: Reaper | None = None
         self._reaper_lock = threading.Lock()
         self._interpreters: Msg | None = None
+        self._cgroups: Cgroups | None = None
+        self._cgroups_probed = False
         self.transport: Transport | None = None
         self.stop_event = threading.Event()
         self.workers = Workers()
@@ -1111,6 +1300,14 @@ class Agent:
             if self._reaper is None:
                 self._reaper = Reaper()
             return self._reaper
+
+    @property
+    def cgroups(self) -> Cgroups | None:
+        with self._reaper_lock:
+            if not self._cgroups_probed:
+                self._cgroups = Cgroups.open()
+                self._cgroups_probed = True
+            return self._cgroups
 
     @property
     def interpreters(self) -> Msg:
@@ -1225,15 +1422,29 @@ class Agent:
         return env
 
     def spawn(self, argv: list[str], *, env: dict[str, str], cwd: str, stdin: int,
-              pass_fds: tuple[int, ...] = ()) -> Proc:
-        """Start ``argv`` in a new session with stdout/stderr pipes, as the sandbox user if set."""
+              pass_fds: tuple[int, ...] = (), cgroup: str | None = None) -> Proc:
+        """Start ``argv`` in a new session with stdout/stderr pipes, as the sandbox user if set.
+
+        ``cgroup``: the child is born in that group (see :class:`Cgroups`)."""
         if self.run_uid is not None:
             self._limit_user_processes()
         with self.spawn_lock:
             if self.terminating:
                 raise RequestError("terminating", "the agent is shutting down")
-            proc = start_process(argv, stdin=stdin, cwd=cwd, env=env, pass_fds=pass_fds,
-                                 uid=self.run_uid, gid=self.run_gid if self.run_uid is not None else None)
+            cg = self.cgroups
+            if cgroup is not None and cg is not None:
+                # Forks inherit the parent's group: the agent steps into the exec's group for the
+                # fork only. Nothing else in the agent forks (every fork holds spawn_lock).
+                Cgroups.move(cgroup, os.getpid())
+                try:
+                    proc = start_process(argv, stdin=stdin, cwd=cwd, env=env, pass_fds=pass_fds,
+                                         uid=self.run_uid,
+                                         gid=self.run_gid if self.run_uid is not None else None)
+                finally:
+                    Cgroups.move(cg.home, os.getpid())
+            else:
+                proc = start_process(argv, stdin=stdin, cwd=cwd, env=env, pass_fds=pass_fds,
+                                     uid=self.run_uid, gid=self.run_gid if self.run_uid is not None else None)
             with self.tracked_lock:
                 self.tracked.add(proc.pid)
             self.reaper.notify_spawn()
@@ -1445,10 +1656,14 @@ class Agent:
         }[lang]()
         cancelled = threading.Event()
         _trace("one-shot exec: spawning")
+        cgroups = self.cgroups
+        exec_cg = cgroups.create("exec") if cgroups is not None else None
         try:
-            proc = self.spawn(argv, env=self.base_env(env), cwd=cwd, stdin=DEVNULL)
+            proc = self.spawn(argv, env=self.base_env(env), cwd=cwd, stdin=DEVNULL, cgroup=exec_cg)
         except OSError as exc:
             os.unlink(path)
+            if exec_cg is not None and cgroups is not None:
+                cgroups.kill(exec_cg)
             raise RequestError("spawn_failed", f"cannot start {lang}: {exc}") from None
         _trace("one-shot exec: spawned")
         self.running[req_id] = cancelled.set
@@ -1483,7 +1698,10 @@ class Agent:
                 timed_out = status is None
             _trace("one-shot exec: exited")
             # Leftovers (background children, or everything on timeout) die with the exec.
-            kill_tree(proc.pid, self.protected_pids, self.run_uid, self.spawn_lock)
+            if exec_cg is not None and cgroups is not None:
+                cgroups.kill(exec_cg)
+            else:
+                kill_tree(proc.pid, self.protected_pids, self.run_uid, self.spawn_lock)
             _trace("one-shot exec: tree killed")
             if status is None:
                 status = self.reaper.wait(proc.pid, 5.0)
@@ -1648,12 +1866,14 @@ class Agent:
             if not repl.alive():
                 repl.start()
             prefix = _session_prefix(lang, env, cwd, self.workdir)
+            self._enter_block(repl)
             repl.submit(prefix + code)
             self.running[req_id] = cancelled.set
             try:
                 outcome = self._await_repl(repl, out, err, time.monotonic() + timeout, cancelled)
             finally:
                 self.running.pop(req_id, None)
+                self._leave_block(repl)
                 if repl.pending_file:
                     try:
                         os.unlink(repl.pending_file)
@@ -1692,6 +1912,35 @@ class Agent:
             "cancelled": kind == "cancelled",
             "session_reset": True,
         }
+
+    def _enter_block(self, repl: Repl) -> None:
+        """A session block runs in a cgroup of its own: what it starts cannot outlive it."""
+        cgroups = self.cgroups
+        if cgroups is None or repl.cg is None or repl.proc is None:
+            return
+        exec_cg = cgroups.create("exec")
+        try:
+            Cgroups.move(exec_cg, repl.proc.pid)
+        except OSError:
+            cgroups.remove(exec_cg)
+            return
+        repl.exec_cg = exec_cg
+
+    def _leave_block(self, repl: Repl) -> None:
+        """The interpreter goes back to its own group; everything else the block started dies."""
+        cgroups = self.cgroups
+        exec_cg = repl.exec_cg
+        if cgroups is None or exec_cg is None:
+            return
+        repl.exec_cg = None
+        if repl.proc is not None and repl.cg is not None:
+            try:
+                Cgroups.move(repl.cg, repl.proc.pid)
+            except OSError:
+                pass
+            # Anything the interpreter itself started while at rest (threads, JS timers) goes too.
+            cgroups.kill_others(repl.cg, repl.proc.pid)
+        cgroups.kill(exec_cg)
 
     def _await_repl(self, repl: Repl, out: Stream | None, err: Stream | None, deadline: float,
                     cancelled: threading.Event) -> tuple[str, int | None]:
@@ -1779,9 +2028,14 @@ class Agent:
         code runs on the old state and a restore costs no interpreter work. Their string-hash
         secret is fixed at process start and stays what it was in the snapshot. JavaScript
         REPLs are restarted (V8 cannot reseed Math.random), under their lock, in the background.
+
+        The clone also gets its own identity here (:func:`_regenerate_identity`): boot_id,
+        machine-id and a random next PID, so clones of one snapshot cannot be told apart from
+        their parent or predict each other's PIDs.
         """
         seed = _decode_seed(msg.get("seed"))
         credited = _reseed_kernel(seed)
+        _regenerate_identity()  # after the reseed: the new ids come from the reseeded CRNG
         with self.spare_cond:
             self.rng_epoch += 1
             spares = list(self.spares.items())

@@ -79,6 +79,10 @@ _ETC: dict[str, Callable[[], str]] = {
     "hostname": lambda: "sandbox\n",
     "hosts": lambda: "127.0.0.1 localhost sandbox\n",
     "shadow": lambda: "root:*:19000:0:99999:7:::\nsandbox:*:19000:0:99999:7:::\n",
+    # Written at every boot by the guest init and rewritten per clone by the agent (issue 10): the
+    # image carries placeholders of the final size, so a rewrite in place never needs a new block.
+    "machine-id": lambda: "0" * 32 + "\n",
+    "sbx-boot-id": lambda: "00000000-0000-0000-0000-000000000000\n",
 }
 
 

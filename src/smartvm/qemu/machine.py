@@ -143,6 +143,20 @@ def _cpu_khz() -> int:
     return 2_600_000
 
 
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of ``pid`` in seconds (fields 14 and 15 of /proc/<pid>/stat), None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            raw = fh.read()
+        fields = raw[raw.rindex(b")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    except (OSError, ValueError, IndexError):
+        return None
+
 class QemuMachine:
     """One QEMU microVM. Implements :class:`~smartvm.vmm.base.VmmBackend`.
 
@@ -213,6 +227,14 @@ class QemuMachine:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user + system, all threads: vCPUs, I/O, TCG) the QEMU process has used so far,
+        read from ``/proc/<pid>/stat``; None unless it is running or paused."""
+        pid = self.pid
+        if pid is None or self._state.value not in ("running", "paused"):
+            return None
+        return process_cpu_seconds(pid)
 
     @property
     def state(self) -> MachineState:
