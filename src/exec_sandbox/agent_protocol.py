@@ -17,7 +17,9 @@ cancel, shutdown. Guest -> host: hello, output, exit, warmup_result, write_resul
 read_result, list_result, reseed_result, cancel_result, shutdown_result, error.
 
 Everything the guest sends is validated here; anything malformed raises :class:`FrameError`
-(a :class:`~exec_sandbox.errors.GuestAgentError`).
+(a :class:`~exec_sandbox.errors.GuestProtocolError`). Nothing here allocates on the guest's word: a
+length prefix is checked against the cap before a byte of the payload is awaited, and the decoder
+never holds more than one frame (header + ``max_frame_bytes``) plus the last fed chunk.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from exec_sandbox.errors import GuestAgentError
+from exec_sandbox.errors import GuestProtocolError
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -100,8 +102,11 @@ RequestId = Annotated[str, Field(min_length=1, max_length=128)]
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
-class FrameError(GuestAgentError):
+class FrameError(GuestProtocolError):
     """A frame or message broke the protocol (bad header, oversize, invalid JSON or schema)."""
+
+    def __init__(self, message: str, *, context: dict[str, Any] | None = None) -> None:
+        super().__init__(message, reason="bad_frame", context=context)
 
 
 class _Msg(BaseModel):
