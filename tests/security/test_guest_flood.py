@@ -1,0 +1,266 @@
+"""Attack: a guest floods the host through the agent channel (issue 10, item 5).
+
+The documented bound (README "Limits", SECURITY.md): whatever the guest sends, one sandbox costs
+the host at most 64 MiB above baseline with the default caps - ~16 MiB of protocol buffers (socket
+reads, one frame, byte-budgeted request queues) plus the output it is allowed to return (10 MiB per
+stream by default). A guest that breaks the protocol or floods past a cap is cut off with
+:class:`GuestProtocolError` (a guest-side error, never the caller's ``SandboxInputError``).
+
+The first tests use a LYING agent (tests/support/lying_agent.py: real frames, real unix socket, the
+real AgentClient); the last ones run hostile user code in real TCG VMs through the Scheduler.
+Host memory is the VmRSS of this process, sampled every 5 ms during the attack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from exec_sandbox.agent_client import AgentClient, AgentClientState
+from exec_sandbox.config import SchedulerConfig
+from exec_sandbox.errors import (
+    CommunicationOutcomeUnknownError,
+    GuestProtocolError,
+    SandboxInputError,
+)
+from exec_sandbox.scheduler import Scheduler
+from tests.support.lying_agent import Send, lying_agent
+from tests.support.memory import MIB, RssPeak
+
+BOUND = 64 * MIB  # the documented per-sandbox bound above baseline
+FLOOD = 512 * MIB  # what a lying agent tries to push (the original client kept all of it)
+
+
+def _output_frame(req_id: str, stream: str = "stdout", size: int = MIB) -> dict[str, Any]:
+    return {"type": "output", "id": req_id, "stream": stream, "data": "x" * size}
+
+
+async def _flood(send: Send, frame: dict[str, Any], total: int) -> None:
+    from exec_sandbox import agent_protocol as ap
+
+    raw = ap.encode_frame(frame)
+    for _ in range(total // len(raw) + 1):
+        await send.raw(raw)
+
+
+@contextlib.asynccontextmanager
+async def _client(path: Any, **kwargs: Any) -> AsyncIterator[AgentClient]:
+    async with await AgentClient.open_unix(path, **kwargs) as client:
+        await client.wait_ready(timeout=10)
+        yield client
+
+
+def _not_the_callers_fault(exc: BaseException) -> None:
+    assert isinstance(exc, GuestProtocolError), repr(exc)
+    assert not isinstance(exc, SandboxInputError)
+
+
+async def test_lying_agent_endless_output_is_cut_at_the_cap() -> None:
+    """512 MiB of output for one exec whose cap is 10 MiB: cut off at the cap, the guest blamed."""
+
+    async def behave(req: dict[str, Any], send: Send) -> None:
+        await _flood(send, _output_frame(req["id"]), FLOOD)
+
+    async with lying_agent(behave) as liar, _client(liar.path) as client:
+        with RssPeak() as mem, pytest.raises(GuestProtocolError) as info:
+            await client.exec("print(1)", language="python", timeout_s=60,
+                              max_stdout_bytes=10 * MIB, max_stderr_bytes=10 * MIB)
+        print(f"output flood: {mem}; the liar pushed {liar.sent_bytes / MIB:.0f} MiB")
+        _not_the_callers_fault(info.value)
+        assert info.value.reason == "output_cap"
+        assert info.value.limit_bytes is not None and info.value.received_bytes is not None
+        assert info.value.received_bytes > info.value.limit_bytes
+        assert client.state is AgentClientState.BROKEN
+        await asyncio.wait_for(liar.hung_up.wait(), 10)  # the host dropped the connection
+        assert liar.sent_bytes < 64 * MIB
+        assert mem.growth < BOUND, str(mem)
+
+
+async def test_lying_agent_endless_file_chunks_end_at_the_read_cap() -> None:
+    """Endless chunks for one read: the in-memory read stops at its cap with a typed error."""
+    import base64
+    import hashlib
+
+    chunk = b"\0" * MIB
+    piece = {"data": base64.b64encode(chunk).decode(), "sha256": hashlib.sha256(chunk).hexdigest()}
+
+    async def behave(req: dict[str, Any], send: Send) -> None:
+        from exec_sandbox import agent_protocol as ap
+
+        seq = 0
+        while seq * MIB < FLOOD:
+            await send.raw(ap.encode_frame({"type": "file_chunk", "id": req["id"], "seq": seq,
+                                            "offset": seq * MIB, **piece}))
+            seq += 1
+
+    async with lying_agent(behave) as liar, _client(liar.path) as client:
+        from exec_sandbox.errors import GuestFileTooLargeError
+
+        with RssPeak() as mem, pytest.raises(GuestFileTooLargeError) as info:
+            await client.read_file("big.bin", max_bytes=10 * MIB)
+        print(f"chunk flood, in-memory read capped at 10 MiB: {mem}")
+        err = info.value
+        assert (err.path, err.limit_bytes) == ("big.bin", 10 * MIB)
+        assert 10 * MIB < err.received_bytes <= 11 * MIB
+        assert "big.bin" in err.message and str(10 * MIB) in err.message
+        assert mem.growth < BOUND, str(mem)
+        # The rest of the flood is dropped on arrival; the connection stays usable.
+        assert client.state is AgentClientState.READY
+        await client.ping()
+
+
+async def test_streaming_a_huge_file_keeps_memory_bounded() -> None:
+    """512 MiB through iter_file (no cap asked for): chunk by chunk, host memory stays bounded."""
+    import base64
+    import hashlib
+
+    chunk = b"\xab" * MIB
+    data = base64.b64encode(chunk).decode()
+    digest = hashlib.sha256(chunk).hexdigest()
+    count = FLOOD // MIB
+
+    async def behave(req: dict[str, Any], send: Send) -> None:
+        whole = hashlib.sha256()
+        for seq in range(count):
+            whole.update(chunk)
+            await send.frame({"type": "file_chunk", "id": req["id"], "seq": seq, "offset": seq * MIB,
+                              "data": data, "sha256": digest})
+        await send.frame({"type": "read_result", "id": req["id"], "size": count * MIB, "chunks": count,
+                          "sha256": whole.hexdigest()})
+
+    async with lying_agent(behave) as liar, _client(liar.path) as client:
+        received = 0
+        with RssPeak() as mem:
+            async with contextlib.aclosing(client.iter_file("huge.bin", max_bytes=None)) as chunks:
+                async for part in chunks:
+                    received += len(part)
+        print(f"streamed {received / MIB:.0f} MiB: {mem}")
+        assert received == count * MIB
+        assert mem.growth < BOUND, str(mem)
+
+
+async def test_frames_for_requests_never_made_kill_the_connection() -> None:
+    async def behave(req: dict[str, Any], send: Send) -> None:
+        for n in range(100_000):
+            await send.frame({"type": "cancel_result", "id": f"forged-{n}", "found": True})
+
+    async with lying_agent(behave) as liar, _client(liar.path) as client:
+        with RssPeak() as mem, pytest.raises(GuestProtocolError) as info:
+            await client.exec("print(1)", language="python", timeout_s=5, reply_grace_s=5)
+        _not_the_callers_fault(info.value)
+        assert info.value.reason == "unknown_request"
+        assert client.stray_frames == 17
+        await asyncio.wait_for(liar.hung_up.wait(), 10)
+        assert mem.growth < BOUND, str(mem)
+
+
+async def test_log_flood_of_id_less_errors(caplog: pytest.LogCaptureFixture) -> None:
+    """Id-less error frames were each logged at WARNING (a 4 KiB line per frame): one line now."""
+    caplog.set_level(logging.DEBUG, logger="exec_sandbox")
+
+    async def behave(req: dict[str, Any], send: Send) -> None:
+        for _ in range(200_000):
+            await send.frame({"type": "error", "id": None, "code": "x", "message": "L" * 4096})
+
+    async with lying_agent(behave) as liar, _client(liar.path) as client:
+        with RssPeak() as mem, pytest.raises(GuestProtocolError) as info:
+            await client.exec("print(1)", language="python", timeout_s=5, reply_grace_s=5)
+        print(f"log flood: {mem}, {len(caplog.records)} log records")
+        _not_the_callers_fault(info.value)
+        assert len(caplog.records) <= 5
+        assert sum(len(r.getMessage()) for r in caplog.records) < 64 * 1024
+        assert mem.growth < BOUND, str(mem)
+        assert liar.sent_bytes < 16 * MIB
+
+
+@pytest.mark.parametrize("length", [2**31, 2**32 - 1])
+async def test_a_2_gib_length_prefix_is_refused_at_once(length: int) -> None:
+    from exec_sandbox import agent_protocol as ap
+
+    async def behave(req: dict[str, Any], send: Send) -> None:
+        await send.raw(ap.MAGIC + bytes([ap.PROTOCOL_VERSION]) + length.to_bytes(4, "big"))
+        for _ in range(FLOOD // MIB):
+            await send.raw(b"{" * MIB)
+
+    async with lying_agent(behave) as liar, _client(liar.path) as client:
+        with RssPeak() as mem, pytest.raises(GuestProtocolError) as info:
+            await client.exec("print(1)", language="python", timeout_s=5, reply_grace_s=5)
+        _not_the_callers_fault(info.value)
+        assert "exceeds" in info.value.message
+        await asyncio.wait_for(liar.hung_up.wait(), 10)
+        assert liar.sent_bytes < 16 * MIB
+        assert mem.growth < BOUND, str(mem)
+
+
+async def test_a_slow_consumer_cannot_hold_up_other_requests() -> None:
+    """One exec's consumer stops reading while its guest floods: the reader stops (back-pressure),
+    then abandons that request after ``stall_timeout_s``; the other request is answered."""
+
+    async def behave(req: dict[str, Any], send: Send) -> None:
+        if req["type"] == "exec":
+            await _flood(send, _output_frame(req["id"], size=256 * 1024), FLOOD)
+        else:
+            await send.frame({"type": "list_result", "id": req["id"], "entries": []})
+
+    async with lying_agent(behave) as liar, _client(liar.path, stall_timeout_s=1.0) as client:
+        with RssPeak() as mem:
+            events = client.exec_events("print(1)", language="python", timeout_s=60,
+                                        max_stdout_bytes=FLOOD, max_stderr_bytes=FLOOD)
+            async with contextlib.aclosing(events):
+                first = await anext(events)  # ... and then this consumer stops taking events
+                assert first.type == "output"
+                await asyncio.sleep(0.5)
+                assert await asyncio.wait_for(client.list_files("."), 15) == []
+                with pytest.raises(CommunicationOutcomeUnknownError, match="abandoned"):
+                    await anext(events)
+        print(f"slow consumer: {mem}; the liar pushed {liar.sent_bytes / MIB:.0f} MiB")
+        assert mem.growth < BOUND, str(mem)
+        assert client.state is AgentClientState.READY
+
+
+# --------------------------------------------------------------------------- real VMs
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def scheduler() -> AsyncIterator[Scheduler]:
+    from tests.integration.test_scheduler_support import scheduler_for_tests
+
+    async with scheduler_for_tests(SchedulerConfig(max_file_bytes=10 * MIB)) as sched:
+        yield sched
+
+
+@pytest.mark.integration
+@pytest.mark.asyncio(loop_scope="module")
+async def test_user_code_flooding_stdout_and_stderr_for_30s(scheduler: Scheduler) -> None:
+    """User code writes small pieces to both streams as fast as it can for 30 s (its own output:
+    legitimate, so no error): each stream is capped, flagged, and host memory stays bounded."""
+    from tests.integration.test_scheduler_support import assert_no_vms
+
+    code = (
+        "import os, time\n"
+        "end = time.monotonic() + 30\n"
+        "while time.monotonic() < end:\n"
+        "    os.write(1, b'o')\n"
+        "    os.write(2, b'e')\n"
+    )
+    chunks = 0
+
+    def count(_data: str) -> None:
+        nonlocal chunks
+        chunks += 1
+
+    with RssPeak() as mem:
+        result = await scheduler.run(code, timeout_seconds=60, on_stdout=count, on_stderr=count)
+    print(f"stdout+stderr flood: {mem}; {chunks} output chunks; "
+          f"{result.stdout_truncated=} {result.stderr_truncated=} {len(result.stdout)=}")
+    assert result.exit_code == 0, result.stderr[-500:]
+    cap = scheduler.config.max_output_bytes
+    assert len(result.stdout) <= cap + 200 and len(result.stderr) <= cap + 200
+    assert mem.growth < BOUND, str(mem)
+    await assert_no_vms(scheduler)
