@@ -237,30 +237,47 @@ async def scheduler() -> AsyncIterator[Scheduler]:
 
 @pytest.mark.integration
 @pytest.mark.asyncio(loop_scope="module")
-async def test_user_code_flooding_stdout_and_stderr_for_30s(scheduler: Scheduler) -> None:
-    """User code writes small pieces to both streams as fast as it can for 30 s (its own output:
-    legitimate, so no error): each stream is capped, flagged, and host memory stays bounded."""
+async def test_guest_flooding_every_channel_for_30s(scheduler: Scheduler) -> None:
+    """Hostile user code in a real VM floods stdout and stderr for 30 s (64 KiB writes, both past
+    their 10 MiB caps; its own output, so legitimate: capped and flagged) while a thread it left in
+    the session grows a file under the host's download. Host memory stays within the bound for the
+    whole run and it ends with the guest-side error for the file."""
+    from exec_sandbox.errors import GuestFileTooLargeError
     from tests.integration.test_scheduler_support import assert_no_vms
+    from tests.support.hostile_code import grow_when_read
 
-    code = (
+    flood = (
         "import os, time\n"
+        "block = b'z' * 65536\n"
         "end = time.monotonic() + 30\n"
         "while time.monotonic() < end:\n"
-        "    os.write(1, b'o')\n"
-        "    os.write(2, b'e')\n"
+        "    os.write(1, block)\n"
+        "    os.write(2, block)\n"
     )
-    chunks = 0
+    streamed = {"stdout": 0, "stderr": 0}
 
-    def count(_data: str) -> None:
-        nonlocal chunks
-        chunks += 1
+    async def on_stdout(data: str) -> None:
+        streamed["stdout"] += len(data)
+        await asyncio.sleep(0)  # an async consumer, as a server streaming to a client would be
 
-    with RssPeak() as mem:
-        result = await scheduler.run(code, timeout_seconds=60, on_stdout=count, on_stderr=count)
-    print(f"stdout+stderr flood: {mem}; {chunks} output chunks; "
-          f"{result.stdout_truncated=} {result.stderr_truncated=} {len(result.stdout)=}")
-    assert result.exit_code == 0, result.stderr[-500:]
+    def on_stderr(data: str) -> None:
+        streamed["stderr"] += len(data)
+
     cap = scheduler.config.max_output_bytes
-    assert len(result.stdout) <= cap + 200 and len(result.stderr) <= cap + 200
+    async with await scheduler.session(language="python") as s:
+        with RssPeak() as mem:
+            made = await s.exec(grow_when_read("out.bin", initial_mib=4, grow_mib=200))
+            assert made.exit_code == 0, made.stderr
+            result = await s.exec(flood, timeout_seconds=60, on_stdout=on_stdout, on_stderr=on_stderr)
+            with pytest.raises(GuestFileTooLargeError) as info:
+                await s.read_file("out.bin")
+        print(f"every channel for 30 s: {mem}; stdout {len(result.stdout)} chars "
+              f"(truncated={result.stdout_truncated}), stderr {len(result.stderr)} chars; "
+              f"file cut at {info.value.received_bytes} bytes")
+    assert result.stdout_truncated and result.stderr_truncated
+    assert cap <= len(result.stdout) <= cap + 200 and cap <= len(result.stderr) <= cap + 200
+    assert streamed == {"stdout": len(result.stdout), "stderr": len(result.stderr)}
+    assert not isinstance(info.value, SandboxInputError)
+    assert info.value.limit_bytes == scheduler.config.max_file_bytes
     assert mem.growth < BOUND, str(mem)
     await assert_no_vms(scheduler)
