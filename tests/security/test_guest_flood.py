@@ -281,3 +281,24 @@ async def test_guest_flooding_every_channel_for_30s(scheduler: Scheduler) -> Non
     assert info.value.limit_bytes == scheduler.config.max_file_bytes
     assert mem.growth < BOUND, str(mem)
     await assert_no_vms(scheduler)
+
+
+async def test_console_log_flood_keeps_subscribers_bounded() -> None:
+    """The guest console (boot log) floods 1.2 GB of long lines while a boot-log subscriber is
+    slow: its queue keeps at most ~1 Mi characters (the oldest lines go), the tail 64 KiB."""
+    from smartvm.qemu.console import ConsoleBuffer
+
+    console = ConsoleBuffer()
+    lines = console.lines()
+    first = asyncio.ensure_future(anext(lines))  # subscribed, then never reads again
+    await asyncio.sleep(0)
+    line = b"k" * (60 * 1024) + b"\n"
+    with RssPeak() as mem:
+        for _ in range(20_000):
+            console.feed(line)
+    print(f"console flood: {mem}")
+    assert mem.growth < BOUND, str(mem)
+    assert console.total_bytes == 20_000 * len(line)
+    assert len(console.output()) <= console.limit
+    assert (await first) == "k" * (60 * 1024)
+    await lines.aclose()
