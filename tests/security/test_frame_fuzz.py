@@ -155,3 +155,53 @@ def test_deeply_nested_and_huge_number_payloads_are_typed_errors() -> None:
                 ap.parse_guest_message(body)
         except ap.FrameError as exc:
             assert isinstance(exc, GuestProtocolError)
+
+
+@pytest.mark.parametrize("item", ["{}", "[]", '""', "0", '{"name":"","is_dir":false,"size":0}'])
+def test_a_frame_of_many_tiny_values_is_refused_before_parsing(item: str) -> None:
+    """A JSON parser spends ~150-250 bytes per value: one 4 MiB frame of ``[{},{},...]`` cost
+    +190 MiB of host RSS to parse before the fix. Now it is counted (linear, no allocation per
+    value) and refused before parsing."""
+    from tests.support.memory import MIB, RssPeak
+
+    n = (ap.MAX_FRAME_BYTES - 100) // (len(item) + 1)
+    payload = ('{"type":"output","id":"a","stream":"stdout","data":"x","junk":['
+               + ",".join([item] * n) + "]}").encode()
+    assert len(payload) <= ap.MAX_FRAME_BYTES
+    decoder = ap.FrameDecoder()
+    with RssPeak() as mem:
+        [body] = decoder.feed(frame(payload))
+        with pytest.raises(ap.FrameError, match="JSON values exceeds"):
+            ap.parse_guest_message(body)
+    assert mem.growth < 16 * MIB, str(mem)
+
+
+def test_escaped_quotes_do_not_hide_values() -> None:
+    many = ",".join(["{}"] * (ap.MAX_JSON_TOKENS + 10))
+    for text in (f'["\\\\",{many}]', f'["\\"",{many}]', f'["a\\\\\\"b",{many}]'):
+        assert json.loads(text)  # valid JSON: the escapes end where the string really ends
+        assert ap.json_token_count(text.encode()) > ap.MAX_JSON_TOKENS
+    inside = '["' + "{},"  * (ap.MAX_JSON_TOKENS + 10) + '"]'  # all inside one string: one value
+    assert ap.json_token_count(inside.encode()) <= 3
+
+
+def test_guest_lists_are_capped_and_guest_texts_clipped() -> None:
+    """Under the value cap, each list the guest sends has its own cap (a 10,000-entry listing at
+    most; 64 capabilities...), and the text of a guest error is clipped before it reaches an error."""
+    entries = [{"name": "", "is_dir": False, "size": 0}] * (ap.MAX_LIST_ENTRIES + 1)
+    listing = json.dumps({"type": "list_result", "id": "a", "entries": entries},
+                         separators=(",", ":")).encode()
+    assert ap.json_token_count(listing) <= ap.MAX_JSON_TOKENS
+    hello = json.dumps({"type": "hello", "id": None, "agent_version": "x", "protocol_version": 1,
+                        "capabilities": [""] * (ap.MAX_GUEST_LIST + 1), "languages": [], "instance": "i",
+                        "pid": 1, "uid": 0, "workdir": "/", "max_frame_bytes": 1, "boot": {}}).encode()
+    for payload in (listing, hello):
+        with pytest.raises(ap.FrameError, match="at most"):
+            ap.parse_guest_message(payload)
+    ok = [{"name": f"f{i}", "is_dir": False, "is_symlink": False, "size": i}
+          for i in range(ap.MAX_LIST_ENTRIES)]
+    parsed = ap.parse_guest_message(json.dumps({"type": "list_result", "id": "a", "entries": ok}).encode())
+    assert isinstance(parsed, ap.ListResult) and len(parsed.entries) == ap.MAX_LIST_ENTRIES
+    error = ap.parse_guest_message(json.dumps({"type": "error", "id": "a", "code": "c",
+                                               "message": "m" * (3 * 1024 * 1024)}).encode())
+    assert isinstance(error, ap.ErrorReply) and len(error.message) <= ap.MAX_GUEST_TEXT + 10
