@@ -21,8 +21,9 @@ Bounded memory, whatever the guest sends (the guest is hostile; so is the agent 
   :class:`GuestFileTooLargeError` (path, cap, bytes received); nothing past the cap is kept.
   :meth:`AgentClient.iter_file` streams a file chunk by chunk, and ``read_file(path, Path)`` writes
   it to a private temp file (0600) renamed into place, so large files need no host memory;
-- frames for requests this client never made, id-less errors and other strays are counted
-  (16 allowed) and never logged one by one; late frames for requests that ended are dropped.
+- frames for requests this client never made or that already got their final answer, id-less
+  errors and other strays are counted (16 allowed) and never logged one by one; late frames for
+  requests the host gave up on (cancelled, timed out, cut at a cap; the last 4096) are dropped.
 
 A :class:`GuestProtocolError` (bad frame, flood past a cap, unexpected message, stray frames) breaks
 the connection: every call fails with it and the transport is closed; the layers above kill the VM.
@@ -136,6 +137,8 @@ _READ_BYTES = 256 * 1024
 _NOTE_SLACK_CHARS = 64 * 1024
 #: Frames for requests never made / id-less errors tolerated on one connection after the hello.
 _MAX_STRAY_FRAMES = 16
+#: Requests given up on whose late frames are still dropped quietly (oldest forgotten first).
+_MAX_ABANDONED = 4096
 
 OutputCallback = Callable[[str], Awaitable[None] | None]
 _M = TypeVar("_M", bound=BaseModel)
@@ -188,12 +191,13 @@ class _Budget:
 class _Pending:
     """The messages of one request waiting for its consumer, charged against the budget."""
 
-    __slots__ = ("_budget", "_queue", "dispatched", "queued_bytes")
+    __slots__ = ("_budget", "_queue", "completed", "dispatched", "queued_bytes")
 
     def __init__(self, budget: _Budget) -> None:
         self._budget = budget
         self._queue: asyncio.Queue[tuple[GuestMessage | _Dead, int]] = asyncio.Queue()
         self.dispatched = False
+        self.completed = False  # the final answer (result, exit, error) was taken
         self.queued_bytes = 0
 
     def put(self, item: GuestMessage | _Dead, cost: int = 0) -> None:
@@ -254,9 +258,9 @@ class AgentClient:
         self._budget = _Budget(request_queue_bytes, max(queue_budget_bytes, request_queue_bytes))
         self._stall_timeout = stall_timeout_s
         self._pending: dict[str, _Pending] = {}
-        self._issued = 0  # the number of the last request id made by this client
         self.stray_frames = 0  # frames after the hello for no request this client made
-        self.discarded_frames = 0  # late frames for requests that had ended (dropped, no memory kept)
+        self.discarded_frames = 0  # late frames for requests given up on (dropped, no memory kept)
+        self._abandoned: dict[str, None] = {}  # ids given up on, oldest first
         self._ids = itertools.count(1)
         self._prefix = secrets.token_hex(4)
         self._send_lock = asyncio.Lock()
@@ -480,7 +484,7 @@ class AgentClient:
                                 received_bytes=seen[msg.stream], context={"stream": msg.stream}))
                         yield msg
                     elif isinstance(msg, ExitEvent):
-                        finished = True
+                        finished = pending.completed = True
                         yield msg
                         return
                     else:
@@ -489,7 +493,8 @@ class AgentClient:
                 if not finished and self._state is AgentClientState.READY:
                     # Cancelled or timed out here: ask the agent to kill the run (best effort).
                     with contextlib.suppress(SandboxError, OSError, ConnectionError):
-                        await asyncio.shield(self._send(CancelRequest(id=self._new_id(), target=req_id)))
+                        await asyncio.shield(self._send_and_forget(CancelRequest(id=self._new_id(),
+                                                                                 target=req_id)))
 
     async def cancel(self, target_id: str, timeout: float = 10.0) -> bool:
         """Kill the running exec ``target_id``; True when the agent found it."""
@@ -675,7 +680,7 @@ class AgentClient:
                                 f"the guest announced {msg.size} / {msg.chunks} / {msg.sha256}",
                                 reason="bad_read_result", request_id=req_id, received_bytes=offset,
                                 context={"path": path}))
-                        finished = True
+                        finished = pending.completed = True
                         yield msg
                         return
                     else:
@@ -685,7 +690,8 @@ class AgentClient:
                     # Ended early (cap, error, cancellation): ask the agent to stop (best effort;
                     # whatever it still sends for this request is dropped on arrival).
                     with contextlib.suppress(SandboxError, OSError, ConnectionError):
-                        await asyncio.shield(self._send(CancelRequest(id=self._new_id(), target=req_id)))
+                        await asyncio.shield(self._send_and_forget(CancelRequest(id=self._new_id(),
+                                                                                 target=req_id)))
 
     def _chunk_bytes(self, msg: FileChunk, req_id: str, path: str, seq: int, offset: int,
                      chunk_size: int) -> bytes:
@@ -768,8 +774,10 @@ class AgentClient:
                                             max(deadline - loop.time(), 0.0))
                 return hello, result
         finally:
-            self._pending.pop(ping.id, None)
-            self._pending.pop(reseed.id, None)
+            for req_id, pending in ((ping.id, ping_pending), (reseed.id, reseed_pending)):
+                self._pending.pop(req_id, None)
+                if not pending.completed:
+                    self._forget(req_id)
         return hello, await self.reseed_rng(seed, max(deadline - loop.time(), 0.0))
 
     async def shutdown(self, timeout: float = 10.0) -> ShutdownResult:
@@ -781,13 +789,18 @@ class AgentClient:
 
     def _new_id(self) -> str:
         # A per-client prefix keeps late replies meant for an earlier connection from matching.
-        self._issued = next(self._ids)
-        return f"{self._prefix}-{self._issued}"
+        return f"{self._prefix}-{next(self._ids)}"
 
-    def _made_here(self, req_id: str) -> bool:
-        """Whether ``req_id`` is one this client has issued (now or earlier)."""
-        prefix, _, number = req_id.partition("-")
-        return prefix == self._prefix and number.isdigit() and 0 < int(number) <= self._issued
+    async def _send_and_forget(self, request: HostRequest) -> None:
+        """Send a request whose answer nobody waits for (its reply is dropped on arrival)."""
+        self._forget(request.id)
+        await self._send(request)
+
+    def _forget(self, req_id: str) -> None:
+        """Late frames for ``req_id`` are dropped quietly from now on (bounded memory)."""
+        self._abandoned[req_id] = None
+        if len(self._abandoned) > _MAX_ABANDONED:
+            del self._abandoned[next(iter(self._abandoned))]
 
     def _check_usable(self) -> None:
         if self._state is AgentClientState.CLOSED:
@@ -819,6 +832,8 @@ class AgentClient:
             yield req_id, pending
         finally:
             self._pending.pop(req_id, None)
+            if not pending.completed:
+                self._forget(req_id)
 
     async def _send_all(self, *requests: tuple[HostRequest, _Pending]) -> None:
         """Several requests in one write (one wake-up of the guest)."""
@@ -876,6 +891,7 @@ class AgentClient:
         if isinstance(msg, _Dead):
             raise msg.error
         if isinstance(msg, ErrorReply):
+            pending.completed = True
             raise GuestAgentError(f"guest agent refused the request: {msg.code}: {msg.message}",
                                   context={"request_id": req_id, "code": msg.code})
         return msg
@@ -884,6 +900,7 @@ class AgentClient:
         msg = await self._next(req_id, pending, timeout)
         if not isinstance(msg, kind):
             raise self._violation(_unexpected(req_id, msg, kind.__name__))
+        pending.completed = True
         return msg
 
     async def _read_loop(self) -> None:
@@ -916,8 +933,8 @@ class AgentClient:
         pending = None if msg.id is None else self._pending.get(msg.id)
         if pending is not None and msg.id is not None:
             await self._deliver(msg.id, pending, msg, len(payload) + _MESSAGE_OVERHEAD)
-        elif msg.id is not None and self._made_here(msg.id):
-            self.discarded_frames += 1  # a late frame for a request that ended: drop it
+        elif msg.id is not None and msg.id in self._abandoned:
+            self.discarded_frames += 1  # a late frame for a request we gave up on: drop it
         else:
             self._stray(msg)
 
@@ -932,7 +949,8 @@ class AgentClient:
                            self.name, msg.type, msg.id, text)
         if self.stray_frames > _MAX_STRAY_FRAMES:
             raise GuestProtocolError(
-                f"the guest agent sent {self.stray_frames} frames for requests that were never made",
+                f"the guest agent sent {self.stray_frames} frames for no open request (never made, "
+                "or already answered)",
                 reason="unknown_request", context={"last_type": msg.type, "last_id": str(msg.id)[:40]})
 
     async def _deliver(self, req_id: str, pending: _Pending, msg: GuestMessage, cost: int) -> None:

@@ -160,6 +160,45 @@ async def test_frames_for_requests_never_made_kill_the_connection() -> None:
         assert mem.growth < BOUND, str(mem)
 
 
+async def test_endless_replies_to_an_answered_request_kill_the_connection() -> None:
+    async def behave(req: dict[str, Any], send: Send) -> None:
+        for _ in range(100_000):
+            await send.frame({"type": "list_result", "id": req["id"], "entries": []})
+
+    async with lying_agent(behave) as liar, _client(liar.path) as client:
+        assert await client.list_files(".") == []
+        with pytest.raises(GuestProtocolError) as info:
+            async with asyncio.timeout(10):
+                while True:  # the reader sees the repeats and breaks the connection
+                    await client.ping()
+                    await asyncio.sleep(0.01)
+        _not_the_callers_fault(info.value)
+        assert client.state is AgentClientState.BROKEN
+        await asyncio.wait_for(liar.hung_up.wait(), 10)
+
+
+async def test_late_replies_to_requests_given_up_on_are_dropped_quietly() -> None:
+    """The other side of the rule above: an answer that comes after the host stopped waiting
+    (timeout, cancellation, a read cut at its cap) is not a violation."""
+
+    async def behave(req: dict[str, Any], send: Send) -> None:
+        await asyncio.sleep(0.5)  # after the caller's timeout
+        for _ in range(50):
+            await send.frame({"type": "list_result", "id": req["id"], "entries": []})
+
+    async with lying_agent(behave) as liar, _client(liar.path) as client:
+        from exec_sandbox.errors import CommunicationOutcomeUnknownError as Unknown
+
+        for _ in range(3):
+            with pytest.raises(Unknown):
+                await client.list_files(".", timeout=0.2)
+        await asyncio.sleep(1.0)
+        assert client.discarded_frames == 150 and client.stray_frames == 0
+        assert client.state is AgentClientState.READY
+        await client.ping()
+        assert len(liar.requests) >= 4
+
+
 async def test_log_flood_of_id_less_errors(caplog: pytest.LogCaptureFixture) -> None:
     """Id-less error frames were each logged at WARNING (a 4 KiB line per frame): one line now."""
     caplog.set_level(logging.DEBUG, logger="exec_sandbox")
