@@ -341,3 +341,29 @@ async def test_console_log_flood_keeps_subscribers_bounded() -> None:
     assert len(console.output()) <= console.limit
     assert (await first) == "k" * (60 * 1024)
     await lines.aclose()
+
+
+@pytest.mark.integration
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_protocol_violation_kills_the_sessions_vm(scheduler: Scheduler) -> None:
+    """Guest code cannot reach the agent's port, so the lie is injected where the guest's bytes
+    arrive on the host (the client's stream): the session reports the guest-side error, closes
+    itself (reason ``vm_failed``) and its QEMU is gone."""
+    from exec_sandbox import agent_protocol as ap
+    from exec_sandbox.lifecycle_errors import SessionClosedError
+    from tests.integration.test_scheduler_support import assert_no_vms, qemu_children
+
+    s = await scheduler.session(language="python")
+    assert (await s.exec("print('up')")).stdout == "up\n"
+    assert qemu_children(include_daemon=False)
+    exec_task = asyncio.create_task(s.exec("import time\ntime.sleep(30)", timeout_seconds=60))
+    await asyncio.sleep(0.5)
+    reader = s.vm.agent._reader  # what the guest sends lands here
+    reader.feed_data(ap.MAGIC + bytes([ap.PROTOCOL_VERSION]) + (2**31).to_bytes(4, "big"))
+    with pytest.raises(GuestProtocolError) as info:
+        await asyncio.wait_for(exec_task, 30)
+    _not_the_callers_fault(info.value)
+    assert s.closed and s.close_reason == "vm_failed"
+    with pytest.raises(SessionClosedError):
+        await s.exec("print(1)")
+    await assert_no_vms(scheduler)
