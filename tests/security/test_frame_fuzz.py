@@ -58,7 +58,8 @@ def _feed_all(decoder: ap.FrameDecoder, data: bytes, cut: list[int]) -> list[byt
         assert len(payload) <= decoder.max_frame_bytes
         try:
             msg = ap.parse_guest_message(payload)
-        except ap.FrameError:
+        except ap.FrameError as exc:
+            assert isinstance(exc, GuestProtocolError) and exc.reason == "bad_frame"
             continue
         assert msg.type in _GUEST_TYPES
     return out
@@ -114,6 +115,7 @@ def test_oversized_length_prefix_is_refused_before_any_allocation(length: int, t
     except ap.FrameError as exc:
         assert not resync
         assert "exceeds" in exc.message
+        assert isinstance(exc, GuestProtocolError)
     else:
         assert resync  # resync mode skips the bad header instead of waiting for its payload
         assert all(len(p) <= SMALL_CAP for p in out)
