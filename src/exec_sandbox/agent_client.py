@@ -1105,7 +1105,11 @@ async def _write_file_atomically(
             result = await produce(lambda chunk: asyncio.to_thread(sink.write, chunk))
             await asyncio.to_thread(sink.flush)
         refuse_symlink()
-        os.replace(tmp, destination)
+        try:
+            os.replace(tmp, destination)
+        except OSError as exc:  # e.g. the destination is a directory
+            raise SandboxInputError(f"cannot write {destination}: {exc}",
+                                    context={"path": str(destination)}) from exc
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
