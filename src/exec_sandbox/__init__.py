@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 from exec_sandbox.errors import (
     CommunicationOutcomeUnknownError,
     GuestAgentError,
+    GuestFileTooLargeError,
+    GuestProtocolError,
     ImageBuildError,
     QemuStorageDaemonError,
     SandboxError,
@@ -94,6 +96,8 @@ __all__ = [
     "ExecutionResult",
     "FileInfo",
     "GuestAgentError",
+    "GuestFileTooLargeError",
+    "GuestProtocolError",
     "ImageBuildError",
     "ImageBundle",
     "Language",

@@ -17,7 +17,9 @@ cancel, shutdown. Guest -> host: hello, output, exit, warmup_result, write_resul
 read_result, list_result, reseed_result, cancel_result, shutdown_result, error.
 
 Everything the guest sends is validated here; anything malformed raises :class:`FrameError`
-(a :class:`~exec_sandbox.errors.GuestAgentError`).
+(a :class:`~exec_sandbox.errors.GuestProtocolError`). Nothing here allocates on the guest's word: a
+length prefix is checked against the cap before a byte of the payload is awaited, and the decoder
+never holds more than one frame (header + ``max_frame_bytes``) plus the last fed chunk.
 """
 
 from __future__ import annotations
@@ -27,9 +29,17 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
-from exec_sandbox.errors import GuestAgentError
+from exec_sandbox.errors import GuestProtocolError
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -43,6 +53,10 @@ __all__ = [
     "MAX_ENV_VALUE_BYTES",
     "MAX_ENV_VARS",
     "MAX_FRAME_BYTES",
+    "MAX_GUEST_LIST",
+    "MAX_GUEST_TEXT",
+    "MAX_JSON_TOKENS",
+    "MAX_LIST_ENTRIES",
     "PROTOCOL_VERSION",
     "CancelRequest",
     "CancelResult",
@@ -74,6 +88,7 @@ __all__ = [
     "WriteResult",
     "encode_frame",
     "encode_request",
+    "json_token_count",
     "parse_guest_message",
 ]
 
@@ -97,11 +112,29 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 RequestId = Annotated[str, Field(min_length=1, max_length=128)]
+#: Guest-sent lists are short (languages, capabilities, interpreters); a long one is an attack on
+#: host memory (each parsed item costs ~10x its JSON size).
+MAX_GUEST_LIST = 64
+#: Entries of one directory listing the host accepts (~25 MiB transient to parse at worst).
+MAX_LIST_ENTRIES = 10_000
+#: Characters of a guest error code/message kept (the rest is cut; they end up in our errors).
+MAX_GUEST_TEXT = 8192
+_ShortList = Annotated[list[str], Field(max_length=MAX_GUEST_LIST)]
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_GUEST_TEXT else text[:MAX_GUEST_TEXT] + "...[cut]"
+
+
+GuestText = Annotated[str, AfterValidator(_clip)]
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
-class FrameError(GuestAgentError):
+class FrameError(GuestProtocolError):
     """A frame or message broke the protocol (bad header, oversize, invalid JSON or schema)."""
+
+    def __init__(self, message: str, *, context: dict[str, Any] | None = None) -> None:
+        super().__init__(message, reason="bad_frame", context=context)
 
 
 class _Msg(BaseModel):
@@ -244,8 +277,8 @@ class BootInfo(_GuestMsg):
     uptime_s: float | None = None
     agent_uptime_s: float | None = None
     is_pid1: bool = False
-    warm: list[str] = Field(default_factory=list)
-    spares: list[str] = Field(default_factory=list)
+    warm: _ShortList = Field(default_factory=list)
+    spares: _ShortList = Field(default_factory=list)
 
 
 class Hello(_GuestMsg):
@@ -253,8 +286,8 @@ class Hello(_GuestMsg):
     id: str | None = None
     agent_version: str
     protocol_version: int
-    capabilities: list[str]
-    languages: list[str]
+    capabilities: _ShortList
+    languages: _ShortList
     instance: str
     pid: int
     uid: int
@@ -288,8 +321,8 @@ class ExitEvent(_GuestMsg):
 class WarmupResult(_GuestMsg):
     type: Literal["warmup_result"]
     id: str
-    ready: list[str]
-    errors: dict[str, str] = Field(default_factory=dict)
+    ready: _ShortList
+    errors: Annotated[dict[str, GuestText], Field(max_length=MAX_GUEST_LIST)] = Field(default_factory=dict)
 
 
 class WriteResult(_GuestMsg):
@@ -326,7 +359,7 @@ class FileEntry(_GuestMsg):
 class ListResult(_GuestMsg):
     type: Literal["list_result"]
     id: str
-    entries: list[FileEntry]
+    entries: list[FileEntry] = Field(max_length=MAX_LIST_ENTRIES)
 
 
 class ReseedResult(_GuestMsg):
@@ -334,8 +367,8 @@ class ReseedResult(_GuestMsg):
     id: str
     mixed_bytes: int
     credited_bits: int
-    repls_reseeded: list[str] = Field(default_factory=list)  # session interpreters
-    spares_reseeded: list[str] = Field(default_factory=list)  # spare one-shot interpreters
+    repls_reseeded: _ShortList = Field(default_factory=list)  # session interpreters
+    spares_reseeded: _ShortList = Field(default_factory=list)  # spare one-shot interpreters
 
 
 class CancelResult(_GuestMsg):
@@ -353,8 +386,8 @@ class ShutdownResult(_GuestMsg):
 class ErrorReply(_GuestMsg):
     type: Literal["error"]
     id: str | None = None
-    code: str
-    message: str
+    code: GuestText
+    message: GuestText
 
 
 GuestMessage = Annotated[
@@ -393,15 +426,57 @@ def encode_request(request: HostRequest, *, max_frame_bytes: int = MAX_FRAME_BYT
     return encode_frame(request.model_dump(mode="json"), max_frame_bytes=max_frame_bytes)
 
 
+#: JSON values one guest frame may hold (strings + separators + containers, an upper bound). A
+#: JSON parser costs ~150-250 bytes of host memory per value whatever its size, so a 4 MiB frame of
+#: ``[{},{},...]`` or ``["","",...]`` would cost ~190-230 MiB to parse; under this cap at most ~30
+#: MiB. Legitimate frames need few (a file chunk or an output event: ~15; a listing of
+#: MAX_LIST_ENTRIES entries: ~100,000).
+MAX_JSON_TOKENS = 131_072
+_KEEP = frozenset(b'",[{')
+_NOT_STRUCTURAL = bytes(b for b in range(256) if b not in _KEEP)
+
+
+def json_token_count(payload: bytes) -> int:
+    """An upper bound of the JSON values a parser would make of ``payload``, without parsing it.
+
+    Linear time, no per-value allocation: escaped backslashes and quotes are dropped, everything
+    but quotes and ``,[{`` is deleted, then strings (quote pairs) and the separators and containers
+    outside strings are counted (values <= strings + commas + containers + 1).
+    """
+    quick = (payload.count(b",") + payload.count(b"[") + payload.count(b"{")
+             + payload.count(b'"') // 2 + 1)
+    if quick <= MAX_JSON_TOKENS:
+        return quick  # even counting what lies inside strings it is small
+    bare = payload.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURAL)
+    strings = bare.count(b'"') // 2
+    if strings > MAX_JSON_TOKENS:
+        return strings
+    outside = bare.split(b'"')[::2]  # at most 2 * MAX_JSON_TOKENS + 1 pieces
+    return strings + 1 + sum(p.count(b",") + p.count(b"[") + p.count(b"{") for p in outside)
+
+
 def parse_guest_message(payload: bytes) -> GuestMessage:
-    """Validate one frame payload from the guest into its typed model."""
+    """Validate one frame payload from the guest into its typed model.
+
+    Bounded: a payload with more than :data:`MAX_JSON_TOKENS` structural tokens is refused before
+    it is parsed (a JSON parser's memory grows with the number of values, not the bytes).
+    """
+    tokens = json_token_count(payload)
+    if tokens > MAX_JSON_TOKENS:
+        raise FrameError(
+            f"frame with {tokens} JSON values exceeds the {MAX_JSON_TOKENS}-value cap",
+            context={"tokens": tokens, "max_tokens": MAX_JSON_TOKENS,
+                     "payload_head": payload[:200].decode("utf-8", "replace")},
+        )
     try:
         return _GUEST_ADAPTER.validate_json(payload)
     except ValidationError as exc:
+        # include_input=False: the offending input may be a huge list - never turn it into objects.
+        errors = exc.errors(include_url=False, include_input=False, include_context=False)[:5]
+        first = errors[0].get("msg", "invalid") if errors else "invalid"
         raise FrameError(
-            f"invalid message from the guest agent: {exc.errors()[0].get('msg', exc)}",
-            context={"errors": exc.errors(include_url=False, include_input=False)[:5],
-                     "payload_head": payload[:200].decode("utf-8", "replace")},
+            f"invalid message from the guest agent: {first}",
+            context={"errors": errors, "payload_head": payload[:200].decode("utf-8", "replace")},
         ) from None
 
 

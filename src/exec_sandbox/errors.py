@@ -10,6 +10,14 @@
     │   ├── ImageBuildError              building a guest image failed (``step``, ``stderr``)
     │   └── QemuStorageDaemonError       qemu-storage-daemon / QMP failure (``error_class``)
     ├── GuestAgentError                  the guest agent broke the protocol or refused a request
+    │   ├── GuestProtocolError           the guest misbehaved (bad/oversize frame, flood beyond a cap,
+    │   │                                frame for a request never made): the connection is dropped
+    │   │                                and the VM killed (``reason``, ``request_id``, ``limit_bytes``,
+    │   │                                ``received_bytes``)
+    │   │   └── FrameError               (agent_protocol) a frame or message failed to decode/validate
+    │   └── GuestFileTooLargeError       a guest file passed the host's cap while it was being read
+    │                                    (``path``, ``limit_bytes``, ``received_bytes``); the transfer
+    │                                    was ended at the cap, the VM stays usable
     └── CommunicationOutcomeUnknownError the transport died after the request was dispatched
 
 ``asyncio.CancelledError`` is never wrapped.
@@ -22,6 +30,8 @@ from typing import Any
 __all__ = [
     "CommunicationOutcomeUnknownError",
     "GuestAgentError",
+    "GuestFileTooLargeError",
+    "GuestProtocolError",
     "ImageBuildError",
     "QemuStorageDaemonError",
     "SandboxError",
@@ -89,3 +99,54 @@ class GuestAgentError(SandboxError):
 
 class CommunicationOutcomeUnknownError(SandboxError):
     """The request reached the guest but the transport died before the answer: it may have run."""
+
+
+class GuestProtocolError(GuestAgentError):
+    """The guest broke the protocol or flooded past a host-enforced cap; never the caller's fault.
+
+    The host drops the agent connection when it raises this, and the layers above kill the VM.
+    ``reason`` is a short machine-readable code (e.g. ``"bad_frame"``, ``"output_cap"``,
+    ``"unknown_request"``, ``"stray_frames"``, ``"bad_chunk"``, ``"unexpected_message"``).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str = "protocol",
+        request_id: str | None = None,
+        limit_bytes: int | None = None,
+        received_bytes: int | None = None,
+        context: dict[str, Any] | None = None,
+    ) -> None:
+        extra = {"reason": reason, "request_id": request_id, "limit_bytes": limit_bytes,
+                 "received_bytes": received_bytes}
+        super().__init__(message, context={**{k: v for k, v in extra.items() if v is not None},
+                                           **(context or {})})
+        self.reason = reason
+        self.request_id = request_id
+        self.limit_bytes = limit_bytes
+        self.received_bytes = received_bytes
+
+
+class GuestFileTooLargeError(GuestAgentError):
+    """A file read from the guest grew past the host's cap; the transfer was ended at the cap.
+
+    ``received_bytes`` is how much had arrived when the host stopped (at most ``limit_bytes`` plus
+    one chunk; nothing beyond ``limit_bytes`` was kept).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str,
+        limit_bytes: int,
+        received_bytes: int,
+        context: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message, context={"path": path, "limit_bytes": limit_bytes,
+                                           "received_bytes": received_bytes, **(context or {})})
+        self.path = path
+        self.limit_bytes = limit_bytes
+        self.received_bytes = received_bytes

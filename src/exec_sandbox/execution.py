@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import logging
 import re
@@ -179,6 +180,9 @@ async def execute_in_vm(
                            cpu_seconds=_cpu_delta(vm, cpu_before))
     execute_ms = elapsed_ms(started)
     stdout, stderr = result.stdout, result.stderr
+    # The outcome carries the output once: appending a marker below copies a stream (up to
+    # max_output_bytes), so the result must not keep the unmarked copy alive next to it.
+    result = dataclasses.replace(result, stdout="", stderr="")
     if result.stdout_truncated:
         marker = truncation_marker("stdout", max_output_bytes, result.stdout_bytes)
         stdout += marker

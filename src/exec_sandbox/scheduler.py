@@ -33,7 +33,14 @@ Limits
       beyond the reserved ``memory_mb + vm_overhead_mb``.
     - stdout / stderr are capped at ``config.max_output_bytes`` each; beyond it output is dropped in
       the guest, ``stdout_truncated``/``stderr_truncated`` is set and a ``[sandbox] ... truncated``
-      marker line ends the stream.
+      marker line ends the stream. The host counts the output as it arrives too: a guest that sends
+      more than the cap gets :class:`~exec_sandbox.errors.GuestProtocolError` and its VM killed.
+    - ``download``: each file at most ``config.max_file_bytes``, counted by the host as the bytes
+      arrive (a file the guest grows after the size check is cut at the cap and reported in
+      ``download_errors``).
+    - host memory per sandbox, whatever the guest sends: at most ~16 MiB of protocol buffers plus
+      the results asked for (output up to ``max_output_bytes`` per stream, downloads up to
+      ``max_file_bytes`` each) - under 64 MiB above baseline with the default output cap.
     - code size (``config.max_code_bytes``), env vars (names, reserved names, NUL, sizes) and guest
       paths are validated on the host before a VM is spent.
     - user code runs as uid 1000 in the guest; its process count is capped there (RLIMIT_NPROC).
@@ -58,6 +65,8 @@ Exceptions (all :class:`~exec_sandbox.errors.SandboxError`; ``CancelledError`` i
     │   └── SchedulerClosedError       the Scheduler closed before the code ran
     ├── SandboxPermanentError          cannot work on this host as configured (image build, ...)
     ├── GuestAgentError                the guest agent refused a request (e.g. a missing file)
+    │   └── GuestProtocolError         the guest misbehaved (bad frame, flood past a host cap,
+    │                                  frames for requests never made): its VM was killed
     └── CommunicationOutcomeUnknownError  the VM/agent link died after the code was sent (it may
                                        have run), incl. the Scheduler closing mid-run
 
@@ -131,6 +140,7 @@ from exec_sandbox.agent_client import OutputCallback
 from exec_sandbox.config import SchedulerConfig
 from exec_sandbox.errors import (
     CommunicationOutcomeUnknownError,
+    GuestProtocolError,
     SandboxError,
     SandboxPermanentError,
     SandboxTransientError,
@@ -644,11 +654,13 @@ class Scheduler:
                 try:
                     problem = await self._download_problem(vm, rel)
                     if problem is None:
-                        files[given] = await vm.agent.read_file(rel)
+                        # The listing above is only a quick refusal: the guest may grow the file
+                        # after it, so the cap is enforced again on the bytes as they arrive.
+                        files[given] = await vm.agent.read_file(rel, max_bytes=self.config.max_file_bytes)
                     else:
                         download_errors[given] = problem
                 except SandboxError as exc:
-                    if isinstance(exc, CommunicationOutcomeUnknownError):
+                    if isinstance(exc, CommunicationOutcomeUnknownError | GuestProtocolError):
                         raise
                     download_errors[given] = exc.message
             finished = True

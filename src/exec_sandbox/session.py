@@ -41,6 +41,14 @@ Lifecycle (:class:`SessionState`)::
 Paths are confined to the guest work dir (``/home/sandbox``): relative paths are taken from it,
 absolute ones must lie under it (:func:`~exec_sandbox.validation.validate_guest_path`); the guest
 agent resolves them again on its side. Files move in sha256-checked chunks.
+
+Reads are capped by the host as bytes arrive (``max_bytes``, default ``config.max_file_bytes``):
+past the cap the read ends with :class:`~exec_sandbox.errors.GuestFileTooLargeError` (path, cap,
+bytes received) and nothing beyond the cap is kept, however the guest's file grows meanwhile. Large
+files: :meth:`Session.iter_file` (chunks, bounded memory) or ``read_file(path, Path(...))`` (a
+private temp file renamed into place). A guest that breaks the protocol or floods past a cap raises
+:class:`~exec_sandbox.errors.GuestProtocolError` and the session closes (``reason="vm_failed"``; its
+VM is killed).
 """
 
 from __future__ import annotations
@@ -49,7 +57,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
@@ -57,7 +65,12 @@ from typing import IO, Any, Self
 
 from exec_sandbox.agent_client import OutputCallback
 from exec_sandbox.config import SchedulerConfig
-from exec_sandbox.errors import CommunicationOutcomeUnknownError, SandboxError, SandboxPermanentError
+from exec_sandbox.errors import (
+    CommunicationOutcomeUnknownError,
+    GuestProtocolError,
+    SandboxError,
+    SandboxPermanentError,
+)
 from exec_sandbox.execution import execute_in_vm
 from exec_sandbox.foreground import ForegroundActivity
 from exec_sandbox.lifecycle_errors import CloseReason, SessionClosedError
@@ -230,9 +243,9 @@ class Session:
             return SessionClosedError(
                 f"the session is closed ({reason})", context={"reason": reason, "vm_id": self.vm_id}
             )
-        if isinstance(exc, CommunicationOutcomeUnknownError):
-            # The agent link is gone or wedged: the VM cannot serve this session any more.
-            logger.warning("session %s: VM lost during exec (%s); closing the session", self.vm_id, exc)
+        if isinstance(exc, CommunicationOutcomeUnknownError | GuestProtocolError):
+            # The agent link is gone or wedged, or the guest misbehaved: kill the VM.
+            logger.warning("session %s: VM lost or misbehaving (%s); closing the session", self.vm_id, exc)
             await self._close("vm_failed")
         return exc
 
@@ -288,16 +301,54 @@ class Session:
             self._check_open()
             await self._guarded(self._vm.agent.write_file(rel, data, make_executable=make_executable))
 
-    async def read_file(self, path: str, destination: Path | IO[bytes] | None = None) -> bytes | None:
-        """Read ``path`` from the work dir: returns the bytes, or None after writing to ``destination``."""
+    async def read_file(
+        self, path: str, destination: Path | IO[bytes] | None = None, *, max_bytes: int | None = None
+    ) -> bytes | None:
+        """Read ``path`` from the work dir: returns the bytes, or None after writing to ``destination``.
+
+        At most ``max_bytes`` (default ``config.max_file_bytes``), counted as they arrive; a larger
+        file raises :class:`GuestFileTooLargeError`. A ``Path`` destination gets a private temp file
+        renamed into place (a symlink there is refused); memory stays bounded.
+        """
         rel = validate_guest_path(path)
+        cap = self._read_cap(max_bytes)
         async with self._activity(), self._exec_lock:
             self._check_open()
             if destination is None:
-                data: bytes = await self._guarded(self._vm.agent.read_file(rel))
+                data: bytes = await self._guarded(self._vm.agent.read_file(rel, max_bytes=cap))
                 return data
-            await self._guarded(self._vm.agent.read_file(rel, destination))
+            await self._guarded(self._vm.agent.read_file(rel, destination, max_bytes=cap))
             return None
+
+    async def iter_file(self, path: str, *, max_bytes: int | None = None) -> AsyncGenerator[bytes, None]:
+        """Stream ``path`` from the work dir in chunks (<= 1 MiB each) with bounded host memory.
+
+        ``max_bytes`` as in :meth:`read_file`. The session is busy (other calls wait) until the
+        iteration ends; use ``async with contextlib.aclosing(s.iter_file(p)) as chunks`` when you may
+        stop early. The whole-file sha256 is checked at the end: treat the data as confirmed only
+        when the iteration finished without an error.
+        """
+        rel = validate_guest_path(path)
+        cap = self._read_cap(max_bytes)
+        async with self._activity(), self._exec_lock:
+            self._check_open()
+            chunks = self._vm.agent.iter_file(rel, max_bytes=cap)
+            async with contextlib.aclosing(chunks):
+                while True:
+                    try:
+                        chunk = await anext(chunks)
+                    except StopAsyncIteration:
+                        return
+                    except SandboxError as exc:
+                        raise await self._exec_failed(exc) from exc
+                    yield chunk
+
+    def _read_cap(self, max_bytes: int | None) -> int:
+        if max_bytes is None:
+            return self._config.max_file_bytes
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise input_error("max_bytes", max_bytes, "must be an int >= 0")
+        return max_bytes
 
     async def list_files(self, path: str = ".") -> list[FileInfo]:
         """Entries of a directory in the work dir (default: the work dir itself)."""

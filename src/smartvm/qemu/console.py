@@ -5,18 +5,44 @@ by one asyncio task sees everything from the first byte. The buffer keeps the
 last ``limit`` bytes; callers that want boot logs live subscribe with
 :meth:`ConsoleBuffer.lines` or wait for a marker with :meth:`ConsoleBuffer.wait_for`.
 The reader never stops draining the pipe, so a chatty guest cannot block QEMU.
+
+Bounded whatever the guest prints: the tail buffer and the partial line hold ``limit`` bytes each,
+and every subscriber queue at most ``_LINE_QUEUE_MAX`` lines and ``_LINE_QUEUE_CHARS`` characters
+(a slow subscriber loses its oldest lines, counted in ``dropped_lines``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 from collections.abc import AsyncIterator
 
 __all__ = ["ConsoleBuffer"]
 
 _LINE_QUEUE_MAX = 10_000
+_LINE_QUEUE_CHARS = 1024 * 1024
+
+
+class _LineQueue(asyncio.Queue[str | None]):
+    """A subscriber's lines, bounded in count and characters (oldest dropped first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.chars = 0
+        self.dropped_lines = 0
+
+    def push(self, line: str) -> None:
+        while not self.empty() and (self.qsize() >= _LINE_QUEUE_MAX
+                                    or self.chars + len(line) > _LINE_QUEUE_CHARS):
+            self.pop_nowait()
+            self.dropped_lines += 1
+        self.chars += len(line)
+        self.put_nowait(line)
+
+    def pop_nowait(self) -> str | None:
+        item = self.get_nowait()
+        self.chars -= len(item or "")
+        return item
 
 
 class ConsoleBuffer:
@@ -28,7 +54,7 @@ class ConsoleBuffer:
         self.limit = limit
         self._buf = bytearray()
         self._partial = bytearray()
-        self._subscribers: set[asyncio.Queue[str | None]] = set()
+        self._subscribers: set[_LineQueue] = set()
         self._changed = asyncio.Event()
         self._closed = False
         self._task: asyncio.Task[None] | None = None
@@ -60,10 +86,7 @@ class ConsoleBuffer:
         for raw in complete:
             line = raw.rstrip(b"\r").decode("utf-8", errors="replace")
             for queue in self._subscribers:
-                if queue.qsize() >= _LINE_QUEUE_MAX:  # a slow subscriber loses old lines, not QEMU
-                    with contextlib.suppress(asyncio.QueueEmpty):
-                        queue.get_nowait()
-                queue.put_nowait(line)
+                queue.push(line)  # a slow subscriber loses old lines; QEMU is never blocked
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -86,12 +109,13 @@ class ConsoleBuffer:
 
     async def lines(self) -> AsyncIterator[str]:
         """Yield complete console lines from now on until the console closes."""
-        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        queue = _LineQueue()
         self._subscribers.add(queue)
         try:
             if self._closed:
                 return
             while (line := await queue.get()) is not None:
+                queue.chars -= len(line)
                 yield line
         finally:
             self._subscribers.discard(queue)
