@@ -51,8 +51,6 @@ import itertools
 import logging
 import os
 import secrets
-import stat
-import tempfile
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -107,6 +105,7 @@ from exec_sandbox.errors import (
     SandboxInputError,
     SandboxTransientError,
 )
+from smartvm.hostfs import UnsafePathError, atomic_writer
 
 __all__ = [
     "DEFAULT_MAX_READ_BYTES",
@@ -1078,42 +1077,24 @@ async def _call_safely(callback: OutputCallback, data: str, failures: list[int])
 async def _write_file_atomically(
     destination: Path, produce: Callable[[Callable[[bytes], object]], Awaitable[_R]]
 ) -> _R:
-    """Write what ``produce`` emits to ``destination``: a private temp file, then an atomic rename.
+    """Write what ``produce`` emits to ``destination`` through :func:`smartvm.hostfs.atomic_writer`.
 
-    The temp file is ``mkstemp`` in the destination's directory (unpredictable name, O_EXCL, 0600,
-    never follows a symlink); it is renamed over ``destination`` only when ``produce`` succeeded,
-    and removed otherwise. A symlink at ``destination`` is refused (checked before and just before
-    the rename, which itself replaces a link rather than writing through it).
+    A private temp file beside ``destination``, renamed over it only when ``produce`` succeeded and
+    removed otherwise; a symlink (or a directory) at ``destination`` is refused. Unsafe or unwritable
+    host paths are the caller's input (:class:`SandboxInputError` naming the path).
     """
-    # (To be replaced by smartvm's project-wide safe-write helper.)
-    def refuse_symlink() -> None:
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISLNK(os.lstat(destination).st_mode):
-                raise SandboxInputError(f"refusing to write through the symlink {destination}",
-                                        context={"path": str(destination)})
-
-    refuse_symlink()
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".part",
-                                        dir=destination.parent)
-    except OSError as exc:
-        raise SandboxInputError(f"cannot write next to {destination}: {exc}",
+        writer = await asyncio.to_thread(atomic_writer, destination)
+    except (UnsafePathError, OSError) as exc:
+        raise SandboxInputError(f"cannot write {destination}: {exc}",
                                 context={"path": str(destination)}) from exc
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as sink:
-            result = await produce(lambda chunk: asyncio.to_thread(sink.write, chunk))
-            await asyncio.to_thread(sink.flush)
-        refuse_symlink()
+    with writer:
+        result = await produce(lambda chunk: asyncio.to_thread(writer.file.write, chunk))
         try:
-            os.replace(tmp, destination)
-        except OSError as exc:  # e.g. the destination is a directory
+            await asyncio.to_thread(writer.commit)
+        except (UnsafePathError, OSError) as exc:
             raise SandboxInputError(f"cannot write {destination}: {exc}",
                                     context={"path": str(destination)}) from exc
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
     return result
 
 
