@@ -1,0 +1,69 @@
+"""``sbx serve``: the click command (kept import-light; the server modules load when it runs)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+__all__ = ["serve"]
+
+
+@click.command("serve")
+@click.option("--host", default=None, help="Address to listen on (default 127.0.0.1; others expose it).")
+@click.option("--port", type=int, default=None, help="Port (default 3000).")
+@click.option(
+    "--api-key",
+    "api_keys",
+    multiple=True,
+    help="An accepted API key (repeatable; also $SBX_API_KEYS, comma separated, or the config file).",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="TOML file: api_keys / api_key_sha256 lists and any ServeConfig field.",
+)
+@click.option("--max-sandboxes-per-key", type=int, default=None, help="Concurrent sandboxes per key.")
+@click.option("--log-level", default="info", show_default=True)
+def serve(
+    host: str | None,
+    port: int | None,
+    api_keys: tuple[str, ...],
+    config_file: Path | None,
+    max_sandboxes_per_key: int | None,
+    log_level: str,
+) -> None:
+    """Serve the E2B API (control plane, envd, code interpreter) on this machine's microVMs."""
+    import uvicorn
+
+    from exec_sandbox.errors import SandboxError
+    from exec_sandbox.server.app import create_app
+    from exec_sandbox.server.config import API_KEYS_ENV, load_serve_config
+
+    try:
+        config = load_serve_config(
+            api_keys=api_keys,
+            config_file=config_file,
+            host=host,
+            port=port,
+            max_sandboxes_per_key=max_sandboxes_per_key,
+        )
+    except SandboxError as exc:
+        click.echo(f"sbx serve: {exc}", err=True)
+        sys.exit(2)
+    if not config.api_key_hashes:
+        click.echo(
+            f"sbx serve: no API key: pass --api-key KEY, set ${API_KEYS_ENV} or use --config", err=True
+        )
+        sys.exit(2)
+    uvicorn.run(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        log_level=log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )

@@ -1,0 +1,248 @@
+"""The sandboxes of ``sbx serve``: who owns each, when it dies, and the sessions behind it.
+
+A sandbox is one long-lived ``raw`` (shell) :class:`~exec_sandbox.session.Session` from the
+:class:`~exec_sandbox.scheduler.Scheduler`, plus code-interpreter contexts (each a session of its own
+language, made on first use). Every sandbox belongs to the API key (sha256 digest) that created it:
+lookups take the owner, so another key's sandbox is simply "not found". A reaper kills sandboxes at
+their deadline (``endAt``) and forgets those whose VM died.
+
+Lifecycle of a :class:`SandboxRecord` (``state``)::
+
+    running --kill / deadline / VM lost / server shutdown--> killed   (kill is idempotent)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+from exec_sandbox.server.config import ServeConfig
+from exec_sandbox.server.errors import BadRequestError, NotFoundError, QuotaExceededError, UnauthorizedError
+
+if TYPE_CHECKING:
+    from exec_sandbox.models import Language
+    from exec_sandbox.scheduler import Scheduler
+    from exec_sandbox.session import Session
+
+__all__ = [
+    "ENVD_VERSION",
+    "TEMPLATES",
+    "CodeContext",
+    "SandboxRecord",
+    "SandboxRegistry",
+]
+
+logger = logging.getLogger(__name__)
+
+# The envd version we claim: >= 0.4.0 (no default-user header), >= 0.5.7 (octet-stream uploads).
+ENVD_VERSION: Final = "0.5.7"
+# Templates we serve; each is a shell sandbox (the code interpreter adds Python/JS contexts on demand).
+TEMPLATES: Final = frozenset({"base", "code-interpreter-v1", "code-interpreter", "code-interpreter-beta"})
+CLIENT_ID: Final = "sbx-serve"
+_SESSION_IDLE_S: Final = 86400.0  # the sandbox deadline, not the session idle timer, ends a sandbox
+
+
+@dataclass
+class CodeContext:
+    """One code-interpreter context: a session of ``language`` made on first use."""
+
+    id: str
+    language: Language
+    cwd: str
+    session: Session | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass
+class SandboxRecord:
+    sandbox_id: str
+    owner: str  # sha256 digest of the API key that created it
+    template_id: str
+    envd_access_token: str
+    session: Session
+    metadata: dict[str, str]
+    env_vars: dict[str, str]
+    started_at: float
+    end_at: float
+    memory_mb: int
+    state: Literal["running", "killed"] = "running"
+    contexts: dict[str, CodeContext] = field(default_factory=dict)
+    default_contexts: dict[str, str] = field(default_factory=dict)  # language -> context id
+    next_pid: int = 1000
+    command_timeout_seconds: float = 3600.0
+    max_upload_bytes: int = 100 * 1024 * 1024
+    max_contexts: int = 4
+    processes: dict[int, Any] = field(default_factory=dict)  # pid -> process.ProcessInfo (running)
+
+    def iso(self, t: float) -> str:
+        return datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z")
+
+    def token_ok(self, presented: str | None) -> bool:
+        return presented is not None and hmac.compare_digest(presented, self.envd_access_token)
+
+    def new_pid(self) -> int:
+        self.next_pid += 1
+        return self.next_pid
+
+
+class SandboxRegistry:
+    """Creates, finds, times out and kills sandboxes on one :class:`Scheduler`."""
+
+    def __init__(self, scheduler: Scheduler, config: ServeConfig) -> None:
+        self.scheduler = scheduler
+        self.config = config
+        self._records: dict[str, SandboxRecord] = {}
+        self._pending: dict[str, int] = {}  # owner -> creations in flight (they count for the quota)
+        self._reaper: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap(), name="sbx-serve-reaper")
+
+    async def aclose(self) -> None:
+        """Kill every sandbox and stop the reaper. Idempotent."""
+        self._closing = True
+        reaper, self._reaper = self._reaper, None
+        if reaper is not None:
+            reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reaper
+        for record in list(self._records.values()):
+            await self._kill(record, "server shutdown")
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.reap_interval_seconds)
+            now = time.time()
+            for record in list(self._records.values()):
+                if record.end_at <= now:
+                    await self._kill(record, "timeout")
+                elif record.session.closed:
+                    await self._kill(record, f"session closed ({record.session.close_reason})")
+
+    # ------------------------------------------------------------------ queries
+
+    def count(self, owner: str | None = None) -> int:
+        return sum(1 for r in self._records.values() if owner is None or r.owner == owner)
+
+    def records(self, owner: str) -> list[SandboxRecord]:
+        return sorted(
+            (r for r in self._records.values() if r.owner == owner and r.state == "running"),
+            key=lambda r: (r.started_at, r.sandbox_id),
+        )
+
+    def get(self, owner: str, sandbox_id: str) -> SandboxRecord:
+        """The caller's running sandbox, or NotFoundError (also for another key's sandbox)."""
+        record = self._records.get(sandbox_id)
+        if record is None or record.owner != owner or record.state != "running":
+            raise NotFoundError(f"sandbox {sandbox_id!r} not found", context={"sandbox_id": sandbox_id})
+        return record
+
+    def for_token(self, sandbox_id: str, token: str | None) -> SandboxRecord:
+        """The sandbox a daemon (envd / interpreter) request is for, checked against its access token."""
+        record = self._records.get(sandbox_id)
+        if record is None or record.state != "running":
+            raise NotFoundError(f"sandbox {sandbox_id!r} not found", context={"sandbox_id": sandbox_id})
+        if not record.token_ok(token):
+            raise UnauthorizedError("missing or invalid access token", context={"sandbox_id": sandbox_id})
+        return record
+
+    # ------------------------------------------------------------------ changes
+
+    def _clamp_timeout(self, timeout: int | None) -> int:
+        if timeout is None:
+            return self.config.default_sandbox_timeout_seconds
+        if timeout < 0:
+            raise BadRequestError("timeout must be >= 0 seconds")
+        return min(timeout, self.config.max_sandbox_timeout_seconds)
+
+    async def create(
+        self,
+        owner: str,
+        *,
+        template_id: str,
+        timeout: int | None,
+        metadata: Mapping[str, str] | None,
+        env_vars: Mapping[str, str] | None,
+    ) -> SandboxRecord:
+        if template_id not in TEMPLATES:
+            raise NotFoundError(
+                f"template {template_id!r} not found (available: {', '.join(sorted(TEMPLATES))})",
+                context={"template_id": template_id},
+            )
+        seconds = self._clamp_timeout(timeout)
+        in_use = self.count(owner) + self._pending.get(owner, 0)
+        if in_use >= self.config.max_sandboxes_per_key:
+            raise QuotaExceededError(
+                f"quota exceeded: this API key may run {self.config.max_sandboxes_per_key} sandboxes at once",
+                context={"limit": self.config.max_sandboxes_per_key},
+            )
+        self._pending[owner] = self._pending.get(owner, 0) + 1
+        try:
+            session = await self.scheduler.session(
+                "raw",
+                memory_mb=self.config.memory_mb,
+                env_vars=dict(env_vars or {}),
+                idle_timeout_seconds=_SESSION_IDLE_S,
+            )
+        finally:
+            self._pending[owner] -= 1
+            if not self._pending[owner]:
+                del self._pending[owner]
+        now = time.time()
+        record = SandboxRecord(
+            sandbox_id="i" + secrets.token_hex(10),
+            owner=owner,
+            template_id=template_id,
+            envd_access_token=secrets.token_urlsafe(24),
+            session=session,
+            metadata=dict(metadata or {}),
+            env_vars=dict(env_vars or {}),
+            started_at=now,
+            end_at=now + seconds,
+            memory_mb=self.config.memory_mb,
+            command_timeout_seconds=self.config.command_timeout_seconds,
+            max_upload_bytes=self.config.max_upload_bytes,
+            max_contexts=self.config.max_contexts_per_sandbox,
+        )
+        if self._closing:
+            await session.close()
+            raise NotFoundError("the server is shutting down")
+        self._records[record.sandbox_id] = record
+        logger.info("sandbox %s created (template %s, vm %s)", record.sandbox_id, template_id, session.vm_id)
+        return record
+
+    def set_timeout(self, record: SandboxRecord, timeout: int) -> None:
+        """The sandbox now dies ``timeout`` seconds from now (E2B semantics: may shorten it)."""
+        record.end_at = time.time() + self._clamp_timeout(timeout)
+
+    def extend_timeout(self, record: SandboxRecord, timeout: int | None) -> None:
+        """``connect``: the deadline becomes at least ``timeout`` seconds from now."""
+        if timeout is not None:
+            record.end_at = max(record.end_at, time.time() + self._clamp_timeout(timeout))
+
+    async def kill(self, owner: str, sandbox_id: str) -> None:
+        await self._kill(self.get(owner, sandbox_id), "killed")
+
+    async def _kill(self, record: SandboxRecord, reason: str) -> None:
+        if self._records.pop(record.sandbox_id, None) is None:
+            return
+        record.state = "killed"
+        logger.info("sandbox %s ends: %s", record.sandbox_id, reason)
+        sessions = [record.session, *(c.session for c in record.contexts.values() if c.session)]
+        for session in sessions:
+            try:
+                await session.close()
+            except Exception:  # the VM is going away either way; log and go on with the others
+                logger.exception("closing a session of sandbox %s failed", record.sandbox_id)
