@@ -75,6 +75,8 @@ def created_json(r: SandboxRecord) -> dict[str, Any]:
         "clientID": CLIENT_ID,
         "envdVersion": ENVD_VERSION,
         "envdAccessToken": r.envd_access_token,
+        # The code-interpreter SDK sends this (not X-Access-Token) on /contexts: the same secret.
+        "trafficAccessToken": r.envd_access_token,
         "domain": None,
     }
 

@@ -33,9 +33,24 @@ from exec_sandbox.server.errors import BadRequestError, NotFoundError, QuotaExce
 from exec_sandbox.server.registry import CodeContext, SandboxRecord
 from exec_sandbox.validation import DEFAULT_WORKDIR
 
-__all__ = ["RESULT_MARKER", "interpreter_routes", "parse_error", "python_with_result"]
+__all__ = [
+    "PYTHON_PRELUDE",
+    "RESULT_HOOK",
+    "RESULT_MARKER",
+    "interpreter_routes",
+    "parse_error",
+    "python_with_result",
+]
 
 RESULT_MARKER: Final = "\x1esbx-result:"
+RESULT_HOOK: Final = "__sbx_result__"
+# Run once in each Python context before its first cell (not counted as an execution).
+PYTHON_PRELUDE: Final = f"""
+def {RESULT_HOOK}(value):
+    if value is not None:
+        import json as _json
+        print({RESULT_MARKER!r} + _json.dumps({{"text": repr(value)}}), flush=True)
+"""
 _LANGUAGES: Final[dict[str, Language]] = {
     "python": "python",
     "python3": "python",
@@ -65,11 +80,7 @@ def python_with_result(code: str) -> str:
         return code
     lines = code.splitlines(keepends=True)
     head = "".join(lines[: last.lineno - 1]) + lines[last.lineno - 1][: last.col_offset]
-    emit = (
-        "(lambda __v: None if __v is None else print("
-        f"{RESULT_MARKER!r} + __import__('json').dumps({{'text': repr(__v)}}), flush=True))"
-    )
-    return f"{head}{emit}(\n{segment}\n)\n"
+    return f"{head}{RESULT_HOOK}({segment}\n)\n"
 
 
 def parse_error(stderr: str, language: Language) -> tuple[str, str]:
@@ -122,6 +133,7 @@ async def _session_of(request: Request, record: SandboxRecord, ctx: CodeContext)
     if ctx.language == "raw":
         return record.session
     if ctx.session is None or ctx.session.closed:
+        ctx.prepared = False
         ctx.session = await request.app.state.registry.scheduler.session(
             ctx.language,
             memory_mb=record.memory_mb,
@@ -168,6 +180,10 @@ async def _run(
     async with ctx.lock:
         try:
             session = await _session_of(request, record, ctx)
+            if ctx.language == "python" and not ctx.prepared:
+                await session.exec(PYTHON_PRELUDE, timeout_seconds=30)
+                ctx.prepared = True
+                ctx.hidden_execs = session.exec_count
         except SandboxError as exc:
             yield line({"type": "error", "name": "SandboxError", "value": exc.message, "traceback": ""})
             return
@@ -236,7 +252,7 @@ async def _run(
         elif result.exit_code != 0:
             name, value = parse_error(result.stderr, ctx.language)
             yield line({"type": "error", "name": name, "value": value, "traceback": result.stderr})
-        yield line({"type": "number_of_executions", "execution_count": session.exec_count})
+        yield line({"type": "number_of_executions", "execution_count": session.exec_count - ctx.hidden_execs})
         yield line({"type": "end_of_execution"})
 
 
@@ -282,6 +298,7 @@ async def restart_context(request: Request) -> Response:
     async with ctx.lock:
         if ctx.session is not None:
             old, ctx.session = ctx.session, None
+            ctx.prepared = False
             await old.close()
     return Response(status_code=204)
 

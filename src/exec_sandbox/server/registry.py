@@ -59,6 +59,8 @@ class CodeContext:
     cwd: str
     session: Session | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    prepared: bool = False  # Python: the result hook is defined in the session
+    hidden_execs: int = 0  # execs of ours (the prelude), left out of execution_count
 
 
 @dataclass
