@@ -3,7 +3,8 @@ and its code interpreter, routed like E2B's edge proxy does it.
 
 Routing (:class:`ServeApp`)::
 
-    request with E2b-Sandbox-Id header        -> that sandbox (checked against X-Access-Token)
+    request with E2b-Sandbox-Id header        -> that sandbox (checked against X-Access-Token;
+                                                 a gone sandbox is 502, like E2B's proxy)
         E2b-Sandbox-Port 49999                -> code interpreter  (/execute, /contexts)
         path /process.Process/*               -> envd Process      (Connect RPC)
         path /filesystem.Filesystem/*         -> envd Filesystem   (Connect RPC)
@@ -34,7 +35,7 @@ from exec_sandbox.server import metrics
 from exec_sandbox.server.config import ServeConfig
 from exec_sandbox.server.control import control_routes
 from exec_sandbox.server.envd import CURRENT_SANDBOX, connect_apps, envd_routes
-from exec_sandbox.server.errors import ServeError
+from exec_sandbox.server.errors import NotFoundError, ServeError
 from exec_sandbox.server.interpreter import interpreter_routes
 from exec_sandbox.server.registry import SandboxRegistry
 
@@ -47,7 +48,13 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 JUPYTER_PORT: Final = 49999
-_CONNECT_CODES: Final = {401: "unauthenticated", 403: "permission_denied", 404: "not_found"}
+_CONNECT_CODES: Final = {
+    401: "unauthenticated",
+    403: "permission_denied",
+    404: "not_found",
+    502: "unavailable",
+    503: "unavailable",
+}
 
 
 def _status_for(exc: SandboxError) -> int:
@@ -159,6 +166,11 @@ class ServeApp:
         token = headers.get("x-access-token") or headers.get("e2b-traffic-access-token")
         try:
             record = self.registry.for_token(sandbox_id, token)
+        except NotFoundError:
+            # What E2B's edge proxy answers for a sandbox that is gone (the SDKs read it so).
+            msg = f"sandbox {sandbox_id!r} not found: it was killed or timed out"
+            await _error(send, 502, msg, connect=connect is not None)
+            return
         except ServeError as exc:
             await _error(send, exc.status, exc.message, connect=connect is not None)
             return

@@ -1,0 +1,231 @@
+"""``sbx serve`` driven by the unmodified ``e2b`` and ``e2b-code-interpreter`` SDKs over real HTTP on
+127.0.0.1, against real microVMs (QEMU under TCG). The SDKs are pointed at the server with the three
+environment variables ``E2B_API_URL``, ``E2B_SANDBOX_URL`` and ``E2B_API_KEY``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from e2b import (
+    AsyncSandbox,
+    AuthenticationException,
+    CommandExitException,
+    NotFoundException,
+    RateLimitException,
+    Sandbox,
+    SandboxException,
+)
+from e2b_code_interpreter import AsyncSandbox as AsyncCodeSandbox
+from e2b_code_interpreter import Sandbox as CodeSandbox
+
+from tests.integration.serve_server import KEY_A, KEY_B, RunningServer, running_server, sdk_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RunningServer]:
+    with running_server() as srv:
+        yield srv
+
+
+@pytest.fixture
+def key_a(server: RunningServer) -> Iterator[str]:
+    with sdk_env(server.url, KEY_A):
+        yield server.url
+
+
+def test_sync_sandbox_commands_and_files(key_a: str) -> None:
+    sbx = Sandbox.create(metadata={"who": "test"}, envs={"GREETING": "hello"})
+    try:
+        assert sbx.is_running()
+        chunks: list[str] = []
+        result = sbx.commands.run(
+            'echo "$GREETING $WHO"; echo oops >&2; pwd', envs={"WHO": "world"}, on_stdout=chunks.append
+        )
+        assert result.exit_code == 0
+        assert result.stdout == "hello world\n/home/sandbox\n"
+        assert result.stderr == "oops\n"
+        assert "".join(chunks) == result.stdout  # streamed as it ran
+        with pytest.raises(CommandExitException) as exc_info:
+            sbx.commands.run("echo partial; exit 3")
+        assert exc_info.value.exit_code == 3 and exc_info.value.stdout == "partial\n"
+        # cd in one command does not leak into the next; cwd= is honoured
+        sbx.commands.run("mkdir -p sub && cd sub && touch inside")
+        assert sbx.commands.run("pwd").stdout == "/home/sandbox\n"
+        assert sbx.commands.run("ls", cwd="/home/user/sub").stdout == "inside\n"
+
+        info = sbx.files.write("/home/user/notes/a.txt", "some text")
+        assert info.path == "/home/sandbox/notes/a.txt"
+        assert sbx.files.read("notes/a.txt") == "some text"
+        assert bytes(sbx.files.read("/home/user/notes/a.txt", format="bytes")) == b"some text"
+        assert sbx.commands.run("cat notes/a.txt").stdout == "some text"
+        names = {e.name for e in sbx.files.list("/home/user")}
+        assert {"notes", "sub"} <= names
+        assert sbx.files.make_dir("made/deep") is True
+        assert sbx.files.exists("made/deep") and not sbx.files.exists("nope")
+        entry = sbx.files.get_info("notes/a.txt")
+        assert entry.size == len("some text") and entry.type is not None and entry.type.value == "file"
+        moved = sbx.files.rename("notes/a.txt", "notes/b.txt")
+        assert moved.name == "b.txt"
+        sbx.files.remove("made")
+        assert not sbx.files.exists("made")
+        with pytest.raises(NotFoundException):
+            sbx.files.read("does-not-exist.txt")
+
+        listed = [s.sandbox_id for s in Sandbox.list().next_items()]
+        assert sbx.sandbox_id in listed
+        got = sbx.get_info()
+        assert got.sandbox_id == sbx.sandbox_id and got.metadata == {"who": "test"}
+    finally:
+        sbx.kill()
+    assert Sandbox.kill(sbx.sandbox_id) is False  # already gone: 404
+    with pytest.raises(NotFoundException):
+        Sandbox.get_info(sbx.sandbox_id)
+
+
+def test_async_sandbox(key_a: str) -> None:
+    async def scenario() -> None:
+        sbx = await AsyncSandbox.create()
+        try:
+            out: list[str] = []
+            result = await sbx.commands.run("for i in 1 2 3; do echo line$i; done", on_stdout=out.append)
+            assert result.stdout == "line1\nline2\nline3\n" and "".join(out) == result.stdout
+            await sbx.files.write("x.bin", b"\x00\x01\xff")
+            assert bytes(await sbx.files.read("x.bin", format="bytes")) == b"\x00\x01\xff"
+            assert [e.name for e in await sbx.files.list(".")] == ["x.bin"]
+            same = await AsyncSandbox.connect(sbx.sandbox_id)
+            assert (await same.commands.run("ls")).stdout == "x.bin\n"
+        finally:
+            await sbx.kill()
+
+    asyncio.run(scenario())
+
+
+def test_code_interpreter_state_results_errors_and_contexts(key_a: str) -> None:
+    sbx = CodeSandbox.create()
+    try:
+        streamed: list[str] = []
+        first = sbx.run_code("x = 41\nprint('hi')\nx + 1", on_stdout=lambda m: streamed.append(m.line))
+        assert first.logs.stdout == ["hi\n"] and streamed == ["hi\n"]
+        assert first.text == "42"
+        assert sbx.run_code("x").text == "41"  # state kept between calls
+        failed = sbx.run_code("1 / 0")
+        assert failed.error is not None and failed.error.name == "ZeroDivisionError"
+        assert "division by zero" in failed.error.value
+        js = sbx.run_code("let y = 5; console.log(y * 2)", language="javascript")
+        assert js.logs.stdout == ["10\n"]
+        assert sbx.run_code("console.log(y + 1)", language="javascript").logs.stdout == ["6\n"]
+
+        ctx = sbx.create_code_context(language="python")
+        assert ctx.id in {c.id for c in sbx.list_code_contexts()}
+        missing = sbx.run_code("x", context=ctx)  # a fresh context has its own state
+        assert missing.error is not None and missing.error.name == "NameError"
+        sbx.run_code("z = 7", context=ctx)
+        sbx.restart_code_context(ctx)
+        assert sbx.run_code("z", context=ctx).error is not None  # restarted: state gone
+        sbx.remove_code_context(ctx)
+        assert ctx.id not in {c.id for c in sbx.list_code_contexts()}
+    finally:
+        sbx.kill()
+
+
+def test_code_interpreter_async(key_a: str) -> None:
+    async def scenario() -> None:
+        sbx = await AsyncCodeSandbox.create()
+        try:
+            await sbx.run_code("import math\nr = 2")
+            result = await sbx.run_code("math.pi * r")
+            assert result.text is not None and result.text.startswith("6.28")
+        finally:
+            await sbx.kill()
+
+    asyncio.run(scenario())
+
+
+def test_keys_are_isolated_and_checked(server: RunningServer) -> None:
+    with sdk_env(server.url, KEY_A):
+        sbx = Sandbox.create()
+    try:
+        with sdk_env(server.url, KEY_B):
+            assert sbx.sandbox_id not in [s.sandbox_id for s in Sandbox.list().next_items()]
+            with pytest.raises(NotFoundException):
+                Sandbox.get_info(sbx.sandbox_id)
+            with pytest.raises(SandboxException):
+                Sandbox.connect(sbx.sandbox_id)
+            assert Sandbox.kill(sbx.sandbox_id) is False
+            with pytest.raises(NotFoundException):
+                Sandbox.set_timeout(sbx.sandbox_id, 1)
+        with sdk_env(server.url, KEY_A):
+            assert Sandbox.get_info(sbx.sandbox_id).sandbox_id == sbx.sandbox_id  # still alive
+        # Raw HTTP: E2B's error shape; no key / a bad key is 401; the daemon wants the access token.
+        r = httpx.get(server.url + "/v2/sandboxes")
+        assert r.status_code == 401 and r.json()["code"] == 401 and r.json()["message"]
+        r = httpx.get(server.url + f"/sandboxes/{sbx.sandbox_id}", headers={"X-API-KEY": KEY_B})
+        assert r.status_code == 404 and r.json() == {"code": 404, "message": r.json()["message"]}
+        r = httpx.delete(server.url + f"/sandboxes/{sbx.sandbox_id}", headers={"X-API-KEY": KEY_B})
+        assert r.status_code == 404
+        daemon = {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "49983"}
+        bad = {**daemon, "X-Access-Token": "bad"}
+        r = httpx.get(server.url + "/files", params={"path": "x"}, headers=bad)
+        assert r.status_code == 401
+        r = httpx.post(
+            server.url + "/process.Process/List",
+            json={},
+            headers={**daemon, "Content-Type": "application/json"},
+        )
+        assert r.status_code == 401 and r.json()["code"] == "unauthenticated"
+        with sdk_env(server.url, "not-a-key"), pytest.raises(AuthenticationException):
+            Sandbox.create()
+    finally:
+        sbx.kill()
+
+
+def test_v2_list_is_paginated(key_a: str) -> None:
+    boxes = [Sandbox.create(metadata={"batch": "p"}) for _ in range(2)]
+    try:
+        pager = Sandbox.list(limit=1, query=None)
+        seen: list[str] = []
+        while pager.has_next:
+            page = pager.next_items()
+            assert len(page) <= 1
+            seen += [s.sandbox_id for s in page]
+        assert {b.sandbox_id for b in boxes} <= set(seen)
+    finally:
+        for b in boxes:
+            b.kill()
+
+
+def test_sandbox_dies_at_its_deadline(key_a: str) -> None:
+    sbx = Sandbox.create(timeout=3)
+    assert sbx.commands.run("echo alive").stdout == "alive\n"
+    sbx.set_timeout(2)  # shortening is allowed, as in E2B
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            Sandbox.get_info(sbx.sandbox_id)
+        except NotFoundException:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the sandbox outlived its timeout")
+    assert not sbx.is_running()
+
+
+def test_quota_per_key_is_429(server: RunningServer) -> None:
+    with running_server(max_sandboxes_per_key=1) as small, sdk_env(small.url, KEY_A):
+        first = Sandbox.create()
+        try:
+            with pytest.raises(RateLimitException):
+                Sandbox.create()
+            with sdk_env(small.url, KEY_B):  # the quota is per key
+                other = Sandbox.create()
+                other.kill()
+        finally:
+            first.kill()
+        Sandbox.create().kill()  # the slot is free again
