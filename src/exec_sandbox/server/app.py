@@ -9,6 +9,7 @@ Routing (:class:`ServeApp`)::
         path /process.Process/*               -> envd Process      (Connect RPC)
         path /filesystem.Filesystem/*         -> envd Filesystem   (Connect RPC)
         else                                  -> envd HTTP         (/files, /health)
+    /mcp                                      -> MCP server (streamable HTTP; X-API-KEY or Bearer)
     anything else                             -> control plane     (/sandboxes..., X-API-KEY)
                                                  and /healthz, /metrics (no key)
 
@@ -37,6 +38,7 @@ from exec_sandbox.server.control import control_routes
 from exec_sandbox.server.envd import CURRENT_SANDBOX, connect_apps, envd_routes
 from exec_sandbox.server.errors import NotFoundError, ServeError
 from exec_sandbox.server.interpreter import interpreter_routes
+from exec_sandbox.server.mcp import McpSandboxTools, build_mcp_server
 from exec_sandbox.server.registry import SandboxRegistry
 
 __all__ = ["JUPYTER_PORT", "ServeApp", "create_app"]
@@ -99,6 +101,10 @@ class ServeApp:
         self.envd = _starlette(envd_routes())
         self.interpreter = _starlette(interpreter_routes())
         self.connect = connect_apps()
+        self.mcp_tools = McpSandboxTools(max_sessions=config.max_sandboxes_per_key)
+        self.mcp_app = build_mcp_server(self.mcp_tools).streamable_http_app(
+            streamable_http_path="/mcp", host=config.host
+        )
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -115,11 +121,18 @@ class ServeApp:
         for sub in (self.control, self.envd, self.interpreter):
             sub.state.registry = registry
         metrics.bind(registry)
-        logger.info("sbx serve ready on %s:%s (%d API keys)", self.config.host, self.config.port,
-                    len(self.config.api_key_hashes))
+        self.mcp_tools.scheduler = scheduler
+        logger.info(
+            "sbx serve ready on %s:%s (%d API keys)",
+            self.config.host,
+            self.config.port,
+            len(self.config.api_key_hashes),
+        )
         try:
-            yield
+            async with self.mcp_app.router.lifespan_context(self.mcp_app):
+                yield
         finally:
+            await self.mcp_tools.aclose()
             await registry.aclose()
             await scheduler.close()
 
@@ -147,13 +160,20 @@ class ServeApp:
             metrics.observe_request(scope, started)
 
     async def _control(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
-        if scope["path"] not in ("/healthz", "/metrics"):
-            owner = self.config.key_hash_for(headers.get("x-api-key"))
-            if owner is None:
-                await _error(send, 401, "missing or invalid API key (X-API-KEY)")
-                return
-            scope.setdefault("state", {})["owner"] = owner
-        await self.control(scope, receive, send)
+        path: str = scope["path"]
+        if path in ("/healthz", "/metrics"):
+            await self.control(scope, receive, send)
+            return
+        key = headers.get("x-api-key")
+        is_mcp = path == "/mcp" or path.startswith("/mcp/")
+        if key is None and is_mcp and headers.get("authorization", "").lower().startswith("bearer "):
+            key = headers["authorization"][7:].strip()
+        owner = self.config.key_hash_for(key)
+        if owner is None:
+            await _error(send, 401, "missing or invalid API key (X-API-KEY)")
+            return
+        scope.setdefault("state", {})["owner"] = owner
+        await (self.mcp_app if is_mcp else self.control)(scope, receive, send)
 
     async def _sandbox(
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], sandbox_id: str

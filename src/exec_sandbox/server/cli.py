@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-__all__ = ["serve"]
+__all__ = ["mcp", "serve"]
 
 
 @click.command("serve")
@@ -67,3 +67,23 @@ def serve(
         lifespan="on",
         timeout_graceful_shutdown=10,
     )
+
+
+@click.command("mcp")
+def mcp() -> None:
+    """Serve the sandbox MCP tools over stdio (for MCP clients that launch a command)."""
+    import asyncio
+
+    from exec_sandbox.scheduler import Scheduler
+    from exec_sandbox.server.mcp import McpSandboxTools, build_mcp_server
+
+    async def run() -> None:
+        tools = McpSandboxTools()
+        async with Scheduler() as scheduler:
+            tools.scheduler = scheduler
+            try:
+                await build_mcp_server(tools).run_stdio_async()
+            finally:
+                await tools.aclose()
+
+    asyncio.run(run())
