@@ -229,3 +229,46 @@ def test_quota_per_key_is_429(server: RunningServer) -> None:
         finally:
             first.kill()
         Sandbox.create().kill()  # the slot is free again
+
+
+def test_bad_input_gets_e2b_errors_not_tracebacks(server: RunningServer) -> None:
+    key = {"X-API-KEY": KEY_A}
+    r = httpx.post(server.url + "/v2/sandboxes", content=b"{not json", headers=key)
+    assert r.status_code == 400 and r.json()["code"] == 400
+    r = httpx.post(server.url + "/v2/sandboxes", json={"templateID": "no-such-template"}, headers=key)
+    assert r.status_code == 404 and "template" in r.json()["message"]
+    r = httpx.post(server.url + "/v2/sandboxes", json={"timeout": "soon"}, headers=key)
+    assert r.status_code == 400
+    r = httpx.get(server.url + "/no/such/route", headers=key)
+    assert r.status_code == 404 and r.json() == {"code": 404, "message": "Not Found"}
+    r = httpx.patch(server.url + "/v2/sandboxes", headers=key)
+    assert r.status_code == 405 and r.json()["code"] == 405
+    # A daemon request for a sandbox that does not exist: 502, as E2B's proxy answers.
+    gone = {"E2b-Sandbox-Id": "inope", "E2b-Sandbox-Port": "49983", "X-Access-Token": "x"}
+    assert httpx.get(server.url + "/health", headers=gone).status_code == 502
+
+
+def test_upload_cap_and_paths_outside_home(server: RunningServer) -> None:
+    with running_server(max_upload_bytes=64 * 1024) as small, sdk_env(small.url, KEY_A):
+        sbx = Sandbox.create()
+        try:
+            with pytest.raises(SandboxException):
+                sbx.files.write("big.bin", b"x" * (100 * 1024))
+            with pytest.raises(SandboxException):
+                sbx.files.write("/etc/evil", "no")
+            sbx.files.write("ok.bin", b"y" * 1024)
+            assert len(bytes(sbx.files.read("ok.bin", format="bytes"))) == 1024
+            # Malformed Connect request: a Connect error, not a 500.
+            r = httpx.post(
+                small.url + "/process.Process/Start",
+                content=b"\x00\x00\x00\x00\x05garbage",
+                headers={
+                    "E2b-Sandbox-Id": sbx.sandbox_id,
+                    "E2b-Sandbox-Port": "49983",
+                    "X-Access-Token": sbx._envd_access_token or "",
+                    "Content-Type": "application/connect+proto",
+                },
+            )
+            assert r.status_code != 500 and "Traceback" not in r.text
+        finally:
+            sbx.kill()

@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any, Final
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -79,8 +80,23 @@ async def _sandbox_error(request: Request, exc: Exception) -> Response:
     return JSONResponse({"code": status, "message": exc.message}, status_code=status)
 
 
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return JSONResponse({"code": exc.status_code, "message": exc.detail}, status_code=exc.status_code)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    logger.error("%s %s: unexpected error", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"code": 500, "message": "internal server error"}, status_code=500)
+
+
 def _starlette(routes: list[Route], **kwargs: Any) -> Starlette:
-    return Starlette(routes=routes, exception_handlers={SandboxError: _sandbox_error}, **kwargs)
+    handlers: dict[Any, Any] = {
+        SandboxError: _sandbox_error,
+        HTTPException: _http_error,
+        Exception: _internal_error,
+    }
+    return Starlette(routes=routes, exception_handlers=handlers, **kwargs)
 
 
 class ServeApp:
