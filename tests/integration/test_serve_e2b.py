@@ -6,6 +6,8 @@ environment variables ``E2B_API_URL``, ``E2B_SANDBOX_URL`` and ``E2B_API_KEY``.
 from __future__ import annotations
 
 import asyncio
+import io
+import os
 import time
 from collections.abc import Iterator
 
@@ -77,6 +79,10 @@ def test_sync_sandbox_commands_and_files(key_a: str) -> None:
         assert not sbx.files.exists("made")
         with pytest.raises(NotFoundException):
             sbx.files.read("does-not-exist.txt")
+        blob = os.urandom(3 * 1024 * 1024)
+        sbx.files.write("big.bin", io.BytesIO(blob))  # a file object: streamed octet-stream upload
+        assert bytes(sbx.files.read("big.bin", format="bytes")) == blob
+        assert b"".join(sbx.files.read("big.bin", format="stream")) == blob
 
         listed = [s.sandbox_id for s in Sandbox.list().next_items()]
         assert sbx.sandbox_id in listed

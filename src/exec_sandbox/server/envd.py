@@ -22,9 +22,10 @@ import contextvars
 import logging
 import posixpath
 import shlex
+import tempfile
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Final, Literal
+from typing import IO, Any, Final, Literal
 
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
@@ -32,7 +33,7 @@ from connectrpc.request import RequestContext
 from protobuf import Oneof
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from exec_sandbox.errors import SandboxError, SandboxInputError
@@ -63,6 +64,7 @@ E2B_HOME: Final = "/home/user"
 _SHELLS: Final = frozenset({"/bin/bash", "bash", "/usr/bin/bash", "/bin/sh", "sh", "/usr/bin/sh"})
 _STAT_FMT: Final = "%F|%s|%a|%A|%U|%G|%Y|%n"
 _FS_TIMEOUT_S: Final = 60.0
+_CHUNK: Final = 256 * 1024
 
 
 def guest_path(path: str) -> str:
@@ -382,69 +384,99 @@ def _guest_error(exc: SandboxError, path: str) -> ServeError:
 
 
 async def download(request: Request) -> Response:
+    """``GET /files``: the guest file goes through an unnamed 0600 temp file, then streams out."""
     record = CURRENT_SANDBOX.get()
     path = request.query_params.get("path", "")
     rel = _workdir_rel(path)
+    spool = tempfile.TemporaryFile()  # noqa: SIM115 - handed on, closed by its consumer
     try:
-        data = await record.session.read_file(rel)
-    except SandboxError as exc:
-        raise _guest_error(exc, path) from None
-    return Response(data or b"", media_type="application/octet-stream")
+        try:
+            await record.session.read_file(rel, spool)
+        except SandboxError as exc:
+            raise _guest_error(exc, path) from None
+        size = spool.tell()
+        spool.seek(0)
+    except BaseException:
+        spool.close()
+        raise
+
+    async def chunks() -> AsyncIterator[bytes]:
+        try:
+            while chunk := await asyncio.to_thread(spool.read, _CHUNK):
+                yield chunk
+        finally:
+            spool.close()
+
+    return StreamingResponse(
+        chunks(), media_type="application/octet-stream", headers={"content-length": str(size)}
+    )
 
 
-async def _read_capped(request: Request, limit: int) -> bytes:
-    chunks: list[bytes] = []
+async def _spool_capped(request: Request, limit: int) -> IO[bytes]:
+    """The request body in an unnamed temp file; more than ``limit`` bytes is a 413."""
+    spool = tempfile.TemporaryFile()  # noqa: SIM115 - handed on, closed by its consumer
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ServeError(f"upload larger than the limit of {limit} bytes", status=413)
-        chunks.append(chunk)
-    return b"".join(chunks)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ServeError(f"upload larger than the limit of {limit} bytes", status=413)
+            await asyncio.to_thread(spool.write, chunk)
+        spool.seek(0)
+    except BaseException:
+        spool.close()
+        raise
+    return spool
 
 
 async def upload(request: Request) -> Response:
+    """``POST /files``: multipart (one part per file) or an octet-stream body for ``?path=``."""
     record = CURRENT_SANDBOX.get()
     limit = record.max_upload_bytes
     ctype = request.headers.get("content-type", "")
-    items: list[tuple[str, bytes]] = []
     if request.headers.get("content-encoding", "identity") not in ("identity", ""):
         raise BadRequestError("compressed uploads are not supported by sbx serve")
+    written = []
     if ctype.startswith("multipart/form-data"):
         form = await request.form(max_files=100, max_part_size=limit)
         try:
             for key, value in form.multi_items():
                 if isinstance(value, str):
                     continue
-                data = await value.read(limit + 1)
-                if len(data) > limit:
+                if value.size is not None and value.size > limit:
                     raise ServeError(f"upload larger than the limit of {limit} bytes", status=413)
                 name = request.query_params.get("path") or value.filename or key
-                items.append((name, data))
+                await value.seek(0)
+                written.append(await _store(record, name, value.file))
         finally:
             await form.close()
     else:
-        items.append((request.query_params.get("path", ""), await _read_capped(request, limit)))
-    written = []
-    for path, data in items:
-        rel = _workdir_rel(path)
-        parent = posixpath.dirname(rel)
+        spool = await _spool_capped(request, limit)
         try:
-            if parent:
-                mk = await record.session.exec(
-                    f"mkdir -p -- {shlex.quote(posixpath.join(DEFAULT_WORKDIR, parent))}",
-                    timeout_seconds=_FS_TIMEOUT_S,
-                )
-                if mk.exit_code != 0:
-                    raise BadRequestError(f"cannot create the directory of {path!r}: {mk.stderr.strip()}")
-            await record.session.write_file(rel, data)
-        except SandboxError as exc:
-            if isinstance(exc, ServeError):
-                raise
-            raise _guest_error(exc, path) from None
-        full = posixpath.join(DEFAULT_WORKDIR, rel)
-        written.append({"name": posixpath.basename(full), "type": "file", "path": full})
+            written.append(await _store(record, request.query_params.get("path", ""), spool))
+        finally:
+            spool.close()
     return JSONResponse(written)
+
+
+async def _store(record: SandboxRecord, path: str, data: IO[bytes]) -> dict[str, str]:
+    rel = _workdir_rel(path)
+    parent = posixpath.dirname(rel)
+    try:
+        if parent:
+            mk = await record.session.exec(
+                f"mkdir -p -- {shlex.quote(posixpath.join(DEFAULT_WORKDIR, parent))}",
+                timeout_seconds=_FS_TIMEOUT_S,
+            )
+            if mk.exit_code != 0:
+                raise BadRequestError(f"cannot create the directory of {path!r}: {mk.stderr.strip()}")
+        await record.session.write_file(rel, data)
+    except ServeError:
+        raise
+    except SandboxError as exc:
+        raise _guest_error(exc, path) from None
+    full = posixpath.join(DEFAULT_WORKDIR, rel)
+    return {"name": posixpath.basename(full), "type": "file", "path": full}
 
 
 async def health(request: Request) -> Response:
