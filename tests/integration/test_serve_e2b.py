@@ -21,6 +21,7 @@ from e2b import (
     RateLimitException,
     Sandbox,
     SandboxException,
+    TimeoutException,
 )
 from e2b_code_interpreter import AsyncSandbox as AsyncCodeSandbox
 from e2b_code_interpreter import Sandbox as CodeSandbox
@@ -93,6 +94,18 @@ def test_sync_sandbox_commands_and_files(key_a: str) -> None:
     assert Sandbox.kill(sbx.sandbox_id) is False  # already gone: 404
     with pytest.raises(NotFoundException):
         Sandbox.get_info(sbx.sandbox_id)
+
+
+def test_command_timeout_kills_the_command_and_frees_the_shell(key_a: str) -> None:
+    sbx = Sandbox.create()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutException):
+            sbx.commands.run("echo started; sleep 60", timeout=2)
+        assert sbx.commands.run("echo after").stdout == "after\n"
+        assert time.monotonic() - t0 < 30  # the sleep was killed, not waited for
+    finally:
+        sbx.kill()
 
 
 def test_async_sandbox(key_a: str) -> None:

@@ -180,7 +180,7 @@ class ProcessService:
         exec_task = asyncio.get_running_loop().create_task(
             record.session.exec(
                 script,
-                timeout_seconds=_record_timeout(record),
+                timeout_seconds=_record_timeout(record, ctx.timeout_ms),
                 env_vars=dict(config.envs),
                 on_stdout=lambda s: queue.put_nowait(("stdout", s)),
                 on_stderr=lambda s: queue.put_nowait(("stderr", s)),
@@ -242,9 +242,14 @@ def record_processes(record: SandboxRecord) -> dict[int, pr_pb.ProcessInfo]:
     return record.processes
 
 
-def _record_timeout(record: SandboxRecord) -> float:
-    """A command may run until the sandbox's deadline, at most ``command_timeout_seconds``."""
-    return max(1.0, min(record.end_at - time.time(), record.command_timeout_seconds))
+def _record_timeout(record: SandboxRecord, client_timeout_ms: float | None) -> float:
+    """A command may run until the sandbox's deadline, at most ``command_timeout_seconds``, and no
+    longer than the client waits for it (the SDK's ``timeout``, sent as ``Connect-Timeout-Ms``): the
+    guest then kills it, so an abandoned command does not hold the sandbox's shell."""
+    limit = min(record.end_at - time.time(), record.command_timeout_seconds)
+    if client_timeout_ms:
+        limit = min(limit, client_timeout_ms / 1000.0)
+    return max(1.0, limit)
 
 
 def _log_orphan(task: asyncio.Task[ExecutionResult]) -> None:
