@@ -108,6 +108,18 @@ def test_command_timeout_kills_the_command_and_frees_the_shell(key_a: str) -> No
         sbx.kill()
 
 
+def test_background_command_is_listed_then_waited_for(key_a: str) -> None:
+    sbx = Sandbox.create()
+    try:
+        handle = sbx.commands.run("sleep 1; echo done", background=True)
+        assert handle.pid in [p.pid for p in sbx.commands.list()]
+        result = handle.wait()
+        assert result.stdout == "done\n" and result.exit_code == 0
+        assert sbx.commands.list() == []
+    finally:
+        sbx.kill()
+
+
 def test_async_sandbox(key_a: str) -> None:
     async def scenario() -> None:
         sbx = await AsyncSandbox.create()
