@@ -116,6 +116,21 @@ def test_background_command_is_listed_then_waited_for(key_a: str) -> None:
         result = handle.wait()
         assert result.stdout == "done\n" and result.exit_code == 0
         assert sbx.commands.list() == []
+        # kill(): the guest kills the command's process tree; the shell is free at once
+        t0 = time.monotonic()
+        long = sbx.commands.run("sleep 60", background=True)
+        assert sbx.commands.kill(long.pid) is True
+        with pytest.raises(CommandExitException):
+            long.wait()
+        assert sbx.commands.run("echo next").stdout == "next\n"
+        assert time.monotonic() - t0 < 30
+        assert sbx.commands.kill(999999) is False
+        # A client that goes away: its command is killed too, the shell does not stay taken.
+        t0 = time.monotonic()
+        orphan = sbx.commands.run("sleep 60", background=True)
+        orphan.disconnect()
+        assert sbx.commands.run("echo free").stdout == "free\n"
+        assert time.monotonic() - t0 < 30
     finally:
         sbx.kill()
 

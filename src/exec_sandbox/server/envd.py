@@ -65,6 +65,8 @@ _SHELLS: Final = frozenset({"/bin/bash", "bash", "/usr/bin/bash", "/bin/sh", "sh
 _STAT_FMT: Final = "%F|%s|%a|%A|%U|%G|%Y|%n"
 _FS_TIMEOUT_S: Final = 60.0
 _CHUNK: Final = 256 * 1024
+_MIN_RUN_BEFORE_CANCEL_S: Final = 0.5
+_KEEPALIVE_S: Final = 1.0
 
 
 def guest_path(path: str) -> str:
@@ -188,11 +190,19 @@ class ProcessService:
             name=f"sbx-serve-cmd-{record.sandbox_id}-{pid}",
         )
         record_processes(record)[pid] = pr_pb.ProcessInfo(config=config, pid=pid, tag=request.tag)
+        started = time.monotonic()
+        record.process_tasks[pid] = (exec_task, started)
         try:
             yield _start(pid)
             while True:
                 getter = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait({getter, exec_task}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {getter, exec_task}, timeout=_KEEPALIVE_S, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:  # like envd: a keepalive, and a write that notices a client gone
+                    getter.cancel()
+                    yield _keepalive()
+                    continue
                 if getter in done:
                     stream, text = getter.result()
                     yield _data(stream, text)
@@ -202,6 +212,9 @@ class ProcessService:
                     stream, text = queue.get_nowait()
                     yield _data(stream, text)
                 break
+            if exec_task.cancelled():  # SendSignal: the guest agent killed the run
+                yield _end_killed()
+                return
             try:
                 result = exec_task.result()
             except SandboxInputError as exc:
@@ -211,9 +224,12 @@ class ProcessService:
             yield _end(result)
         finally:
             record_processes(record).pop(pid, None)
+            record.process_tasks.pop(pid, None)
             if not exec_task.done():
-                # The client went away mid-stream. The command keeps its deadline (the sandbox
-                # timeout); we do not interrupt the session's interpreter from here.
+                # The client went away mid-stream and nobody can reach this command again (no
+                # Process.Connect): cancelling the exec makes the guest agent kill its process tree,
+                # which frees the sandbox's shell for the next command.
+                _cancel_exec(exec_task, started)
                 exec_task.add_done_callback(_log_orphan)
 
     async def connect(
@@ -231,8 +247,19 @@ class ProcessService:
     async def send_input(self, request: Any, ctx: RequestContext[Any, Any], /) -> Any:
         raise ConnectError(Code.UNIMPLEMENTED, "stdin is not implemented by sbx serve")
 
-    async def send_signal(self, request: Any, ctx: RequestContext[Any, Any], /) -> Any:
-        raise ConnectError(Code.UNIMPLEMENTED, "signals are not implemented by sbx serve")
+    async def send_signal(
+        self, request: pr_pb.SendSignalRequest, ctx: RequestContext[Any, Any], /
+    ) -> pr_pb.SendSignalResponse:
+        """SIGKILL / SIGTERM: the command's whole process tree is killed by the guest agent."""
+        record = _record()
+        pid = _select(record, request.process)
+        running = record.process_tasks.get(pid)
+        if running is None:
+            raise ConnectError(Code.NOT_FOUND, f"process {pid} not found")
+        task, started = running
+        _cancel_exec(task, started)
+        await asyncio.wait({task})
+        return pr_pb.SendSignalResponse()
 
     async def close_stdin(self, request: Any, ctx: RequestContext[Any, Any], /) -> Any:
         raise ConnectError(Code.UNIMPLEMENTED, "stdin is not implemented by sbx serve")
@@ -240,6 +267,20 @@ class ProcessService:
 
 def record_processes(record: SandboxRecord) -> dict[int, pr_pb.ProcessInfo]:
     return record.processes
+
+
+def _select(record: SandboxRecord, selector: pr_pb.ProcessSelector | None) -> int:
+    """The pid a ``ProcessSelector`` (pid or tag) names, or a NOT_FOUND Connect error."""
+    match selector.selector if selector is not None else None:
+        case Oneof(field="pid", value=int() as pid):
+            return pid
+        case Oneof(field="tag", value=str() as tag):
+            for pid, info in record_processes(record).items():
+                if info.tag == tag:
+                    return pid
+            raise ConnectError(Code.NOT_FOUND, f"no process with tag {tag!r}")
+        case _:
+            raise ConnectError(Code.INVALID_ARGUMENT, "a process pid or tag is required")
 
 
 def _record_timeout(record: SandboxRecord, client_timeout_ms: float | None) -> float:
@@ -252,9 +293,36 @@ def _record_timeout(record: SandboxRecord, client_timeout_ms: float | None) -> f
     return max(1.0, limit)
 
 
+def _cancel_exec(task: asyncio.Task[Any], started: float) -> None:
+    """Cancel a command's exec (the agent client then asks the guest to kill its process tree).
+
+    Not before it is ``_MIN_RUN_BEFORE_CANCEL_S`` old: the guest agent drops a cancel that arrives
+    before it has registered the run (``found: false``), and the run would then go on to its
+    deadline holding the shell. The SDK may kill a command right after its start event.
+    """
+    wait = _MIN_RUN_BEFORE_CANCEL_S - (time.monotonic() - started)
+    if wait > 0:
+        asyncio.get_running_loop().call_later(wait, task.cancel)
+    else:
+        task.cancel()
+
+
 def _log_orphan(task: asyncio.Task[ExecutionResult]) -> None:
     if not task.cancelled() and task.exception() is not None:
         logger.info("a command whose client left ended with %r", task.exception())
+
+
+def _keepalive() -> pr_pb.StartResponse:
+    event: Oneof[Literal["keepalive"], pr_pb.ProcessEvent.KeepAlive] = Oneof(
+        "keepalive", pr_pb.ProcessEvent.KeepAlive()
+    )
+    return pr_pb.StartResponse(event=pr_pb.ProcessEvent(event=event))
+
+
+def _end_killed() -> pr_pb.StartResponse:
+    end = pr_pb.ProcessEvent.EndEvent(exit_code=-1, exited=False, status="signal: killed")
+    event: Oneof[Literal["end"], pr_pb.ProcessEvent.EndEvent] = Oneof("end", end)
+    return pr_pb.StartResponse(event=pr_pb.ProcessEvent(event=event))
 
 
 def _start(pid: int) -> pr_pb.StartResponse:

@@ -83,6 +83,8 @@ class SandboxRecord:
     max_upload_bytes: int = 100 * 1024 * 1024
     max_contexts: int = 4
     processes: dict[int, Any] = field(default_factory=dict)  # pid -> process.ProcessInfo (running)
+    # pid -> (its exec task, time.monotonic() at start)
+    process_tasks: dict[int, tuple[asyncio.Task[Any], float]] = field(default_factory=dict)
 
     def iso(self, t: float) -> str:
         return datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z")
