@@ -14,7 +14,7 @@ import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from tests.integration.serve_server import KEY_A, RunningServer, running_server
+from tests.integration.serve_server import KEY_A, KEY_B, RunningServer, running_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -52,6 +52,7 @@ def test_mcp_tools_run_code_and_sessions(server: RunningServer) -> None:
             args = {"session_id": child, "code": "print(n)"}
             again = _payload(await client.call_tool("session_exec", args))
             assert again["stdout"] == "5\n"
+            await _other_key_cannot_use(server, sid)
             read = _payload(await client.call_tool("read_file", {"session_id": sid, "path": "f.txt"}))
             assert read["content"] == "hey"
             listed = _payload(await client.call_tool("list_files", {"session_id": sid}))
@@ -61,6 +62,16 @@ def test_mcp_tools_run_code_and_sessions(server: RunningServer) -> None:
         await http.aclose()
 
     asyncio.run(scenario())
+
+
+async def _other_key_cannot_use(server: RunningServer, sid: str) -> None:
+    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {KEY_B}"}, timeout=60)
+    async with Client(streamable_http_client(server.url + "/mcp", http_client=http)) as other:
+        result = await other.call_tool("session_exec", {"session_id": sid, "code": "print(n)"})
+        assert result.is_error and "no open session" in str(result.content)
+        closed = _payload(await other.call_tool("session_close", {"session_id": sid}))
+        assert closed["closed"] is False
+    await http.aclose()
 
 
 def test_mcp_needs_a_key_and_health_metrics_do_not(server: RunningServer) -> None:
