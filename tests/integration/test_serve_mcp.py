@@ -79,4 +79,6 @@ def test_mcp_needs_a_key_and_health_metrics_do_not(server: RunningServer) -> Non
     assert r.status_code == 401 and r.json()["code"] == 401
     assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
     metrics = httpx.get(server.url + "/metrics").text
-    assert "sbx_serve_sandboxes" in metrics and "sbx_serve_request_seconds" in metrics
+    names = ("sbx_serve_sandboxes", "sbx_serve_request_seconds", "sbx_serve_run_seconds")
+    for name in (*names, "sbx_serve_sandboxes_created_total"):
+        assert name in metrics

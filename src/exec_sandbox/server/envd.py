@@ -38,6 +38,7 @@ from starlette.routing import Route
 
 from exec_sandbox.errors import SandboxError, SandboxInputError
 from exec_sandbox.models import ExecutionResult
+from exec_sandbox.server import metrics
 from exec_sandbox.server.errors import BadRequestError, ServeError
 from exec_sandbox.server.proto.filesystem import filesystem_pb as fs_pb
 from exec_sandbox.server.proto.filesystem.filesystem_connect import FilesystemASGIApplication
@@ -192,6 +193,7 @@ class ProcessService:
         record_processes(record)[pid] = pr_pb.ProcessInfo(config=config, pid=pid, tag=request.tag)
         started = time.monotonic()
         record.process_tasks[pid] = (exec_task, started)
+        exec_task.add_done_callback(lambda _t: metrics.observe_run("command", time.monotonic() - started))
         try:
             yield _start(pid)
             while True:

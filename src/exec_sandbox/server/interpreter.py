@@ -28,6 +28,7 @@ from starlette.routing import Route
 
 from exec_sandbox.errors import SandboxError, SandboxInputError
 from exec_sandbox.models import ExecutionResult, Language
+from exec_sandbox.server import metrics
 from exec_sandbox.server.envd import CURRENT_SANDBOX
 from exec_sandbox.server.errors import BadRequestError, NotFoundError, QuotaExceededError
 from exec_sandbox.server.registry import CodeContext, SandboxRecord
@@ -187,6 +188,7 @@ async def _run(
         except SandboxError as exc:
             yield line({"type": "error", "name": "SandboxError", "value": exc.message, "traceback": ""})
             return
+        started = time.monotonic()
         task = asyncio.get_running_loop().create_task(
             session.exec(
                 code,
@@ -196,6 +198,7 @@ async def _run(
                 on_stderr=lambda s: queue.put_nowait(("stderr", s)),
             )
         )
+        task.add_done_callback(lambda _t: metrics.observe_run("cell", time.monotonic() - started))
 
         def stdout_lines(text: str, final: bool) -> list[str]:
             nonlocal pending

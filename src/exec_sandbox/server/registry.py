@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Literal
 
+from exec_sandbox.server import metrics
 from exec_sandbox.server.config import ServeConfig
 from exec_sandbox.server.errors import BadRequestError, NotFoundError, QuotaExceededError, UnauthorizedError
 
@@ -140,6 +141,9 @@ class SandboxRegistry:
     def count(self, owner: str | None = None) -> int:
         return sum(1 for r in self._records.values() if owner is None or r.owner == owner)
 
+    def creating(self) -> int:
+        return sum(self._pending.values())
+
     def records(self, owner: str) -> list[SandboxRecord]:
         return sorted(
             (r for r in self._records.values() if r.owner == owner and r.state == "running"),
@@ -193,6 +197,7 @@ class SandboxRegistry:
                 context={"limit": self.config.max_sandboxes_per_key},
             )
         self._pending[owner] = self._pending.get(owner, 0) + 1
+        started = time.perf_counter()
         try:
             session = await self.scheduler.session(
                 "raw",
@@ -204,6 +209,7 @@ class SandboxRegistry:
             self._pending[owner] -= 1
             if not self._pending[owner]:
                 del self._pending[owner]
+        metrics.observe_create(time.perf_counter() - started)
         now = time.time()
         record = SandboxRecord(
             sandbox_id="i" + secrets.token_hex(10),
