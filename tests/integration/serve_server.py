@@ -14,6 +14,7 @@ import httpx
 import uvicorn
 
 from exec_sandbox.server.app import ServeApp, create_app
+from exec_sandbox.server.cli import KEEP_ALIVE_S
 from exec_sandbox.server.config import load_serve_config
 
 __all__ = ["KEY_A", "KEY_B", "RunningServer", "running_server", "sdk_env"]
@@ -42,8 +43,15 @@ def running_server(**overrides: object) -> Iterator[RunningServer]:
     config = load_serve_config(api_keys=[KEY_A, KEY_B], environ={}, host="127.0.0.1", port=port, **overrides)
     app = create_app(config)
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_level="warning",
-                       timeout_graceful_shutdown=5)
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            lifespan="on",
+            log_level="warning",
+            timeout_graceful_shutdown=5,
+            timeout_keep_alive=KEEP_ALIVE_S,
+        )
     )
     thread = threading.Thread(target=server.run, name="sbx-serve-test", daemon=True)
     thread.start()

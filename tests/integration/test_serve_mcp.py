@@ -82,3 +82,5 @@ def test_mcp_needs_a_key_and_health_metrics_do_not(server: RunningServer) -> Non
     names = ("sbx_serve_sandboxes", "sbx_serve_request_seconds", "sbx_serve_run_seconds")
     for name in (*names, "sbx_serve_sandboxes_created_total"):
         assert name in metrics
+    doc = httpx.get(server.url + "/openapi.json").json()
+    assert doc["openapi"].startswith("3.") and "/v2/sandboxes" in doc["paths"]

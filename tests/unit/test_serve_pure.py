@@ -112,3 +112,30 @@ def test_generated_stubs_serve_e2b_paths() -> None:
     assert {"/process.Process/Start", "/process.Process/List", "/process.Process/CloseStdin"} <= proc
     assert {f"/filesystem.Filesystem/{m}" for m in ("Stat", "ListDir", "MakeDir", "Move", "Remove")} <= fs
     assert process_pb.ProcessEvent.EndEvent(exit_code=-3).exit_code == -3
+
+
+def test_openapi_document_refs_resolve_and_match_our_responses() -> None:
+    import json
+
+    from jsonschema import Draft202012Validator
+
+    from exec_sandbox.server.control import CreatedSandbox, ListedSandbox, openapi_document
+
+    doc = openapi_document()
+    text = json.dumps(doc)
+    for ref in {part.split('"')[0] for part in text.split('"$ref": "')[1:]}:
+        name = ref.removeprefix("#/components/schemas/")
+        assert name in doc["components"]["schemas"], ref
+    assert {"/sandboxes", "/v2/sandboxes", "/sandboxes/{sandboxID}/timeout"} <= set(doc["paths"])
+
+    def check(name: str, instance: object) -> None:
+        Draft202012Validator({**doc, "$ref": f"#/components/schemas/{name}"}).validate(instance)
+
+    created = CreatedSandbox(
+        template_id="base", sandbox_id="i1", envd_access_token="t", traffic_access_token="t"
+    )
+    check("Sandbox", created.model_dump(by_alias=True))
+    listed = ListedSandbox(template_id="base", sandbox_id="i1", started_at="x", end_at="y", memory_mb=256)
+    check("ListedSandbox", listed.model_dump(by_alias=True))
+    check("NewSandbox", {"templateID": "base", "timeout": 30, "envVars": {"A": "b"}})
+    check("Error", {"code": 404, "message": "sandbox not found"})

@@ -11,7 +11,7 @@ Routing (:class:`ServeApp`)::
         else                                  -> envd HTTP         (/files, /health)
     /mcp                                      -> MCP server (streamable HTTP; X-API-KEY or Bearer)
     anything else                             -> control plane     (/sandboxes..., X-API-KEY)
-                                                 and /healthz, /metrics (no key)
+                                                 and /healthz, /metrics, /openapi.json (no key)
 
 Refusals use E2B's error body ``{"code": <status>, "message": ...}`` (Connect RPC paths: Connect's
 ``{"code": "unauthenticated" | "not_found", "message": ...}``); never a traceback.
@@ -177,7 +177,7 @@ class ServeApp:
 
     async def _control(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
         path: str = scope["path"]
-        if path in ("/healthz", "/metrics"):
+        if path in ("/healthz", "/metrics", "/openapi.json"):
             await self.control(scope, receive, send)
             return
         key = headers.get("x-api-key")

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import click
 
-__all__ = ["mcp", "serve"]
+__all__ = ["KEEP_ALIVE_S", "mcp", "serve"]
+
+KEEP_ALIVE_S = 75
 
 
 @click.command("serve")
@@ -66,6 +68,9 @@ def serve(
         log_level=log_level,
         lifespan="on",
         timeout_graceful_shutdown=10,
+        # Longer than the SDKs' pooled-connection expiry (httpx: 5 s), so the server never closes a
+        # keep-alive connection just as a client reuses it (a POST is not retried on that race).
+        timeout_keep_alive=KEEP_ALIVE_S,
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qsl
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -20,7 +20,18 @@ from starlette.routing import Route
 from exec_sandbox.server.errors import BadRequestError, ServeError
 from exec_sandbox.server.registry import CLIENT_ID, ENVD_VERSION, SandboxRecord, SandboxRegistry
 
-__all__ = ["ConnectBody", "NewSandboxBody", "TimeoutBody", "control_routes", "detail_json", "listed_json"]
+__all__ = [
+    "ConnectBody",
+    "CreatedSandbox",
+    "ListedSandbox",
+    "NewSandboxBody",
+    "SandboxDetail",
+    "TimeoutBody",
+    "control_routes",
+    "detail_json",
+    "listed_json",
+    "openapi_document",
+]
 
 _MAX_LIMIT = 100
 
@@ -68,37 +79,176 @@ def _registry(request: Request) -> SandboxRegistry:
     return registry
 
 
+class _Out(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, frozen=True)
+
+
+class CreatedSandbox(_Out):
+    """What create and connect answer (E2B's ``Sandbox``)."""
+
+    template_id: str = Field(alias="templateID")
+    sandbox_id: str = Field(alias="sandboxID")
+    client_id: str = Field(default=CLIENT_ID, alias="clientID")
+    envd_version: str = Field(default=ENVD_VERSION, alias="envdVersion")
+    envd_access_token: str = Field(alias="envdAccessToken")
+    # The code-interpreter SDK sends this (not X-Access-Token) on /contexts: the same secret.
+    traffic_access_token: str = Field(alias="trafficAccessToken")
+    domain: str | None = None
+
+
+class ListedSandbox(_Out):
+    """One entry of the lists (E2B's ``ListedSandbox``)."""
+
+    template_id: str = Field(alias="templateID")
+    sandbox_id: str = Field(alias="sandboxID")
+    client_id: str = Field(default=CLIENT_ID, alias="clientID")
+    started_at: str = Field(alias="startedAt")
+    end_at: str = Field(alias="endAt")
+    cpu_count: int = Field(default=1, alias="cpuCount")
+    memory_mb: int = Field(alias="memoryMB")
+    disk_size_mb: int = Field(default=0, alias="diskSizeMB")
+    state: Literal["running", "paused"] = "running"
+    envd_version: str = Field(default=ENVD_VERSION, alias="envdVersion")
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class SandboxDetail(ListedSandbox):
+    """``GET /sandboxes/{id}`` (E2B's ``SandboxDetail``)."""
+
+    envd_access_token: str = Field(alias="envdAccessToken")
+    domain: str | None = None
+
+
+class ErrorBody(_Out):
+    """E2B's error body."""
+
+    code: int
+    message: str
+
+
 def created_json(r: SandboxRecord) -> dict[str, Any]:
-    return {
-        "templateID": r.template_id,
-        "sandboxID": r.sandbox_id,
-        "clientID": CLIENT_ID,
-        "envdVersion": ENVD_VERSION,
-        "envdAccessToken": r.envd_access_token,
-        # The code-interpreter SDK sends this (not X-Access-Token) on /contexts: the same secret.
-        "trafficAccessToken": r.envd_access_token,
-        "domain": None,
-    }
+    return CreatedSandbox(
+        template_id=r.template_id,
+        sandbox_id=r.sandbox_id,
+        envd_access_token=r.envd_access_token,
+        traffic_access_token=r.envd_access_token,
+    ).model_dump(by_alias=True)
 
 
-def listed_json(r: SandboxRecord) -> dict[str, Any]:
+def _listed_fields(r: SandboxRecord) -> dict[str, Any]:
     return {
-        "templateID": r.template_id,
-        "sandboxID": r.sandbox_id,
-        "clientID": CLIENT_ID,
-        "startedAt": r.iso(r.started_at),
-        "endAt": r.iso(r.end_at),
-        "cpuCount": 1,
-        "memoryMB": r.memory_mb,
-        "diskSizeMB": 0,
-        "state": r.state if r.state == "running" else "paused",
-        "envdVersion": ENVD_VERSION,
+        "template_id": r.template_id,
+        "sandbox_id": r.sandbox_id,
+        "started_at": r.iso(r.started_at),
+        "end_at": r.iso(r.end_at),
+        "memory_mb": r.memory_mb,
         "metadata": r.metadata,
     }
 
 
+def listed_json(r: SandboxRecord) -> dict[str, Any]:
+    return ListedSandbox(**_listed_fields(r)).model_dump(by_alias=True)
+
+
 def detail_json(r: SandboxRecord) -> dict[str, Any]:
-    return {**listed_json(r), "envdAccessToken": r.envd_access_token, "domain": None}
+    return SandboxDetail(**_listed_fields(r), envd_access_token=r.envd_access_token).model_dump(by_alias=True)
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the control plane as served here (a subset of E2B's)."""
+    ref = "#/components/schemas/"
+    models: dict[str, type[BaseModel]] = {
+        "NewSandbox": NewSandboxBody,
+        "Sandbox": CreatedSandbox,
+        "ListedSandbox": ListedSandbox,
+        "SandboxDetail": SandboxDetail,
+        "TimeoutRequest": TimeoutBody,
+        "ConnectSandbox": ConnectBody,
+        "RefreshRequest": RefreshBody,
+        "Error": ErrorBody,
+    }
+    schemas = {
+        name: m.model_json_schema(by_alias=True, ref_template=ref + "{model}") for name, m in models.items()
+    }
+
+    def body(name: str) -> dict[str, Any]:
+        return {"required": True, "content": {"application/json": {"schema": {"$ref": ref + name}}}}
+
+    def answer(code: str, name: str | None, *, array: bool = False) -> dict[str, Any]:
+        if name is None:
+            return {code: {"description": "done"}}
+        schema: dict[str, Any] = {"$ref": ref + name}
+        if array:
+            schema = {"type": "array", "items": schema}
+        return {code: {"description": name, "content": {"application/json": {"schema": schema}}}}
+
+    errors = {
+        **answer("400", "Error"),
+        **answer("401", "Error"),
+        **answer("404", "Error"),
+        **answer("429", "Error"),
+    }
+    sid = [{"name": "sandboxID", "in": "path", "required": True, "schema": {"type": "string"}}]
+    create = {"requestBody": body("NewSandbox"), "responses": {**answer("201", "Sandbox"), **errors}}
+    connect = {
+        "parameters": sid,
+        "requestBody": body("ConnectSandbox"),
+        "responses": {**answer("200", "Sandbox"), **errors},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "sbx serve: E2B-compatible control plane", "version": ENVD_VERSION},
+        "security": [{"ApiKeyAuth": []}],
+        "paths": {
+            "/sandboxes": {
+                "post": create,
+                "get": {"responses": {**answer("200", "ListedSandbox", array=True), **errors}},
+            },
+            "/v2/sandboxes": {
+                "post": create,
+                "get": {
+                    "parameters": [
+                        {"name": n, "in": "query", "schema": {"type": t}}
+                        for n, t in (
+                            ("limit", "integer"),
+                            ("nextToken", "string"),
+                            ("metadata", "string"),
+                            ("state", "string"),
+                        )
+                    ],
+                    "responses": {**answer("200", "ListedSandbox", array=True), **errors},
+                },
+            },
+            "/sandboxes/{sandboxID}": {
+                "get": {"parameters": sid, "responses": {**answer("200", "SandboxDetail"), **errors}},
+                "delete": {"parameters": sid, "responses": {**answer("204", None), **errors}},
+            },
+            "/sandboxes/{sandboxID}/timeout": {
+                "post": {
+                    "parameters": sid,
+                    "requestBody": body("TimeoutRequest"),
+                    "responses": {**answer("204", None), **errors},
+                }
+            },
+            "/sandboxes/{sandboxID}/refreshes": {
+                "post": {
+                    "parameters": sid,
+                    "requestBody": body("RefreshRequest"),
+                    "responses": {**answer("204", None), **errors},
+                }
+            },
+            "/sandboxes/{sandboxID}/connect": {"post": connect},
+            "/v2/sandboxes/{sandboxID}/connect": {"post": connect},
+        },
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"ApiKeyAuth": {"type": "apiKey", "in": "header", "name": "X-API-KEY"}},
+        },
+    }
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(openapi_document())
 
 
 async def create_sandbox(request: Request) -> Response:
@@ -211,6 +361,7 @@ def control_routes() -> list[Route]:
         Route(sid + "/refreshes", refresh, methods=["POST"]),
         Route(sid + "/connect", connect_sandbox, methods=["POST"]),
         Route("/v2" + sid + "/connect", connect_sandbox, methods=["POST"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
         Route(sid + "/pause", not_implemented, methods=["POST"]),
         Route(sid + "/resume", not_implemented, methods=["POST"]),
         Route(sid + "/fork", not_implemented, methods=["POST"]),
