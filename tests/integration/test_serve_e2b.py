@@ -161,6 +161,8 @@ def test_code_interpreter_state_results_errors_and_contexts(key_a: str) -> None:
         assert first.logs.stdout == ["hi\n"] and streamed == ["hi\n"]
         assert first.text == "42"
         assert sbx.run_code("x").text == "41"  # state kept between calls
+        partial = sbx.run_code("print('no newline', end='')\nx")
+        assert partial.text == "41" and "".join(partial.logs.stdout) == "no newline"
         failed = sbx.run_code("1 / 0")
         assert failed.error is not None and failed.error.name == "ZeroDivisionError"
         assert "division by zero" in failed.error.value

@@ -210,13 +210,17 @@ async def _run(
                 pending = ""
             keep = []
             for piece in out:
-                if piece.startswith(RESULT_MARKER):
-                    try:
-                        results.append(json.loads(piece[len(RESULT_MARKER) :])["text"])
-                    except (ValueError, KeyError, TypeError):
-                        keep.append(piece)
-                else:
+                at = piece.find(RESULT_MARKER)  # after output that did not end its line, mid-line
+                if at < 0:
                     keep.append(piece)
+                    continue
+                try:
+                    results.append(json.loads(piece[at + len(RESULT_MARKER) :])["text"])
+                except (ValueError, KeyError, TypeError):
+                    keep.append(piece)
+                    continue
+                if at:
+                    keep.append(piece[:at])
             return keep
 
         while True:

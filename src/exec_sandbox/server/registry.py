@@ -26,7 +26,13 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 from exec_sandbox.server import metrics
 from exec_sandbox.server.config import ServeConfig
-from exec_sandbox.server.errors import BadRequestError, NotFoundError, QuotaExceededError, UnauthorizedError
+from exec_sandbox.server.errors import (
+    BadRequestError,
+    NotFoundError,
+    QuotaExceededError,
+    ServeError,
+    UnauthorizedError,
+)
 
 if TYPE_CHECKING:
     from exec_sandbox.models import Language
@@ -228,7 +234,7 @@ class SandboxRegistry:
         )
         if self._closing:
             await session.close()
-            raise NotFoundError("the server is shutting down")
+            raise ServeError("the server is shutting down", status=503)
         self._records[record.sandbox_id] = record
         logger.info("sandbox %s created (template %s, vm %s)", record.sandbox_id, template_id, session.vm_id)
         return record
