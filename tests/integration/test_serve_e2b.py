@@ -21,6 +21,8 @@ from e2b import (
     RateLimitException,
     Sandbox,
     SandboxException,
+    SandboxQuery,
+    SandboxState,
     TimeoutException,
 )
 from e2b_code_interpreter import AsyncSandbox as AsyncCodeSandbox
@@ -320,3 +322,26 @@ def test_upload_cap_and_paths_outside_home(server: RunningServer) -> None:
             assert r.status_code != 500 and "Traceback" not in r.text
         finally:
             sbx.kill()
+
+
+def test_pause_then_connect_resumes_with_state(key_a: str) -> None:
+    sbx = CodeSandbox.create()
+    try:
+        sbx.run_code("kept = 'still here'")
+        sbx.files.write("f.txt", "file survives")
+        sbx.pause()
+        info = Sandbox.get_info(sbx.sandbox_id)
+        assert info.state.value == "paused"
+        query = SandboxQuery(state=[SandboxState.PAUSED])
+        paused_ids = [s.sandbox_id for s in Sandbox.list(query=query).next_items()]
+        assert sbx.sandbox_id in paused_ids
+        assert not sbx.is_running()  # the daemon does not answer while paused
+        resumed = CodeSandbox.connect(sbx.sandbox_id)
+        assert Sandbox.get_info(sbx.sandbox_id).state.value == "running"
+        assert resumed.run_code("kept").text == "'still here'"
+        assert resumed.files.read("f.txt") == "file survives"
+        resumed.pause()  # and a paused sandbox can be killed
+    finally:
+        sbx.kill()
+    with pytest.raises(NotFoundException):
+        Sandbox.get_info(sbx.sandbox_id)

@@ -143,6 +143,7 @@ def _listed_fields(r: SandboxRecord) -> dict[str, Any]:
         "end_at": r.iso(r.end_at),
         "memory_mb": r.memory_mb,
         "metadata": r.metadata,
+        "state": "paused" if r.state == "paused" else "running",
     }
 
 
@@ -279,8 +280,9 @@ def _matching(request: Request) -> list[SandboxRecord]:
     wanted = _metadata_filter(request)
     states = request.query_params.get("state")
     records = _registry(request).records(request.state.owner)
-    if states and "running" not in states.split(","):
-        return []
+    if states:
+        allowed = set(states.split(","))
+        records = [r for r in records if r.state in allowed]
     return [r for r in records if all(r.metadata.get(k) == v for k, v in wanted)]
 
 
@@ -335,12 +337,32 @@ async def refresh(request: Request) -> Response:
 
 
 async def connect_sandbox(request: Request) -> Response:
-    """``connect``: a running sandbox only (pause/resume is not implemented); extends its deadline."""
+    """``connect``: resumes a paused sandbox (201) or extends a running one's deadline (200)."""
     body: ConnectBody = await _body(request, ConnectBody)
     registry = _registry(request)
     record = registry.get(request.state.owner, request.path_params["sandbox_id"])
+    if record.state == "paused":
+        await registry.resume(record, body.timeout)
+        return JSONResponse(created_json(record), status_code=201)
     registry.extend_timeout(record, body.timeout)
     return JSONResponse(created_json(record), status_code=200)
+
+
+async def pause_sandbox(request: Request) -> Response:
+    registry = _registry(request)
+    await registry.pause(registry.get(request.state.owner, request.path_params["sandbox_id"]))
+    return Response(status_code=204)
+
+
+async def resume_sandbox(request: Request) -> Response:
+    """The older ``/resume``: 409 unless the sandbox is paused."""
+    body: ConnectBody = await _body(request, ConnectBody)
+    registry = _registry(request)
+    record = registry.get(request.state.owner, request.path_params["sandbox_id"])
+    if record.state != "paused":
+        raise ServeError(f"sandbox {record.sandbox_id!r} is not paused", status=409)
+    await registry.resume(record, body.timeout)
+    return JSONResponse(created_json(record), status_code=201)
 
 
 async def not_implemented(request: Request) -> Response:
@@ -362,8 +384,8 @@ def control_routes() -> list[Route]:
         Route(sid + "/connect", connect_sandbox, methods=["POST"]),
         Route("/v2" + sid + "/connect", connect_sandbox, methods=["POST"]),
         Route("/openapi.json", openapi, methods=["GET"]),
-        Route(sid + "/pause", not_implemented, methods=["POST"]),
-        Route(sid + "/resume", not_implemented, methods=["POST"]),
+        Route(sid + "/pause", pause_sandbox, methods=["POST"]),
+        Route(sid + "/resume", resume_sandbox, methods=["POST"]),
         Route(sid + "/fork", not_implemented, methods=["POST"]),
         Route(sid + "/snapshots", not_implemented, methods=["POST"]),
     ]

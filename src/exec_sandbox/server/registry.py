@@ -8,7 +8,11 @@ their deadline (``endAt``) and forgets those whose VM died.
 
 Lifecycle of a :class:`SandboxRecord` (``state``)::
 
-    running --kill / deadline / VM lost / server shutdown--> killed   (kill is idempotent)
+    running --pause--> paused --connect / resume--> running
+    running | paused --kill / deadline (running only) / VM lost / server shutdown--> killed
+
+``paused`` freezes the sandbox's VMs in place (QMP ``stop``): their memory stays on this host, the
+deadline stops counting, and they are gone when the server stops (not yet written to disk).
 """
 
 from __future__ import annotations
@@ -82,7 +86,7 @@ class SandboxRecord:
     started_at: float
     end_at: float
     memory_mb: int
-    state: Literal["running", "killed"] = "running"
+    state: Literal["running", "paused", "killed"] = "running"
     contexts: dict[str, CodeContext] = field(default_factory=dict)
     default_contexts: dict[str, str] = field(default_factory=dict)  # language -> context id
     next_pid: int = 1000
@@ -137,7 +141,7 @@ class SandboxRegistry:
             await asyncio.sleep(self.config.reap_interval_seconds)
             now = time.time()
             for record in list(self._records.values()):
-                if record.end_at <= now:
+                if record.state == "running" and record.end_at <= now:
                     await self._kill(record, "timeout")
                 elif record.session.closed:
                     await self._kill(record, f"session closed ({record.session.close_reason})")
@@ -152,14 +156,14 @@ class SandboxRegistry:
 
     def records(self, owner: str) -> list[SandboxRecord]:
         return sorted(
-            (r for r in self._records.values() if r.owner == owner and r.state == "running"),
+            (r for r in self._records.values() if r.owner == owner and r.state != "killed"),
             key=lambda r: (r.started_at, r.sandbox_id),
         )
 
     def get(self, owner: str, sandbox_id: str) -> SandboxRecord:
         """The caller's running sandbox, or NotFoundError (also for another key's sandbox)."""
         record = self._records.get(sandbox_id)
-        if record is None or record.owner != owner or record.state != "running":
+        if record is None or record.owner != owner or record.state == "killed":
             raise NotFoundError(f"sandbox {sandbox_id!r} not found", context={"sandbox_id": sandbox_id})
         return record
 
@@ -248,6 +252,28 @@ class SandboxRegistry:
         if timeout is not None:
             record.end_at = max(record.end_at, time.time() + self._clamp_timeout(timeout))
 
+    async def pause(self, record: SandboxRecord) -> None:
+        """Freeze every VM of the sandbox once its running calls are done (409 if already paused)."""
+        if record.state == "paused":
+            raise ServeError(f"sandbox {record.sandbox_id!r} is already paused", status=409)
+        sessions = [record.session, *(c.session for c in record.contexts.values() if c.session)]
+        record.state = "paused"  # daemon requests are refused from now on
+        for session in sessions:
+            async with session.exclusive() as vm:
+                await vm.pause()
+        logger.info("sandbox %s paused", record.sandbox_id)
+
+    async def resume(self, record: SandboxRecord, timeout: int | None) -> None:
+        """Thaw a paused sandbox; its deadline restarts from now. A running one is left alone."""
+        if record.state != "paused":
+            return
+        sessions = [record.session, *(c.session for c in record.contexts.values() if c.session)]
+        for session in sessions:
+            await session.vm.resume()
+        record.state = "running"
+        record.end_at = time.time() + self._clamp_timeout(timeout)
+        logger.info("sandbox %s resumed", record.sandbox_id)
+
     async def kill(self, owner: str, sandbox_id: str) -> None:
         await self._kill(self.get(owner, sandbox_id), "killed")
 
@@ -259,6 +285,8 @@ class SandboxRegistry:
         sessions = [record.session, *(c.session for c in record.contexts.values() if c.session)]
         for session in sessions:
             try:
+                if not session.closed and session.vm.state.value == "paused":
+                    await session.vm.resume()  # a frozen guest cannot shut down gracefully
                 await session.close()
             except Exception:  # the VM is going away either way; log and go on with the others
                 logger.exception("closing a session of sandbox %s failed", record.sandbox_id)
