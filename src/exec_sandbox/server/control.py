@@ -239,6 +239,19 @@ def openapi_document() -> dict[str, Any]:
                 }
             },
             "/sandboxes/{sandboxID}/connect": {"post": connect},
+            "/sandboxes/{sandboxID}/pause": {
+                "post": {
+                    "parameters": sid,
+                    "responses": {**answer("204", None), **answer("409", "Error"), **errors},
+                }
+            },
+            "/sandboxes/{sandboxID}/resume": {
+                "post": {
+                    "parameters": sid,
+                    "requestBody": body("ConnectSandbox"),
+                    "responses": {**answer("201", "Sandbox"), **answer("409", "Error"), **errors},
+                }
+            },
             "/v2/sandboxes/{sandboxID}/connect": {"post": connect},
         },
         "components": {
