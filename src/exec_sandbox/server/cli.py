@@ -56,6 +56,12 @@ def serve(
     except SandboxError as exc:
         click.echo(f"sbx serve: {exc}", err=True)
         sys.exit(2)
+    if config.host not in ("127.0.0.1", "::1", "localhost"):
+        click.echo(
+            f"sbx serve: listening on {config.host}: other machines can reach this service "
+            "(plain HTTP: put TLS in front of it)",
+            err=True,
+        )
     if not config.api_key_hashes:
         click.echo(
             f"sbx serve: no API key: pass --api-key KEY, set ${API_KEYS_ENV} or use --config", err=True
