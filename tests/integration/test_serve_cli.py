@@ -74,3 +74,39 @@ def test_serve_with_keys_from_flag_env_and_file(tmp_path: Path) -> None:
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out.decode()
     assert b"from-flag" not in out and b"from-env" not in out  # keys never logged
+
+
+def test_sigkilled_server_leaves_no_vm_behind() -> None:
+    from e2b import Sandbox
+
+    from tests.integration.conftest import child_processes
+    from tests.integration.serve_server import sdk_env
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _sbx("serve", "--port", str(port), "--api-key", "k", env={"SBX_API_KEYS": ""})
+    try:
+        _wait_up(url, proc)
+        with sdk_env(url, "k"):
+            sbx = Sandbox.create()
+            assert sbx.commands.run("echo up").stdout == "up\n"
+        vms = [pid for pid, comm in child_processes(proc.pid) if comm.startswith("qemu")]
+        assert vms, "the sandbox's QEMU should be a child of the server"
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        alive = [pid for pid in vms if Path(f"/proc/{pid}").exists() and not _zombie(pid)]
+        if not alive:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"QEMU processes outlived the SIGKILLed server: {alive}")
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return True
+    return raw[raw.rindex(b")") + 2 :].split()[0] in (b"Z", b"X")
