@@ -268,12 +268,16 @@ def test_sandbox_dies_at_its_deadline(key_a: str) -> None:
 
 
 def test_quota_per_key_is_429(server: RunningServer) -> None:
-    with running_server(max_sandboxes_per_key=1) as small, sdk_env(small.url, KEY_A):
-        first = Sandbox.create()
+    limits = {"max_sandboxes_per_key": 1, "max_memory_mb_per_key": 512}
+    with running_server(**limits) as small, sdk_env(small.url, KEY_A):
+        first = CodeSandbox.create()  # 256 MiB
         try:
             with pytest.raises(RateLimitException):
                 Sandbox.create()
-            with sdk_env(small.url, KEY_B):  # the quota is per key
+            assert first.run_code("1 + 1").text == "2"  # + a 256 MiB Python context: 512 MiB
+            with pytest.raises(SandboxException, match="429"):  # a JavaScript context would pass 512 MiB
+                first.run_code("1", language="javascript")
+            with sdk_env(small.url, KEY_B):  # quotas are per key
                 other = Sandbox.create()
                 other.kill()
         finally:

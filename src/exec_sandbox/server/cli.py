@@ -29,6 +29,9 @@ KEEP_ALIVE_S = 75
     help="TOML file: api_keys / api_key_sha256 lists and any ServeConfig field.",
 )
 @click.option("--max-sandboxes-per-key", type=int, default=None, help="Concurrent sandboxes per key.")
+@click.option(
+    "--max-memory-mb-per-key", type=int, default=None, help="Guest RAM (MiB) a key may hold (default: no cap)"
+)
 @click.option("--log-level", default="info", show_default=True)
 def serve(
     host: str | None,
@@ -36,6 +39,7 @@ def serve(
     api_keys: tuple[str, ...],
     config_file: Path | None,
     max_sandboxes_per_key: int | None,
+    max_memory_mb_per_key: int | None,
     log_level: str,
 ) -> None:
     """Serve the E2B API (control plane, envd, code interpreter) on this machine's microVMs."""
@@ -52,6 +56,7 @@ def serve(
             host=host,
             port=port,
             max_sandboxes_per_key=max_sandboxes_per_key,
+            max_memory_mb_per_key=max_memory_mb_per_key,
         )
     except SandboxError as exc:
         click.echo(f"sbx serve: {exc}", err=True)

@@ -44,7 +44,10 @@ class ServeConfig(BaseModel):
     default_sandbox_timeout_seconds: int = Field(default=300, ge=1, description="E2B's default lifetime")
     max_sandbox_timeout_seconds: int = Field(default=86400, ge=1)
     command_timeout_seconds: float = Field(default=3600.0, gt=0, description="cap on one command / cell")
-    memory_mb: int = Field(default=256, ge=64)
+    memory_mb: int = Field(default=256, ge=64, description="guest RAM of each sandbox VM and context VM")
+    max_memory_mb_per_key: int | None = Field(
+        default=None, ge=64, description="guest RAM a key's sandboxes and contexts may hold at once"
+    )
     max_upload_bytes: int = Field(default=100 * _MIB, ge=1)
     max_contexts_per_sandbox: int = Field(default=4, ge=1)
     reap_interval_seconds: float = Field(default=0.5, gt=0)

@@ -135,12 +135,15 @@ async def _session_of(request: Request, record: SandboxRecord, ctx: CodeContext)
         return record.session
     if ctx.session is None or ctx.session.closed:
         ctx.prepared = False
-        ctx.session = await request.app.state.registry.scheduler.session(
-            ctx.language,
-            memory_mb=record.memory_mb,
-            env_vars=record.env_vars,
-            idle_timeout_seconds=86400.0,
-        )
+        ctx.session = None
+        registry = request.app.state.registry
+        async with registry.context_vm(record.owner, record.memory_mb):
+            ctx.session = await registry.scheduler.session(
+                ctx.language,
+                memory_mb=record.memory_mb,
+                env_vars=record.env_vars,
+                idle_timeout_seconds=86400.0,
+            )
     return ctx.session
 
 
@@ -163,6 +166,9 @@ async def execute(request: Request) -> Response:
     if not isinstance(env, dict):
         raise BadRequestError("env_vars must be an object")
     code: str = body["code"]
+    if ctx.language != "raw" and (ctx.session is None or ctx.session.closed):
+        # A context VM will be made: refuse now with a 429 rather than inside the stream.
+        request.app.state.registry.reserve_memory(record.owner, record.memory_mb)
     if ctx.language == "python":
         code = python_with_result(code)
     return StreamingResponse(_run(request, record, ctx, code, env), media_type="application/x-ndjson")

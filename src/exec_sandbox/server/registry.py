@@ -23,7 +23,7 @@ import hmac
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -116,6 +116,7 @@ class SandboxRegistry:
         self.config = config
         self._records: dict[str, SandboxRecord] = {}
         self._pending: dict[str, int] = {}  # owner -> creations in flight (they count for the quota)
+        self._pending_mb: dict[str, int] = {}  # owner -> MiB of context VMs being made
         self._reaper: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -147,6 +148,35 @@ class SandboxRegistry:
                     await self._kill(record, f"session closed ({record.session.close_reason})")
 
     # ------------------------------------------------------------------ queries
+
+    def memory_mb(self, owner: str) -> int:
+        """Guest RAM held by ``owner``'s sandboxes, their contexts and creations in flight."""
+        held = 0
+        for r in self._records.values():
+            if r.owner == owner:
+                held += r.memory_mb * (1 + sum(1 for c in r.contexts.values() if c.session is not None))
+        return held + self._pending.get(owner, 0) * self.config.memory_mb + self._pending_mb.get(owner, 0)
+
+    def reserve_memory(self, owner: str, memory_mb: int) -> None:
+        """Raise 429 when ``memory_mb`` more would pass the key's memory quota."""
+        limit = self.config.max_memory_mb_per_key
+        if limit is not None and self.memory_mb(owner) + memory_mb > limit:
+            raise QuotaExceededError(
+                f"quota exceeded: this API key may hold {limit} MiB of sandbox memory at once",
+                context={"limit_mb": limit},
+            )
+
+    @contextlib.asynccontextmanager
+    async def context_vm(self, owner: str, memory_mb: int) -> AsyncIterator[None]:
+        """Count a context VM being made against the key's memory quota (429 if it does not fit)."""
+        self.reserve_memory(owner, memory_mb)
+        self._pending_mb[owner] = self._pending_mb.get(owner, 0) + memory_mb
+        try:
+            yield
+        finally:
+            self._pending_mb[owner] -= memory_mb
+            if not self._pending_mb[owner]:
+                del self._pending_mb[owner]
 
     def count(self, owner: str | None = None) -> int:
         return sum(1 for r in self._records.values() if owner is None or r.owner == owner)
@@ -206,6 +236,7 @@ class SandboxRegistry:
                 f"quota exceeded: this API key may run {self.config.max_sandboxes_per_key} sandboxes at once",
                 context={"limit": self.config.max_sandboxes_per_key},
             )
+        self.reserve_memory(owner, self.config.memory_mb)
         self._pending[owner] = self._pending.get(owner, 0) + 1
         started = time.perf_counter()
         try:
