@@ -121,6 +121,8 @@ def test_background_command_is_listed_then_waited_for(key_a: str) -> None:
         # kill(): the guest kills the command's process tree; the shell is free at once
         t0 = time.monotonic()
         long = sbx.commands.run("sleep 60", background=True)
+        # commands run side by side: the sleeping one does not hold the others up
+        assert sbx.commands.run("echo beside").stdout == "beside\n"
         assert sbx.commands.kill(long.pid) is True
         with pytest.raises(CommandExitException):
             long.wait()

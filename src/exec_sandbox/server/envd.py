@@ -1,10 +1,10 @@
 """The in-sandbox daemon (E2B's "envd") API, served on the host for each sandbox.
 
 - ``process.Process`` (Connect RPC, via ``connectrpc`` with our own stubs): ``Start`` runs a command
-  in the sandbox's shell session and streams ``start`` / ``data`` (stdout, stderr) / ``end`` events;
-  ``List`` shows the commands running now. Commands run in ``/bin/sh`` (busybox) of the guest as its
-  unprivileged user; ``bash -c X`` / ``sh -c X`` become ``X`` in a subshell, so ``cd`` and ``export``
-  in one command do not leak into the next.
+  as a one-shot ``/bin/sh`` (busybox) in the sandbox's VM, as the guest's unprivileged user, and
+  streams ``start`` / ``data`` (stdout, stderr) / ``keepalive`` / ``end`` events; commands run side
+  by side; ``bash -c X`` / ``sh -c X`` become ``X``. ``List`` shows the running commands,
+  ``SendSignal`` kills one (its whole process tree); a client that leaves gets its command killed.
 - ``filesystem.Filesystem``: ``Stat``, ``ListDir``, ``MakeDir``, ``Move``, ``Remove`` (through the
   guest's shell tools).
 - ``GET``/``POST /files`` (download / upload, ``multipart/form-data`` or ``application/octet-stream``,
@@ -36,7 +36,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from exec_sandbox.agent_client import ExecResult, OutputCallback
 from exec_sandbox.errors import SandboxError, SandboxInputError
+from exec_sandbox.execution import execute_in_vm
 from exec_sandbox.models import ExecutionResult
 from exec_sandbox.server import metrics
 from exec_sandbox.server.errors import BadRequestError, ServeError
@@ -45,7 +47,7 @@ from exec_sandbox.server.proto.filesystem.filesystem_connect import FilesystemAS
 from exec_sandbox.server.proto.process import process_pb as pr_pb
 from exec_sandbox.server.proto.process.process_connect import ProcessASGIApplication
 from exec_sandbox.server.registry import SandboxRecord
-from exec_sandbox.validation import DEFAULT_WORKDIR
+from exec_sandbox.validation import DEFAULT_WORKDIR, validate_code, validate_env_vars
 
 __all__ = [
     "CURRENT_SANDBOX",
@@ -68,6 +70,7 @@ _FS_TIMEOUT_S: Final = 60.0
 _CHUNK: Final = 256 * 1024
 _MIN_RUN_BEFORE_CANCEL_S: Final = 0.5
 _KEEPALIVE_S: Final = 1.0
+_MAX_COMMANDS: Final = 32  # running at once per sandbox
 
 
 def guest_path(path: str) -> str:
@@ -178,13 +181,20 @@ class ProcessService:
             script = command_script(config.cmd, list(config.args), cwd)
         except ServeError as exc:
             raise ConnectError(Code.INVALID_ARGUMENT, exc.message) from None
+        try:
+            env = {**record.env_vars, **validate_env_vars(dict(config.envs))}
+        except SandboxInputError as exc:
+            raise ConnectError(Code.INVALID_ARGUMENT, exc.message) from None
+        if len(record.process_tasks) >= _MAX_COMMANDS:
+            raise ConnectError(Code.RESOURCE_EXHAUSTED, f"{_MAX_COMMANDS} commands are running already")
         pid = record.new_pid()
         queue: asyncio.Queue[tuple[Literal["stdout", "stderr"], str]] = asyncio.Queue()
         exec_task = asyncio.get_running_loop().create_task(
-            record.session.exec(
+            _run_command(
+                record,
                 script,
-                timeout_seconds=_record_timeout(record, ctx.timeout_ms),
-                env_vars=dict(config.envs),
+                env,
+                _record_timeout(record, ctx.timeout_ms),
                 on_stdout=lambda s: queue.put_nowait(("stdout", s)),
                 on_stderr=lambda s: queue.put_nowait(("stderr", s)),
             ),
@@ -267,6 +277,40 @@ class ProcessService:
         raise ConnectError(Code.UNIMPLEMENTED, "stdin is not implemented by sbx serve")
 
 
+async def _run_command(
+    record: SandboxRecord,
+    script: str,
+    env: dict[str, str],
+    timeout_s: float,
+    *,
+    on_stdout: OutputCallback,
+    on_stderr: OutputCallback,
+) -> ExecResult:
+    """One command as a one-shot ``sh`` in the sandbox's VM, beside the session's shell.
+
+    Not through ``Session.exec``: that runs one call at a time, and E2B's commands run side by side
+    (a background server and the commands that talk to it). It is the same exec path
+    (:func:`~exec_sandbox.execution.execute_in_vm`: output caps, OOM notes), in the same guest and
+    file system; what differs is that nothing (``cd``, ``export``) carries over between commands,
+    which is E2B's behaviour too.
+    """
+    cfg = record.scheduler_config
+    code = validate_code(script, max_bytes=cfg.max_code_bytes)
+    outcome = await execute_in_vm(
+        record.session.vm,
+        code,
+        language="raw",
+        session=False,
+        timeout_s=timeout_s,
+        env=env,
+        max_output_bytes=cfg.max_output_bytes,
+        memory_mb=record.memory_mb,
+        on_stdout=on_stdout,
+        on_stderr=on_stderr,
+    )
+    return outcome.result
+
+
 def record_processes(record: SandboxRecord) -> dict[int, pr_pb.ProcessInfo]:
     return record.processes
 
@@ -309,7 +353,7 @@ def _cancel_exec(task: asyncio.Task[Any], started: float) -> None:
         task.cancel()
 
 
-def _log_orphan(task: asyncio.Task[ExecutionResult]) -> None:
+def _log_orphan(task: asyncio.Task[ExecResult]) -> None:
     if not task.cancelled() and task.exception() is not None:
         logger.info("a command whose client left ended with %r", task.exception())
 
@@ -334,7 +378,7 @@ def _start(pid: int) -> pr_pb.StartResponse:
     return pr_pb.StartResponse(event=pr_pb.ProcessEvent(event=event))
 
 
-def _end(result: ExecutionResult) -> pr_pb.StartResponse:
+def _end(result: ExecResult) -> pr_pb.StartResponse:
     event: Oneof[Literal["end"], pr_pb.ProcessEvent.EndEvent] = Oneof("end", _end_event(result))
     return pr_pb.StartResponse(event=pr_pb.ProcessEvent(event=event))
 
@@ -351,7 +395,7 @@ def _data(stream: Literal["stdout", "stderr"], text: str) -> pr_pb.StartResponse
     return pr_pb.StartResponse(event=pr_pb.ProcessEvent(event=event))
 
 
-def _end_event(result: ExecutionResult) -> pr_pb.ProcessEvent.EndEvent:
+def _end_event(result: ExecResult) -> pr_pb.ProcessEvent.EndEvent:
     if result.timed_out:
         return pr_pb.ProcessEvent.EndEvent(
             exit_code=-1, exited=False, status="signal: killed", error="the command timed out"

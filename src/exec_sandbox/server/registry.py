@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Literal
 
+from exec_sandbox.config import SchedulerConfig
 from exec_sandbox.server import metrics
 from exec_sandbox.server.config import ServeConfig
 from exec_sandbox.server.errors import (
@@ -93,6 +94,7 @@ class SandboxRecord:
     command_timeout_seconds: float = 3600.0
     max_upload_bytes: int = 100 * 1024 * 1024
     max_contexts: int = 4
+    scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     processes: dict[int, Any] = field(default_factory=dict)  # pid -> process.ProcessInfo (running)
     # pid -> (its exec task, time.monotonic() at start)
     process_tasks: dict[int, tuple[asyncio.Task[Any], float]] = field(default_factory=dict)
@@ -266,6 +268,7 @@ class SandboxRegistry:
             command_timeout_seconds=self.config.command_timeout_seconds,
             max_upload_bytes=self.config.max_upload_bytes,
             max_contexts=self.config.max_contexts_per_sandbox,
+            scheduler_config=self.scheduler.config,
         )
         if self._closing:
             await session.close()
