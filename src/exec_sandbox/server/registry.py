@@ -202,10 +202,12 @@ class SandboxRegistry:
     def for_token(self, sandbox_id: str, token: str | None) -> SandboxRecord:
         """The sandbox a daemon (envd / interpreter) request is for, checked against its access token."""
         record = self._records.get(sandbox_id)
-        if record is None or record.state != "running":
+        if record is None or record.state == "killed":
             raise NotFoundError(f"sandbox {sandbox_id!r} not found", context={"sandbox_id": sandbox_id})
         if not record.token_ok(token):
             raise UnauthorizedError("missing or invalid access token", context={"sandbox_id": sandbox_id})
+        if record.state == "paused":  # E2B's proxy: 502 for a sandbox that is not running
+            raise ServeError(f"sandbox {sandbox_id!r} is paused; connect to resume it", status=502)
         return record
 
     # ------------------------------------------------------------------ changes
