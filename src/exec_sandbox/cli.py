@@ -230,3 +230,5 @@ def prune(dry_run: bool) -> None:
         click.echo("nothing to prune")
 
 main.add_command(__import__("exec_sandbox.cli_run", fromlist=["run"]).run)  # `sbx run` lives in cli_run.py
+main.add_command(__import__("exec_sandbox.server.cli", fromlist=["serve"]).serve)  # `sbx serve`
+main.add_command(__import__("exec_sandbox.server.cli", fromlist=["mcp"]).mcp)  # `sbx mcp` (stdio)

@@ -1,0 +1,105 @@
+"""``sbx serve``: the click command (kept import-light; the server modules load when it runs)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+__all__ = ["KEEP_ALIVE_S", "mcp", "serve"]
+
+KEEP_ALIVE_S = 75
+
+
+@click.command("serve")
+@click.option("--host", default=None, help="Address to listen on (default 127.0.0.1; others expose it).")
+@click.option("--port", type=int, default=None, help="Port (default 3000).")
+@click.option(
+    "--api-key",
+    "api_keys",
+    multiple=True,
+    help="An accepted API key (repeatable; also $SBX_API_KEYS, comma separated, or the config file).",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="TOML file: api_keys / api_key_sha256 lists and any ServeConfig field.",
+)
+@click.option("--max-sandboxes-per-key", type=int, default=None, help="Concurrent sandboxes per key.")
+@click.option(
+    "--max-memory-mb-per-key", type=int, default=None, help="Guest RAM (MiB) a key may hold (default: no cap)"
+)
+@click.option("--log-level", default="info", show_default=True)
+def serve(
+    host: str | None,
+    port: int | None,
+    api_keys: tuple[str, ...],
+    config_file: Path | None,
+    max_sandboxes_per_key: int | None,
+    max_memory_mb_per_key: int | None,
+    log_level: str,
+) -> None:
+    """Serve the E2B API (control plane, envd, code interpreter) on this machine's microVMs."""
+    import uvicorn
+
+    from exec_sandbox.errors import SandboxError
+    from exec_sandbox.server.app import create_app
+    from exec_sandbox.server.config import API_KEYS_ENV, load_serve_config
+
+    try:
+        config = load_serve_config(
+            api_keys=api_keys,
+            config_file=config_file,
+            host=host,
+            port=port,
+            max_sandboxes_per_key=max_sandboxes_per_key,
+            max_memory_mb_per_key=max_memory_mb_per_key,
+        )
+    except SandboxError as exc:
+        click.echo(f"sbx serve: {exc}", err=True)
+        sys.exit(2)
+    if config.host not in ("127.0.0.1", "::1", "localhost"):
+        click.echo(
+            f"sbx serve: listening on {config.host}: other machines can reach this service "
+            "(plain HTTP: put TLS in front of it)",
+            err=True,
+        )
+    if not config.api_key_hashes:
+        click.echo(
+            f"sbx serve: no API key: pass --api-key KEY, set ${API_KEYS_ENV} or use --config", err=True
+        )
+        sys.exit(2)
+    uvicorn.run(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        log_level=log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+        # Longer than the SDKs' pooled-connection expiry (httpx: 5 s), so the server never closes a
+        # keep-alive connection just as a client reuses it (a POST is not retried on that race).
+        timeout_keep_alive=KEEP_ALIVE_S,
+    )
+
+
+@click.command("mcp")
+def mcp() -> None:
+    """Serve the sandbox MCP tools over stdio (for MCP clients that launch a command)."""
+    import asyncio
+
+    from exec_sandbox.scheduler import Scheduler
+    from exec_sandbox.server.mcp import McpSandboxTools, build_mcp_server
+
+    async def run() -> None:
+        tools = McpSandboxTools()
+        async with Scheduler() as scheduler:
+            tools.scheduler = scheduler
+            try:
+                await build_mcp_server(tools).run_stdio_async()
+            finally:
+                await tools.aclose()
+
+    asyncio.run(run())
