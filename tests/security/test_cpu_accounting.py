@@ -113,10 +113,14 @@ async def test_idle_session_burning_cpu_is_counted_by_admission(scheduler: Sched
             while scheduler.admission.stats().cpu_burning < 1 and loop.time() < deadline:
                 await asyncio.sleep(0.2)
             assert scheduler.admission.stats().cpu_burning == 1, scheduler.admission.stats()
-            before = burner.cpu_seconds()
-            await asyncio.sleep(1.0)
-            after = burner.cpu_seconds()
-            assert before is not None and after is not None and after - before > 0.5
+            # Measured on the host, in one window: the burner takes CPU, the quiet session none.
+            # (Relative, not "> 0.5 s per second": on a loaded 2-core host the burner's share of a
+            # core is whatever the host scheduler gives it.)
+            b0, q0 = burner.cpu_seconds(), quiet.cpu_seconds()
+            await asyncio.sleep(2.0)
+            b1, q1 = burner.cpu_seconds(), quiet.cpu_seconds()
+            assert None not in (b0, b1, q0, q1)
+            assert b1 - b0 > 0.25 and b1 - b0 > 10 * (q1 - q0), (b0, b1, q0, q1)
         # Closing the burning session gives its CPU back.
         assert scheduler.admission.stats().cpu_burning == 0
     await assert_no_vms(scheduler)
