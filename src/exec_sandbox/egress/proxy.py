@@ -114,6 +114,23 @@ def _split_host_port(target: str, default: int | None = None) -> tuple[str, int]
     return host, int(port_text)
 
 
+async def _both(receiver: Awaitable[None], sender: Awaitable[None]) -> None:
+    """Run both directions; done when ``receiver`` ends; an error in either ends both."""
+    recv, send = asyncio.ensure_future(receiver), asyncio.ensure_future(sender)
+    try:
+        pending: set[asyncio.Future[None]] = {recv, send}
+        while recv in pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # re-raises the direction's error
+    finally:
+        for task in (recv, send):
+            task.cancel()
+        for task in (recv, send):
+            with contextlib.suppress(BaseException):
+                await task
+
+
 def _refusal_response(exc: Refused) -> bytes:
     body = f"egress refused ({exc.rule}): {exc.reason}\n".encode()
     phrase = {400: "Bad Request", 403: "Forbidden", 502: "Bad Gateway"}.get(exc.status, "Forbidden")
@@ -146,6 +163,7 @@ class EgressProxy:
         self._bucket_in = TokenBucket(lim.bandwidth_bytes_per_s) if lim.bandwidth_bytes_per_s else None
         self._bucket_out = TokenBucket(lim.bandwidth_bytes_per_s) if lim.bandwidth_bytes_per_s else None
         self._servers: list[asyncio.Server] = []
+        self._exhausted: str | None = None  # a byte cap was hit: every new connection is refused
         self._tasks: set[asyncio.Task[None]] = set()
         self.addresses: ProxyAddresses | None = None
 
@@ -227,6 +245,10 @@ class EgressProxy:
             except (ConnectionError, OSError, TimeoutError, ssl.SSLError, h11.ProtocolError,
                     ClientHelloError) as exc:
                 self._record(conn, None, error=f"{type(exc).__name__}: {exc}")
+            except asyncio.CancelledError:
+                # only aclose() cancels these root tasks; asyncio's stream callback (3.11) would log
+                # a cancelled handler as an error, so the handler ends quietly
+                self._record(conn, None, error="proxy closed")
             finally:
                 self.stats.active_connections -= 1
                 writer.close()
@@ -266,11 +288,8 @@ class EgressProxy:
         except ValueError as exc:
             raise Refused("bad_name", str(exc)) from None
         conn.name = name
-        lim = self.policy.limits
-        if lim.max_bytes_in is not None and self.stats.bytes_in >= lim.max_bytes_in:
-            raise Refused("byte_limit", f"max_bytes_in ({lim.max_bytes_in}) used up")
-        if lim.max_bytes_out is not None and self.stats.bytes_out >= lim.max_bytes_out:
-            raise Refused("byte_limit", f"max_bytes_out ({lim.max_bytes_out}) used up")
+        if self._exhausted:
+            raise Refused("byte_limit", f"{self._exhausted} used up")
         if not self.policy.is_allowed(name):
             raise Refused("not_allowlisted", f"{name} is not in allowed_domains")
         res = await self.resolver.resolve(name)
@@ -470,27 +489,47 @@ class EgressProxy:
                 if data:
                     await self._count_write(upstream, data, conn, "out")
 
-        sender = asyncio.ensure_future(send_body())
-        try:
+        async def receive() -> None:
+            head = await self._response_head(upstream)
+            if head:
+                await self._count_write(client, head, conn, "in")
             await self._pump(upstream, client, conn, "in")
+
+        try:
+            await _both(receive(), send_body())
         finally:
-            sender.cancel()
-            with contextlib.suppress(BaseException):
-                await sender
             await upstream.aclose()
+
+    @staticmethod
+    async def _response_head(upstream: PlainStream) -> bytes:
+        """The response head with ``Connection: close`` (one request per connection), rest unread."""
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            data = await upstream.read(64 * 1024)
+            if not data:
+                upstream.push_prefix(buf)
+                return b""
+            buf += data
+            if len(buf) > 64 * 1024 and b"\r\n\r\n" not in buf:
+                raise Refused("bad_response", "response head over 64 KiB", 502)
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        upstream.push_prefix(rest)
+        lines = head.split(b"\r\n")
+        if lines[0][9:10] == b"1":  # 1xx: leave as is, the final head follows in the raw relay
+            return head + b"\r\n\r\n"
+        kept = [line for line in lines[1:]
+                if line.split(b":", 1)[0].strip().lower() not in (b"connection", b"keep-alive",
+                                                                   b"proxy-connection")]
+        return b"\r\n".join([lines[0], *kept, b"Connection: close"]) + b"\r\n\r\n"
 
     async def _relay(self, client: PlainStream, upstream: PlainStream, conn: _Conn) -> None:
         async def outbound() -> None:
             await self._pump(client, upstream, conn, "out")
             await upstream.write_eof()
 
-        sender = asyncio.ensure_future(outbound())
         try:
-            await self._pump(upstream, client, conn, "in")
+            await _both(self._pump(upstream, client, conn, "in"), outbound())
         finally:
-            sender.cancel()
-            with contextlib.suppress(BaseException):
-                await sender
             await upstream.aclose()
 
     async def _pump(self, src: ByteStream, dst: ByteStream, conn: _Conn, direction: str) -> None:
@@ -505,6 +544,7 @@ class EgressProxy:
         if direction == "in":
             cap = lim.max_bytes_in
             if cap is not None and self.stats.bytes_in + len(data) > cap:
+                self._exhausted = self._exhausted or f"max_bytes_in ({cap} bytes)"
                 raise ByteCapExceeded("in", cap)
             if self._bucket_in is not None:
                 await self._bucket_in.take(len(data))
@@ -513,6 +553,7 @@ class EgressProxy:
         else:
             cap = lim.max_bytes_out
             if cap is not None and self.stats.bytes_out + len(data) > cap:
+                self._exhausted = self._exhausted or f"max_bytes_out ({cap} bytes)"
                 raise ByteCapExceeded("out", cap)
             if self._bucket_out is not None:
                 await self._bucket_out.take(len(data))
