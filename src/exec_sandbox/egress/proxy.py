@@ -62,6 +62,7 @@ __all__ = ["EgressProxy", "ProxyAddresses", "Refused"]
 
 _HEAD_TIMEOUT = 10.0
 _CONNECT_TIMEOUT = 5.0
+_RELAY_CHUNK = 256 * 1024  # bounded: at most this much per direction is in flight in the proxy
 _HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization", b"te",
                b"trailer", b"upgrade"}
 OriginalDst = Callable[[asyncio.StreamWriter], tuple[str, int] | None]
@@ -303,7 +304,7 @@ class EgressProxy:
             try:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(
                     str(ip), port, ssl=self._upstream_ssl if tls_name else None,
-                    server_hostname=tls_name, limit=64 * 1024), _CONNECT_TIMEOUT)
+                    server_hostname=tls_name, limit=_RELAY_CHUNK), _CONNECT_TIMEOUT)
                 return PlainStream(reader, writer)
             except (OSError, TimeoutError, ssl.SSLError) as exc:
                 last = exc
@@ -534,7 +535,7 @@ class EgressProxy:
 
     async def _pump(self, src: ByteStream, dst: ByteStream, conn: _Conn, direction: str) -> None:
         while True:
-            data = await src.read(64 * 1024)
+            data = await src.read(_RELAY_CHUNK)
             if not data:
                 return
             await self._count_write(dst, data, conn, direction)
