@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import functools
 import ipaddress
 import socket
 import time
@@ -243,16 +245,22 @@ class DnsServer:
         if self.address is not None:
             return self.address
         loop = asyncio.get_running_loop()
-        proto = _UdpProtocol(self.resolver)
-        transport, _ = await loop.create_datagram_endpoint(lambda: proto, local_addr=(host, port))
-        self._proto = proto
-        self._udp = transport
-        bound = transport.get_extra_info("sockname")[1]
-        try:
-            self._tcp = await asyncio.start_server(self._serve_tcp, host, bound)
-        except BaseException:
-            transport.close()
-            raise
+        for attempt in range(20):  # an ephemeral UDP port may be taken for TCP: pick again
+            transport, proto = await loop.create_datagram_endpoint(
+                functools.partial(_UdpProtocol, self.resolver), local_addr=(host, port))
+            bound = int(transport.get_extra_info("sockname")[1])
+            try:
+                self._tcp = await asyncio.start_server(self._serve_tcp, host, bound)
+            except OSError as exc:
+                transport.close()
+                if port != 0 or exc.errno != errno.EADDRINUSE or attempt == 19:
+                    raise
+                continue
+            except BaseException:
+                transport.close()
+                raise
+            break
+        self._udp, self._proto = transport, proto
         self.address = (host, int(bound))
         return self.address
 
