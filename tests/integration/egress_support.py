@@ -30,7 +30,8 @@ from cryptography.x509.oid import NameOID
 from exec_sandbox.egress import EgressGateway, EgressPolicy, Secret
 
 __all__ = ["NAMES", "SECRET_VALUE", "CountingDns", "LocalServer", "TestCA", "base_policy", "counting_dns",
-           "gateway", "http_server", "https_server", "local_server", "proxy_url", "run_curl", "test_ca"]
+           "gateway", "http_server", "https_server", "local_server", "proxy_url", "run_curl", "settled",
+           "test_ca"]
 
 
 class TestCA:
@@ -208,6 +209,15 @@ async def gateway(test_ca: TestCA, tmp_path: Path, policy: EgressPolicy | None =
         bundle = tmp_path / "guest-trust.pem"
         bundle.write_bytes(test_ca.ca_file.read_bytes() + (gw.ca_pem or b""))
         yield gw, bundle
+
+
+async def settled(gw: EgressGateway, entries: int, timeout: float = 5.0) -> None:
+    """Wait until the proxy has logged ``entries`` connections and none is active (a client may
+    return before the proxy has seen the connection close)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while len(gw.egress_log()) + gw.proxy.log.dropped < entries or gw.stats.active_connections:
+        assert asyncio.get_running_loop().time() < deadline, gw.egress_log()
+        await asyncio.sleep(0.01)
 
 
 def proxy_url(gw: EgressGateway) -> str:

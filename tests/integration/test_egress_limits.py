@@ -19,6 +19,7 @@ from tests.integration.egress_support import (
     http_server,
     https_server,
     proxy_url,
+    settled,
     test_ca,
 )
 
@@ -68,6 +69,7 @@ async def test_byte_caps(test_ca: TestCA, tmp_path: Path, http_server: LocalServ
             assert gw.stats.bytes_in <= 1_000_000
             r = await client.get(http_server.url("web.test", "/bytes/10"))
             assert r.status_code == 403 and r.headers["x-sbx-egress-rule"] == "byte_limit"
+        await settled(gw, 3)
         rules = [e.rule for e in gw.egress_log()]
         assert rules == [None, "byte_limit", "byte_limit"]
     policy = base_policy(limits=EgressLimits(max_bytes_out=200_000))
@@ -75,6 +77,7 @@ async def test_byte_caps(test_ca: TestCA, tmp_path: Path, http_server: LocalServ
         async with httpx.AsyncClient(proxy=proxy_url(gw), trust_env=False) as client:
             with pytest.raises(httpx.HTTPError):
                 await client.post(http_server.url("web.test", "/up"), content=b"u" * 1_000_000)
+        await settled(gw, 1)
         assert gw.stats.bytes_out <= 200_000
         assert gw.egress_log()[-1].rule == "byte_limit"
 
@@ -99,6 +102,7 @@ async def test_egress_log_lists_allowed_and_refused(test_ca: TestCA, tmp_path: P
             await client.get("http://evil.test/")
             await client.get(http_server.url("web.test", "/b"))
             await client.get("http://127.0.0.1/")
+        await settled(gw, 4)
         entries = gw.egress_log()
         assert len(entries) == 3 and gw.proxy.log.dropped == 1  # a ring buffer
         assert [(e.name, e.allowed, e.rule) for e in entries] == [

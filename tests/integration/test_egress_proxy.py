@@ -27,6 +27,7 @@ from tests.integration.egress_support import (
     https_server,
     proxy_url,
     run_curl,
+    settled,
     test_ca,
 )
 
@@ -61,6 +62,7 @@ async def test_urllib_http_and_https_through_the_proxy(
         assert (status, body) == (200, f"hello web.test:{http_server.port} /plain\n".encode())
         status, body = await asyncio.to_thread(_get, opener, https_server.url("other.test", "/tls"))
         assert status == 200 and body.startswith(b"hello other.test")
+        await settled(gw, 2)
         log = gw.egress_log()
         assert [(e.mode, e.name, e.allowed) for e in log] == [("http", "web.test", True),
                                                               ("connect", "other.test", True)]
@@ -93,6 +95,7 @@ async def test_curl_forward_proxy_and_transparent_modes(
                                       f"https://evil.test:{tls_port}/")
         assert rc != 0 and time.monotonic() - start < REFUSAL_BOUND_S
         assert "unrecognized name" in err.lower() or "alert" in err.lower(), err
+        await settled(gw, 5)
         modes = [(e.mode, e.name, e.allowed) for e in gw.egress_log()]
         assert modes == [("http", "web.test", True), ("connect", "other.test", True),
                          ("sni", "other.test", True), ("host", "web.test", True), ("sni", "evil.test", False)]
@@ -129,6 +132,7 @@ async def test_other_names_refused_fast_and_clearly(test_ca: TestCA, tmp_path: P
         rc, _, err = await run_curl("--proxy", proxy_url(gw), "https://evil.test/")
         assert rc != 0 and "403" in err and time.monotonic() - start < REFUSAL_BOUND_S
         assert http_server.seen == [] or all("evil" not in h.get("host", "") for _, h in http_server.seen)
+        await settled(gw, 5)
         refused = gw.egress_log(allowed=False)
         assert len(refused) == 5 and {e.rule for e in refused} == {"not_allowlisted"}
 
@@ -193,5 +197,6 @@ async def test_domain_fronting_refused(test_ca: TestCA, tmp_path: Path, http_ser
                 with pytest.raises((ssl.SSLError, ConnectionError)):
                     ctx.wrap_socket(sock, server_hostname="evil.test")
         await asyncio.to_thread(fronted)
+        await settled(gw, 2)
         rules = [e.rule for e in gw.egress_log(allowed=False)]
         assert rules == ["domain_fronting", "domain_fronting"]

@@ -17,6 +17,7 @@ from tests.integration.egress_support import (
     https_server,
     proxy_url,
     run_curl,
+    settled,
     test_ca,
 )
 
@@ -60,6 +61,7 @@ async def test_secret_reaches_only_its_host(test_ca: TestCA, tmp_path: Path,
                                       https_server.url("api.test", "/curl"))
         assert rc == 0 and out.startswith("hello api.test"), err
         assert https_server.seen[-1][1]["x-api-key"] == SECRET_VALUE
+        await settled(gw, 3)
         log = gw.egress_log()
         assert [(e.name, e.intercepted) for e in log] == [("api.test", True), ("other.test", False),
                                                           ("api.test", True)]
