@@ -45,6 +45,16 @@ from exec_sandbox.egress.accounting import (
     Mode,
     TokenBucket,
 )
+from exec_sandbox.egress.httpio import (
+    HOP_BY_HOP,
+    Refused,
+    check_host_header,
+    next_request,
+    refusal_response,
+    response_head,
+    run_both,
+    split_host_port,
+)
 from exec_sandbox.egress.policy import EgressPolicy, IPAddress, SecretPlaceholders, normalize_hostname
 from exec_sandbox.egress.resolver import EgressResolver
 from exec_sandbox.egress.secrets import SandboxCA
@@ -60,20 +70,9 @@ from exec_sandbox.egress.streams import (
 
 __all__ = ["EgressProxy", "ProxyAddresses", "Refused"]
 
-_HEAD_TIMEOUT = 10.0
 _CONNECT_TIMEOUT = 5.0
 _RELAY_CHUNK = 256 * 1024  # bounded: at most this much per direction is in flight in the proxy
-_HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization", b"te",
-               b"trailer", b"upgrade"}
 OriginalDst = Callable[[asyncio.StreamWriter], tuple[str, int] | None]
-
-
-class Refused(Exception):
-    """A connection the policy refuses: ``rule`` is machine-readable, the message is for the guest."""
-
-    def __init__(self, rule: str, reason: str, status: int = 403) -> None:
-        super().__init__(reason)
-        self.rule, self.reason, self.status = rule, reason, status
 
 
 @dataclass(frozen=True)
@@ -96,48 +95,6 @@ class _Conn:
     responded: bool = False  # the refusal was already sent (inside TLS)
     bytes_in: int = 0
     bytes_out: int = 0
-
-
-def _split_host_port(target: str, default: int | None = None) -> tuple[str, int]:
-    if target.startswith("["):
-        host, _, rest = target[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
-    elif target.count(":") == 1:
-        host, _, port_text = target.partition(":")
-    else:
-        host, port_text = target, ""
-    if not port_text:
-        if default is None:
-            raise Refused("bad_request", f"no port in {target!r}", 400)
-        return host, default
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise Refused("port", f"port {port_text!r} out of range", 400)
-    return host, int(port_text)
-
-
-async def _both(receiver: Awaitable[None], sender: Awaitable[None]) -> None:
-    """Run both directions; done when ``receiver`` ends; an error in either ends both."""
-    recv, send = asyncio.ensure_future(receiver), asyncio.ensure_future(sender)
-    try:
-        pending: set[asyncio.Future[None]] = {recv, send}
-        while recv in pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()  # re-raises the direction's error
-    finally:
-        for task in (recv, send):
-            task.cancel()
-        for task in (recv, send):
-            with contextlib.suppress(BaseException):
-                await task
-
-
-def _refusal_response(exc: Refused) -> bytes:
-    body = f"egress refused ({exc.rule}): {exc.reason}\n".encode()
-    phrase = {400: "Bad Request", 403: "Forbidden", 502: "Bad Gateway"}.get(exc.status, "Forbidden")
-    return (f"HTTP/1.1 {exc.status} {phrase}\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\nX-Sbx-Egress-Rule: {exc.rule}\r\n\r\n"
-            ).encode() + body
 
 
 class EgressProxy:
@@ -239,7 +196,7 @@ class EgressProxy:
                                  else TLS_ALERT_ACCESS_DENIED)
                         writer.write(alert)
                     elif conn.bytes_in == 0:
-                        writer.write(_refusal_response(exc))
+                        writer.write(refusal_response(exc))
                     await asyncio.wait_for(writer.drain(), 2)
             except ByteCapExceeded as exc:
                 self._record(conn, Refused("byte_limit", str(exc)))
@@ -316,10 +273,10 @@ class EgressProxy:
                           conn: _Conn) -> None:
         client = PlainStream(reader, writer)
         hconn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
-        request = await self._next_request(hconn, client)
+        request = await next_request(hconn, client)
         if request.method == b"CONNECT":
             conn.mode = "connect"
-            host, port = _split_host_port(request.target.decode("ascii", "replace"))
+            host, port = split_host_port(request.target.decode("ascii", "replace"))
             addresses = await self._decide(host, port, conn)
             writer.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
             await writer.drain()
@@ -332,7 +289,7 @@ class EgressProxy:
         host = url.hostname
         port = url.port or 80
         addresses = await self._decide(host, port, conn)
-        self._check_host_header(request, conn.name)
+        check_host_header(request, conn.name)
         target = (url.path or "/") + (f"?{url.query}" if url.query else "")
         upstream = await self._dial(addresses, port, None)
         await self._forward_http(hconn, client, request, target.encode(), upstream, conn, [])
@@ -388,11 +345,11 @@ class EgressProxy:
     async def _on_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: _Conn) -> None:
         client = PlainStream(reader, writer)
         hconn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
-        request = await self._next_request(hconn, client)
+        request = await next_request(hconn, client)
         host_header = dict(request.headers).get(b"host", b"").decode("ascii", "replace")
         if not host_header:
             raise Refused("bad_request", "no Host header", 400)
-        host, _ = _split_host_port(host_header, self.transparent_http_port)
+        host, _ = split_host_port(host_header, self.transparent_http_port)
         addresses = await self._decide(host, self.transparent_http_port, conn)
         upstream = await self._dial(addresses, self.transparent_http_port, None)
         await self._forward_http(hconn, client, request, request.target, upstream, conn, [])
@@ -408,13 +365,13 @@ class EgressProxy:
         await tls.handshake()
         hconn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
         try:
-            request = await self._next_request(hconn, tls)
-            self._check_host_header(request, conn.name, required=True)
+            request = await next_request(hconn, tls)
+            check_host_header(request, conn.name, required=True)
             upstream = await self._dial(addresses, port, conn.name)
         except Refused as exc:
             conn.responded = True
             with contextlib.suppress(Exception):
-                await tls.write(_refusal_response(exc))
+                await tls.write(refusal_response(exc))
                 await tls.write_eof()
             raise
         subs = self.placeholders.substitutions(conn.name)
@@ -422,45 +379,12 @@ class EgressProxy:
 
     # -- HTTP and byte relays ----------------------------------------------------------------------
 
-    @staticmethod
-    async def _next_request(hconn: h11.Connection, stream: ByteStream) -> h11.Request:
-        async def run() -> h11.Request:
-            while True:
-                event = hconn.next_event()
-                if event is h11.NEED_DATA:
-                    hconn.receive_data(await stream.read(64 * 1024))
-                    continue
-                if isinstance(event, h11.Request):
-                    return event
-                raise Refused("bad_request", "no HTTP request", 400)
-        try:
-            return await asyncio.wait_for(run(), _HEAD_TIMEOUT)
-        except h11.RemoteProtocolError as exc:
-            raise Refused("bad_request", f"malformed HTTP request: {exc}", 400) from None
-        except TimeoutError:
-            raise Refused("bad_request", "no complete HTTP request head in time", 400) from None
-
-    @staticmethod
-    def _check_host_header(request: h11.Request, name: str, *, required: bool = False) -> None:
-        raw = dict(request.headers).get(b"host")
-        if raw is None:
-            if required:
-                raise Refused("bad_request", "no Host header", 400)
-            return
-        host, _ = _split_host_port(raw.decode("ascii", "replace"), 0)
-        try:
-            same = normalize_hostname(host) == name
-        except ValueError:
-            same = host.strip("[]") == name
-        if not same:
-            raise Refused("domain_fronting", f"Host {host!r} differs from the destination {name}")
-
     async def _forward_http(self, hconn: h11.Connection, client: ByteStream, request: h11.Request,
                             target: bytes, upstream: PlainStream, conn: _Conn,
                             subs: list[tuple[bytes, bytes]]) -> None:
         headers: list[tuple[bytes, bytes]] = []
         for key, value in request.headers:
-            if key in _HOP_BY_HOP:
+            if key in HOP_BY_HOP:
                 continue
             for placeholder, real in subs:
                 value = value.replace(placeholder, real)
@@ -491,37 +415,15 @@ class EgressProxy:
                     await self._count_write(upstream, data, conn, "out")
 
         async def receive() -> None:
-            head = await self._response_head(upstream)
+            head = await response_head(upstream)
             if head:
                 await self._count_write(client, head, conn, "in")
             await self._pump(upstream, client, conn, "in")
 
         try:
-            await _both(receive(), send_body())
+            await run_both(receive(), send_body())
         finally:
             await upstream.aclose()
-
-    @staticmethod
-    async def _response_head(upstream: PlainStream) -> bytes:
-        """The response head with ``Connection: close`` (one request per connection), rest unread."""
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            data = await upstream.read(64 * 1024)
-            if not data:
-                upstream.push_prefix(buf)
-                return b""
-            buf += data
-            if len(buf) > 64 * 1024 and b"\r\n\r\n" not in buf:
-                raise Refused("bad_response", "response head over 64 KiB", 502)
-        head, _, rest = buf.partition(b"\r\n\r\n")
-        upstream.push_prefix(rest)
-        lines = head.split(b"\r\n")
-        if lines[0][9:10] == b"1":  # 1xx: leave as is, the final head follows in the raw relay
-            return head + b"\r\n\r\n"
-        kept = [line for line in lines[1:]
-                if line.split(b":", 1)[0].strip().lower() not in (b"connection", b"keep-alive",
-                                                                   b"proxy-connection")]
-        return b"\r\n".join([lines[0], *kept, b"Connection: close"]) + b"\r\n\r\n"
 
     async def _relay(self, client: PlainStream, upstream: PlainStream, conn: _Conn) -> None:
         async def outbound() -> None:
@@ -529,7 +431,7 @@ class EgressProxy:
             await upstream.write_eof()
 
         try:
-            await _both(self._pump(upstream, client, conn, "in"), outbound())
+            await run_both(self._pump(upstream, client, conn, "in"), outbound())
         finally:
             await upstream.aclose()
 
