@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from exec_sandbox.egress import EgressGateway
+from exec_sandbox.egress import EgressGateway, EgressProxy, EgressResolver
 from tests.integration.egress_support import (
     LocalServer,
     TestCA,
@@ -200,3 +200,29 @@ async def test_domain_fronting_refused(test_ca: TestCA, tmp_path: Path, http_ser
         await settled(gw, 2)
         rules = [e.rule for e in gw.egress_log(allowed=False)]
         assert rules == ["domain_fronting", "domain_fronting"]
+
+
+async def test_transparent_original_destination_must_be_one_we_resolved(
+        test_ca: TestCA, tmp_path: Path, https_server: LocalServer) -> None:
+    # the VM wiring may pass the guest's original destination (e.g. SO_ORIGINAL_DST after a DNAT);
+    # it must be an address our resolver handed out for the SNI name. The hook's answer is only
+    # compared, never dialled.
+    policy = base_policy()
+    dst = {"value": ("127.0.0.1", https_server.port)}
+    proxy = EgressProxy(policy, EgressResolver(policy), upstream_ca_file=test_ca.ca_file,
+                        original_dst=lambda _writer: dst["value"])
+    async with proxy:
+        assert proxy.addresses is not None
+        port = proxy.addresses.tls[1]
+        args = ("--resolve", f"other.test:{port}:127.0.0.1", "--cacert", str(test_ca.ca_file),
+                f"https://other.test:{port}/od")
+        rc, out, err = await run_curl(*args)
+        assert rc == 0 and out.startswith("hello other.test"), err
+        dst["value"] = ("::1", https_server.port)  # never handed out for other.test
+        rc, _, err = await run_curl(*args)
+        assert rc != 0
+        for _ in range(100):
+            if len(proxy.log) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert [e.rule for e in proxy.log.entries()] == [None, "domain_fronting"]

@@ -28,6 +28,7 @@ class Refused(Exception):
 
 
 def split_host_port(target: str, default: int | None = None) -> tuple[str, int]:
+    """``host:port`` / ``[v6]:port`` / ``host`` (then ``default``) -> (host, port), or :class:`Refused`."""
     if target.startswith("["):
         host, _, rest = target[1:].partition("]")
         port_text = rest[1:] if rest.startswith(":") else ""
