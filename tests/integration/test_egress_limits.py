@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from pathlib import Path
 
@@ -114,6 +113,15 @@ async def test_egress_log_lists_allowed_and_refused(test_ca: TestCA, tmp_path: P
         assert gw.stats.connections_total == 4 and gw.stats.refused_total == 2
 
 
-def test_no_socket_leaves_loopback() -> None:
-    # the servers of this module bind 127.0.0.1 only
-    assert socket.gethostbyname("localhost") in ("127.0.0.1", "::1")
+async def test_idle_connections_are_closed(test_ca: TestCA, tmp_path: Path,
+                                           https_server: LocalServer) -> None:
+    async with gateway(test_ca, tmp_path, idle_timeout=0.3) as (gw, _bundle):
+        assert gw.proxy_addresses is not None
+        reader, writer = await asyncio.open_connection(*gw.proxy_addresses.forward)
+        writer.write(f"CONNECT other.test:{https_server.port} HTTP/1.1\r\nHost: other.test\r\n\r\n".encode())
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        writer.write(b"\x00")  # not TLS: a raw relay, then silence
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        await settled(gw, 1)
+        assert gw.egress_log()[0].rule == "idle_timeout"

@@ -22,7 +22,7 @@ class EgressGateway:
     def __init__(self, policy: EgressPolicy, *, upstream: Upstream | None = None,
                  upstream_ca_file: str | Path | None = None, host: str = "127.0.0.1",
                  transparent_tls_port: int = 443, transparent_http_port: int = 80,
-                 log_size: int = 1024) -> None:
+                 log_size: int = 1024, idle_timeout: float = 300.0) -> None:
         self.policy = policy
         self.host = host
         self.placeholders = SecretPlaceholders(policy)
@@ -33,7 +33,7 @@ class EgressGateway:
         self.proxy = EgressProxy(policy, self.resolver, placeholders=self.placeholders, ca=self.ca,
                                  upstream_ca_file=upstream_ca_file, log_size=log_size,
                                  transparent_tls_port=transparent_tls_port,
-                                 transparent_http_port=transparent_http_port)
+                                 transparent_http_port=transparent_http_port, idle_timeout=idle_timeout)
         self.dns_address: tuple[str, int] | None = None
         self.proxy_addresses: ProxyAddresses | None = None
 

@@ -31,7 +31,7 @@ import ipaddress
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -93,6 +93,7 @@ class _Conn:
     intercepted: bool = False
     tunnel: bool = False  # a CONNECT was answered 200: refusals are TLS alerts from now on
     responded: bool = False  # the refusal was already sent (inside TLS)
+    last_activity: float = field(default_factory=time.monotonic)
     bytes_in: int = 0
     bytes_out: int = 0
 
@@ -104,7 +105,7 @@ class EgressProxy:
                  placeholders: SecretPlaceholders | None = None, ca: SandboxCA | None = None,
                  upstream_ca_file: str | Path | None = None, log_size: int = 1024,
                  transparent_tls_port: int = 443, transparent_http_port: int = 80,
-                 original_dst: OriginalDst | None = None) -> None:
+                 original_dst: OriginalDst | None = None, idle_timeout: float = 300.0) -> None:
         self.policy, self.resolver = policy, resolver
         self.placeholders = placeholders if placeholders is not None else SecretPlaceholders(policy)
         hosts = policy.secret_hosts()
@@ -115,6 +116,7 @@ class EgressProxy:
         self._upstream_ssl.set_alpn_protocols(["http/1.1"])
         self.transparent_tls_port, self.transparent_http_port = transparent_tls_port, transparent_http_port
         self.original_dst = original_dst
+        self.idle_timeout = idle_timeout  # a relayed connection silent both ways this long is closed
         self.log = EgressLog(log_size)
         self.stats = EgressStats()
         lim = policy.limits
@@ -189,7 +191,7 @@ class EgressProxy:
             except Refused as exc:
                 self._record(conn, exc)
                 with contextlib.suppress(Exception):
-                    if conn.responded:
+                    if conn.responded or exc.rule == "idle_timeout":
                         pass
                     elif conn.mode == "sni" or conn.tunnel:
                         alert = (TLS_ALERT_UNRECOGNIZED_NAME if exc.rule == "not_allowlisted"
@@ -216,7 +218,7 @@ class EgressProxy:
         return run
 
     def _record(self, conn: _Conn, refused: Refused | None, error: str | None = None) -> None:
-        if refused is not None and refused.rule != "byte_limit":
+        if refused is not None and refused.rule not in ("byte_limit", "idle_timeout"):
             self.stats.refused_total += 1
         self.log.append(EgressLogEntry(
             time=conn.start, name=conn.name, port=conn.port, mode=conn.mode,
@@ -437,9 +439,15 @@ class EgressProxy:
 
     async def _pump(self, src: ByteStream, dst: ByteStream, conn: _Conn, direction: str) -> None:
         while True:
-            data = await src.read(_RELAY_CHUNK)
+            try:
+                data = await asyncio.wait_for(src.read(_RELAY_CHUNK), self.idle_timeout)
+            except TimeoutError:
+                if time.monotonic() - conn.last_activity < self.idle_timeout:
+                    continue  # the other direction is busy (e.g. a long download)
+                raise Refused("idle_timeout", f"no bytes either way for {self.idle_timeout:g} s") from None
             if not data:
                 return
+            conn.last_activity = time.monotonic()
             await self._count_write(dst, data, conn, direction)
 
     async def _count_write(self, dst: ByteStream, data: bytes, conn: _Conn, direction: str) -> None:

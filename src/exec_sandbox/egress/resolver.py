@@ -42,7 +42,8 @@ __all__ = ["DnsServer", "DnsUpstream", "EgressResolver", "Resolution", "SystemUp
 
 _TTL = 30
 _MAX_NAMES = 4096
-_MAX_INFLIGHT = 256
+_MAX_INFLIGHT = 256  # UDP queries being answered at once (more are dropped)
+_MAX_TCP_CLIENTS = 64
 
 
 class Upstream(Protocol):
@@ -239,6 +240,7 @@ class DnsServer:
         self._proto: _UdpProtocol | None = None
         self._tcp: asyncio.Server | None = None
         self.address: tuple[str, int] | None = None
+        self._tcp_clients = 0
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         """Bind UDP (and TCP on the same port); returns ``(host, port)``. A second call is a no-op."""
@@ -265,6 +267,10 @@ class DnsServer:
         return self.address
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._tcp_clients >= _MAX_TCP_CLIENTS:
+            writer.close()
+            return
+        self._tcp_clients += 1
         try:
             while True:
                 head = await asyncio.wait_for(reader.readexactly(2), 10)
@@ -277,6 +283,7 @@ class DnsServer:
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
             pass
         finally:
+            self._tcp_clients -= 1
             writer.close()
 
     async def aclose(self) -> None:
