@@ -226,3 +226,24 @@ async def test_transparent_original_destination_must_be_one_we_resolved(
                 break
             await asyncio.sleep(0.01)
         assert [e.rule for e in proxy.log.entries()] == [None, "domain_fronting"]
+
+
+async def test_malformed_requests_get_a_clear_400(test_ca: TestCA, tmp_path: Path) -> None:
+    async with gateway(test_ca, tmp_path) as (gw, _bundle):
+        assert gw.proxy_addresses is not None
+        port = gw.proxy_addresses.forward[1]
+        cases = [
+            (b"GET http://web.test:99999/ HTTP/1.1\r\nHost: web.test\r\n\r\n", b"port"),
+            (b"GET https://web.test/ HTTP/1.1\r\nHost: web.test\r\n\r\n", b"bad_request"),
+            (b"CONNECT web.test HTTP/1.1\r\nHost: web.test\r\n\r\n", b"bad_request"),
+            (b"CONNECT web.test:0 HTTP/1.1\r\nHost: web.test\r\n\r\n", b"port"),
+            (b"\x00\x01garbage\r\n\r\n", b"bad_request"),
+            (b"GET http://web.test/ HTTP/1.1\r\nHost: web.test\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n",
+             b"bad_request"),
+        ]
+        for payload, rule in cases:
+            resp = await asyncio.to_thread(_raw_proxy, port, payload)
+            assert resp.startswith(b"HTTP/1.1 400"), (payload[:40], resp)
+            assert b"X-Sbx-Egress-Rule: " + rule in resp, (payload[:40], resp)
+        await settled(gw, len(cases))
+        assert all(not e.allowed for e in gw.egress_log())

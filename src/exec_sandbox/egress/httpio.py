@@ -11,10 +11,11 @@ import h11
 from exec_sandbox.egress.policy import normalize_hostname
 from exec_sandbox.egress.streams import ByteStream, PlainStream
 
-__all__ = ["HEAD_TIMEOUT", "HOP_BY_HOP", "Refused", "check_host_header", "next_request", "refusal_response",
-           "response_head", "run_both", "split_host_port"]
+__all__ = ["HEAD_TIMEOUT", "HOP_BY_HOP", "MAX_HEAD", "Refused", "check_host_header", "next_request",
+           "refusal_response", "response_head", "run_both", "split_host_port"]
 
 HEAD_TIMEOUT = 10.0
+MAX_HEAD = 64 * 1024
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization", b"te",
                         b"trailer", b"upgrade"})
 
@@ -71,11 +72,17 @@ def refusal_response(exc: Refused) -> bytes:
 
 
 async def next_request(hconn: h11.Connection, stream: ByteStream) -> h11.Request:
+    """The request head (``h11``), at most :data:`MAX_HEAD` bytes within :data:`HEAD_TIMEOUT`."""
     async def run() -> h11.Request:
+        received = 0
         while True:
             event = hconn.next_event()
             if event is h11.NEED_DATA:
-                hconn.receive_data(await stream.read(64 * 1024))
+                if received > MAX_HEAD:
+                    raise Refused("bad_request", f"request head over {MAX_HEAD} bytes", 400)
+                data = await stream.read(min(16 * 1024, MAX_HEAD + 1 - received))
+                received += len(data)
+                hconn.receive_data(data)
                 continue
             if isinstance(event, h11.Request):
                 return event
@@ -86,6 +93,7 @@ async def next_request(hconn: h11.Connection, stream: ByteStream) -> h11.Request
         raise Refused("bad_request", f"malformed HTTP request: {exc}", 400) from None
     except TimeoutError:
         raise Refused("bad_request", "no complete HTTP request head in time", 400) from None
+
 
 def check_host_header(request: h11.Request, name: str, *, required: bool = False) -> None:
     raw = dict(request.headers).get(b"host")

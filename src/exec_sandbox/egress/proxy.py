@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -69,6 +70,8 @@ from exec_sandbox.egress.streams import (
 )
 
 __all__ = ["EgressProxy", "ProxyAddresses", "Refused"]
+
+logger = logging.getLogger(__name__)
 
 _CONNECT_TIMEOUT = 5.0
 _RELAY_CHUNK = 256 * 1024  # bounded: at most this much per direction is in flight in the proxy
@@ -205,6 +208,9 @@ class EgressProxy:
             except (ConnectionError, OSError, TimeoutError, ssl.SSLError, h11.ProtocolError,
                     ClientHelloError) as exc:
                 self._record(conn, None, error=f"{type(exc).__name__}: {exc}")
+            except Exception as exc:  # a bug here must not take the listener down or go unlogged
+                logger.exception("egress proxy: connection handler failed")
+                self._record(conn, None, error=f"internal error: {type(exc).__name__}")
             except asyncio.CancelledError:
                 # only aclose() cancels these root tasks; asyncio's stream callback (3.11) would log
                 # a cancelled handler as an error, so the handler ends quietly
@@ -289,7 +295,10 @@ class EgressProxy:
         if url.scheme != "http" or not url.hostname:
             raise Refused("bad_request", "only absolute http:// URIs and CONNECT are proxied", 400)
         host = url.hostname
-        port = url.port or 80
+        try:
+            port = url.port or 80
+        except ValueError:
+            raise Refused("port", f"bad port in {url.netloc!r}", 400) from None
         addresses = await self._decide(host, port, conn)
         check_host_header(request, conn.name)
         target = (url.path or "/") + (f"?{url.query}" if url.query else "")
