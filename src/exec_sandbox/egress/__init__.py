@@ -21,27 +21,37 @@ Errors: bad configuration is :class:`exec_sandbox.errors.SandboxInputError` with
 Wiring plan (next session; nothing below exists yet):
 
 1. ``SchedulerConfig``/``run()``/``session()`` take ``allowed_domains``, ``allowed_cidrs``,
-   ``host_overrides``, ``egress_allow_private``, ``secrets``, egress limits, and build one
-   :class:`EgressPolicy` (its ``SandboxInputError`` propagates unchanged). ``policy.enabled`` false
-   = no NIC at all (today's default, zero cost).
-2. Per sandbox, ``async with EgressGateway(policy) as gw`` before boot, ``aclose`` registered as
-   the undo. The guest gets a NIC on QEMU user-mode networking with ``restrict=on`` (no route to
-   anything) and ``guestfwd`` rules that map fixed guest-side addresses to the gateway's listeners:
-   ``10.0.2.100:53`` -> DNS (TCP; UDP DNS through slirp's built-in ``dns=`` cannot be redirected,
-   so the guest resolver uses TCP (``options use-vc``) or the agent relays UDP 53),
-   ``10.0.2.100:3128`` -> forward proxy, ``:443`` -> transparent TLS, ``:80`` -> transparent HTTP.
-   With ``restrict=on`` the guest has no other way out: no raw route, no UDP but DNS.
-   (Alternative with a TAP device in a netns: nftables DNAT of tcp/80, tcp/443, udp+tcp/53 to the
-   listeners and ``original_dst`` (``SO_ORIGINAL_DST``) passed to :class:`EgressProxy`.)
-3. The agent configures the NIC at boot from a frame (address, route, resolver), not the kernel
-   command line, so L1-restored and forked guests get a fresh address/MAC via the same frame after
-   restore; ``/etc/resolv.conf`` points at the gateway; ``HTTP(S)_PROXY``/``NO_PROXY``,
-   ``PIP_*``/``npm`` settings come from :meth:`EgressGateway.guest_env`; the CA PEM
-   (:attr:`EgressGateway.ca_pem`) is added to the guest trust store (``update-ca-certificates``
-   plus ``SSL_CERT_FILE``/``REQUESTS_CA_BUNDLE``/``NODE_EXTRA_CA_CERTS``). Secrets reach the guest
-   only as placeholders in its environment.
-4. The egress log and :class:`EgressStats` go on the result/session and into ``sbx serve``'s
-   Prometheus metrics.
+   ``host_overrides``, ``egress_allow_private``, ``secrets``, egress limits and build one
+   :class:`EgressPolicy` (its ``SandboxInputError`` propagates unchanged). ``not policy.enabled``
+   = no NIC at all (today's default, zero cost: nothing here is imported or started).
+2. Per sandbox, ``EgressGateway(policy, host=<the sandbox's host-side address>)`` is started
+   before boot with its ``aclose`` registered as the undo (one gateway per sandbox = identity by
+   listener; no per-connection attribution needed). Its listeners bind the host end of the
+   sandbox's link only.
+3. The link, as root (smartvm already makes TAPs through netlink): a TAP per VM (QEMU
+   ``-netdev tap,ifname=…,script=no``), a /30 per sandbox, and nftables rules on that TAP:
+   udp+tcp/53 -> the gateway's DNS, tcp/80 -> transparent HTTP, every other TCP port ->
+   transparent TLS (SNI), the forward proxy reachable at its own port; ``forward`` chain drops
+   everything from the TAP (no route to the host's network, no UDP but DNS, no ICMP out).
+   The proxy gets the original destination through the ``original_dst`` hook
+   (``getsockopt(SO_ORIGINAL_DST)``), which also gives the real port for TLS on ports other than
+   443 and lets the proxy refuse an address our DNS never handed out for that SNI.
+   Without root: QEMU user networking with ``restrict=on`` plus ``guestfwd`` per service
+   (``cmd:`` variant, one connector per connection: a plain chardev target carries a single
+   stream) — to be verified and measured; the transparent TLS port is then fixed (443).
+4. The guest agent configures the NIC from a frame (address, route, resolver, MAC), not the
+   kernel command line, so L1-restored and forked guests get a fresh address/MAC by the same
+   frame after restore (the gateway is per sandbox, so a restored clone gets its own).
+   ``/etc/resolv.conf`` points at the gateway; ``HTTP(S)_PROXY``, ``pip``/``npm`` settings come
+   from :meth:`EgressGateway.guest_env` (plus the secret placeholders); the CA PEM
+   (:attr:`EgressGateway.ca_pem`) goes into the guest trust store (``update-ca-certificates``,
+   ``SSL_CERT_FILE``/``REQUESTS_CA_BUNDLE``/``NODE_EXTRA_CA_CERTS``) only when there are secrets.
+5. The egress log (:meth:`EgressGateway.egress_log`) and :class:`EgressStats` go on the
+   result/session and into ``sbx serve``'s Prometheus metrics.
+
+Not covered: QUIC/HTTP3 and any UDP but DNS (refused by design; clients fall back to TCP), HTTP/2
+inside terminated TLS (ALPN offers http/1.1 only), secrets in bodies or URLs (headers only, over
+TLS only), Host checks inside non-terminated TLS (SNI is checked; the encrypted Host is not).
 """
 
 from __future__ import annotations
