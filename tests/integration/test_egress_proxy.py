@@ -247,3 +247,19 @@ async def test_malformed_requests_get_a_clear_400(test_ca: TestCA, tmp_path: Pat
             assert b"X-Sbx-Egress-Rule: " + rule in resp, (payload[:40], resp)
         await settled(gw, len(cases))
         assert all(not e.allowed for e in gw.egress_log())
+
+
+async def test_gateway_lifecycle(test_ca: TestCA, tmp_path: Path) -> None:
+    gw = EgressGateway(base_policy())
+    await gw.start()
+    assert gw.proxy_addresses is not None and gw.dns_address is not None
+    first = gw.proxy_addresses
+    await gw.proxy.start()  # a second start is a no-op
+    assert gw.proxy.addresses == first
+    ports = [first.forward[1], first.tls[1], first.http[1]]
+    await gw.aclose()
+    await gw.aclose()  # idempotent
+    assert gw.proxy_addresses is None
+    for port in ports:  # nothing listens any more
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()

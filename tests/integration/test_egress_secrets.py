@@ -14,6 +14,7 @@ from tests.integration.egress_support import (
     LocalServer,
     TestCA,
     gateway,
+    http_server,
     https_server,
     proxy_url,
     run_curl,
@@ -21,7 +22,7 @@ from tests.integration.egress_support import (
     test_ca,
 )
 
-__all__ = ["https_server", "test_ca"]
+__all__ = ["http_server", "https_server", "test_ca"]
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -105,3 +106,14 @@ async def test_guest_trusting_the_sandbox_ca_cannot_be_fooled_for_other_names(
         assert [n.value for n in constraints.value.permitted_subtrees or []] == ["api.test"]
         with pytest.raises(ValueError, match="not a host of this CA"):
             gw.ca.leaf_pem("other.test")
+
+
+async def test_secrets_never_go_out_in_cleartext_or_to_other_hosts(
+        test_ca: TestCA, tmp_path: Path, http_server: LocalServer) -> None:
+    async with gateway(test_ca, tmp_path) as (gw, _bundle):
+        placeholder = gw.guest_env()["TOKEN"]
+        async with httpx.AsyncClient(proxy=proxy_url(gw), trust_env=False) as client:
+            for name in ("web.test", "api.test"):  # plain HTTP: even the secret's own host gets no value
+                r = await client.get(http_server.url(name, "/plain"), headers={"Authorization": placeholder})
+                assert r.status_code == 200
+                assert http_server.seen[-1][1]["authorization"] == placeholder
