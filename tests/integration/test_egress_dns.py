@@ -112,3 +112,16 @@ async def test_garbage_is_dropped_and_server_survives(upstream: tuple[CountingDn
         transport.close()
         await asyncio.sleep(0.05)
         assert _addresses(await _ask(server.address[1], "web.test")) == ["127.0.0.1"]
+
+
+async def test_system_upstream_is_the_hosts_resolver() -> None:
+    # "localhost" resolves through /etc/hosts on every host: loopback only, nothing leaves the machine
+    loose = EgressResolver(EgressPolicy(allowed_domains=["localhost"], allow_private=True))
+    result = await loose.resolve("localhost")
+    assert result.ok and all(ip.is_loopback for ip in result.addresses)
+    strict = EgressResolver(EgressPolicy(allowed_domains=["localhost"]))
+    result = await strict.resolve("localhost")
+    assert not result.ok and result.refused and "loopback" in result.refusal()
+    refused = await strict.resolve("not-allowed.invalid")
+    assert not refused.ok and "not in allowed_domains" in refused.refusal()
+    assert strict.upstream_queries == 1  # only the allowlisted name was looked up

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from pathlib import Path
 
@@ -125,3 +126,19 @@ async def test_idle_connections_are_closed(test_ca: TestCA, tmp_path: Path,
         writer.close()
         await settled(gw, 1)
         assert gw.egress_log()[0].rule == "idle_timeout"
+
+
+async def test_many_parallel_requests(test_ca: TestCA, tmp_path: Path, http_server: LocalServer,
+                                      https_server: LocalServer) -> None:
+    async with gateway(test_ca, tmp_path) as (gw, bundle):
+        ctx = ssl.create_default_context(cafile=str(bundle))
+        limits = httpx.Limits(max_connections=40)
+        async with httpx.AsyncClient(proxy=proxy_url(gw), verify=ctx, trust_env=False,
+                                     limits=limits) as client:
+            urls = [http_server.url("web.test", f"/p{i}") for i in range(30)]
+            urls += [https_server.url("api.test" if i % 2 else "other.test", f"/s{i}") for i in range(30)]
+            responses = await asyncio.gather(*(client.get(u) for u in urls))
+        assert all(r.status_code == 200 for r in responses)
+        await settled(gw, 60)
+        assert gw.stats.connections_total == 60 and gw.stats.refused_total == 0
+        assert sum(e.intercepted for e in gw.egress_log()) == 15
