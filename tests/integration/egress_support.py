@@ -211,12 +211,13 @@ async def gateway(test_ca: TestCA, tmp_path: Path, policy: EgressPolicy | None =
         yield gw, bundle
 
 
-async def settled(gw: EgressGateway, entries: int, timeout: float = 5.0) -> None:
+async def settled(gw: EgressGateway, entries: int, timeout: float = 15.0) -> None:
     """Wait until the proxy has logged ``entries`` connections and none is active (a client may
     return before the proxy has seen the connection close)."""
     deadline = asyncio.get_running_loop().time() + timeout
     while len(gw.egress_log()) + gw.proxy.log.dropped < entries or gw.stats.active_connections:
-        assert asyncio.get_running_loop().time() < deadline, gw.egress_log()
+        assert asyncio.get_running_loop().time() < deadline, (
+            f"{len(gw.egress_log())} logged, {gw.stats.active_connections} active")
         await asyncio.sleep(0.01)
 
 

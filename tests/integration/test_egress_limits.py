@@ -139,6 +139,8 @@ async def test_many_parallel_requests(test_ca: TestCA, tmp_path: Path, http_serv
             urls += [https_server.url("api.test" if i % 2 else "other.test", f"/s{i}") for i in range(30)]
             responses = await asyncio.gather(*(client.get(u) for u in urls))
         assert all(r.status_code == 200 for r in responses)
-        await settled(gw, 60)
-        assert gw.stats.connections_total == 60 and gw.stats.refused_total == 0
+        # end-to-end TLS tunnels may carry several requests (the client reuses them); intercepted
+        # and plain HTTP ones carry one each
+        await settled(gw, 45)
+        assert len(gw.egress_log()) == gw.stats.connections_total and gw.stats.refused_total == 0
         assert sum(e.intercepted for e in gw.egress_log()) == 15
