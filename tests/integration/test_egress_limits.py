@@ -112,6 +112,7 @@ async def test_egress_log_lists_allowed_and_refused(test_ca: TestCA, tmp_path: P
         assert all(e.time >= t0 for e in entries)
         assert [e.name for e in gw.egress_log(allowed=False)] == ["evil.test", "127.0.0.1"]
         assert gw.stats.connections_total == 4 and gw.stats.refused_total == 2
+        assert gw.stats.refused_by_rule == {"not_allowlisted": 1, "ip_literal": 1}
 
 
 async def test_idle_connections_are_closed(test_ca: TestCA, tmp_path: Path,

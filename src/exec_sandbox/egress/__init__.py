@@ -67,7 +67,7 @@ from exec_sandbox.egress.policy import (
     is_forbidden_address,
     normalize_hostname,
 )
-from exec_sandbox.egress.proxy import EgressProxy, ProxyAddresses, Refused
+from exec_sandbox.egress.proxy import EgressProxy, ProxyAddresses
 from exec_sandbox.egress.resolver import DnsServer, DnsUpstream, EgressResolver, Resolution, SystemUpstream
 from exec_sandbox.egress.secrets import SandboxCA
 
@@ -83,7 +83,6 @@ __all__ = [
     "EgressResolver",
     "EgressStats",
     "ProxyAddresses",
-    "Refused",
     "Resolution",
     "SandboxCA",
     "Secret",

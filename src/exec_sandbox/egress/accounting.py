@@ -7,7 +7,7 @@ import time
 from collections import deque
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["ByteCapExceeded", "EgressLog", "EgressLogEntry", "EgressStats", "TokenBucket"]
 
@@ -37,6 +37,7 @@ class EgressStats(BaseModel):
 
     connections_total: int = 0
     refused_total: int = 0
+    refused_by_rule: dict[str, int] = Field(default_factory=dict)  # e.g. {"not_allowlisted": 3}
     active_connections: int = 0
     bytes_in: int = 0
     bytes_out: int = 0

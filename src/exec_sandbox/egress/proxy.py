@@ -224,8 +224,11 @@ class EgressProxy:
         return run
 
     def _record(self, conn: _Conn, refused: Refused | None, error: str | None = None) -> None:
-        if refused is not None and refused.rule not in ("byte_limit", "idle_timeout"):
-            self.stats.refused_total += 1
+        if refused is not None:
+            rules = self.stats.refused_by_rule
+            rules[refused.rule] = rules.get(refused.rule, 0) + 1
+            if refused.rule not in ("byte_limit", "idle_timeout"):
+                self.stats.refused_total += 1
         self.log.append(EgressLogEntry(
             time=conn.start, name=conn.name, port=conn.port, mode=conn.mode,
             allowed=refused is None, rule=refused.rule if refused else None,
