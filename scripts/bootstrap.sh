@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   qemu-system-x86 qemu-utils e2fsprogs iproute2 ca-certificates
+  curl  # egress tests drive the proxy with curl
   python3 python3-venv
   # kernel build from Debian's linux-source
   linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils
