@@ -104,7 +104,14 @@ async def test_idle_guest_is_tickless(
         await client.wait_ready(timeout=120)
         clock = "/sys/devices/system/clocksource/clocksource0/current_clocksource"
         event = "/sys/devices/system/clockevents/clockevent0/current_device"
-        clocksource, clockevent = (await _raw(client, f"cat {clock} {event}")).split()
+        # The kernel starts on "tsc-early" and switches to "tsc" from a delayed work item once it has
+        # refined the calibration (~1 s after boot, later on a loaded host): wait for the steady state.
+        deadline = asyncio.get_running_loop().time() + 20
+        while True:
+            clocksource, clockevent = (await _raw(client, f"cat {clock} {event}")).split()
+            if clocksource != "tsc-early" or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.5)
         before = _interrupt_counts(await _raw(client, "cat /proc/interrupts"))
         await asyncio.sleep(IDLE_WINDOW_S)
         after = _interrupt_counts(await _raw(client, "cat /proc/interrupts"))
