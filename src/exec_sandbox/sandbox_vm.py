@@ -98,7 +98,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# The port name the guest agent looks for (agent.py DEFAULT_PORT_NAME).
+# The port name the guest agent looks for (sbx_agent/wire.py DEFAULT_PORT_NAME).
 AGENT_PORT_NAME = "org.exec_sandbox.agent"
 SNAPSHOT_FORMAT = 1
 _ROOT_DRIVE_ID = "root"

@@ -2,8 +2,8 @@
 
 What ``dpkg-deb -x`` does not do, done here: busybox applet links (shell and coreutils), the
 ``/sbin/init`` script, users (root + ``sandbox`` uid/gid 1000, home /home/sandbox = work dir),
-the guest agent under /opt/sbx, and byte-compiling Python (``chroot DIR python3 -m compileall``,
-unchecked-hash pycs, so mtimes do not matter). Docs, man pages and locales are dropped.
+the guest agent package under /opt/sbx/sbx_agent, and byte-compiling Python (``chroot DIR python3
+-m compileall``, unchecked-hash pycs, so mtimes do not matter). Docs, man pages and locales are dropped.
 Ownership: run as root, ``dpkg-deb -x`` keeps the packages' root ownership, which
 ``mkfs.ext4 -d`` copies verbatim; the builder refuses to run as non-root for that reason.
 """
