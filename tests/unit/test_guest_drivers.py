@@ -123,3 +123,32 @@ def test_node_awaits_a_returned_promise(node_driver: Driver) -> None:
 def test_node_driver_ends_on_eof(node_driver: Driver) -> None:
     node_driver.run("1")
     assert node_driver.close() == 0
+
+
+def test_python_code_runs_in_a_real_main_module(python_driver: Driver) -> None:
+    code = ("import pickle, __main__\ndef f(x):\n    return x + 1\n"
+            "print(pickle.loads(pickle.dumps(f))(1), __main__.f is f)")
+    assert python_driver.run(code) == (0, "2 True\n", "")
+    assert python_driver.run("print(sorted(k for k in dir(__main__) if 'sbx' in k))") == (0, "[]\n", "")
+
+
+def test_python_forked_child_never_reports_or_reads(python_driver: Driver) -> None:
+    code = ("import os, sys\nme = os.getpid()\npid = os.fork()\nif pid == 0:\n    sys.exit(5)\n"
+            "print('status', os.waitpid(pid, 0)[1] >> 8)")
+    assert python_driver.run(code) == (0, "status 5\n", "")
+    assert python_driver.run("print(os.getpid() == me)") == (0, "True\n", "")
+
+
+def test_node_runs_in_the_global_context(node_driver: Driver) -> None:
+    code = ("console.log(typeof performance, typeof require, typeof module.exports, global === globalThis,"
+            " typeof inFd, typeof queue, typeof pump, typeof report)")
+    out = "object function object true undefined undefined undefined undefined\n"
+    assert node_driver.run(code) == (0, out, "")
+    assert node_driver.run("let a = 1; const b = 2;")[0] == 0
+    assert node_driver.run("console.log(a + b)") == (0, "3\n", "")
+
+
+def test_node_error_stacks_show_no_driver_frames(node_driver: Driver) -> None:
+    rc, _, err = node_driver.run("function boom() { throw new Error('x'); }\nboom()")
+    assert rc == 1 and "Error: x" in err and "<session-1>:1" in err
+    assert "[eval]" not in err and "node:vm" not in err

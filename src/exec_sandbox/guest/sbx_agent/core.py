@@ -12,7 +12,17 @@ import threading
 import time
 
 from .cgroups import Cgroups
-from .procs import STD_PATH, Proc, Reaper, Workers, become_subreaper, start_process, which
+from .procs import (
+    STD_PATH,
+    Proc,
+    Reaper,
+    Workers,
+    harden,
+    make_dev_links,
+    no_new_privs,
+    start_process,
+    which,
+)
 from .wire import (
     AGENT_VERSION,
     BOOT_MONO,
@@ -81,6 +91,8 @@ class AgentCore:
         self.transport: Transport | None = None
         self.stop_event = threading.Event()
         self.workers = Workers()
+        self.hardened = threading.Event()  # set once :func:`harden` ran (see _greet())
+        self._harden_started = False
 
     # ---- lazily built pieces (kept off the boot critical path)
 
@@ -220,6 +232,9 @@ class AgentCore:
         ``cgroup``: the child is born in that group (see :class:`Cgroups`)."""
         if self.run_uid is not None:
             self._limit_user_processes()
+        if self._harden_started:  # loading libc in the background (see _greet): wait for it
+            self.hardened.wait(30)
+        no_new_privs()
         with self.spawn_lock:
             if self.terminating:
                 raise RequestError("terminating", "the agent is shutting down")
@@ -282,8 +297,6 @@ class AgentCore:
             self.transport = transport
             transport.on_connect = self._greet
             threading.Thread(target=self._writer, name="writer", daemon=True).start()
-            if os.getpid() != 1:
-                threading.Thread(target=become_subreaper, daemon=True).start()
             for lang in self.args.warm or []:
                 threading.Thread(target=self._warm_quiet, args=(lang,), daemon=True).start()
             for lang in sorted(self.spare_langs):
@@ -299,9 +312,20 @@ class AgentCore:
             for msg in decoder.feed(data):
                 self.dispatch(msg)
 
+    def _harden(self) -> None:
+        try:
+            harden(subreaper=os.getpid() != 1)
+            if os.getpid() == 1:
+                make_dev_links()
+        finally:
+            self.hardened.set()
+
     def _greet(self) -> None:
         self.send(self.hello(None))
         trace("hello queued")
+        if not self._harden_started:  # after the first hello: loading libc is off the boot path
+            self._harden_started = True
+            threading.Thread(target=self._harden, name="harden", daemon=True).start()
 
     def _warm_quiet(self, lang: str) -> None:
         try:

@@ -79,6 +79,11 @@ def start_process(argv: list[str], *, stdin: int, cwd: str, env: dict[str, str],
         opened += [out_r, out_w]
         err_r, err_w = os.pipe()
         opened += [err_r, err_w]
+        if uid is not None:
+            # The user's own pipes: re-opening them through /proc (/dev/stdout, /dev/stderr) checks
+            # the pipe inode's owner, which is otherwise the root agent (mode 0600).
+            for fd in (out_w, err_w):
+                os.fchown(fd, uid, gid if gid is not None else -1)
         errpipe_r, errpipe_w = os.pipe()
         opened += [errpipe_r, errpipe_w]
         pid = _posixsubprocess.fork_exec(
@@ -225,12 +230,50 @@ def which(name: str) -> str | None:
     return None
 
 
-def become_subreaper() -> None:
-    # Orphans of user code then re-parent to the agent, so kill_tree can find and reap them.
+PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NO_NEW_PRIVS = 38
+# What a Linux box has and the kernel's devtmpfs does not (udev or systemd make them elsewhere).
+DEV_LINKS = (("/proc/self/fd", "/dev/fd"), ("/proc/self/fd/0", "/dev/stdin"),
+             ("/proc/self/fd/1", "/dev/stdout"), ("/proc/self/fd/2", "/dev/stderr"))
+
+
+_libc: Any = None
+_nnp_threads: set[int] = set()
+
+
+def harden(*, subreaper: bool) -> None:
+    """Load libc through ctypes (~30 ms under TCG: the agent calls this from a thread of its own,
+    off the boot path) and, for the agent run on a host for tests (PID 1 is one already), become a
+    subreaper: orphans of user code re-parent to the agent, so kill_tree can find and reap them."""
+    global _libc
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+        _libc = ctypes.CDLL(None, use_errno=True)
+        if subreaper:
+            _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     except Exception:
         pass
 
+
+def no_new_privs() -> None:
+    """Set ``no_new_privs`` on the calling thread (it is per thread; a fork inherits the forking
+    thread's), once per thread: no exec of user code, or of what it starts, can gain privileges -
+    setuid/setgid bits and file capabilities are ignored. The agent itself never needs to: it drops
+    to the sandbox uid with setuid() and powers off with reboot(2)."""
+    tid = threading.get_ident()
+    if tid in _nnp_threads:
+        return
+    if _libc is None:
+        harden(subreaper=False)
+    if _libc is not None and _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0:
+        _nnp_threads.add(tid)
+
+
+def make_dev_links() -> None:
+    """/dev/fd and /dev/std{in,out,err} (the guest's PID 1 only: /dev is the kernel's devtmpfs)."""
+    for target, link in DEV_LINKS:
+        try:
+            os.symlink(target, link)
+        except OSError:
+            pass

@@ -4,6 +4,12 @@ Protocol: the agent writes blocks to the fd named by ``SBX_REPL_IN`` as ``[b"r"]
 (``r``: reseed ``random`` and reset ``tempfile``'s name generator first, asked after a snapshot
 restore); the driver runs each block in one persistent namespace and writes ``<exit code>\\n`` to
 the fd named by ``SBX_REPL_OUT`` once its output is flushed. EOF on the input ends the driver.
+
+User code runs in a module of its own registered as ``sys.modules["__main__"]`` (as a script's
+does), so what it defines pickles by reference (``multiprocessing``, ``ProcessPoolExecutor``).
+A process forked by user code that gets back here (its code raised, called ``sys.exit`` or simply
+ended) exits with the block's exit code, like a forked script at its end: only the driver's own
+process reports a status or reads the next block.
 """
 
 import os
@@ -16,7 +22,11 @@ def _sbx_main() -> None:
 
     fin = int(os.environ.pop("SBX_REPL_IN"))
     fout = int(os.environ.pop("SBX_REPL_OUT"))
-    g = {"__name__": "__main__", "__builtins__": __builtins__}
+    me = os.getpid()
+    main = type(sys)("__main__")  # a fresh module: the driver's own names stay out of user code's
+    main.__builtins__ = __builtins__  # type: ignore[attr-defined]
+    sys.modules["__main__"] = main
+    g = main.__dict__
     n = 0
 
     def readn(k: int) -> bytes:
@@ -70,6 +80,8 @@ def _sbx_main() -> None:
                 s.flush()
             except Exception:
                 pass
+        if os.getpid() != me:  # a child forked by the block: it ends here, as a script's would
+            os._exit(rc)
         os.write(fout, b"%d\n" % rc)
 
 
