@@ -186,3 +186,47 @@ async def test_javascript_has_nodes_normal_globals_session(scheduler: Scheduler)
         r = await s.exec("var kept = 41; let alsoKept = 1;")
         r = await s.exec("console.log(kept + alsoKept, typeof fetch)")
         assert (r.exit_code, r.stdout) == (0, "42 function\n"), r.stderr
+
+
+# --------------------------------------------------------------------------- 5. room in the work area
+
+DF = "import os\nv = os.statvfs('.')\nprint(v.f_blocks * v.f_frsize >> 20, v.f_bavail * v.f_frsize >> 20)"
+
+
+def _df(stdout: str) -> tuple[int, int]:
+    total, free = stdout.split()
+    return int(total), int(free)
+
+
+async def test_default_work_area_takes_a_100_mib_upload(scheduler: Scheduler) -> None:
+    result = await scheduler.run(DF)
+    _, free = _df(result.stdout)
+    assert free >= (scheduler.config.max_file_bytes >> 20) + 64, result.stdout
+    data = bytes(range(256)) * (100 * 4096)  # 100 MiB
+    async with await scheduler.session() as s:
+        await s.write_file("big.bin", data)
+        r = await s.exec("import hashlib\nprint(hashlib.sha256(open('big.bin', 'rb').read()).hexdigest())")
+        assert r.stdout.strip() == __import__("hashlib").sha256(data).hexdigest(), r.stderr
+
+
+async def test_disk_size_option_per_session(scheduler: Scheduler) -> None:
+    async with await scheduler.session(disk_size_mb=2048) as s:
+        total, free = _df((await s.exec(DF)).stdout)
+        assert total >= 1900 and free >= 1500, (total, free)
+    async with await scheduler.session() as s:  # the default is unchanged by the session above
+        total, _ = _df((await s.exec(DF)).stdout)
+        assert total < 1500, total
+
+
+async def test_disk_size_option_in_the_config_survives_snapshots() -> None:
+    from exec_sandbox.config import SchedulerConfig
+
+    async with scheduler_for_tests(SchedulerConfig(disk_size_mb=1536)) as sched:
+        first = await sched.run(DF)
+        assert sched.snapshot_cache is not None
+        await sched.snapshot_cache.wait_saved()  # the first run's VM, saved under the sized key
+        second = await sched.run(DF)
+        for r in (first, second):
+            total, free = _df(r.stdout)
+            assert total >= 1400 and free >= 1100, (total, free, r.stderr)
+        assert second.restored_from_snapshot

@@ -12,8 +12,8 @@ __all__ = ["AGENT", "MODULES", "load_agent"]
 
 #: The package directory; ``python3 AGENT ...`` runs the agent (its ``__main__``).
 AGENT = Path(agent_protocol.__file__).parent / "guest" / "sbx_agent"
-MODULES = ("wire", "transport", "procs", "cgroups", "repl", "core", "exec_ops", "repl_ops", "system_ops",
-           "file_ops", "dispatch", "agent", "cli")
+MODULES = ("wire", "transport", "procs", "cgroups", "repl", "disk", "core", "exec_ops", "repl_ops",
+           "system_ops", "file_ops", "dispatch", "agent", "cli")
 
 
 def load_agent(name: str) -> ModuleType:

@@ -219,13 +219,20 @@ def ext4_options(recipe_hash: str, inodes: int) -> list[str]:
     ]
 
 
+#: Free space of the guest filesystem (the work dir lives on it): at least the default
+#: ``max_file_bytes`` (256 MiB) plus headroom. Costs nothing: the ext4 has a fixed inode count and
+#: no journal, so a bigger one only adds a few bitmaps, and ``qemu-img convert`` stores no zeros.
+#: Each VM's overlay only holds what its guest writes. Bigger per VM: ``disk_size_mb``.
+WORK_AREA_BYTES = 640 << 20
+
+
 def pack_qcow2(
     *, staging: Path, recipe_hash: str, out: Path, qemu_img: str, progress: ProgressCallback
 ) -> int:
     """``mkfs.ext4 -d`` + ``qemu-img convert``; returns the virtual size in bytes."""
     timer = StepTimer(progress, "rootfs: mkfs.ext4 + qcow2").start()
     used, inodes = _tree_usage(staging)
-    size = int(used * 1.3) + (64 << 20)
+    size = int(used * 1.3) + WORK_AREA_BYTES
     size = (size + (1 << 20) - 1) // (1 << 20) << 20
     raw = out.with_suffix(".ext4")
     with raw.open("wb") as fh:

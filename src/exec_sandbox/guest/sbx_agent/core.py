@@ -12,6 +12,7 @@ import threading
 import time
 
 from .cgroups import Cgroups
+from .disk import grow_root_fs
 from .procs import (
     STD_PATH,
     Proc,
@@ -91,7 +92,7 @@ class AgentCore:
         self.transport: Transport | None = None
         self.stop_event = threading.Event()
         self.workers = Workers()
-        self.hardened = threading.Event()  # set once :func:`harden` ran (see _greet())
+        self.hardened = threading.Event()  # set once _harden ran (see _greet()): libc, /dev, disk
         self._harden_started = False
 
     # ---- lazily built pieces (kept off the boot critical path)
@@ -317,6 +318,7 @@ class AgentCore:
             harden(subreaper=os.getpid() != 1)
             if os.getpid() == 1:
                 make_dev_links()
+                grow_root_fs()  # a no-op unless the host gave this VM a bigger disk than the image
         finally:
             self.hardened.set()
 

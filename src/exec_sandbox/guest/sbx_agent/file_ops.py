@@ -79,6 +79,9 @@ class FileOps(AgentCore):
     def op_write_begin(self, req_id: str, msg: Msg) -> None:
         import hashlib
 
+        if self._harden_started:  # the root filesystem may still be growing (see core._harden)
+            self.hardened.wait(30)
+
         size, digest = msg.get("size"), msg.get("sha256")
         if not isinstance(size, int) or size < 0:
             raise RequestError("invalid_request", "size must be a non-negative integer")
