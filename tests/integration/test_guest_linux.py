@@ -230,3 +230,38 @@ async def test_disk_size_option_in_the_config_survives_snapshots() -> None:
             total, free = _df(r.stdout)
             assert total >= 1400 and free >= 1100, (total, free, r.stderr)
         assert second.restored_from_snapshot
+
+
+# --------------------------------------------------------------------------- 7. JavaScript from L1
+
+JS_RANDOM = (
+    "const c = require('crypto');\n"
+    "console.log(Math.random(), c.randomBytes(16).toString('hex'), c.randomUUID(),"
+    " Buffer.from(c.getRandomValues(new Uint8Array(16))).toString('hex'), process.pid, Math.random() < 1)"
+)
+
+
+async def test_restored_javascript_keeps_its_interpreter_and_draws_its_own_randomness() -> None:
+    """A JS run restored from a snapshot is served by the snapshot's warm node (no restart: ~5 s
+    under TCG before), which reseeds OpenSSL and Math.random in place: clones never repeat."""
+    async with scheduler_for_tests() as sched:
+        await sched.run("1", language="javascript")
+        assert sched.snapshot_cache is not None
+        await sched.snapshot_cache.wait_saved()
+        runs = [await sched.run(JS_RANDOM, language="javascript") for _ in range(3)]
+        sessions = [await sched.session(language="javascript") for _ in range(2)]
+        try:
+            execs = [await s.exec(JS_RANDOM) for s in sessions]
+            assert all(s.restored_from_snapshot for s in sessions)
+        finally:
+            for s in sessions:
+                await s.close()
+    for r in [*runs, *execs]:
+        assert r.exit_code == 0 and r.stdout.split()[-1] == "true", (r.stdout, r.stderr)
+    assert all(r.restored_from_snapshot for r in runs)
+    # The snapshot's own interpreter ran every block (a restart would have a clone's random pid).
+    assert len({r.stdout.split()[4] for r in runs}) == 1 and len({r.stdout.split()[4] for r in execs}) == 1
+    seen = [r.stdout.split()[:4] for r in [*runs, *execs]]
+    for i in range(4):
+        values = [s[i] for s in seen]
+        assert len(set(values)) == len(values), f"clones repeated value #{i}: {values}"

@@ -23,12 +23,12 @@ NODE = shutil.which("node")
 
 
 class Driver:
-    def __init__(self, argv: list[str], tmp: Path) -> None:
+    def __init__(self, argv: list[str], tmp: Path, extra_env: dict[str, str] | None = None) -> None:
         code_r, self.code_w = os.pipe()
         self.status_r, status_w = os.pipe()
         self.out_path, self.err_path = tmp / "out", tmp / "err"
         env = {"PATH": "/usr/bin:/bin", "SBX_REPL_IN": str(code_r), "SBX_REPL_OUT": str(status_w),
-               "LANG": "C.UTF-8"}
+               "LANG": "C.UTF-8", **(extra_env or {})}
         with self.out_path.open("wb") as out, self.err_path.open("wb") as err:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env,
                                          cwd=tmp, pass_fds=(code_r, status_w))
@@ -152,3 +152,42 @@ def test_node_error_stacks_show_no_driver_frames(node_driver: Driver) -> None:
     rc, _, err = node_driver.run("function boom() { throw new Error('x'); }\nboom()")
     assert rc == 1 and "Error: x" in err and "<session-1>:1" in err
     assert "[eval]" not in err and "node:vm" not in err
+
+
+@pytest.fixture(scope="module")
+def reseed_addon(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if NODE is None or cc is None:
+        pytest.skip("needs node and a C compiler")
+    out = tmp_path_factory.mktemp("addon") / "reseed.node"
+    subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", str(out), str(DRIVERS / "reseed.c")], check=True)
+    return out
+
+
+def _node_driver_with(tmp: Path, addon: str) -> Driver:
+    assert NODE is not None
+    source = (DRIVERS / "node_repl.js").read_text()
+    return Driver([NODE, "-e", source], tmp, {"SBX_REPL_RESEED": addon})
+
+
+def test_node_reseed_mark_reseeds_in_place(reseed_addon: Path, tmp_path: Path) -> None:
+    d = _node_driver_with(tmp_path, str(reseed_addon))
+    try:
+        assert d.run("var before = Math.random; var pid = process.pid")[0] == 0
+        code = ("const xs = Array.from({length: 1000}, () => Math.random());\n"
+                "console.log(Math.random !== before, process.pid === pid, xs.every((x) => x >= 0 && x < 1),"
+                " new Set(xs).size, typeof process.env.SBX_REPL_RESEED)")
+        assert d.run(code, mark=b"r") == (0, "true true true 1000 undefined\n", "")
+    finally:
+        d.close()
+
+
+def test_node_reseed_fails_closed_without_the_addon(tmp_path: Path) -> None:
+    if NODE is None:
+        pytest.skip("node is not installed")
+    d = _node_driver_with(tmp_path, str(tmp_path / "missing.node"))
+    code = b"console.log('ran')"
+    os.write(d.code_w, b"r" + str(len(code)).encode() + b"\n" + code)
+    assert d.status.read(1) == b""  # no status: the driver exits before running user code
+    assert d.close() == 70
+    assert "ran" not in d.out_path.read_text()

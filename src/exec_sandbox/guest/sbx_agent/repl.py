@@ -15,6 +15,9 @@ if TYPE_CHECKING:
     from .wire import Msg
 
 DRIVERS = {"python": "python_repl.py", "javascript": "node_repl.js"}
+#: The Node-API addon that reseeds a JavaScript interpreter in place (built by the image builder
+#: from drivers/reseed.c; absent elsewhere, where a reseed restarts the interpreter instead).
+NODE_RESEED_ADDON = os.path.join(os.path.dirname(__file__), "drivers", "reseed.node")
 _driver_cache: dict[str, str] = {}
 
 
@@ -82,12 +85,18 @@ class Repl:
         self.status_buf = b""
         self.ctl_w = -1
         self.status_r = -1
-        self.reseed_pending = False  # python: reseed its PRNG before running the next block
+        self.reseed_pending = False  # reseed its PRNGs before running the next block (see can_reseed)
         self.cg: str | None = None  # the interpreter's own cgroup (its home between blocks)
         self.exec_cg: str | None = None  # a session block's cgroup while the block runs
 
     def alive(self) -> bool:
         return self.proc is not None
+
+    @property
+    def can_reseed(self) -> bool:
+        """The driver reseeds in place (``r`` mark): Python always, JavaScript with the addon."""
+        return self.language == "python" or (
+            self.language == "javascript" and os.path.exists(NODE_RESEED_ADDON))
 
     def start(self) -> None:
         agent = self.agent
@@ -96,6 +105,8 @@ class Repl:
         env = agent.base_env({})
         env["SBX_REPL_IN"] = str(code_r)
         env["SBX_REPL_OUT"] = str(status_w)
+        if self.language == "javascript" and os.path.exists(NODE_RESEED_ADDON):
+            env["SBX_REPL_RESEED"] = NODE_RESEED_ADDON
         stdin = DEVNULL
         if self.language == "python":
             argv = [agent.interpreters["python"], "-u", "-c", driver_source("python")]
@@ -172,7 +183,7 @@ class Repl:
         else:
             self.pending_file = None
             mark = b""
-            if self.reseed_pending and self.language == "python":
+            if self.reseed_pending and self.can_reseed:
                 self.reseed_pending = False
                 mark = b"r"
             self._write_all(mark + str(len(data)).encode() + b"\n" + data)

@@ -108,7 +108,7 @@ class ReplOps(ExecBase):
         with self.spare_cond:
             if not repl.alive() or lang in self.spares or lang not in self.spare_langs:
                 return False
-            if lang == "python":
+            if repl.can_reseed:
                 repl.reseed_pending = True  # cheap insurance: it was out of self.spares for a while
             self.spares[lang] = repl
             self.spare_cond.notify_all()
@@ -237,7 +237,7 @@ class ReplOps(ExecBase):
     def _reseed_locked(self, lang: str, repl: Repl) -> None:
         if not repl.alive():
             return
-        if lang == "python":
+        if repl.can_reseed:
             repl.reseed_pending = True
         elif lang == "javascript":
             # V8 cannot reseed Math.random: start a fresh interpreter (a warm one holds no state).

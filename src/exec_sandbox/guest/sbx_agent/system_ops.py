@@ -156,7 +156,10 @@ class SystemOps(ReplOps):
         resets ``tempfile``'s name generator) right before running its next block, so no user
         code runs on the old state and a restore costs no interpreter work. Their string-hash
         secret is fixed at process start and stays what it was in the snapshot. JavaScript
-        REPLs are restarted (V8 cannot reseed Math.random), under their lock, in the background.
+        interpreters are flagged the same way when the guest has the driver's reseed addon
+        (OpenSSL's DRBGs through RAND_add, Math.random replaced by one drawing from them); without
+        it they are restarted (V8 cannot reseed Math.random), under their lock, in the background -
+        which after a snapshot restore costs a whole node start-up under TCG (~3-5 s).
 
         The clone also gets its own identity here (:func:`_regenerate_identity`): boot_id,
         machine-id and a random next PID, so clones of one snapshot cannot be told apart from
@@ -175,7 +178,7 @@ class SystemOps(ReplOps):
                                    *(("spare", x) for x in spares)]:
             if not repl.alive():
                 continue
-            if lang == "python":
+            if repl.can_reseed:
                 repl.reseed_pending = True  # the driver reseeds before the next block, user code after
             elif lang == "javascript":
                 # Locked here when idle, so no block can slip in before the restart below.

@@ -4,7 +4,9 @@
 // block runs in Node's own global context (vm.runInThisContext, like another <script>), so user
 // code sees Node's normal globals (performance, fetch, crypto, AbortController, atob, Blob,
 // global, and require/module/exports/__filename/__dirname as `node -e` defines them) and what an
-// earlier block declared. A returned promise is awaited. `<exit code>\n` goes to the fd named by
+// earlier block declared. A returned promise is awaited. `r<length>\n<code>`: give this process
+// its own randomness first (a restored or forked clone): OpenSSL's DRBGs through the reseed.node
+// addon named by SBX_REPL_RESEED, and Math.random (V8 cannot reseed its own) from them. `<exit code>\n` goes to the fd named by
 // SBX_REPL_OUT after the block. EOF on the input ends the driver. Everything of the driver's own
 // lives inside this function: user code sees none of its names.
 'use strict';
@@ -16,6 +18,8 @@
   const outFd = +process.env.SBX_REPL_OUT;
   delete process.env.SBX_REPL_IN;
   delete process.env.SBX_REPL_OUT;
+  const reseedAddon = process.env.SBX_REPL_RESEED;
+  delete process.env.SBX_REPL_RESEED;
   // `node -e` defines these as globals while its script runs; once it has returned, `module` is
   // the builtin module of that name. Blocks run later: they get the -e ones back, once.
   const cjs = {module, exports, require, __filename, __dirname};
@@ -29,6 +33,31 @@
   };
   process.on('uncaughtException', report);
   process.on('unhandledRejection', report);
+  const reseed = () => {
+    // Fails closed: a clone that cannot get its own randomness must not run user code.
+    let ok = false;
+    try {
+      ok = Boolean(reseedAddon) && cjs.require(reseedAddon).reseed() === true;
+    } catch (_) { /* not loadable: fail closed below */ }
+    if (!ok) {
+      try { process.stderr.write('[sandbox] cannot reseed the JavaScript interpreter\n'); } catch (_) { /* */ }
+      process.exit(70);
+    }
+    const crypto = cjs.require('crypto');
+    const pool = Buffer.alloc(8 * 256);
+    let pos = pool.length;
+    function random() {
+      if (pos >= pool.length) {
+        crypto.randomFillSync(pool);
+        pos = 0;
+      }
+      const hi = pool.readUInt32BE(pos) >>> 5;
+      const lo = pool.readUInt32BE(pos + 4) >>> 6;
+      pos += 8;
+      return (hi * 67108864 + lo) / 9007199254740992;
+    }
+    Object.defineProperty(Math, 'random', {value: random, writable: true, enumerable: false, configurable: true});
+  };
   let buf = Buffer.alloc(0);
   let busy = false;
   const queue = [];
@@ -43,7 +72,8 @@
       }
     }
     while (queue.length) {
-      const code = queue.shift();
+      const [mark, code] = queue.shift();
+      if (mark) reseed();
       let rc = 0;
       n += 1;
       try {
@@ -63,9 +93,12 @@
     for (;;) {
       const nl = buf.indexOf(10);
       if (nl < 0) break;
-      const len = parseInt(buf.subarray(0, nl).toString(), 10);
+      let head = buf.subarray(0, nl).toString();
+      const mark = head[0] === 'r';
+      if (mark) head = head.slice(1);
+      const len = parseInt(head, 10);
       if (buf.length < nl + 1 + len) break;
-      queue.push(buf.subarray(nl + 1, nl + 1 + len).toString('utf8'));
+      queue.push([mark, buf.subarray(nl + 1, nl + 1 + len).toString('utf8')]);
       buf = buf.subarray(nl + 1 + len);
     }
     pump();
