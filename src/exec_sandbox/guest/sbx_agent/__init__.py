@@ -17,10 +17,10 @@ subprocess, signal or typing (see :mod:`.wire` and :func:`.procs.start_process`)
 is lazy.
 
 Modules (imports point down): ``wire`` (constants, JSON via the C scanner, frames) <- ``transport``,
-``procs`` (spawn, reaper, workers), ``cgroups`` (containment) <- ``repl`` (streams, interpreters,
-``drivers/``) <- ``core`` (state, output queue, spawn, main loop) <- ``exec_ops`` <- ``repl_ops``
-<- ``system_ops``; ``file_ops``, ``dispatch`` (the request table) <- ``agent`` <- ``cli`` (options,
-``main``) <- ``__main__``.
+``procs`` (spawn, reaper, workers), ``cgroups`` (containment), ``disk`` <- ``repl`` (streams,
+interpreters, ``drivers/``) <- ``core`` (state, output queue, spawn, main loop) <- ``exec_ops`` <-
+``repl_ops`` <- ``system_ops``; ``file_ops``, ``dispatch`` (the request table) <- ``agent`` <-
+``cli`` (options, ``main``) <- ``__main__``.
 
 Containment: as the guest's PID 1, every exec runs in a cgroup v2 group of its own under
 /sys/fs/cgroup/sbx (see :class:`.cgroups.Cgroups`), ended with ``cgroup.kill``; user code (uid
