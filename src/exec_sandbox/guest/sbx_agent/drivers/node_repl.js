@@ -33,29 +33,41 @@
   };
   process.on('uncaughtException', report);
   process.on('unhandledRejection', report);
+  // Loaded now, at start-up (before a snapshot is taken): after a restore only the calls remain,
+  // not the dlopen and module loading, which TCG would first have to translate.
+  const crypto = cjs.require('crypto');
+  // The same for what a first console.log needs: the stdout/stderr streams (made on first use) and
+  // the formatting code (V8 compiles functions lazily; compiled now, they are in the snapshot).
+  void process.stdout;
+  void process.stderr;
+  cjs.require('util').format('%s %d %j %o', 'a', 1, {b: [2]}, [null]);
+  let addon = null;
+  try {
+    addon = reseedAddon ? cjs.require(reseedAddon) : null;
+  } catch (_) { /* not loadable: a reseed fails closed below */ }
+  const pool = Buffer.alloc(8 * 256);
+  let pos = pool.length;
+  function random() {
+    if (pos >= pool.length) {
+      crypto.randomFillSync(pool);
+      pos = 0;
+    }
+    const hi = pool.readUInt32BE(pos) >>> 5;
+    const lo = pool.readUInt32BE(pos + 4) >>> 6;
+    pos += 8;
+    return (hi * 67108864 + lo) / 9007199254740992;
+  }
   const reseed = () => {
     // Fails closed: a clone that cannot get its own randomness must not run user code.
     let ok = false;
     try {
-      ok = Boolean(reseedAddon) && cjs.require(reseedAddon).reseed() === true;
-    } catch (_) { /* not loadable: fail closed below */ }
+      ok = addon !== null && addon.reseed() === true;
+    } catch (_) { /* fails closed below */ }
     if (!ok) {
       try { process.stderr.write('[sandbox] cannot reseed the JavaScript interpreter\n'); } catch (_) { /* */ }
       process.exit(70);
     }
-    const crypto = cjs.require('crypto');
-    const pool = Buffer.alloc(8 * 256);
-    let pos = pool.length;
-    function random() {
-      if (pos >= pool.length) {
-        crypto.randomFillSync(pool);
-        pos = 0;
-      }
-      const hi = pool.readUInt32BE(pos) >>> 5;
-      const lo = pool.readUInt32BE(pos + 4) >>> 6;
-      pos += 8;
-      return (hi * 67108864 + lo) / 9007199254740992;
-    }
+    pos = pool.length; // nothing drawn before the reseed is handed out after it
     Object.defineProperty(Math, 'random', {value: random, writable: true, enumerable: false, configurable: true});
   };
   let buf = Buffer.alloc(0);
