@@ -723,7 +723,9 @@ class Scheduler:
 
         ``disk_size_mb``: this session's disk (work dir) size; default ``config.disk_size_mb``."""
         lang = validate_language(language)
-        disk = VmOptions.model_validate({"language": lang, "disk_size_mb": disk_size_mb}).disk_size_mb
+        disk = None if disk_size_mb is None else validate_memory_mb(
+            disk_size_mb, min_mb=256, max_mb=1024 * 1024, field="disk_size_mb"
+        )
         memory = validate_memory_mb(self.config.default_memory_mb if memory_mb is None else memory_mb)
         env = validate_env_vars(env_vars)
         if idle_timeout_seconds is None:

@@ -239,13 +239,30 @@ DEV_LINKS = (("/proc/self/fd", "/dev/fd"), ("/proc/self/fd/0", "/dev/stdin"),
 
 _libc: Any = None
 _nnp_threads: set[int] = set()
+_nnp_inherited: bool | None = None  # the whole process has it (the guest init starts us so)
+
+
+def process_has_no_new_privs() -> bool:
+    """True when the process was started with ``no_new_privs`` (the guest init runs the agent under
+    ``setpriv --nnp``): every thread has it then, and nothing needs ctypes."""
+    global _nnp_inherited
+    if _nnp_inherited is None:
+        try:
+            with open("/proc/self/status", "rb") as fh:
+                _nnp_inherited = b"\nNoNewPrivs:\t1" in fh.read()
+        except OSError:
+            _nnp_inherited = False
+    return _nnp_inherited
 
 
 def harden(*, subreaper: bool) -> None:
     """Load libc through ctypes (~30 ms under TCG: the agent calls this from a thread of its own,
-    off the boot path) and, for the agent run on a host for tests (PID 1 is one already), become a
-    subreaper: orphans of user code re-parent to the agent, so kill_tree can find and reap them."""
+    off the boot path; not at all in the guest, whose init gives the agent ``no_new_privs``) and,
+    for the agent run on a host for tests (PID 1 is one already), become a subreaper: orphans of
+    user code re-parent to the agent, so kill_tree can find and reap them."""
     global _libc
+    if not subreaper and process_has_no_new_privs():
+        return
     try:
         import ctypes
 
@@ -262,7 +279,7 @@ def no_new_privs() -> None:
     setuid/setgid bits and file capabilities are ignored. The agent itself never needs to: it drops
     to the sandbox uid with setuid() and powers off with reboot(2)."""
     tid = threading.get_ident()
-    if tid in _nnp_threads:
+    if tid in _nnp_threads or process_has_no_new_privs():
         return
     if _libc is None:
         harden(subreaper=False)
