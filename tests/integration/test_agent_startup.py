@@ -145,3 +145,29 @@ def test_start_process_drops_to_the_sandbox_uid(tmp_path: Path) -> None:
     )
     assert os.WEXITSTATUS(status) == 0
     assert out.decode().split() == ["1000", "1000", "1000"]
+
+
+def test_image_pycs_are_loaded_without_the_import_machinery(tmp_path: Path) -> None:
+    """As in the image (unchecked-hash .pyc files): the package loads its modules itself, in
+    dependency order, and still imports nothing heavy; with timestamp .pyc files it does not."""
+    import shutil
+
+    pkg = tmp_path / "sbx_agent"
+    shutil.copytree(AGENT, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "--invalidation-mode", "unchecked-hash",
+                    str(pkg)], check=True)
+    probe = (
+        f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import sbx_agent; "
+        "from sbx_agent.cli import main; from sbx_agent import wire; import sbx_agent.agent; "
+        "assert wire.Decoder().feed(wire.encode_frame({'a': 1})) == [{'a': 1}]; "
+        "mods = [sys.modules['sbx_agent.' + m] for m in sbx_agent.MODULES]; "
+        "print(all(getattr(m, '__spec__', 1) is None for m in mods), "
+        f"' '.join(m for m in {HEAVY!r} if m in sys.modules) or '-')"
+    )
+    argv = [sys.executable, "-I", "-S", "-c", probe]
+    out = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert out.stdout.split() == ["True", "-"], out.stderr  # no spec: none went through importlib
+    shutil.rmtree(pkg / "__pycache__")
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(pkg)], check=True)  # timestamp ones
+    out = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert out.stdout.split() == ["False", "-"], out.stderr
