@@ -11,6 +11,7 @@ Everything goes through ``Scheduler`` / ``Session`` (what a user calls), wall cl
                     overlay + QEMU + kernel + init + agent + interpreter start + run + result.
 * ``L1 run``        the same with ``enable_memory_snapshots`` (a fresh, private cache: the first run
                     cold-boots and saves the snapshot, reported apart; the timed runs restore).
+                    Also ``run("console.log(1)", language="javascript")``, beside Python's.
 * ``warm-pool run`` ``warm_pool_size=1``; before each timed run the pool is refilled (untimed), so
                     every timed run is a pool hit (counted and reported).
 * ``session exec``  ``session.exec("print(1)")`` in one open session (warm REPL).
@@ -103,16 +104,18 @@ async def bench_cold(settings: Settings, snapshot_dir: Path, runs: int) -> dict[
     return {"run": summary(times), "boot_phase": summary(boots), "accelerator": accel}
 
 
-async def bench_l1(settings: Settings, snapshot_dir: Path, runs: int) -> dict[str, Any]:
+async def bench_l1(
+    settings: Settings, snapshot_dir: Path, runs: int, language: str = "python", code: str = CODE
+) -> dict[str, Any]:
     times, restores = [], []
     async with new_scheduler(settings, snapshot_dir) as sched:
         cache = sched.snapshot_cache
         assert cache is not None
-        first_ms, first = await timed(lambda: sched.run(CODE))
+        first_ms, first = await timed(lambda: sched.run(code, language=language))
         await cache.wait_saved()
         restored = 0
         for _ in range(runs):
-            ms, r = await timed(lambda: sched.run(CODE))
+            ms, r = await timed(lambda: sched.run(code, language=language))
             restored += r.restored_from_snapshot
             times.append(ms)
             restores.append(r.timing.restore_ms or 0.0)
@@ -300,6 +303,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         out["cold"] = await bench_cold(settings, snapshots, n["cold"])
         out["l1"] = await bench_l1(settings, snapshots, n["l1"])
+        out["l1_javascript"] = await bench_l1(settings, snapshots, n["l1"], "javascript", "console.log(1)")
         out["warm_pool"] = await bench_warm_pool(settings, snapshots, n["pool"])
         out["session"] = await bench_session(settings, snapshots, n["session"])
         out["throughput"] = await bench_throughput(settings, snapshots, n["tp_clients"], n["tp_total"])
@@ -375,6 +379,11 @@ def report(r: dict[str, Any]) -> str:
         f"{r['l1']['first_run_cold_boot_and_save_ms']:.0f} ms",
         _line(f"L1-restore run ({r['l1']['restored']}/{r['l1']['runs']} restored)", r["l1"]["run"], py),
         _line("  of which restore", r["l1"]["restore_phase"]),
+        _line(
+            f"L1-restore run, javascript ({r['l1_javascript']['restored']}/{r['l1_javascript']['runs']})",
+            r["l1_javascript"]["run"],
+            py,
+        ),
         _line(
             f"warm-pool run ({r['warm_pool']['hits']}/{r['warm_pool']['runs']} hits)",
             r["warm_pool"]["run"],

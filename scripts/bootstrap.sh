@@ -9,6 +9,8 @@ APT_PACKAGES=(
   qemu-system-x86 qemu-utils e2fsprogs iproute2 ca-certificates
   curl  # egress tests drive the proxy with curl
   python3 python3-venv
+  # host-side unit tests of the guest's JavaScript REPL driver
+  nodejs
   # kernel build from Debian's linux-source
   linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils
 )

@@ -92,8 +92,8 @@ __all__ = [
     "parse_guest_message",
 ]
 
-#: The guest program (stdlib only); image builds copy it to /opt/sbx/agent.py.
-GUEST_AGENT_PATH = Path(__file__).parent / "guest" / "agent.py"
+#: The guest program (a stdlib-only package); image builds copy it to /opt/sbx/sbx_agent/.
+GUEST_AGENT_PATH = Path(__file__).parent / "guest" / "sbx_agent"
 
 MAGIC = b"SBX"
 PROTOCOL_VERSION = 1

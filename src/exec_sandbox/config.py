@@ -135,6 +135,10 @@ class SchedulerConfig(BaseModel):
     )
     max_code_bytes: int = Field(default=_MIB, ge=1, le=MAX_CODE_BYTES)
     max_file_bytes: int = Field(default=256 * _MIB, ge=1, le=64 * 1024 * _MIB)
+    # Size of each guest's disk (its work dir lives there), MiB; None: the image's own, which has
+    # room for max_file_bytes' default plus headroom. Larger: a sparse qcow2 overlay of that virtual
+    # size, the guest grows its filesystem at boot (once; snapshots are keyed by the size).
+    disk_size_mb: int | None = Field(default=None, ge=256, le=1024 * 1024)
 
     # Speed
     enable_memory_snapshots: bool = True

@@ -57,7 +57,7 @@ from exec_sandbox.errors import (
     SandboxTransientError,
 )
 from exec_sandbox.overlay_pool import OverlayPool
-from exec_sandbox.qemu_storage_daemon import create_overlay_with_qemu_img
+from exec_sandbox.qemu_storage_daemon import create_overlay_with_qemu_img, get_image_info
 from exec_sandbox.settings import KernelFlavor, Settings
 from exec_sandbox.timing import elapsed_ms
 from exec_sandbox.vm_manager import VmManager
@@ -98,7 +98,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# The port name the guest agent looks for (agent.py DEFAULT_PORT_NAME).
+# The port name the guest agent looks for (sbx_agent/wire.py DEFAULT_PORT_NAME).
 AGENT_PORT_NAME = "org.exec_sandbox.agent"
 SNAPSHOT_FORMAT = 1
 _ROOT_DRIVE_ID = "root"
@@ -154,6 +154,8 @@ class VmOptions(BaseModel):
     kernel_flavor: KernelFlavor | None = None
     kernel_args: tuple[str, ...] = ()
     kernel_cmdline: str | None = None
+    # The guest disk's virtual size, MiB (None: the image's); the guest grows its filesystem to it.
+    disk_size_mb: int | None = Field(default=None, ge=256, le=1024 * 1024)
 
     @field_validator("kernel_args")
     @classmethod
@@ -480,7 +482,12 @@ class SandboxVm:
         self._undo.push("remove overlay", self._remove_overlay)
         await asyncio.to_thread(self._prepare_runtime_dir)
         t = time.perf_counter()
-        if overlay_pool is not None:
+        size = self.options.disk_size_mb
+        if size is not None:  # a sparse overlay of that virtual size (pooled ones have the base's)
+            info = await get_image_info(self.base_image, qemu_img=self._qemu_img)
+            await create_overlay_with_qemu_img(self.base_image, self.overlay, qemu_img=self._qemu_img,
+                                               size=max(size << 20, info.virtual_size))
+        elif overlay_pool is not None:
             self.timing.overlay_from_pool = await overlay_pool.acquire(self.base_image, self.overlay)
         else:
             await create_overlay_with_qemu_img(self.base_image, self.overlay, qemu_img=self._qemu_img)

@@ -729,9 +729,15 @@ class Scheduler:
         memory_mb: int | None = None,
         env_vars: Mapping[str, str] | None = None,
         idle_timeout_seconds: float | None = None,
+        disk_size_mb: int | None = None,
     ) -> Session:
-        """Boot a VM for a stateful :class:`Session` (``async with await scheduler.session() as s``)."""
+        """Boot a VM for a stateful :class:`Session` (``async with await scheduler.session() as s``).
+
+        ``disk_size_mb``: this session's disk (work dir) size; default ``config.disk_size_mb``."""
         lang = validate_language(language)
+        disk = None if disk_size_mb is None else validate_memory_mb(
+            disk_size_mb, min_mb=256, max_mb=1024 * 1024, field="disk_size_mb"
+        )
         memory = validate_memory_mb(self.config.default_memory_mb if memory_mb is None else memory_mb)
         env = validate_env_vars(env_vars)
         if idle_timeout_seconds is None:
@@ -743,16 +749,17 @@ class Scheduler:
         )
         self._require_running("open a session in")
         inner = asyncio.get_running_loop().create_task(
-            self._open_session(lang, memory, env, idle), name="sbx-session-open"
+            self._open_session(lang, memory, env, idle, disk), name="sbx-session-open"
         )
         session: Session = await self._await_tracked(inner, None)
         return session
 
     async def _open_session(
-        self, language: Language, memory_mb: int, env: dict[str, str], idle: float
+        self, language: Language, memory_mb: int, env: dict[str, str], idle: float,
+        disk_size_mb: int | None = None,
     ) -> Session:
         await self._ensure_image(language)
-        lease = await self._provision(language, memory_mb, None)
+        lease = await self._provision(language, memory_mb, None, disk_size_mb)
         return await self._new_session(lease, language, memory_mb, env, idle)
 
     async def _new_session(
@@ -868,22 +875,25 @@ class Scheduler:
                     self._require_running("prewarm")
                     await asyncio.sleep(0.02)
 
-    def _vm_options(self, language: Language, memory_mb: int) -> VmOptions:
+    def _vm_options(self, language: Language, memory_mb: int, disk_size_mb: int | None = None) -> VmOptions:
         return VmOptions(
             language=language,
             memory_mb=memory_mb,
             vcpus=self.config.default_vcpus,
             boot_timeout_s=_BOOT_TIMEOUT_S,
             network=self.config.network_enabled,
+            disk_size_mb=disk_size_mb or self.config.disk_size_mb,
         )
 
     async def _provision(
-        self, language: Language, memory_mb: int, on_boot_log: BootLogCallback | None
+        self, language: Language, memory_mb: int, on_boot_log: BootLogCallback | None,
+        disk_size_mb: int | None = None,
     ) -> VmLease:
         """A ready VM with the capacity it holds: from the warm pool, else a snapshot restore, else a
         cold boot (see the module docstring)."""
         pool = self._warm_pools.get(language)
-        if pool is not None and memory_mb == pool.memory_mb:
+        pool_disk = disk_size_mb in (None, self.config.disk_size_mb)  # pooled VMs have the config's
+        if pool is not None and memory_mb == pool.memory_mb and pool_disk:
             pooled = await pool.checkout(language)
             if pooled is not None:
                 assert pooled.grant is not None  # the pools are made with this admission controller
@@ -899,7 +909,7 @@ class Scheduler:
                 )
         grant = await self.admission.acquire(memory_mb, self.config.default_vcpus)
         try:
-            vm, attempts = await self._boot(self._vm_options(language, memory_mb), on_boot_log)
+            vm, attempts = await self._boot(self._vm_options(language, memory_mb, disk_size_mb), on_boot_log)
         except BaseException:
             grant.release()
             raise

@@ -34,7 +34,7 @@ from exec_sandbox.errors import (
 
 pytestmark = pytest.mark.integration
 
-AGENT = Path(ap.__file__).parent / "guest" / "agent.py"
+AGENT = Path(ap.__file__).parent / "guest" / "sbx_agent"  # python3 AGENT runs its __main__
 IS_ROOT = os.geteuid() == 0
 USER_UID = 1000 if IS_ROOT else os.geteuid()
 HAVE_NODE = shutil.which("node") is not None

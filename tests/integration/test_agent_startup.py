@@ -6,33 +6,25 @@ in, was ~0.3 s of a cold boot). These tests run real interpreters and real child
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 from exec_sandbox import agent_protocol
+from tests.support.guest_agent import load_agent
 
 pytestmark = pytest.mark.integration
 
-AGENT = Path(agent_protocol.__file__).parent / "guest" / "agent.py"
+AGENT = Path(agent_protocol.__file__).parent / "guest" / "sbx_agent"
 HEAVY = ("enum", "re", "json", "subprocess", "signal", "typing", "selectors", "argparse")
 
 
-def _load_agent() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("sbx_guest_agent_startup_test", AGENT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-agent = _load_agent()
+agent = load_agent("sbx_guest_agent_startup_test")
+# What the guest init imports (every module of the agent), then the modules the probes below use.
+IMPORT_AGENT = "import sbx_agent.cli, sbx_agent.agent; from sbx_agent import wire, procs, cgroups, cli"
 
 
 def _modules_after(code: str) -> set[str]:
@@ -46,24 +38,24 @@ def _modules_after(code: str) -> set[str]:
 
 
 def test_importing_the_agent_pulls_in_no_heavy_module() -> None:
-    assert _modules_after("import agent") == set()
+    assert _modules_after(IMPORT_AGENT) == set()
 
 
 def test_frames_and_argument_parsing_stay_light() -> None:
     code = (
-        "import agent; f = agent.encode_frame({'type': 'hello', 'x': [1.5, None]}); "
-        "assert agent.Decoder().feed(f) == [{'type': 'hello', 'x': [1.5, None]}]; "
-        "agent.parse_args(['--workdir', '/tmp', '--spare', 'python', '--no-drop-privileges'])"
+        f"{IMPORT_AGENT}; f = wire.encode_frame({{'type': 'hello', 'x': [1.5, None]}}); "
+        "assert wire.Decoder().feed(f) == [{'type': 'hello', 'x': [1.5, None]}]; "
+        "cli.parse_args(['--workdir', '/tmp', '--spare', 'python', '--no-drop-privileges'])"
     )
     assert _modules_after(code) == set()
 
 
 def test_one_shot_process_start_stays_light(tmp_path: Path) -> None:
     code = (
-        "import agent, os; "
-        "p = agent.start_process(['true'], stdin=agent.DEVNULL, "
+        f"{IMPORT_AGENT}; import os; "
+        "p = procs.start_process(['true'], stdin=procs.DEVNULL, "
         f"cwd={str(tmp_path)!r}, env={{'PATH': '/usr/bin:/bin'}}); "
-        "os.waitpid(p.pid, 0); agent.kill_tree(p.pid, set, None)"
+        "os.waitpid(p.pid, 0); cgroups.kill_tree(p.pid, set, None)"
     )
     assert _modules_after(code) == set()
 
@@ -153,3 +145,29 @@ def test_start_process_drops_to_the_sandbox_uid(tmp_path: Path) -> None:
     )
     assert os.WEXITSTATUS(status) == 0
     assert out.decode().split() == ["1000", "1000", "1000"]
+
+
+def test_image_pycs_are_loaded_without_the_import_machinery(tmp_path: Path) -> None:
+    """As in the image (unchecked-hash .pyc files): the package loads its modules itself, in
+    dependency order, and still imports nothing heavy; with timestamp .pyc files it does not."""
+    import shutil
+
+    pkg = tmp_path / "sbx_agent"
+    shutil.copytree(AGENT, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "--invalidation-mode", "unchecked-hash",
+                    str(pkg)], check=True)
+    probe = (
+        f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import sbx_agent; "
+        "from sbx_agent.cli import main; from sbx_agent import wire; import sbx_agent.agent; "
+        "assert wire.Decoder().feed(wire.encode_frame({'a': 1})) == [{'a': 1}]; "
+        "mods = [sys.modules['sbx_agent.' + m] for m in sbx_agent.MODULES]; "
+        "print(all(getattr(m, '__spec__', 1) is None for m in mods), "
+        f"' '.join(m for m in {HEAVY!r} if m in sys.modules) or '-')"
+    )
+    argv = [sys.executable, "-I", "-S", "-c", probe]
+    out = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert out.stdout.split() == ["True", "-"], out.stderr  # no spec: none went through importlib
+    shutil.rmtree(pkg / "__pycache__")
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(pkg)], check=True)  # timestamp ones
+    out = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert out.stdout.split() == ["False", "-"], out.stderr

@@ -111,7 +111,7 @@ async def test_proc_and_host_files_show_only_the_guest(scheduler: Scheduler) -> 
     assert seen["cpu"] == "True"
     assert seen["host"] != socket.gethostname()
     assert seen["work"] == "False False"
-    assert "agent.py" in seen["init"]
+    assert "sbx_agent" in seen["init"]
     assert int(seen["procs"]) < 100
     assert int(seen["mem"]) <= 192
     await assert_no_vms(scheduler)
@@ -121,7 +121,7 @@ async def test_user_code_cannot_write_outside_or_kill_the_agent(scheduler: Sched
     async with await scheduler.session(language="raw") as s:
         r = await s.exec(
             "id -u\n"
-            "for f in /etc/passwd /opt/sbx/agent.py /root/x /x /usr/bin/python3; do\n"
+            "for f in /etc/passwd /opt/sbx/sbx_agent/core.py /root/x /x /usr/bin/python3; do\n"
             '  if (echo pwned > "$f") 2>/dev/null; then echo "wrote $f"; else echo "refused $f"; fi\n'
             "done\n"
             "echo mine > /home/sandbox/mine && echo 'wrote mine'\n"
@@ -129,7 +129,7 @@ async def test_user_code_cannot_write_outside_or_kill_the_agent(scheduler: Sched
         assert r.stdout.splitlines() == [
             "1000",
             "refused /etc/passwd",
-            "refused /opt/sbx/agent.py",
+            "refused /opt/sbx/sbx_agent/core.py",
             "refused /root/x",
             "refused /x",
             "refused /usr/bin/python3",

@@ -110,8 +110,8 @@ def test_boot_runs_init_and_starts_the_agent(bundle: ImageBundle, tmp_path: Path
     """Boot the image under TCG with a stand-in agent mounted over /opt/sbx: the image's own
     /sbin/init must prepare the mounts and exec the agent as PID 1."""
     agent_dir = tmp_path / "agent"
-    agent_dir.mkdir()
-    (agent_dir / "agent.py").write_text(
+    (agent_dir / "sbx_agent").mkdir(parents=True)
+    (agent_dir / "sbx_agent" / "__main__.py").write_text(
         "import os, pwd\n"
         "host = open('/etc/hostname').read().strip()\n"
         "print('SBX-TEST pid=%d host=%s uid=%d sandbox=%d'\n"

@@ -1,23 +1,27 @@
-"""Load the guest agent (a stdlib-only script, not a package module) as a module for unit tests."""
+"""Load the guest agent (a stdlib-only package, not part of the host library) for unit tests."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+import importlib
 from pathlib import Path
 from types import ModuleType
 
 from exec_sandbox import agent_protocol
 
-__all__ = ["AGENT", "load_agent"]
+__all__ = ["AGENT", "MODULES", "load_agent"]
 
-AGENT = Path(agent_protocol.__file__).parent / "guest" / "agent.py"
+#: The package directory; ``python3 AGENT ...`` runs the agent (its ``__main__``).
+AGENT = Path(agent_protocol.__file__).parent / "guest" / "sbx_agent"
+MODULES = ("wire", "transport", "procs", "cgroups", "repl", "disk", "core", "exec_ops", "repl_ops",
+           "system_ops", "file_ops", "dispatch", "agent", "cli")
 
 
 def load_agent(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, AGENT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """Every module of the agent package flattened into one namespace, as the one-file agent was."""
+    flat = ModuleType(name)
+    for mod in MODULES:
+        module = importlib.import_module(f"exec_sandbox.guest.sbx_agent.{mod}")
+        for key, value in vars(module).items():
+            if not key.startswith("__"):
+                setattr(flat, key, value)
+    return flat

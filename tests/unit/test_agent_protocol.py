@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -12,22 +10,12 @@ import pytest
 
 from exec_sandbox import agent_protocol as ap
 from exec_sandbox.errors import GuestAgentError
-
-AGENT_PATH = Path(ap.__file__).parent / "guest" / "agent.py"
-
-
-def _load_agent() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("sbx_guest_agent_under_test", AGENT_PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.support.guest_agent import load_agent
 
 
 @pytest.fixture(scope="module")
 def agent_mod() -> ModuleType:
-    return _load_agent()
+    return load_agent("sbx_guest_agent_under_test")
 
 
 def _hello(**over: object) -> dict[str, object]:

@@ -153,7 +153,8 @@ def test_init_script_mounts_and_starts_the_agent() -> None:
         "echo sandbox > /proc/sys/kernel/hostname",
         "echo 0 > /proc/sys/kernel/randomize_va_space",
         "ip link set lo up",
-        "exec /usr/bin/python3 /opt/sbx/agent.py",
+        "exec /usr/bin/python3 /opt/sbx/sbx_agent",
+        "exec /bin/setpriv --nnp /usr/bin/python3",
         'echo "sbx: no agent"',
         "reboot -f",
     ):

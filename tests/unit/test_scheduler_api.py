@@ -72,6 +72,8 @@ async def test_session_refuses_bad_input(scheduler: Scheduler) -> None:
         await scheduler.session(idle_timeout_seconds=-1)
     with pytest.raises(SandboxInputError, match="language"):
         await scheduler.session(language="cobol")
+    with pytest.raises(SandboxInputError, match="disk_size_mb"):
+        await scheduler.session(disk_size_mb=10)
 
 
 async def test_valid_calls_on_a_scheduler_that_is_not_started_say_so(scheduler: Scheduler) -> None:

@@ -87,8 +87,10 @@ def test_boot_timeout_does_not_change_the_key() -> None:
         OPTIONS.model_copy(update={"kernel_flavor": "debian-cloud"}),
         OPTIONS.model_copy(update={"accel": "tcg"}),
         OPTIONS.model_copy(update={"shared_memory": True}),
+        OPTIONS.model_copy(update={"disk_size_mb": 2048}),
     ],
-    ids=["language", "memory", "vcpus", "env", "kernel_args", "cmdline", "flavor", "accel_opt", "shm"],
+    ids=["language", "memory", "vcpus", "env", "kernel_args", "cmdline", "flavor", "accel_opt", "shm",
+         "disk"],
 )
 def test_every_vm_option_changes_the_key(options: VmOptions) -> None:
     assert key(options) != key()

@@ -2,8 +2,8 @@
 
 What ``dpkg-deb -x`` does not do, done here: busybox applet links (shell and coreutils), the
 ``/sbin/init`` script, users (root + ``sandbox`` uid/gid 1000, home /home/sandbox = work dir),
-the guest agent under /opt/sbx, and byte-compiling Python (``chroot DIR python3 -m compileall``,
-unchecked-hash pycs, so mtimes do not matter). Docs, man pages and locales are dropped.
+the guest agent package under /opt/sbx/sbx_agent, and byte-compiling Python (``chroot DIR python3
+-m compileall``, unchecked-hash pycs, so mtimes do not matter). Docs, man pages and locales are dropped.
 Ownership: run as root, ``dpkg-deb -x`` keeps the packages' root ownership, which
 ``mkfs.ext4 -d`` copies verbatim; the builder refuses to run as non-root for that reason.
 """
@@ -121,6 +121,7 @@ def assemble_rootfs(
             shutil.copytree(item, dest, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copyfile(item, dest)
+    _build_node_addons(staging)
     _busybox_links(staging)
     timer.done()
 
@@ -129,6 +130,18 @@ def assemble_rootfs(
     timer.done()
 
     _finalise_ownership(staging)
+
+
+def _build_node_addons(staging: Path) -> None:
+    """``drivers/reseed.c`` -> ``reseed.node``: the JavaScript driver's in-place reseed after a
+    snapshot restore (see the C file). Built with the host's C compiler (the guest is the same
+    Debian, x86_64 glibc); without one the guest restarts node instead (slow, still correct)."""
+    drivers = staging / "opt/sbx/sbx_agent/drivers"
+    source = drivers / "reseed.c"
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not source.is_file() or cc is None:
+        return
+    run([cc, "-shared", "-fPIC", "-O2", "-o", drivers / "reseed.node", source], step="rootfs")
 
 
 def _busybox_links(staging: Path) -> None:
@@ -215,8 +228,17 @@ def ext4_options(recipe_hash: str, inodes: int) -> list[str]:
         "-O",
         "^has_journal",
         "-E",
-        f"root_owner=0:0,hash_seed={seed}",
+        # Inode tables zeroed here (zeros cost nothing in the qcow2), not by the guest kernel's
+        # ext4lazyinit thread in the background of every boot, competing with the agent for the CPU.
+        f"root_owner=0:0,hash_seed={seed},lazy_itable_init=0",
     ]
+
+
+#: Free space of the guest filesystem (the work dir lives on it): at least the default
+#: ``max_file_bytes`` (256 MiB) plus headroom. Costs nothing: the ext4 has a fixed inode count and
+#: no journal, so a bigger one only adds a few bitmaps, and ``qemu-img convert`` stores no zeros.
+#: Each VM's overlay only holds what its guest writes. Bigger per VM: ``disk_size_mb``.
+WORK_AREA_BYTES = 640 << 20
 
 
 def pack_qcow2(
@@ -225,7 +247,7 @@ def pack_qcow2(
     """``mkfs.ext4 -d`` + ``qemu-img convert``; returns the virtual size in bytes."""
     timer = StepTimer(progress, "rootfs: mkfs.ext4 + qcow2").start()
     used, inodes = _tree_usage(staging)
-    size = int(used * 1.3) + (64 << 20)
+    size = int(used * 1.3) + WORK_AREA_BYTES
     size = (size + (1 << 20) - 1) // (1 << 20) << 20
     raw = out.with_suffix(".ext4")
     with raw.open("wb") as fh:

@@ -1,0 +1,13 @@
+"""The agent: :class:`AgentCore` plus its request handlers (see :mod:`.dispatch` for the routing)."""
+
+from __future__ import annotations
+
+from .dispatch import DispatchOps
+from .file_ops import FileOps
+from .system_ops import SystemOps
+
+__all__ = ["Agent"]
+
+
+class Agent(SystemOps, FileOps, DispatchOps):
+    """The guest agent (see the package docstring)."""

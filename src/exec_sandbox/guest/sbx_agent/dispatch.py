@@ -1,0 +1,80 @@
+"""Routing: one table from request type to handler, and the error mapping around every handler.
+
+``INLINE`` handlers run on the reader thread (cheap, or order-sensitive: upload chunks must be
+written in arrival order, a reseed after a restore is on the critical path); ``WORKER`` handlers
+run on a pooled worker thread, so a long exec never blocks the reader.
+"""
+
+from __future__ import annotations
+
+from .core import AgentCore
+from .wire import RequestError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .wire import Msg
+
+INLINE = {
+    "ping": "op_ping",
+    "write_file": "op_write_begin",
+    "write_chunk": "op_write_chunk",
+    "cancel": "op_cancel",
+    "reseed_rng": "op_reseed_rng",
+}
+WORKER = {
+    "exec": "op_exec",
+    "read_file": "op_read_file",
+    "list_files": "op_list_files",
+    "warmup": "op_warmup",
+    "shutdown": "op_shutdown",
+}
+
+
+class DispatchOps(AgentCore):
+    def dispatch(self, msg: Msg) -> None:
+        req_id = msg.get("id")
+        kind = msg.get("type")
+        if not isinstance(req_id, str) or not req_id or len(req_id) > 128:
+            if kind != "__invalid__":
+                self.send(
+                    {
+                        "type": "error",
+                        "id": None,
+                        "code": "invalid_request",
+                        "message": "request without a valid string id",
+                    }
+                )
+            return
+        try:
+            if kind in INLINE:
+                getattr(self, INLINE[kind])(req_id, msg)
+            elif kind in WORKER:
+                self.workers.submit(self._guarded, WORKER[kind], req_id, msg)
+            else:
+                raise RequestError("unknown_request", f"unknown request type {kind!r}")
+        except RequestError as exc:
+            self.send({"type": "error", "id": req_id, "code": exc.code, "message": exc.message})
+        except Exception as exc:  # an agent bug must not kill the agent (it may be PID 1)
+            self.send(
+                {"type": "error", "id": req_id, "code": "internal", "message": f"{type(exc).__name__}: {exc}"}
+            )
+
+    def _guarded(self, handler: str, req_id: str, msg: Msg) -> None:
+        try:
+            getattr(self, handler)(req_id, msg)
+        except RequestError as exc:
+            self.send({"type": "error", "id": req_id, "code": exc.code, "message": exc.message})
+        except Exception as exc:  # an agent bug must not kill the agent
+            self.send(
+                {"type": "error", "id": req_id, "code": "internal", "message": f"{type(exc).__name__}: {exc}"}
+            )
+
+    def op_ping(self, req_id: str, msg: Msg) -> None:
+        self.send(self.hello(req_id))
+
+    def op_cancel(self, req_id: str, msg: Msg) -> None:
+        target = msg.get("target")
+        cancel = self.running.get(target) if isinstance(target, str) else None
+        if callable(cancel):
+            cancel()
+        self.send({"type": "cancel_result", "id": req_id, "found": callable(cancel)})
