@@ -719,7 +719,11 @@ class AgentClient:
     async def list_files(self, path: str = ".", timeout: float = 30.0) -> list[FileEntry]:
         request = _build(ListFilesRequest, id=self._new_id(), path=path)
         async with self._request(request) as (req_id, pending):
-            return (await self._expect(req_id, pending, ListResult, timeout)).entries
+            result = await self._expect(req_id, pending, ListResult, timeout)
+        if result.truncated is not None:
+            logger.warning("listing of %s has %d entries; the first %d by name were sent",
+                           path, result.truncated, len(result.entries))
+        return result.entries
 
     # ------------------------------------------------------------------ misc
 

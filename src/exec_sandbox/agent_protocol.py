@@ -360,6 +360,8 @@ class ListResult(_GuestMsg):
     type: Literal["list_result"]
     id: str
     entries: list[FileEntry] = Field(max_length=MAX_LIST_ENTRIES)
+    #: The directory's real entry count when the agent sent only the first MAX_LIST_ENTRIES by name.
+    truncated: int | None = Field(default=None, ge=0)
 
 
 class ReseedResult(_GuestMsg):

@@ -351,7 +351,10 @@ class Session:
         return max_bytes
 
     async def list_files(self, path: str = ".") -> list[FileInfo]:
-        """Entries of a directory in the work dir (default: the work dir itself)."""
+        """Entries of a directory in the work dir (default: the work dir itself).
+
+        At most 10,000 entries: of a bigger directory, the first 10,000 by name (a warning is logged).
+        """
         rel = validate_guest_path(path, allow_workdir=True)
         async with self._activity(), self._exec_lock:
             self._check_open()

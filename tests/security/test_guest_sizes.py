@@ -116,3 +116,21 @@ async def test_a_file_grown_after_the_size_check_is_cut_at_the_cap(scheduler: Sc
         grown = await s.exec("import os, time\ntime.sleep(1)\nprint(os.stat('grow.bin').st_size)")
         assert int(grown.stdout) == 64 * MIB  # it really grew
     await assert_no_vms(scheduler)
+
+
+async def test_a_directory_past_the_listing_cap_is_listed_in_part_and_the_session_lives(
+    scheduler: Scheduler,
+) -> None:
+    # The host refuses a listing frame of more than MAX_LIST_ENTRIES entries as a protocol
+    # violation; a guest directory that big is legitimate, so the agent sends the first ones by name.
+    async with await scheduler.session(language="python") as s:
+        made = await s.exec(
+            "import os\nos.mkdir('many')\n"
+            "for i in range(10_050):\n    open(f'many/f{i:05d}', 'w').close()\n"
+        )
+        assert made.exit_code == 0, made.stderr
+        entries = await s.list_files("many")
+        assert len(entries) == 10_000
+        assert [e.name for e in entries[:2]] == ["f00000", "f00001"] and entries[-1].name == "f09999"
+        assert (await s.exec("print(len(os.listdir('many')))")).stdout == "10050\n"  # still usable
+    await assert_no_vms(scheduler)

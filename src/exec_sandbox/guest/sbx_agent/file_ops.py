@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from .core import AgentCore
-from .wire import MAX_CHUNK_BYTES, RequestError
+from .wire import MAX_CHUNK_BYTES, MAX_LIST_ENTRIES, RequestError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -252,6 +252,10 @@ class FileOps(AgentCore):
         finally:
             os.close(dfd)
         entries.sort(key=lambda x: str(x["name"]))
-        self.send({"type": "list_result", "id": req_id, "entries": entries})
+        kept = entries[:MAX_LIST_ENTRIES]
+        reply: dict[str, object] = {"type": "list_result", "id": req_id, "entries": kept}
+        if len(entries) > MAX_LIST_ENTRIES:
+            reply["truncated"] = len(entries)
+        self.send(reply)
 
 

@@ -23,6 +23,8 @@ MAX_CODE_BYTES = 2 * 1024 * 1024
 MAX_CHUNK_BYTES = 2 * 1024 * 1024
 DEFAULT_OUTPUT_CAP = 10 * 1024 * 1024
 READ_CHUNK = 64 * 1024
+# A listing sends at most this many entries (the first ones by name); the host refuses more.
+MAX_LIST_ENTRIES = 10_000
 CAPABILITIES = [
     "ping",
     "exec",
