@@ -18,7 +18,7 @@ import time
 
 from exec_sandbox import SandboxError
 from exec_sandbox.config import SchedulerConfig
-from exec_sandbox.scheduler import Scheduler
+from exec_sandbox.sandbox.scheduler import Scheduler
 
 __all__ = ["main"]
 

@@ -15,9 +15,9 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
-from exec_sandbox.agent_protocol import MAX_CODE_BYTES, MAX_ENV_VARS
 from exec_sandbox.errors import SandboxInputError
 from exec_sandbox.models import LANGUAGES, Language, PortForward
+from exec_sandbox.protocol.agent import MAX_CODE_BYTES, MAX_ENV_VARS
 
 __all__ = [
     "DEFAULT_WORKDIR",

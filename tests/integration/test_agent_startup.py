@@ -15,11 +15,11 @@ from types import ModuleType
 
 import pytest
 
-from exec_sandbox import agent_protocol
+from exec_sandbox.protocol import agent as agent_protocol
 
 pytestmark = pytest.mark.integration
 
-AGENT = Path(agent_protocol.__file__).parent / "guest" / "agent.py"
+AGENT = agent_protocol.GUEST_AGENT_PATH
 HEAVY = ("enum", "re", "json", "subprocess", "signal", "typing", "selectors", "argparse")
 
 

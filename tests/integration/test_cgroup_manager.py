@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from exec_sandbox.errors import SandboxInputError, SandboxPermanentError
-from exec_sandbox.host_resources import (
+from exec_sandbox.host.resources import (
     CgroupManager,
     CgroupManagerState,
     find_cgroup2_mount,

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 from types import ModuleType
 
-from exec_sandbox import agent_protocol
+from exec_sandbox.protocol import agent as agent_protocol
 
 __all__ = ["AGENT", "load_agent"]
 
-AGENT = Path(agent_protocol.__file__).parent / "guest" / "agent.py"
+AGENT = agent_protocol.GUEST_AGENT_PATH
 
 
 def load_agent(name: str) -> ModuleType:

@@ -10,10 +10,10 @@ from types import ModuleType
 
 import pytest
 
-from exec_sandbox import agent_protocol as ap
 from exec_sandbox.errors import GuestAgentError
+from exec_sandbox.protocol import agent as ap
 
-AGENT_PATH = Path(ap.__file__).parent / "guest" / "agent.py"
+AGENT_PATH = ap.GUEST_AGENT_PATH
 
 
 def _load_agent() -> ModuleType:

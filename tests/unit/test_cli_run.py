@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import exec_sandbox.cli_run as cli_run
+import exec_sandbox.cli.run as cli_run
 from exec_sandbox.cli import main
-from exec_sandbox.cli_run import (
+from exec_sandbox.cli.run import (
     Download,
     ExitCode,
     Upload,
@@ -40,7 +40,7 @@ from exec_sandbox.errors import (
     VmCapacityError,
 )
 from exec_sandbox.models import ExecutionResult, TimingBreakdown
-from exec_sandbox.scheduler import RunResult
+from exec_sandbox.sandbox.scheduler import RunResult
 
 
 def _result(**fields: object) -> ExecutionResult:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from exec_sandbox.errors import SandboxPermanentError
-from exec_sandbox.host_resources import (
+from exec_sandbox.host.resources import (
     CgroupLimits,
     CgroupManager,
     CgroupManagerState,

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from exec_sandbox.errors import QemuStorageDaemonError, SandboxInputError
-from exec_sandbox.overlay_pool import OverlayPool, PoolState, default_pool_size
-from exec_sandbox.qemu_storage_daemon import (
+from exec_sandbox.storage.daemon import (
     DaemonState,
     ImageInfo,
     QemuStorageDaemon,
@@ -23,6 +22,7 @@ from exec_sandbox.qemu_storage_daemon import (
     overlay_size,
     parse_image_info,
 )
+from exec_sandbox.storage.overlay_pool import OverlayPool, PoolState, default_pool_size
 
 QEMU_IMG_INFO_QCOW2 = """{
     "backing-filename-format": "qcow2",

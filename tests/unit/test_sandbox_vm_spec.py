@@ -1,4 +1,4 @@
-"""Pure parts of exec_sandbox.sandbox_vm: options validation and the machine description."""
+"""Pure parts of exec_sandbox.vm.sandbox_vm: options validation and the machine description."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from exec_sandbox.sandbox_vm import (
+from exec_sandbox.vm.sandbox_vm import (
     AGENT_PORT_NAME,
     PortForward,
     VmOptions,

@@ -1,6 +1,6 @@
 """Async host-side client of the guest agent, over any asyncio byte stream.
 
-One reader task decodes frames (:mod:`exec_sandbox.agent_protocol`) and routes each message by its
+One reader task decodes frames (:mod:`exec_sandbox.protocol.agent`) and routes each message by its
 request id to the waiting call, so many requests run concurrently on one connection; the events of
 one request (output, then exit) arrive in the order the agent sent them.
 
@@ -61,7 +61,16 @@ from typing import IO, Any, Self, TypeVar, overload
 
 from pydantic import BaseModel, ValidationError
 
-from exec_sandbox.agent_protocol import (
+from exec_sandbox.errors import (
+    CommunicationOutcomeUnknownError,
+    GuestAgentError,
+    GuestFileTooLargeError,
+    GuestProtocolError,
+    SandboxError,
+    SandboxInputError,
+    SandboxTransientError,
+)
+from exec_sandbox.protocol.agent import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_OUTPUT_CAP_BYTES,
     MAX_FRAME_BYTES,
@@ -95,15 +104,6 @@ from exec_sandbox.agent_protocol import (
     WriteResult,
     encode_frame,
     parse_guest_message,
-)
-from exec_sandbox.errors import (
-    CommunicationOutcomeUnknownError,
-    GuestAgentError,
-    GuestFileTooLargeError,
-    GuestProtocolError,
-    SandboxError,
-    SandboxInputError,
-    SandboxTransientError,
 )
 from smartvm.hostfs import UnsafePathError, atomic_writer
 

@@ -48,17 +48,17 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from exec_sandbox.agent_client import AgentClient, ExecResult, OutputCallback
-from exec_sandbox.agent_protocol import DEFAULT_OUTPUT_CAP_BYTES, Hello, Language, ReseedResult
+from exec_sandbox.client.agent import AgentClient, ExecResult, OutputCallback
 from exec_sandbox.errors import (
     SandboxError,
     SandboxInputError,
     SandboxPermanentError,
     SandboxTransientError,
 )
-from exec_sandbox.overlay_pool import OverlayPool
-from exec_sandbox.qemu_storage_daemon import create_overlay_with_qemu_img
+from exec_sandbox.protocol.agent import DEFAULT_OUTPUT_CAP_BYTES, Hello, Language, ReseedResult
 from exec_sandbox.settings import KernelFlavor, Settings
+from exec_sandbox.storage.daemon import create_overlay_with_qemu_img
+from exec_sandbox.storage.overlay_pool import OverlayPool
 from exec_sandbox.timing import elapsed_ms
 from exec_sandbox.vm_manager import VmManager
 from smartvm.cleanup import UndoStack, shielded

@@ -10,7 +10,7 @@ Reading (pure parsers + small readers that take their file roots as parameters):
     MemoryHeadroomProbe(proc_root)     live: bytes that can still be taken *now* without swapping or
                                        an OOM kill = min(MemAvailable, every memory-limited cgroup
                                        level's limit - its working set); read on every call (admission
-                                       control's live guard, see :mod:`exec_sandbox.admission`)
+                                       control's live guard, see :mod:`exec_sandbox.sandbox.admission`)
 
 Writing: :class:`CgroupManager` owns one parent cgroup (default ``<cgroup2 mount>/exec-sandbox``),
 enables the controllers it can in the ancestors' ``cgroup.subtree_control``, and creates one child

@@ -36,11 +36,11 @@ from enum import StrEnum
 from types import TracebackType
 from typing import Self
 
-from exec_sandbox.admission import AdmissionController, Grant
-from exec_sandbox.agent_protocol import Language
 from exec_sandbox.errors import SandboxError, SandboxTransientError
-from exec_sandbox.foreground import ForegroundActivity
-from exec_sandbox.sandbox_vm import SandboxVm
+from exec_sandbox.protocol.agent import Language
+from exec_sandbox.sandbox.admission import AdmissionController, Grant
+from exec_sandbox.sandbox.foreground import ForegroundActivity
+from exec_sandbox.vm.sandbox_vm import SandboxVm
 from smartvm.cleanup import shielded
 
 __all__ = [

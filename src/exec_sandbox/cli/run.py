@@ -78,7 +78,7 @@ if TYPE_CHECKING:
     from rich.status import Status
 
     from exec_sandbox.images.progress import ProgressEvent
-    from exec_sandbox.scheduler import RunResult
+    from exec_sandbox.sandbox.scheduler import RunResult
 
 __all__ = [
     "Download",
@@ -390,7 +390,7 @@ def result_json(result: ExecutionResult, downloads: list[dict[str, Any]], code: 
     """The ``--json`` document: the result's fields (file contents left out: they were written to
     disk), ``downloads`` (what was written where, size, sha256) and ``sbx_exit_code``.
 
-    ``download_errors`` (from :class:`~exec_sandbox.scheduler.RunResult`; ``sbx run`` widens it to
+    ``download_errors`` (from :class:`~exec_sandbox.sandbox.scheduler.RunResult`; ``sbx run`` widens it to
     every requested file that was not saved) maps guest paths to the reason.
     """
     data = result.model_dump(mode="json", exclude={"files"})
@@ -445,7 +445,7 @@ class _Reporter:
 
     def build_progress(self, language: str) -> Callable[[ProgressEvent], None]:
         """A progress callback that renders image builds and keeps quiet about cache hits."""
-        from exec_sandbox.cli import RichProgress
+        from exec_sandbox.cli.progress import RichProgress
         from exec_sandbox.images.progress import ProgressKind
 
         renderer = RichProgress(self.console)
@@ -736,7 +736,7 @@ def _ensure_image(config: SchedulerConfig, language: Language, reporter: _Report
 
 
 async def _run(config: SchedulerConfig, request: _Request, reporter: _Reporter) -> int:
-    from exec_sandbox.scheduler import Scheduler
+    from exec_sandbox.sandbox.scheduler import Scheduler
 
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()

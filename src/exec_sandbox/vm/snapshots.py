@@ -47,12 +47,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from exec_sandbox.agent_protocol import PROTOCOL_VERSION
 from exec_sandbox.errors import SandboxError, SandboxPermanentError, SandboxTransientError
 from exec_sandbox.images.manifest import BundleManifest
-from exec_sandbox.overlay_pool import OverlayPool
-from exec_sandbox.sandbox_vm import SNAPSHOT_FORMAT, BootLogCallback, SandboxVm, VmOptions
+from exec_sandbox.protocol.agent import PROTOCOL_VERSION
 from exec_sandbox.settings import Settings
+from exec_sandbox.storage.overlay_pool import OverlayPool
+from exec_sandbox.vm.sandbox_vm import SNAPSHOT_FORMAT, BootLogCallback, SandboxVm, VmOptions
 from exec_sandbox.vm_manager import ImageBundle, VmManager
 from smartvm.errors import ErrorCode
 from smartvm.hostfs import UnsafePathError, atomic_write_file, ensure_private_dir

@@ -93,7 +93,7 @@ __all__ = [
 ]
 
 #: The guest program (stdlib only); image builds copy it to /opt/sbx/agent.py.
-GUEST_AGENT_PATH = Path(__file__).parent / "guest" / "agent.py"
+GUEST_AGENT_PATH = Path(__file__).parent.parent / "guest" / "agent.py"
 
 MAGIC = b"SBX"
 PROTOCOL_VERSION = 1

@@ -1,7 +1,7 @@
-"""One code execution inside a ready :class:`~exec_sandbox.sandbox_vm.SandboxVm`, shared by
+"""One code execution inside a ready :class:`~exec_sandbox.vm.sandbox_vm.SandboxVm`, shared by
 ``Scheduler.run`` and ``Session.exec``.
 
-What it adds on top of :meth:`AgentClient.exec <exec_sandbox.agent_client.AgentClient.exec>`:
+What it adds on top of :meth:`AgentClient.exec <exec_sandbox.client.agent.AgentClient.exec>`:
 
 - output caps per stream (``max_output_bytes``); when the guest dropped output, a visible marker
   line is appended to that stream (and streamed to its callback) and ``*_truncated`` is set;
@@ -31,11 +31,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from exec_sandbox.agent_client import ExecResult, OutputCallback
+from exec_sandbox.client.agent import ExecResult, OutputCallback
 from exec_sandbox.errors import SandboxTransientError
 from exec_sandbox.models import Language
-from exec_sandbox.sandbox_vm import SandboxVm, SandboxVmState
 from exec_sandbox.timing import elapsed_ms
+from exec_sandbox.vm.sandbox_vm import SandboxVm, SandboxVmState
 
 __all__ = [
     "HOST_DEADLINE_GRACE_S",

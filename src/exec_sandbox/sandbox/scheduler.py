@@ -76,7 +76,7 @@ the code had not been sent, so this cannot run it twice; a second failure raises
 
 Concurrency
     Many ``run()`` / ``session()`` calls may run at once on one Scheduler; each holds an admission
-    grant for its VM's lifetime (see :mod:`exec_sandbox.admission`): guest memory is committed up to
+    grant for its VM's lifetime (see :mod:`exec_sandbox.sandbox.admission`): guest memory is committed up to
     ``memory_overcommit_ratio`` x the usable RAM (1.0: never over-committed), CPU is held only while a
     VM starts or runs a one-shot ``run()`` (an idle session holds memory only), and every start is
     also checked against the host's real free memory, so admission queues before the host runs out.
@@ -94,7 +94,7 @@ Speed (issue 5)
     the one place it goes back. A VM comes, in this order, from:
 
     1. the warm pool (``config.warm_pool_size`` > 0): ready, REPL-warm VMs per language, kept by a
-       :class:`~exec_sandbox.warm_pool.WarmPool` per language started on first use of the language
+       :class:`~exec_sandbox.sandbox.warm_pool.WarmPool` per language started on first use of the language
        (or by :meth:`Scheduler.prewarm`). Checkout is O(1) (plus one agent ping as health check);
        only runs/sessions with the default memory size are served. Refills run in the background one
        VM at a time and take capacity only through ``AdmissionController.try_acquire`` (never while
@@ -112,7 +112,7 @@ Speed (issue 5)
     where the VM came from instead of console lines.
 
     :meth:`Session.fork` clones a session's VM (memory and disk) into a new, independent session
-    (:func:`~exec_sandbox.fork.fork_vm` under ``Session.exclusive()``); the clone reserves its own
+    (:func:`~exec_sandbox.vm.fork.fork_vm` under ``Session.exclusive()``); the clone reserves its own
     admission capacity first.
 """
 
@@ -135,8 +135,7 @@ from typing import Any, Self
 
 from pydantic import Field
 
-from exec_sandbox.admission import AdmissionController, Grant
-from exec_sandbox.agent_client import OutputCallback
+from exec_sandbox.client.agent import OutputCallback
 from exec_sandbox.config import SchedulerConfig
 from exec_sandbox.errors import (
     CommunicationOutcomeUnknownError,
@@ -146,17 +145,15 @@ from exec_sandbox.errors import (
     SandboxTransientError,
     VmCapacityError,
 )
-from exec_sandbox.execution import execute_in_vm
-from exec_sandbox.foreground import ForegroundActivity
-from exec_sandbox.fork import fork_vm
-from exec_sandbox.host_resources import CgroupManager, VmCgroup, find_cgroup2_mount
-from exec_sandbox.lifecycle_errors import SchedulerClosedError
+from exec_sandbox.host.resources import CgroupManager, VmCgroup, find_cgroup2_mount
 from exec_sandbox.models import ExecutionResult, Language, TimingBreakdown
-from exec_sandbox.overlay_pool import OverlayPool
-from exec_sandbox.sandbox_vm import BootLogCallback, SandboxVm, VmOptions
-from exec_sandbox.session import Session
+from exec_sandbox.sandbox.admission import AdmissionController, Grant
+from exec_sandbox.sandbox.foreground import ForegroundActivity
+from exec_sandbox.sandbox.lifecycle_errors import SchedulerClosedError
+from exec_sandbox.sandbox.session import Session
+from exec_sandbox.sandbox.warm_pool import WarmPool
 from exec_sandbox.settings import Settings
-from exec_sandbox.snapshot_cache import SnapshotCache, warm_vm
+from exec_sandbox.storage.overlay_pool import OverlayPool
 from exec_sandbox.timing import elapsed_ms
 from exec_sandbox.validation import (
     input_error,
@@ -167,8 +164,11 @@ from exec_sandbox.validation import (
     validate_memory_mb,
     validate_timeout,
 )
+from exec_sandbox.vm.execution import execute_in_vm
+from exec_sandbox.vm.fork import fork_vm
+from exec_sandbox.vm.sandbox_vm import BootLogCallback, SandboxVm, VmOptions
+from exec_sandbox.vm.snapshots import SnapshotCache, warm_vm
 from exec_sandbox.vm_manager import VmManager
-from exec_sandbox.warm_pool import WarmPool
 from smartvm.hostfs import UnsafePathError, ensure_private_dir
 from smartvm.leftovers import OWNER_FILE, new_owner_record, private_runtime_dir, reap, write_owner_record
 from smartvm.process import can_raise_priority
