@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from exec_sandbox.config import SchedulerConfig
-from exec_sandbox.host.resources import read_meminfo
+from exec_sandbox.host.capacity import read_meminfo
 from exec_sandbox.sandbox.scheduler import Scheduler
 from exec_sandbox.sandbox.session import Session
 from exec_sandbox.settings import Settings

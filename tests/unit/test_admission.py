@@ -14,7 +14,7 @@ from exec_sandbox.errors import (
     SandboxTransientError,
     VmCapacityError,
 )
-from exec_sandbox.host.resources import CgroupLimits, HostResources
+from exec_sandbox.host.capacity import CgroupLimits, HostResources
 from exec_sandbox.sandbox.admission import AdmissionController, AdmissionState, Grant, compute_budget
 from tests.support.loop import until
 

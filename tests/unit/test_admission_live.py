@@ -11,7 +11,7 @@ import pytest
 
 from exec_sandbox.config import SchedulerConfig
 from exec_sandbox.errors import SandboxInputError, VmCapacityError
-from exec_sandbox.host.resources import CgroupLimits, HostResources, MemoryHeadroomProbe
+from exec_sandbox.host.capacity import CgroupLimits, HostResources, MemoryHeadroomProbe
 from exec_sandbox.sandbox.admission import AdmissionController
 from tests.support.loop import until
 

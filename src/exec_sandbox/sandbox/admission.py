@@ -71,7 +71,7 @@ from typing import Any, Final
 
 from exec_sandbox.config import DEFAULT_VM_OVERHEAD_MB, DEFAULT_VM_START_FOOTPRINT_MB, SchedulerConfig
 from exec_sandbox.errors import SandboxPermanentError, VmCapacityError
-from exec_sandbox.host.resources import HostResources, MemoryHeadroomProbe, probe_host_resources
+from exec_sandbox.host.capacity import HostResources, MemoryHeadroomProbe, probe_host_resources
 from exec_sandbox.validation import input_error
 
 __all__ = [

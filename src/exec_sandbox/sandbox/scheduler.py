@@ -145,7 +145,8 @@ from exec_sandbox.errors import (
     SandboxTransientError,
     VmCapacityError,
 )
-from exec_sandbox.host.resources import CgroupManager, VmCgroup, find_cgroup2_mount
+from exec_sandbox.host.capacity import find_cgroup2_mount
+from exec_sandbox.host.cgroups import CgroupManager, VmCgroup
 from exec_sandbox.models import ExecutionResult, Language, TimingBreakdown
 from exec_sandbox.sandbox.admission import AdmissionController, Grant
 from exec_sandbox.sandbox.foreground import ForegroundActivity
