@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 
 from exec_sandbox.errors import QemuStorageDaemonError, SandboxInputError
-from exec_sandbox.storage.daemon import (
-    DaemonState,
+from exec_sandbox.storage.daemon import DaemonState, QemuStorageDaemon, build_daemon_argv
+from exec_sandbox.storage.overlay_pool import OverlayPool, PoolState, default_pool_size
+from exec_sandbox.storage.qcow2 import (
     ImageInfo,
-    QemuStorageDaemon,
-    build_daemon_argv,
     build_file_create_options,
     build_qcow2_create_options,
     build_qemu_img_create_argv,
@@ -22,7 +21,6 @@ from exec_sandbox.storage.daemon import (
     overlay_size,
     parse_image_info,
 )
-from exec_sandbox.storage.overlay_pool import OverlayPool, PoolState, default_pool_size
 
 QEMU_IMG_INFO_QCOW2 = """{
     "backing-filename-format": "qcow2",

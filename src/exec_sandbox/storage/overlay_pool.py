@@ -38,12 +38,8 @@ from types import TracebackType
 from typing import IO, Self
 
 from exec_sandbox.errors import QemuStorageDaemonError, SandboxInputError
-from exec_sandbox.storage.daemon import (
-    QemuStorageDaemon,
-    create_overlay_with_qemu_img,
-    ensure_qcow2,
-    get_image_info,
-)
+from exec_sandbox.storage.daemon import QemuStorageDaemon
+from exec_sandbox.storage.qcow2 import create_overlay_with_qemu_img, ensure_qcow2, get_image_info
 from smartvm.cleanup import shielded
 from smartvm.hostfs import UnsafePathError, ensure_private_dir, private_copy
 from smartvm.leftovers import OWNER_FILE, new_owner_record, write_owner_record

@@ -57,8 +57,8 @@ from exec_sandbox.errors import (
 )
 from exec_sandbox.protocol.agent import DEFAULT_OUTPUT_CAP_BYTES, Hello, Language, ReseedResult
 from exec_sandbox.settings import KernelFlavor, Settings
-from exec_sandbox.storage.daemon import create_overlay_with_qemu_img
 from exec_sandbox.storage.overlay_pool import OverlayPool
+from exec_sandbox.storage.qcow2 import create_overlay_with_qemu_img
 from exec_sandbox.timing import elapsed_ms
 from exec_sandbox.vm_manager import VmManager
 from smartvm.cleanup import UndoStack, shielded
