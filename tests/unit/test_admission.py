@@ -15,7 +15,8 @@ from exec_sandbox.errors import (
     VmCapacityError,
 )
 from exec_sandbox.host.capacity import CgroupLimits, HostResources
-from exec_sandbox.sandbox.admission import AdmissionController, AdmissionState, Grant, compute_budget
+from exec_sandbox.sandbox.admission import AdmissionController
+from exec_sandbox.sandbox.grants import AdmissionState, Grant, compute_budget
 from tests.support.loop import until
 
 GiB = 1024**3

@@ -148,8 +148,9 @@ from exec_sandbox.errors import (
 from exec_sandbox.host.capacity import find_cgroup2_mount
 from exec_sandbox.host.cgroups import CgroupManager, VmCgroup
 from exec_sandbox.models import ExecutionResult, Language, TimingBreakdown
-from exec_sandbox.sandbox.admission import AdmissionController, Grant
+from exec_sandbox.sandbox.admission import AdmissionController
 from exec_sandbox.sandbox.foreground import ForegroundActivity
+from exec_sandbox.sandbox.grants import Grant
 from exec_sandbox.sandbox.lifecycle_errors import SchedulerClosedError
 from exec_sandbox.sandbox.session import Session
 from exec_sandbox.sandbox.warm_pool import WarmPool

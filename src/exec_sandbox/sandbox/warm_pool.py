@@ -38,8 +38,9 @@ from typing import Self
 
 from exec_sandbox.errors import SandboxError, SandboxTransientError
 from exec_sandbox.protocol.agent import Language
-from exec_sandbox.sandbox.admission import AdmissionController, Grant
+from exec_sandbox.sandbox.admission import AdmissionController
 from exec_sandbox.sandbox.foreground import ForegroundActivity
+from exec_sandbox.sandbox.grants import Grant
 from exec_sandbox.vm.sandbox_vm import SandboxVm
 from smartvm.cleanup import shielded
 
