@@ -49,15 +49,16 @@ if TYPE_CHECKING:
     from exec_sandbox.settings import Settings
     from exec_sandbox.storage.daemon import QemuStorageDaemon
     from exec_sandbox.storage.overlay_pool import OverlayPool
-    from exec_sandbox.vm.sandbox_vm import BootTiming, SandboxVm, SandboxVmState, VmOptions
+    from exec_sandbox.vm.sandbox_vm import SandboxVm
     from exec_sandbox.vm.snapshots import SnapshotCache
+    from exec_sandbox.vm.spec import BootTiming, SandboxVmState, VmOptions
     from exec_sandbox.vm_manager import ImageBundle, VmManager
 
 _LAZY: dict[str, str] = {
     "AdmissionController": "exec_sandbox.sandbox.admission",
     "AgentClient": "exec_sandbox.client.agent",
     "AgentClientState": "exec_sandbox.client.agent",
-    "BootTiming": "exec_sandbox.vm.sandbox_vm",
+    "BootTiming": "exec_sandbox.vm.spec",
     "ExecResult": "exec_sandbox.client.agent",
     "ExecutionResult": "exec_sandbox.models",
     "FileInfo": "exec_sandbox.models",
@@ -68,7 +69,7 @@ _LAZY: dict[str, str] = {
     "QemuStorageDaemon": "exec_sandbox.storage.daemon",
     "RunResult": "exec_sandbox.sandbox.scheduler",
     "SandboxVm": "exec_sandbox.vm.sandbox_vm",
-    "SandboxVmState": "exec_sandbox.vm.sandbox_vm",
+    "SandboxVmState": "exec_sandbox.vm.spec",
     "Scheduler": "exec_sandbox.sandbox.scheduler",
     "SchedulerClosedError": "exec_sandbox.sandbox.lifecycle_errors",
     "SchedulerConfig": "exec_sandbox.config",
@@ -80,7 +81,7 @@ _LAZY: dict[str, str] = {
     "SnapshotCache": "exec_sandbox.vm.snapshots",
     "TimingBreakdown": "exec_sandbox.models",
     "VmManager": "exec_sandbox.vm_manager",
-    "VmOptions": "exec_sandbox.vm.sandbox_vm",
+    "VmOptions": "exec_sandbox.vm.spec",
     "WarmPool": "exec_sandbox.sandbox.warm_pool",
     "language_from_path": "exec_sandbox.models",
 }

@@ -19,8 +19,9 @@ from exec_sandbox.client.agent import AgentClient
 from exec_sandbox.errors import SandboxInputError
 from exec_sandbox.protocol.agent import OutputEvent
 from exec_sandbox.settings import Settings
-from exec_sandbox.vm.sandbox_vm import SandboxVm, VmOptions
+from exec_sandbox.vm.sandbox_vm import SandboxVm
 from exec_sandbox.vm.snapshots import warm_vm
+from exec_sandbox.vm.spec import VmOptions
 from exec_sandbox.vm_manager import VmManager
 from tests.integration.conftest import LeakChecker
 from tests.integration.test_agent_local import run_agent

@@ -21,8 +21,9 @@ from exec_sandbox.protocol.agent import Language
 from exec_sandbox.sandbox.admission import AdmissionController
 from exec_sandbox.sandbox.warm_pool import PooledVm, WarmPool, WarmPoolState
 from exec_sandbox.settings import Settings
-from exec_sandbox.vm.sandbox_vm import SandboxVm, VmOptions
+from exec_sandbox.vm.sandbox_vm import SandboxVm
 from exec_sandbox.vm.snapshots import SnapshotCache
+from exec_sandbox.vm.spec import VmOptions
 from exec_sandbox.vm_manager import VmManager
 from tests.integration.conftest import LeakChecker, child_processes
 

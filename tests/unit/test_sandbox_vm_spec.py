@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from exec_sandbox.vm.sandbox_vm import (
+from exec_sandbox.vm.spec import (
     AGENT_PORT_NAME,
     PortForward,
     VmOptions,

@@ -12,7 +12,6 @@ import pytest
 from exec_sandbox.images.manifest import Artifact, BundleManifest
 from exec_sandbox.protocol.agent import PROTOCOL_VERSION
 from exec_sandbox.settings import Settings
-from exec_sandbox.vm.sandbox_vm import SNAPSHOT_FORMAT, PortForward, VmOptions
 from exec_sandbox.vm.snapshot_entries import (
     CACHE_FORMAT,
     SnapshotKeyInputs,
@@ -22,6 +21,7 @@ from exec_sandbox.vm.snapshot_entries import (
     parse_qemu_version,
 )
 from exec_sandbox.vm.snapshots import SnapshotCache
+from exec_sandbox.vm.spec import SNAPSHOT_FORMAT, PortForward, VmOptions
 from smartvm.leftovers import OwnerRecord, write_owner_record
 
 QEMU = "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)"

@@ -44,13 +44,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import inspect
 import io
 import logging
 import secrets
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 
+from exec_sandbox.callbacks import call_safely
 from exec_sandbox.client.connection import (
     _NOTE_SLACK_CHARS,
     DEFAULT_MAX_READ_BYTES,
@@ -212,7 +212,9 @@ class AgentClient(FileTransfer):
                     (stdout if is_out else stderr).write(event.data)
                     callback = on_stdout if is_out else on_stderr
                     if callback is not None:
-                        await _call_safely(callback, event.data, failures)
+                        await call_safely(
+                            callback, event.data, what="output", logger=logger, failures=failures
+                        )
                 else:
                     exit_event = event
         if exit_event is None:  # pragma: no cover - exec_events raises instead of ending early
@@ -374,18 +376,5 @@ class AgentClient(FileTransfer):
         async with self._request(ShutdownRequest(id=self._new_id())) as (req_id, pending):
             return await self._expect(req_id, pending, ShutdownResult, timeout)
 
-
-async def _call_safely(callback: OutputCallback, data: str, failures: list[int]) -> None:
-    """Run an output callback; its failures are logged once per exec (the guest sets the pace)."""
-    try:
-        result = callback(data)
-        if inspect.isawaitable(result):
-            await result
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        failures[0] += 1
-        if failures[0] == 1:
-            logger.exception("output callback failed; continuing (further failures are counted)")
 
 

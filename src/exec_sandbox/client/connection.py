@@ -16,13 +16,14 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from enum import StrEnum
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from exec_sandbox.callbacks import TextCallback
 from exec_sandbox.errors import (
     CommunicationOutcomeUnknownError,
     GuestAgentError,
@@ -74,7 +75,7 @@ _MAX_STRAY_FRAMES = 16
 #: Requests given up on whose late frames are still dropped quietly (oldest forgotten first).
 _MAX_ABANDONED = 4096
 
-OutputCallback = Callable[[str], Awaitable[None] | None]
+OutputCallback = TextCallback
 _M = TypeVar("_M", bound=BaseModel)
 _R = TypeVar("_R")
 

@@ -168,8 +168,9 @@ from exec_sandbox.validation import (
 )
 from exec_sandbox.vm.execution import execute_in_vm
 from exec_sandbox.vm.fork import fork_vm
-from exec_sandbox.vm.sandbox_vm import BootLogCallback, SandboxVm, VmOptions
+from exec_sandbox.vm.sandbox_vm import BootLogCallback, SandboxVm
 from exec_sandbox.vm.snapshots import SnapshotCache, warm_vm
+from exec_sandbox.vm.spec import VmOptions
 from exec_sandbox.vm_manager import VmManager
 from smartvm.hostfs import UnsafePathError, ensure_private_dir
 from smartvm.leftovers import OWNER_FILE, new_owner_record, private_runtime_dir, reap, write_owner_record

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import inspect
 import logging
 import re
 import time
@@ -31,11 +30,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
+from exec_sandbox.callbacks import call_safely
 from exec_sandbox.client.agent import ExecResult, OutputCallback
 from exec_sandbox.errors import SandboxTransientError
 from exec_sandbox.models import Language
 from exec_sandbox.timing import elapsed_ms
-from exec_sandbox.vm.sandbox_vm import SandboxVm, SandboxVmState
+from exec_sandbox.vm.sandbox_vm import SandboxVm
+from exec_sandbox.vm.spec import SandboxVmState
 
 __all__ = [
     "HOST_DEADLINE_GRACE_S",
@@ -90,16 +91,8 @@ class ExecOutcome:
 
 
 async def _notify(callback: OutputCallback | None, data: str) -> None:
-    if callback is None:
-        return
-    try:
-        value = callback(data)
-        if inspect.isawaitable(value):
-            await value
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        logger.exception("output callback failed; continuing")
+    if callback is not None:
+        await call_safely(callback, data, what="output", logger=logger)
 
 
 async def _console_shows_oom(vm: SandboxVm, since: int) -> bool:

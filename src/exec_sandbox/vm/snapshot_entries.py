@@ -24,7 +24,7 @@ from exec_sandbox.errors import SandboxPermanentError, SandboxTransientError
 from exec_sandbox.images.manifest import BundleManifest
 from exec_sandbox.protocol.agent import PROTOCOL_VERSION
 from exec_sandbox.settings import Settings
-from exec_sandbox.vm.sandbox_vm import SNAPSHOT_FORMAT, VmOptions
+from exec_sandbox.vm.spec import SNAPSHOT_FORMAT, VmOptions
 from smartvm.hostfs import UnsafePathError, atomic_write_file, ensure_private_dir
 from smartvm.process import run_tool
 from smartvm.qemu.accel import choose_accelerator

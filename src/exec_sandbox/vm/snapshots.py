@@ -44,7 +44,7 @@ from exec_sandbox.errors import SandboxError, SandboxTransientError
 from exec_sandbox.images.manifest import BundleManifest
 from exec_sandbox.settings import Settings
 from exec_sandbox.storage.overlay_pool import OverlayPool
-from exec_sandbox.vm.sandbox_vm import BootLogCallback, SandboxVm, VmOptions
+from exec_sandbox.vm.sandbox_vm import BootLogCallback, SandboxVm
 from exec_sandbox.vm.snapshot_entries import (
     _SNAPSHOT_SUBDIR,
     SnapshotKeyInputs,
@@ -58,6 +58,7 @@ from exec_sandbox.vm.snapshot_entries import (
     cacheable_reason,
     qemu_version,
 )
+from exec_sandbox.vm.spec import VmOptions
 from exec_sandbox.vm_manager import ImageBundle, VmManager
 from smartvm.errors import ErrorCode
 from smartvm.hostfs import UnsafePathError, ensure_private_dir
