@@ -42,6 +42,7 @@ __all__ = [
     "HOST_DEADLINE_GRACE_S",
     "OOM_CONSOLE_PATTERN",
     "ExecOutcome",
+    "download_problem",
     "execute_in_vm",
     "oom_note",
     "truncation_marker",
@@ -200,3 +201,17 @@ def _cpu_delta(vm: SandboxVm, before: float | None) -> float | None:
     if before is None or after is None:
         return None
     return round(max(after - before, 0.0), 3)
+
+
+async def download_problem(vm: SandboxVm, rel: str, max_file_bytes: int) -> str | None:
+    """Why ``rel`` cannot be downloaded into memory (None: it can): missing, not a file, too big."""
+    parent, _, name = rel.rpartition("/")
+    entries = await vm.agent.list_files(parent or ".")
+    entry = next((e for e in entries if e.name == name), None)
+    if entry is None:
+        return f"{rel!r} does not exist"
+    if entry.is_dir:
+        return f"{rel!r} is a directory"
+    if entry.size > max_file_bytes:
+        return f"{rel!r} is {entry.size} bytes, more than max_file_bytes ({max_file_bytes})"
+    return None
