@@ -1,9 +1,9 @@
 """The ``sbx`` command line (console script ``sbx = exec_sandbox.cli:main``).
 
-Modules, imports pointing down only: :mod:`.progress` (rich rendering of image builds) ←
-:mod:`.run` (``sbx run``) ← :mod:`.app` (the click group ``main`` and ``sbx images``).
-Library errors become exit codes and one stderr line in one place per command
-(:func:`exec_sandbox.cli.run.format_error`, ``exit_code_for_error``).
+Modules, imports pointing down only: :mod:`.errors` (library errors -> exit codes and one stderr
+line: the CLI's one error boundary), :mod:`.args` (``sbx run`` arguments, pure) and :mod:`.progress`
+(rich rendering of image builds) <- :mod:`.run` (``sbx run``) <- :mod:`.app` (the click group
+``main`` and ``sbx images``).
 """
 
 from __future__ import annotations
