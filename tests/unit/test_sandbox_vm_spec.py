@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from exec_sandbox.host.runtime_dirs import sweep_stale_overlays
 from exec_sandbox.vm.spec import (
     AGENT_PORT_NAME,
     PortForward,
@@ -14,7 +15,6 @@ from exec_sandbox.vm.spec import (
     build_kernel_cmdline,
     build_machine_spec,
     build_user_net,
-    sweep_stale_overlays,
 )
 from smartvm.qemu import build_argv
 

@@ -4,6 +4,9 @@ A Scheduler's VMs keep their overlays, sockets and VM directories in one runtime
 given, or a fresh ``s<pid>-<hex>`` dir beside smartvm's private runtime dir, made ``0700``, verified
 (:func:`smartvm.hostfs.ensure_private_dir`) and carrying an owner record (:mod:`smartvm.leftovers`)
 so that the next Scheduler on the host can remove it once its owner is gone.
+
+A VM's overlay ``X`` in a runtime dir carries an owner record ``X.owner.json``, written before the
+overlay is made (:func:`record_overlay`); :func:`sweep_stale_overlays` removes what dead owners left.
 """
 
 from __future__ import annotations
@@ -16,12 +19,31 @@ from pathlib import Path
 
 from exec_sandbox.errors import SandboxPermanentError
 from smartvm.hostfs import UnsafePathError, ensure_private_dir
-from smartvm.leftovers import OWNER_FILE, new_owner_record, private_runtime_dir, reap, write_owner_record
+from smartvm.leftovers import (
+    OWNER_FILE,
+    SIDECAR_SUFFIX,
+    new_owner_record,
+    private_runtime_dir,
+    reap,
+    remove_sidecar_record,
+    write_owner_record,
+    write_sidecar_record,
+)
 
-__all__ = ["make_scheduler_runtime_dir", "reap_dead_scheduler_dirs", "remove_scheduler_runtime_dir"]
+__all__ = [
+    "make_scheduler_runtime_dir",
+    "overlay_path",
+    "reap_dead_scheduler_dirs",
+    "record_overlay",
+    "remove_overlay",
+    "remove_scheduler_runtime_dir",
+    "sweep_stale_overlays",
+    "unsafe_dir_error",
+]
 
 logger = logging.getLogger(__name__)
 
+_OVERLAY_RECORD_RE = re.compile(r"sbx-\d+-[A-Za-z0-9_.-]+\.qcow2" + re.escape(SIDECAR_SUFFIX))
 _SCHEDULER_DIR = re.compile(r"s(\d+)-[0-9a-f]{4}")
 
 
@@ -62,10 +84,7 @@ def make_scheduler_runtime_dir(given: Path | None) -> tuple[Path, bool]:
         write_owner_record(path, new_owner_record(path.name, kind="scheduler"))
         return path, True
     except UnsafePathError as exc:
-        raise SandboxPermanentError(
-            f"the runtime directory is not safe to use: {exc.message}",
-            context={"path": str(exc.path), "problem": exc.problem},
-        ) from exc
+        raise unsafe_dir_error(exc) from exc
 
 
 def remove_scheduler_runtime_dir(path: Path) -> None:
@@ -75,3 +94,38 @@ def remove_scheduler_runtime_dir(path: Path) -> None:
         path.rmdir()
     except OSError as exc:
         logger.warning("runtime dir %s not removed: %s", path, exc)
+
+
+def unsafe_dir_error(exc: UnsafePathError) -> SandboxPermanentError:
+    """A runtime directory that failed verification, as our error (raise it ``from exc``)."""
+    return SandboxPermanentError(
+        f"the runtime directory is not safe to use: {exc.message}",
+        context={"path": str(exc.path), "problem": exc.problem},
+    )
+
+
+def overlay_path(runtime_dir: Path, vm_id: str) -> Path:
+    return runtime_dir / f"sbx-{os.getpid()}-{vm_id}.qcow2"
+
+
+def sweep_stale_overlays(runtime_dir: Path) -> list[Path]:
+    """Delete overlays left in ``runtime_dir`` by dead owners: each overlay ``X`` has an owner
+    record ``X.owner.json`` (:mod:`smartvm.leftovers`), written before the overlay is made."""
+    return reap(runtime_dir, name_pattern=_OVERLAY_RECORD_RE, remove_unrecorded=False).removed
+
+
+def record_overlay(runtime_dir: Path, overlay: Path, vm_id: str) -> None:
+    """Before ``overlay`` is made: verify ``runtime_dir``, sweep dead owners' overlays, and write the
+    overlay's owner record (an overlay never exists without one; a crash leaves both to the reaper)."""
+    try:
+        ensure_private_dir(runtime_dir)
+    except UnsafePathError as exc:
+        raise unsafe_dir_error(exc) from exc
+    for stale in sweep_stale_overlays(runtime_dir):
+        logger.warning("removed overlay %s of a process that no longer exists", stale)
+    write_sidecar_record(overlay, new_owner_record(vm_id, kind="overlay"))
+
+
+def remove_overlay(overlay: Path) -> None:
+    overlay.unlink(missing_ok=True)
+    remove_sidecar_record(overlay)

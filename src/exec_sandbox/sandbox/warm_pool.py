@@ -400,7 +400,7 @@ class WarmPool:
         before a caller gets the VM."""
         try:
             for session in (True, False):
-                result = await vm.agent.exec(
+                result = await vm.exec(
                     PRIME_CODE[vm.language], language=vm.language, session=session, timeout_s=60.0,
                     prime_spare=not session, refill_spare=False,
                 )

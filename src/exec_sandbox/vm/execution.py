@@ -1,7 +1,8 @@
 """One code execution inside a ready :class:`~exec_sandbox.vm.sandbox_vm.SandboxVm`, shared by
 ``Scheduler.run`` and ``Session.exec``.
 
-What it adds on top of :meth:`AgentClient.exec <exec_sandbox.client.agent.AgentClient.exec>`:
+What it adds on top of :meth:`SandboxVm.exec <exec_sandbox.vm.sandbox_vm.SandboxVm.exec>` (the one door
+into the guest, which checks the VM state and merges the VM's env):
 
 - output caps per stream (``max_output_bytes``); when the guest dropped output, a visible marker
   line is appended to that stream (and streamed to its callback) and ``*_truncated`` is set;
@@ -118,7 +119,7 @@ async def execute_in_vm(
     on_stdout: OutputCallback | None,
     on_stderr: OutputCallback | None,
 ) -> ExecOutcome:
-    """Run ``code`` in ``vm`` (errors of :meth:`AgentClient.exec` pass through unchanged)."""
+    """Run ``code`` in ``vm`` through :meth:`SandboxVm.exec` (its errors pass through unchanged)."""
     if vm.state is not SandboxVmState.READY:
         raise SandboxTransientError(
             f"sandbox VM {vm.vm_id} is not ready (state {vm.state.value!r})",
@@ -139,7 +140,7 @@ async def execute_in_vm(
 
     try:
         async with asyncio.timeout(timeout_s + HOST_DEADLINE_GRACE_S):
-            result = await vm.agent.exec(
+            result = await vm.exec(
                 code,
                 language=language,
                 env=dict(env),

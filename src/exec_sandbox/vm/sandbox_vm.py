@@ -20,12 +20,8 @@ phase, vm_id, console tail and QEMU stderr tail. ``CancelledError`` is re-raised
 Caller bugs (:class:`SandboxInputError`) and host misconfiguration (:class:`SandboxPermanentError`,
 e.g. an image build failure) pass through unchanged.
 
-Snapshots (:meth:`SandboxVm.save_snapshot` / :meth:`SandboxVm.restore_from`): a directory holding
-the QEMU device state (``vmstate``, plus smartvm's ``vmstate.qemu.json`` sidecar), guest RAM
-(``memory``; only with ``VmOptions.shared_memory``, else RAM is streamed into ``vmstate``), a copy
-of the overlay taken while the guest was paused (``disk.qcow2``, so disk and memory match) and
-``sandbox.json`` (options, base image). Every restore copies ``disk.qcow2`` to a fresh overlay, so
-one snapshot serves many clones; each restored guest is reseeded through ``agent.reseed_rng``.
+Snapshots (:meth:`SandboxVm.save_snapshot` / :meth:`SandboxVm.restore_from`): the directory format
+is described in :mod:`exec_sandbox.vm.spec`.
 """
 
 from __future__ import annotations
@@ -38,24 +34,21 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from exec_sandbox.callbacks import TextCallback, call_safely
+from exec_sandbox.callbacks import TextCallback
 from exec_sandbox.client.agent import AgentClient, ExecResult, OutputCallback
-from exec_sandbox.errors import (
-    SandboxError,
-    SandboxInputError,
-    SandboxPermanentError,
-    SandboxTransientError,
-)
+from exec_sandbox.errors import SandboxError, SandboxInputError, SandboxPermanentError, SandboxTransientError
+from exec_sandbox.host.runtime_dirs import overlay_path, record_overlay, remove_overlay, unsafe_dir_error
 from exec_sandbox.protocol.agent import DEFAULT_OUTPUT_CAP_BYTES, Hello, Language, ReseedResult
 from exec_sandbox.settings import Settings
 from exec_sandbox.storage.overlay_pool import OverlayPool
 from exec_sandbox.storage.qcow2 import create_overlay_with_qemu_img
 from exec_sandbox.timing import elapsed_ms
+from exec_sandbox.vm.boot_log import BootLogForwarder
 from exec_sandbox.vm.spec import (
     AGENT_PORT_NAME,
     BootTiming,
@@ -63,27 +56,16 @@ from exec_sandbox.vm.spec import (
     VmOptions,
     build_machine_spec,
     build_user_net,
-    overlay_path,
     read_snapshot_dir,
     respec_for_restore,
     snapshot_meta,
-    sweep_stale_overlays,
 )
 from exec_sandbox.vm_manager import VmManager
 from smartvm.cleanup import UndoStack, shielded
 from smartvm.errors import SmartVMError
-from smartvm.hostfs import UnsafePathError, atomic_write_file, ensure_private_dir, private_copy
-from smartvm.leftovers import (
-    new_owner_record,
-    private_runtime_dir,
-    remove_sidecar_record,
-    write_sidecar_record,
-)
-from smartvm.qemu import (
-    AccelChoice,
-    QemuMachine,
-    QemuMachineSpec,
-)
+from smartvm.hostfs import UnsafePathError, atomic_write_file, private_copy
+from smartvm.leftovers import private_runtime_dir
+from smartvm.qemu import AccelChoice, QemuMachine, QemuMachineSpec
 from smartvm.vmm.base import SnapshotFiles
 
 __all__ = ["BootLogCallback", "SandboxVm"]
@@ -95,22 +77,8 @@ _CONSOLE_TAIL = 4000
 BootLogCallback = TextCallback
 
 
-# --------------------------------------------------------------------------- options
-
-
-# --------------------------------------------------------------------------- pure builders
-
-
-# --------------------------------------------------------------------------- helpers
-
-
 def _absolute(path: Path | str) -> Path:
     return Path(path).absolute()
-
-
-async def _forward_lines(lines: AsyncIterator[str], callback: BootLogCallback) -> None:
-    async for line in lines:
-        await call_safely(callback, line, what="on_boot_log", logger=logger)
 
 
 # --------------------------------------------------------------------------- the VM
@@ -144,7 +112,7 @@ class SandboxVm:
         self._undo = UndoStack(f"sandbox VM {vm_id}", log=logger)
         self._state = SandboxVmState.BOOTING
         self._lock = asyncio.Lock()
-        self._log_task: asyncio.Task[None] | None = None
+        self._boot_log = BootLogForwarder(f"sbx-bootlog-{vm_id}")
         self._qemu_img = qemu_img
 
     # ------------------------------------------------------------------ introspection
@@ -282,10 +250,7 @@ class SandboxVm:
         try:
             rdir = (runtime_dir or private_runtime_dir()).absolute()
         except UnsafePathError as exc:
-            raise SandboxPermanentError(
-                f"the runtime directory is not safe to use: {exc.message}",
-                context={"path": str(exc.path), "problem": exc.problem},
-            ) from exc
+            raise unsafe_dir_error(exc) from exc
         overlay = overlay_path(rdir, vm_id)
         # A restore takes accelerator, user net and RAM mode from the snapshot's spec.
         accel = None if restoring else options.accel or ("tcg" if settings.force_emulation else None)
@@ -313,7 +278,7 @@ class SandboxVm:
     async def _make_overlay(self, overlay_pool: OverlayPool | None) -> None:
         # Registered before creating: a cancelled creation may leave a partial file behind.
         self._undo.push("remove overlay", self._remove_overlay)
-        await asyncio.to_thread(self._prepare_runtime_dir)
+        await asyncio.to_thread(record_overlay, self.runtime_dir, self.overlay, self.vm_id)
         t = time.perf_counter()
         if overlay_pool is not None:
             self.timing.overlay_from_pool = await overlay_pool.acquire(self.base_image, self.overlay)
@@ -321,29 +286,14 @@ class SandboxVm:
             await create_overlay_with_qemu_img(self.base_image, self.overlay, qemu_img=self._qemu_img)
         self.timing.overlay_ms = elapsed_ms(t)
 
-    def _prepare_runtime_dir(self) -> None:
-        try:
-            ensure_private_dir(self.runtime_dir)
-        except UnsafePathError as exc:
-            raise SandboxPermanentError(
-                f"the runtime directory is not safe to use: {exc.message}",
-                context={"path": str(exc.path), "problem": exc.problem},
-            ) from exc
-        for stale in sweep_stale_overlays(self.runtime_dir):
-            logger.warning("removed overlay %s of a process that no longer exists", stale)
-        # The record first: an overlay never exists without one (a crash leaves both to the reaper).
-        write_sidecar_record(self.overlay, new_owner_record(self.vm_id, kind="overlay"))
-
-    def _unlink_overlay(self) -> None:
-        self.overlay.unlink(missing_ok=True)
-        remove_sidecar_record(self.overlay)
-
     async def _remove_overlay(self) -> None:
-        await asyncio.to_thread(self._unlink_overlay)
+        await asyncio.to_thread(remove_overlay, self.overlay)
 
     async def _boot(self, overlay_pool: OverlayPool | None, on_boot_log: BootLogCallback | None) -> None:
         await self._make_overlay(overlay_pool)
-        self._start_boot_log(on_boot_log)
+        if on_boot_log is not None:
+            self._boot_log.start(self.machine.console.lines(), on_boot_log)
+            self._undo.push("stop boot log", self._boot_log.aclose)
         await asyncio.sleep(0)  # let the log forwarder subscribe before QEMU prints anything
         t = time.perf_counter()
         self._undo.push("stop QEMU", self._stop_machine)
@@ -352,26 +302,8 @@ class SandboxVm:
         t = time.perf_counter()
         await self._connect_agent()
         self.timing.boot_to_agent_ms = elapsed_ms(t)
-        self._stop_boot_log()
+        self._boot_log.stop()
         self._state = SandboxVmState.READY
-
-    def _start_boot_log(self, on_boot_log: BootLogCallback | None) -> None:
-        if on_boot_log is None:
-            return
-        self._log_task = asyncio.get_running_loop().create_task(
-            _forward_lines(self.machine.console.lines(), on_boot_log), name=f"sbx-bootlog-{self.vm_id}"
-        )
-        self._undo.push("stop boot log", self._cancel_boot_log)
-
-    def _stop_boot_log(self) -> None:
-        if self._log_task is not None:
-            self._log_task.cancel()
-
-    async def _cancel_boot_log(self) -> None:
-        task, self._log_task = self._log_task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.wait([task])
 
     async def _connect_agent(self, *, reseed: bool = False) -> None:
         """Connect to the agent port and wait for hello, failing fast if QEMU exits meanwhile.
@@ -458,12 +390,18 @@ class SandboxVm:
         on_stderr: OutputCallback | None = None,
         max_stdout_bytes: int = DEFAULT_OUTPUT_CAP_BYTES,
         max_stderr_bytes: int = DEFAULT_OUTPUT_CAP_BYTES,
+        reply_grace_s: float = 30.0,
         refill_spare: bool = True,
+        prime_spare: bool = False,
     ) -> ExecResult:
         """Run ``code`` through the agent (default language: the VM's). See :meth:`AgentClient.exec`.
 
-        ``refill_spare=False`` for the last one-shot exec of a single-use VM: the guest then does not
-        start a replacement spare interpreter it would never use.
+        The one door from the host into the guest for code: every exec (``Scheduler.run``,
+        ``Session.exec`` through :func:`~exec_sandbox.vm.execution.execute_in_vm`, warm-pool priming)
+        comes through here, so the VM's state is checked and its ``options.env`` merged under the
+        call's ``env`` in one place (``tests/unit/test_layers.py`` checks nobody else calls
+        ``agent.exec``). ``refill_spare=False`` for the last one-shot exec of a single-use VM: the
+        guest then does not start a replacement spare interpreter it would never use.
         """
         self._require(SandboxVmState.READY, action="exec in")
         merged = {**self.options.env, **(env or {})}
@@ -478,7 +416,9 @@ class SandboxVm:
             on_stderr=on_stderr,
             max_stdout_bytes=max_stdout_bytes,
             max_stderr_bytes=max_stderr_bytes,
+            reply_grace_s=reply_grace_s,
             refill_spare=refill_spare,
+            prime_spare=prime_spare,
         )
 
     async def pause(self) -> None:
@@ -601,7 +541,7 @@ class SandboxVm:
 
     async def _restore(self, directory: Path, *, reseed: bool) -> None:
         self._undo.push("remove overlay", self._remove_overlay)
-        await asyncio.to_thread(self._prepare_runtime_dir)
+        await asyncio.to_thread(record_overlay, self.runtime_dir, self.overlay, self.vm_id)
         t = time.perf_counter()
         await asyncio.to_thread(private_copy, directory / "disk.qcow2", self.overlay)
         self.timing.overlay_ms = elapsed_ms(t)

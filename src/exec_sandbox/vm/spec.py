@@ -1,14 +1,20 @@
 """What a sandbox VM is, before one runs: :class:`VmOptions`, the pure machine description
 (:func:`build_machine_spec`, :func:`build_kernel_cmdline`, :func:`build_user_net`), its state enum and
-boot timing, where its overlay lives, and the snapshot directory format. No processes here; the VM
+boot timing, and the snapshot directory format. No processes here; the VM
 itself is :mod:`exec_sandbox.vm.sandbox_vm`.
+
+Snapshots (:meth:`SandboxVm.save_snapshot` / :meth:`SandboxVm.restore_from`): a directory holding
+the QEMU device state (``vmstate``, plus smartvm's ``vmstate.qemu.json`` sidecar), guest RAM
+(``memory``; only with ``VmOptions.shared_memory``, else RAM is streamed into ``vmstate``), a copy
+of the overlay taken while the guest was paused (``disk.qcow2``, so disk and memory match) and
+``sandbox.json`` (options, base image). Every restore copies ``disk.qcow2`` to a fresh overlay, so
+one snapshot serves many clones; each restored guest is reseeded through ``agent.reseed_rng``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -21,10 +27,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from exec_sandbox.errors import SandboxInputError
 from exec_sandbox.protocol.agent import Language
 from exec_sandbox.settings import KernelFlavor
-from smartvm.leftovers import (
-    SIDECAR_SUFFIX,
-    reap,
-)
 from smartvm.qemu import (
     DriveSpec,
     HostForward,
@@ -43,11 +45,9 @@ __all__ = [
     "build_kernel_cmdline",
     "build_machine_spec",
     "build_user_net",
-    "overlay_path",
     "read_snapshot_dir",
     "respec_for_restore",
     "snapshot_meta",
-    "sweep_stale_overlays",
 ]
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,6 @@ _ROOT_DRIVE_ID = "root"
 COLD_BOOT_TB_SIZE_MIB = 64
 
 
-_OVERLAY_RECORD_RE = re.compile(r"sbx-\d+-[A-Za-z0-9_.-]+\.qcow2" + re.escape(SIDECAR_SUFFIX))
 
 
 class PortForward(BaseModel):
@@ -199,16 +198,6 @@ def build_user_net(options: VmOptions) -> UserNetSpec | None:
             for f in options.port_forwards
         ),
     )
-
-
-def overlay_path(runtime_dir: Path, vm_id: str) -> Path:
-    return runtime_dir / f"sbx-{os.getpid()}-{vm_id}.qcow2"
-
-
-def sweep_stale_overlays(runtime_dir: Path) -> list[Path]:
-    """Delete overlays left in ``runtime_dir`` by dead owners: each overlay ``X`` has an owner
-    record ``X.owner.json`` (:mod:`smartvm.leftovers`), written before the overlay is made."""
-    return reap(runtime_dir, name_pattern=_OVERLAY_RECORD_RE, remove_unrecorded=False).removed
 
 
 def snapshot_meta(vm_id: str, options: VmOptions, base_image: Path, accel: str | None) -> dict[str, Any]:
