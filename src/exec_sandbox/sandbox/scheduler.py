@@ -143,6 +143,7 @@ from exec_sandbox.vm.execution import download_problem, execute_in_vm
 from exec_sandbox.vm.sandbox_vm import BootLogCallback
 from exec_sandbox.vm.snapshots import SnapshotCache
 from exec_sandbox.vm_manager import VmManager
+from smartvm.cleanup import shielded
 from smartvm.process import can_raise_priority
 
 __all__ = [
@@ -258,7 +259,7 @@ class Scheduler(VmProvisioner):
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self.close()
+        await self.aclose()
 
     async def start(self) -> None:
         """Size admission from the host, start the overlay pool (and its storage daemon). Idempotent."""
@@ -310,7 +311,7 @@ class Scheduler(VmProvisioner):
             remove_scheduler_runtime_dir(self._runtime_dir)
             self._created_runtime_dir = False
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Stop everything (see the module docstring). Idempotent; safe in any state."""
         async with self._lifecycle_lock:
             if self._state in (SchedulerState.NEW, SchedulerState.CLOSED):
@@ -318,9 +319,11 @@ class Scheduler(VmProvisioner):
                 return
             self._state = SchedulerState.CLOSING
             try:
-                await self._shutdown()
+                await shielded(self._shutdown())  # a cancelled caller cannot cut the teardown short
             finally:
                 self._state = SchedulerState.CLOSED
+
+    close = aclose  # the older name, kept
 
     async def _shutdown(self) -> None:
         tasks = list(self._tasks)

@@ -395,9 +395,11 @@ class Session:
             await self._close("idle_timeout")
             return
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Stop the VM and free its capacity. Idempotent; safe while an exec runs (it fails)."""
         await self._close("closed")
+
+    close = aclose  # the older name, kept
 
     async def _close(self, reason: CloseReason) -> None:
         # Every caller waits for the one teardown; shielded so a cancelled caller cannot cut it short.
@@ -439,4 +441,4 @@ class Session:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self.close()
+        await self.aclose()

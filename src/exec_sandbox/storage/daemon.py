@@ -198,7 +198,7 @@ class QemuStorageDaemon:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self.stop()
+        await self.aclose()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -231,6 +231,8 @@ class QemuStorageDaemon:
                 await shielded(self._stop_after_current_command())
             finally:
                 self._state = DaemonState.STOPPED
+
+    aclose = stop  # the one close verb of every async-with object (stop pairs with start)
 
     async def _stop_after_current_command(self) -> None:
         """Let a running overlay creation finish (briefly) so it is not torn in half, then tear down."""

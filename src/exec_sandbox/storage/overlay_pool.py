@@ -197,7 +197,7 @@ class OverlayPool:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self.stop()
+        await self.aclose()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -252,6 +252,8 @@ class OverlayPool:
                 await shielded(self._teardown())
             finally:
                 self._state = PoolState.STOPPED
+
+    aclose = stop  # the one close verb of every async-with object (stop pairs with start)
 
     async def wait_filled(self) -> None:
         """Wait until every registered base has a full pool (bound it with ``asyncio.timeout``)."""

@@ -564,7 +564,7 @@ class SandboxVm:
 
     # ------------------------------------------------------------------ close
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Stop QEMU, close the agent link, delete the overlay. Idempotent, safe in any state."""
         async with self._lock:
             if self._state in (SandboxVmState.CLOSED, SandboxVmState.CLOSING):
@@ -575,10 +575,12 @@ class SandboxVm:
             finally:
                 self._state = SandboxVmState.CLOSED
 
+    close = aclose  # the older name, kept
+
     async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self.close()
+        await self.aclose()

@@ -71,8 +71,6 @@ _ROOT_DRIVE_ID = "root"
 COLD_BOOT_TB_SIZE_MIB = 64
 
 
-
-
 class PortForward(BaseModel):
     """Forward ``host_addr:host_port`` (0 = QEMU picks nothing: give a real port) to ``guest_port``."""
 
