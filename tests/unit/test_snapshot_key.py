@@ -153,7 +153,7 @@ def test_key_inputs_reject_unknown_fields() -> None:
 
 
 def write_entry(cache: SnapshotCache, files: dict[str, bytes]) -> str:
-    from exec_sandbox.vm.snapshot_entries import _write_manifest
+    from exec_sandbox.vm.snapshot_entries import write_manifest as _write_manifest
 
     inputs = build_key_inputs(OPTIONS, manifest(), qemu_version=QEMU, accelerator="tcg", warmup_spare=True)
     k = inputs.key()
@@ -167,7 +167,8 @@ def write_entry(cache: SnapshotCache, files: dict[str, bytes]) -> str:
 
 
 def test_verify_accepts_intact_entries_and_names_the_corruption(tmp_path: Path) -> None:
-    from exec_sandbox.vm.snapshot_entries import _Corrupt, _verify_entry
+    from exec_sandbox.vm.snapshot_entries import CorruptEntry as _Corrupt
+    from exec_sandbox.vm.snapshot_entries import verify_entry as _verify_entry
 
     cache = SnapshotCache(tmp_path, settings=Settings(cache_dir=tmp_path / "c"))
     base = tmp_path / "rootfs.qcow2"

@@ -103,7 +103,7 @@ def format_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}{tail}"
 
 
-def _error_json(exc: BaseException, code: int) -> dict[str, Any]:
+def error_json(exc: BaseException, code: int) -> dict[str, Any]:
     context = exc.context if isinstance(exc, SandboxError) else {}
     return {
         "error": {

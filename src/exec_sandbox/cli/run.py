@@ -65,7 +65,7 @@ from exec_sandbox.cli.args import (
 )
 from exec_sandbox.cli.errors import (
     ExitCode,
-    _error_json,
+    error_json,
     exit_code_for_error,
     exit_code_for_result,
     format_error,
@@ -352,7 +352,7 @@ def run(
     def fail(exc: BaseException) -> NoReturn:
         code = exit_code_for_error(exc)
         if as_json:
-            click.echo(json.dumps(_error_json(exc, code)))
+            click.echo(json.dumps(error_json(exc, code)))
         reporter.error(exc)
         sys.exit(code)
 

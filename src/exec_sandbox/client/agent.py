@@ -52,16 +52,16 @@ from dataclasses import dataclass
 
 from exec_sandbox.callbacks import call_safely
 from exec_sandbox.client.connection import (
-    _NOTE_SLACK_CHARS,
     DEFAULT_MAX_READ_BYTES,
     DEFAULT_QUEUE_BUDGET_BYTES,
     DEFAULT_REQUEST_QUEUE_BYTES,
     DEFAULT_STALL_TIMEOUT_S,
+    NOTE_SLACK_CHARS,
     AgentClientState,
     OutputCallback,
-    _build,
-    _Pending,
-    _unexpected,
+    Pending,
+    build_model,
+    unexpected_frame,
 )
 from exec_sandbox.client.files import FileTransfer
 from exec_sandbox.errors import (
@@ -140,7 +140,7 @@ class AgentClient(FileTransfer):
             if self._hello_event.is_set() and self.hello is not None:
                 return self.hello
             req_id = self._new_id()
-            self._pending[req_id] = _Pending(self._budget)
+            self._pending[req_id] = Pending(self._budget)
             try:
                 await self._send(PingRequest(id=req_id))
                 remaining = deadline - loop.time()
@@ -251,7 +251,7 @@ class AgentClient(FileTransfer):
         agent notes) means the agent ignored the cap, a :class:`GuestProtocolError` that breaks the
         connection. (The agent decodes UTF-8 with replacement, so characters never exceed bytes.)
         """
-        request = _build(
+        request = build_model(
             ExecRequest, id=self._new_id(), language=language, code=code, env=dict(env or {}),
             timeout_s=timeout_s, cwd=cwd, session=session, max_stdout_bytes=max_stdout_bytes,
             max_stderr_bytes=max_stderr_bytes, refill_spare=None if refill_spare else False,
@@ -259,8 +259,8 @@ class AgentClient(FileTransfer):
         )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s + reply_grace_s
-        caps = {"stdout": max_stdout_bytes + _NOTE_SLACK_CHARS,
-                "stderr": max_stderr_bytes + _NOTE_SLACK_CHARS}
+        caps = {"stdout": max_stdout_bytes + NOTE_SLACK_CHARS,
+                "stderr": max_stderr_bytes + NOTE_SLACK_CHARS}
         seen = {"stdout": 0, "stderr": 0}
         async with self._request(request) as (req_id, pending):
             finished = False
@@ -272,7 +272,7 @@ class AgentClient(FileTransfer):
                         if seen[msg.stream] > caps[msg.stream]:
                             raise self._violation(GuestProtocolError(
                                 f"the guest sent more than {caps[msg.stream]} characters of {msg.stream} "
-                                f"(the cap it was given is {caps[msg.stream] - _NOTE_SLACK_CHARS} bytes)",
+                                f"(the cap it was given is {caps[msg.stream] - NOTE_SLACK_CHARS} bytes)",
                                 reason="output_cap", request_id=req_id, limit_bytes=caps[msg.stream],
                                 received_bytes=seen[msg.stream], context={"stream": msg.stream}))
                         yield msg
@@ -281,7 +281,7 @@ class AgentClient(FileTransfer):
                         yield msg
                         return
                     else:
-                        raise self._violation(_unexpected(req_id, msg, "output/exit"))
+                        raise self._violation(unexpected_frame(req_id, msg, "output/exit"))
             finally:
                 if not finished and self._state is AgentClientState.READY:
                     # Cancelled or timed out here: ask the agent to kill the run (best effort).
@@ -308,7 +308,7 @@ class AgentClient(FileTransfer):
         interpreter that the next one-shot exec runs in (then discards; a new spare is started in
         the background) - one-shot semantics without paying the interpreter start-up per run.
         """
-        request = _build(WarmupRequest, id=self._new_id(), languages=list(languages), session=session,
+        request = build_model(WarmupRequest, id=self._new_id(), languages=list(languages), session=session,
                          spare=spare)
         async with self._request(request) as (req_id, pending):
             return await self._expect(req_id, pending, WarmupResult, timeout)
@@ -348,7 +348,7 @@ class AgentClient(FileTransfer):
         deadline = loop.time() + timeout
         ping = PingRequest(id=self._new_id())
         reseed = ReseedRequest(id=self._new_id(), seed=base64.b64encode(seed).decode())
-        ping_pending, reseed_pending = _Pending(self._budget), _Pending(self._budget)
+        ping_pending, reseed_pending = Pending(self._budget), Pending(self._budget)
         self._pending[ping.id] = ping_pending
         self._pending[reseed.id] = reseed_pending
         try:

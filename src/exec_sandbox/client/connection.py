@@ -69,7 +69,7 @@ _MESSAGE_OVERHEAD = 1024
 #: One socket read; also the asyncio stream limit (the transport pauses at twice this).
 _READ_BYTES = 256 * 1024
 #: Agent-authored notes (timeouts, resets, truncation) are not counted against the output caps.
-_NOTE_SLACK_CHARS = 64 * 1024
+NOTE_SLACK_CHARS = 64 * 1024
 #: Frames for requests never made / id-less errors tolerated on one connection after the hello.
 _MAX_STRAY_FRAMES = 16
 #: Requests given up on whose late frames are still dropped quietly (oldest forgotten first).
@@ -107,7 +107,7 @@ class _Budget:
         self.freed = asyncio.Event()
 
 
-class _Pending:
+class Pending:
     """The messages of one request waiting for its consumer, charged against the budget."""
 
     __slots__ = ("_budget", "_queue", "completed", "dispatched", "queued_bytes")
@@ -175,7 +175,7 @@ class AgentConnection:
         self._decoder = FrameDecoder(max_frame_bytes=max_frame_bytes, resync=True)
         self._budget = _Budget(request_queue_bytes, max(queue_budget_bytes, request_queue_bytes))
         self._stall_timeout = stall_timeout_s
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[str, Pending] = {}
         self.stray_frames = 0  # frames after the hello for no request this client made
         self.discarded_frames = 0  # late frames for requests given up on (dropped, no memory kept)
         self._abandoned: dict[str, None] = {}  # ids given up on, oldest first
@@ -288,13 +288,13 @@ class AgentConnection:
             raise SandboxTransientError("the agent client was not started", context={"state": "new"})
 
     @contextlib.asynccontextmanager
-    async def _request(self, request: HostRequest) -> AsyncIterator[tuple[str, _Pending]]:
+    async def _request(self, request: HostRequest) -> AsyncIterator[tuple[str, Pending]]:
         self._check_usable()
         if self._state is not AgentClientState.READY:
             raise SandboxTransientError("the guest agent is not ready (call wait_ready first)",
                                         context={"state": self._state.value})
         req_id = request.id
-        pending = _Pending(self._budget)
+        pending = Pending(self._budget)
         self._pending[req_id] = pending
         try:
             await self._send(request, pending)
@@ -304,7 +304,7 @@ class AgentConnection:
             if not pending.completed:
                 self._forget(req_id)
 
-    async def _send_all(self, *requests: tuple[HostRequest, _Pending]) -> None:
+    async def _send_all(self, *requests: tuple[HostRequest, Pending]) -> None:
         """Several requests in one write (one wake-up of the guest)."""
         frames = []
         for request, _pending in requests:
@@ -327,7 +327,7 @@ class AgentConnection:
                 self._break(error)
                 raise error from exc
 
-    async def _send(self, request: HostRequest, pending: _Pending | None = None) -> None:
+    async def _send(self, request: HostRequest, pending: Pending | None = None) -> None:
         try:
             frame = encode_frame(request.model_dump(mode="json", exclude_none=True),
                                  max_frame_bytes=self._max_frame)
@@ -347,7 +347,7 @@ class AgentConnection:
                 self._break(error)
                 raise error from exc
 
-    async def _next(self, req_id: str, pending: _Pending, timeout: float) -> GuestMessage:
+    async def _next(self, req_id: str, pending: Pending, timeout: float) -> GuestMessage:
         # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that races a
         # reply already queued, so a cancelled exec would run on to its own timeout.
         try:
@@ -365,10 +365,10 @@ class AgentConnection:
                                   context={"request_id": req_id, "code": msg.code})
         return msg
 
-    async def _expect(self, req_id: str, pending: _Pending, kind: type[_M], timeout: float) -> _M:
+    async def _expect(self, req_id: str, pending: Pending, kind: type[_M], timeout: float) -> _M:
         msg = await self._next(req_id, pending, timeout)
         if not isinstance(msg, kind):
-            raise self._violation(_unexpected(req_id, msg, kind.__name__))
+            raise self._violation(unexpected_frame(req_id, msg, kind.__name__))
         pending.completed = True
         return msg
 
@@ -422,7 +422,7 @@ class AgentConnection:
                 "or already answered)",
                 reason="unknown_request", context={"last_type": msg.type, "last_id": str(msg.id)[:40]})
 
-    async def _deliver(self, req_id: str, pending: _Pending, msg: GuestMessage, cost: int) -> None:
+    async def _deliver(self, req_id: str, pending: Pending, msg: GuestMessage, cost: int) -> None:
         """Queue ``msg`` for its consumer; while its queue is full, stop reading (back-pressure)."""
         loop = asyncio.get_running_loop()
         stalled_since: float | None = None
@@ -445,7 +445,7 @@ class AgentConnection:
         if self._pending.get(req_id) is pending:
             pending.put(msg, cost)
 
-    def _abandon(self, req_id: str, pending: _Pending, cost: int) -> None:
+    def _abandon(self, req_id: str, pending: Pending, cost: int) -> None:
         """Fail a request whose consumer stopped taking messages; later frames for it are dropped."""
         logger.warning("%s: request %s abandoned: its consumer took nothing for %.0fs while %d other "
                        "requests waited", self.name, req_id, self._stall_timeout, len(self._pending) - 1)
@@ -515,7 +515,7 @@ class AgentConnection:
 # ---------------------------------------------------------------------- helpers
 
 
-def _build(model: type[_M], **fields: Any) -> _M:
+def build_model(model: type[_M], **fields: Any) -> _M:
     try:
         return model(**fields)
     except ValidationError as exc:
@@ -525,7 +525,7 @@ def _build(model: type[_M], **fields: Any) -> _M:
                                 context={"field": where}) from None
 
 
-def _unexpected(req_id: str, msg: GuestMessage, wanted: str) -> GuestProtocolError:
+def unexpected_frame(req_id: str, msg: GuestMessage, wanted: str) -> GuestProtocolError:
     return GuestProtocolError(f"unexpected {msg.type!r} message for request {req_id} (wanted {wanted})",
                               reason="unexpected_message", request_id=req_id, context={"type": msg.type})
 

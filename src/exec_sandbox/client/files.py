@@ -22,8 +22,8 @@ from exec_sandbox.client.connection import (
     DEFAULT_MAX_READ_BYTES,
     AgentClientState,
     AgentConnection,
-    _build,
-    _unexpected,
+    build_model,
+    unexpected_frame,
 )
 from exec_sandbox.errors import (
     GuestAgentError,
@@ -76,7 +76,7 @@ class FileTransfer(AgentConnection):
             raise SandboxInputError("chunk_size must be between 1 byte and 2 MiB")
         with _open_source(data) as (fh, size):
             digest = await asyncio.to_thread(_sha256_of, fh)
-            request = _build(WriteFileRequest, id=self._new_id(), path=path, size=size, sha256=digest,
+            request = build_model(WriteFileRequest, id=self._new_id(), path=path, size=size, sha256=digest,
                              make_executable=make_executable)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
@@ -187,7 +187,7 @@ class FileTransfer(AgentConnection):
         """The chunks of ``path`` as they arrive (counted, checked), then the guest's ReadResult."""
         if max_bytes is not None and max_bytes < 0:
             raise SandboxInputError("max_bytes must be >= 0", context={"max_bytes": max_bytes})
-        request = _build(ReadFileRequest, id=self._new_id(), path=path, chunk_size=chunk_size)
+        request = build_model(ReadFileRequest, id=self._new_id(), path=path, chunk_size=chunk_size)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         whole = hashlib.sha256()
@@ -220,7 +220,7 @@ class FileTransfer(AgentConnection):
                         yield msg
                         return
                     else:
-                        raise self._violation(_unexpected(req_id, msg, "file_chunk/read_result"))
+                        raise self._violation(unexpected_frame(req_id, msg, "file_chunk/read_result"))
             finally:
                 if not finished and self._state is AgentClientState.READY:
                     # Ended early (cap, error, cancellation): ask the agent to stop (best effort;
@@ -254,7 +254,7 @@ class FileTransfer(AgentConnection):
         return chunk
 
     async def list_files(self, path: str = ".", timeout: float = 30.0) -> list[FileEntry]:
-        request = _build(ListFilesRequest, id=self._new_id(), path=path)
+        request = build_model(ListFilesRequest, id=self._new_id(), path=path)
         async with self._request(request) as (req_id, pending):
             return (await self._expect(req_id, pending, ListResult, timeout)).entries
 

@@ -62,12 +62,12 @@ from exec_sandbox.config import DEFAULT_VM_OVERHEAD_MB, DEFAULT_VM_START_FOOTPRI
 from exec_sandbox.errors import VmCapacityError
 from exec_sandbox.host.capacity import HostResources, MemoryHeadroomProbe, probe_host_resources
 from exec_sandbox.sandbox.grants import (
-    _MIB,
+    MIB,
     AdmissionState,
     AdmissionStats,
     Grant,
     MemoryProbe,
-    _Waiter,
+    Waiter,
     compute_budget,
 )
 from exec_sandbox.validation import input_error
@@ -182,7 +182,7 @@ class AdmissionController:
         self._live_mb: int | None = None  # headroom at the last decision
         self._live_waits_total = 0
         self._poll: asyncio.TimerHandle | None = None
-        self._waiters: deque[_Waiter] = deque()
+        self._waiters: deque[Waiter] = deque()
         self._granted_total = 0
         self._timed_out_total = 0
         self._rejected_total = 0
@@ -316,7 +316,7 @@ class AdmissionController:
         if wait == 0:
             self._timed_out_total += 1
             raise self._timeout_error(memory_mb, cost, vcpus, 0.0, blocked_by)
-        waiter = _Waiter(memory_mb, cost, vcpus, loop.time(), loop.create_future(), blocked_by)
+        waiter = Waiter(memory_mb, cost, vcpus, loop.time(), loop.create_future(), blocked_by)
         self._waiters.append(waiter)
         if blocked_by == "live_memory":
             self._live_waits_total += 1
@@ -386,7 +386,7 @@ class AdmissionController:
         if self.memory_probe is None:
             return None
         try:
-            self._live_mb = int(self.memory_probe()) // _MIB
+            self._live_mb = int(self.memory_probe()) // MIB
         except Exception as exc:
             log.warning("admission: cannot read the host's free memory (%r); live guard skipped once", exc)
             return None
@@ -529,7 +529,7 @@ class AdmissionController:
                 self._grant(head.memory_mb, head.cost_mb, head.vcpus, (now - head.started) * 1000)
             )
 
-    def _forget(self, waiter: _Waiter) -> None:
+    def _forget(self, waiter: Waiter) -> None:
         try:
             self._waiters.remove(waiter)
         except ValueError:

@@ -46,7 +46,7 @@ MemoryProbe = Callable[[], int]
 """Returns the bytes that can be taken right now without swapping (e.g. :class:`MemoryHeadroomProbe`)."""
 
 
-_MIB: Final = 1024 * 1024
+MIB: Final = 1024 * 1024
 
 
 def compute_budget(config: SchedulerConfig, resources: HostResources) -> tuple[int, float]:
@@ -54,7 +54,7 @@ def compute_budget(config: SchedulerConfig, resources: HostResources) -> tuple[i
 
     Raises :class:`SandboxPermanentError` when the reserve leaves no memory for VMs.
     """
-    host_mb = resources.memory_limit_bytes // _MIB
+    host_mb = resources.memory_limit_bytes // MIB
     usable_mb = host_mb - config.host_memory_reserve_mb
     if usable_mb <= 0:
         raise SandboxPermanentError(
@@ -172,7 +172,7 @@ class Grant:
 
 
 @dataclass(eq=False)
-class _Waiter:
+class Waiter:
     memory_mb: int
     cost_mb: int
     vcpus: int

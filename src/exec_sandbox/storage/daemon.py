@@ -41,15 +41,15 @@ from qemu.qmp import EventListener, ExecuteError, QMPClient
 
 from exec_sandbox.errors import QemuStorageDaemonError
 from exec_sandbox.storage.qcow2 import (
-    _absolute,
-    _refuse_existing,
-    _remove_partial,
+    absolute_path,
     build_file_create_options,
     build_qcow2_create_options,
     ensure_qcow2,
     escape_qemu_option_value,
     get_image_info,
     overlay_size,
+    refuse_existing,
+    remove_partial,
 )
 from smartvm.cleanup import shielded
 from smartvm.hostfs import UnsafePathError
@@ -492,11 +492,11 @@ class QemuStorageDaemon:
         behind: jobs are dismissed, nodes deleted and the partial file removed.
         """
         self._require_running()
-        base, overlay = _absolute(base), _absolute(overlay)
+        base, overlay = absolute_path(base), absolute_path(overlay)
         info = await get_image_info(base, qemu_img=self._qemu_img, timeout=self._command_timeout)
         ensure_qcow2(base, info)
         virtual_size = overlay_size(base, info, size)
-        _refuse_existing(overlay)
+        refuse_existing(overlay)
 
         async with self._command_lock:
             self._require_running()  # stop() may have begun while we queued
@@ -530,7 +530,7 @@ class QemuStorageDaemon:
             if node is not None:
                 with contextlib.suppress(QemuStorageDaemonError):
                     await self._execute("blockdev-del", {"node-name": node})
-        _remove_partial(overlay)
+        remove_partial(overlay)
 
     async def _settle_job(self, job_id: str) -> None:
         """Wait for an abandoned job to conclude, then dismiss it (a running job pins its node)."""

@@ -69,7 +69,7 @@ def default_pool_size(max_concurrent_vms: int) -> int:
     return max(1, min(max_concurrent_vms, _MAX_DEFAULT_POOL_SIZE))
 
 
-def _absolute(path: Path) -> Path:
+def absolute_path(path: Path) -> Path:
     return Path(path).absolute()  # not resolve(): backing files keep the caller's path
 
 
@@ -139,7 +139,7 @@ class OverlayPool:
         if pool_size_per_base is not None and pool_size_per_base < 0:
             raise SandboxInputError(f"pool_size_per_base must be >= 0, got {pool_size_per_base}")
         self._max_concurrent_vms = max_concurrent_vms
-        self._pool_dir = _absolute(pool_dir)
+        self._pool_dir = absolute_path(pool_dir)
         self._pool_size = (
             pool_size_per_base if pool_size_per_base is not None else default_pool_size(max_concurrent_vms)
         )
@@ -183,7 +183,7 @@ class OverlayPool:
 
     def available(self, base: Path) -> int:
         """How many ready overlays ``base`` has right now."""
-        entry = self._entries.get(_absolute(base))
+        entry = self._entries.get(absolute_path(base))
         return len(entry.ready) if entry is not None else 0
 
     def __repr__(self) -> str:
@@ -208,7 +208,7 @@ class OverlayPool:
         Calling ``start`` again while running only registers further base images.
         """
         async with self._lifecycle_lock:
-            bases = [_absolute(b) for b in base_images]
+            bases = [absolute_path(b) for b in base_images]
             for base in bases:
                 ensure_qcow2(base, await get_image_info(base, qemu_img=self._qemu_img))
             if self._state is PoolState.RUNNING:
@@ -376,7 +376,7 @@ class OverlayPool:
         one had to be created on demand (the base is then pooled from now on).
         """
         self._require_running()
-        base, target = _absolute(base), _absolute(target)
+        base, target = absolute_path(base), absolute_path(target)
         if target.exists() or target.is_symlink():
             raise SandboxInputError(
                 f"Overlay target {target} already exists", context={"target": str(target)}

@@ -108,7 +108,7 @@ async def get_image_info(image: Path, *, qemu_img: str = "qemu-img", timeout: fl
     Raises :class:`QemuStorageDaemonError` ("Failed to get image info ...") when the
     image cannot be opened or probed.
     """
-    image = _absolute(image)
+    image = absolute_path(image)
     key = _identity(image)
     loop = asyncio.get_running_loop()
     while True:
@@ -176,7 +176,7 @@ async def _run_tool(argv: list[str], *, timeout: float, what: str) -> tuple[str,
     return result.stdout.decode(errors="replace"), result.stderr.decode(errors="replace"), result.returncode
 
 
-def _absolute(path: Path) -> Path:
+def absolute_path(path: Path) -> Path:
     """Absolute without resolving symlinks: a backing file must name the path the caller gave."""
     return Path(path).absolute()
 
@@ -191,12 +191,12 @@ def _identity(image: Path) -> tuple[str, int, int, int, int]:
     return (str(image), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _refuse_existing(overlay: Path) -> None:
+def refuse_existing(overlay: Path) -> None:
     if overlay.exists() or overlay.is_symlink():
         raise SandboxInputError(f"Overlay target {overlay} already exists", context={"overlay": str(overlay)})
 
 
-def _remove_partial(overlay: Path) -> None:
+def remove_partial(overlay: Path) -> None:
     try:
         overlay.unlink()
     except (FileNotFoundError, NotADirectoryError):
@@ -235,18 +235,18 @@ async def create_overlay_with_qemu_img(
     timeout: float = 30.0,
 ) -> None:
     """Same contract as :meth:`QemuStorageDaemon.create_overlay`, one ``qemu-img`` process per call."""
-    base, overlay = _absolute(base), _absolute(overlay)
+    base, overlay = absolute_path(base), absolute_path(overlay)
     info = await get_image_info(base, qemu_img=qemu_img, timeout=timeout)
     ensure_qcow2(base, info)
     argv = build_qemu_img_create_argv(qemu_img, base, overlay, overlay_size(base, info, size))
-    _refuse_existing(overlay)
+    refuse_existing(overlay)
     try:
         _, stderr, returncode = await _run_tool(argv, timeout=timeout, what="qemu-img create")
     except BaseException:
-        _remove_partial(overlay)
+        remove_partial(overlay)
         raise
     if returncode != 0:
-        _remove_partial(overlay)
+        remove_partial(overlay)
         raise QemuStorageDaemonError(
             f"qemu-img create failed for {overlay}: {stderr.strip() or f'exit code {returncode}'}",
             context={"command": argv, "exit_code": returncode, "stderr": stderr},

@@ -51,7 +51,7 @@ CACHE_FORMAT = 2
 _HASH_CHUNK = 1 << 20
 
 
-_SNAPSHOT_SUBDIR = "snapshot"
+SNAPSHOT_SUBDIR = "snapshot"
 
 
 # VmOptions fields that do not change the guest (only how long we wait for it).
@@ -177,7 +177,7 @@ def _probed_accelerator() -> str:
     return choose_accelerator(None).accel
 
 
-def _accelerator_for(options: VmOptions, settings: Settings) -> str:
+def accelerator_for(options: VmOptions, settings: Settings) -> str:
     # Mirrors SandboxVm: an explicit option, then Settings.force_emulation, then smartvm's probe.
     if options.accel is not None:
         return options.accel
@@ -194,7 +194,7 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _stat_id(path: Path) -> tuple[int, int, int, int]:
+def stat_id(path: Path) -> tuple[int, int, int, int]:
     st = path.stat()
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
@@ -205,17 +205,17 @@ _VERIFIED: dict[tuple[int, int, int, int], str] = {}
 
 
 def _digest_cached(path: Path) -> str:
-    ident = _stat_id(path)
+    ident = stat_id(path)
     seen = _VERIFIED.get(ident)
     if seen is not None:
         return seen
     digest = _sha256_file(path)
-    if _stat_id(path) == ident:  # not modified while hashing
+    if stat_id(path) == ident:  # not modified while hashing
         _VERIFIED[ident] = digest
     return digest
 
 
-class _Corrupt(Exception):
+class CorruptEntry(Exception):
     """An entry failed verification (the message says how)."""
 
 
@@ -223,39 +223,39 @@ def _list_files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() or p.is_symlink())
 
 
-def _verify_entry(entry: Path, key: str) -> SnapshotManifest:
+def verify_entry(entry: Path, key: str) -> SnapshotManifest:
     try:
         manifest = SnapshotManifest.model_validate_json((entry / "manifest.json").read_bytes())
     except (OSError, ValidationError, ValueError) as exc:
-        raise _Corrupt(f"manifest unreadable: {exc}") from exc
+        raise CorruptEntry(f"manifest unreadable: {exc}") from exc
     if manifest.cache_format != CACHE_FORMAT or manifest.key != key or manifest.inputs.key() != key:
-        raise _Corrupt("manifest does not belong to this key")
-    root = entry / _SNAPSHOT_SUBDIR
+        raise CorruptEntry("manifest does not belong to this key")
+    root = entry / SNAPSHOT_SUBDIR
     present = _list_files(root) if root.is_dir() else []
     if present != sorted(manifest.files):
-        raise _Corrupt(f"files {present} differ from the manifest's {sorted(manifest.files)}")
+        raise CorruptEntry(f"files {present} differ from the manifest's {sorted(manifest.files)}")
     for rel, want in manifest.files.items():
         path = root / rel
         if path.is_symlink():
-            raise _Corrupt(f"{rel} is a symlink")
+            raise CorruptEntry(f"{rel} is a symlink")
         size = path.stat().st_size
         if size != want.size:
-            raise _Corrupt(f"{rel} has {size} bytes, the manifest says {want.size}")
+            raise CorruptEntry(f"{rel} has {size} bytes, the manifest says {want.size}")
         got = _digest_cached(path)
         if got != want.sha256:
-            raise _Corrupt(f"{rel} has sha256 {got}, the manifest says {want.sha256}")
+            raise CorruptEntry(f"{rel} has sha256 {got}, the manifest says {want.sha256}")
     # The disk copy is an overlay whose backing file is the image's base: without it, no restore.
     try:
         base = Path(json.loads((root / "sandbox.json").read_text())["base_image"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise _Corrupt(f"sandbox.json unreadable: {exc}") from exc
+        raise CorruptEntry(f"sandbox.json unreadable: {exc}") from exc
     if not base.is_file():
-        raise _Corrupt(f"its base image {base} no longer exists")
+        raise CorruptEntry(f"its base image {base} no longer exists")
     return manifest
 
 
-def _write_manifest(tmp_entry: Path, key: str, inputs: SnapshotKeyInputs, vm_id: str) -> None:
-    root = tmp_entry / _SNAPSHOT_SUBDIR
+def write_manifest(tmp_entry: Path, key: str, inputs: SnapshotKeyInputs, vm_id: str) -> None:
+    root = tmp_entry / SNAPSHOT_SUBDIR
     files = {}
     for rel in _list_files(root):
         path = root / rel
@@ -271,7 +271,7 @@ def _write_manifest(tmp_entry: Path, key: str, inputs: SnapshotKeyInputs, vm_id:
     atomic_write_file(tmp_entry / "manifest.json", manifest.model_dump_json(indent=1).encode(), fsync=True)
 
 
-class _FileLock:
+class FileLock:
     """An ``fcntl.flock`` on one lock file, taken without blocking the event loop."""
 
     def __init__(self, path: Path) -> None:

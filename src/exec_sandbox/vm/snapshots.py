@@ -46,17 +46,17 @@ from exec_sandbox.settings import Settings
 from exec_sandbox.storage.overlay_pool import OverlayPool
 from exec_sandbox.vm.sandbox_vm import BootLogCallback, SandboxVm
 from exec_sandbox.vm.snapshot_entries import (
-    _SNAPSHOT_SUBDIR,
+    SNAPSHOT_SUBDIR,
+    CorruptEntry,
+    FileLock,
     SnapshotKeyInputs,
-    _accelerator_for,
-    _Corrupt,
-    _FileLock,
-    _stat_id,
-    _verify_entry,
-    _write_manifest,
+    accelerator_for,
     build_key_inputs,
     cacheable_reason,
     qemu_version,
+    stat_id,
+    verify_entry,
+    write_manifest,
 )
 from exec_sandbox.vm.spec import VmOptions
 from exec_sandbox.vm_manager import ImageBundle, VmManager
@@ -179,7 +179,7 @@ class SnapshotCache:
             options,
             manifest,
             qemu_version=await qemu_version(self.settings.qemu_system_binary),
-            accelerator=_accelerator_for(options, self.settings),
+            accelerator=accelerator_for(options, self.settings),
             warmup_spare=self.spare,
         )
 
@@ -187,7 +187,7 @@ class SnapshotCache:
         return (await self.key_inputs(options)).key()
 
     def _bundle_manifest(self, bundle: ImageBundle) -> BundleManifest:
-        ident = _stat_id(bundle.manifest)
+        ident = stat_id(bundle.manifest)
         seen = self._manifests.get(bundle.manifest)
         if seen is not None and seen[0] == ident:
             return seen[1]
@@ -198,8 +198,8 @@ class SnapshotCache:
     def entry_dir(self, key: str) -> Path:
         return self.cache_dir / key
 
-    def _lock(self, key: str, kind: str) -> _FileLock:
-        return _FileLock(self.cache_dir / ".locks" / f"{key}.{kind}")
+    def _lock(self, key: str, kind: str) -> FileLock:
+        return FileLock(self.cache_dir / ".locks" / f"{key}.{kind}")
 
     def entries(self) -> list[str]:
         """Keys of the complete entries currently in the cache directory."""
@@ -298,15 +298,15 @@ class SnapshotCache:
         corrupt: str | None = None
         try:
             try:
-                await asyncio.to_thread(_verify_entry, entry, key)
-            except _Corrupt as exc:
+                await asyncio.to_thread(verify_entry, entry, key)
+            except CorruptEntry as exc:
                 corrupt = str(exc)
             except FileNotFoundError:
                 return None  # pruned between the check and the lock
             if corrupt is None:
                 try:
                     vm = await SandboxVm.restore_from(
-                        entry / _SNAPSHOT_SUBDIR,
+                        entry / SNAPSHOT_SUBDIR,
                         settings=self.settings,
                         runtime_dir=runtime_dir,
                         vm_id=vm_id,
@@ -350,7 +350,7 @@ class SnapshotCache:
                 return
             tmp = await asyncio.to_thread(self._new_tmp_entry, key)
             # The guest is paused only while QEMU saves and the RAM file and overlay are copied.
-            await vm.save_snapshot(tmp / _SNAPSHOT_SUBDIR)
+            await vm.save_snapshot(tmp / SNAPSHOT_SUBDIR)
             task = asyncio.get_running_loop().create_task(
                 self._publish(key, inputs, vm.vm_id, tmp, writer), name=f"snapshot-publish-{key[:8]}"
             )
@@ -368,11 +368,11 @@ class SnapshotCache:
         return make_owned_dir(self.cache_dir, f".tmp-{key}-", kind="snapshot-write")
 
     async def _publish(
-        self, key: str, inputs: SnapshotKeyInputs, vm_id: str, tmp: Path, writer: _FileLock
+        self, key: str, inputs: SnapshotKeyInputs, vm_id: str, tmp: Path, writer: FileLock
     ) -> None:
         """Hash the files, write the manifest, then make the entry visible with one rename."""
         try:
-            await asyncio.to_thread(_write_manifest, tmp, key, inputs, vm_id)
+            await asyncio.to_thread(write_manifest, tmp, key, inputs, vm_id)
             await asyncio.to_thread((tmp / OWNER_FILE).unlink)  # a published entry belongs to the cache
             await asyncio.to_thread(os.rename, tmp, self.entry_dir(key))
             self.stats.saves += 1
