@@ -94,7 +94,7 @@ if TYPE_CHECKING:
 __all__ = ["download_records", "result_json", "run"]
 
 
-# ---- pure parsing ------------------------------------------------------------------------------
+# ---- the JSON result ---------------------------------------------------------------------------
 
 
 def download_records(downloads: Sequence[Download], files: Mapping[str, bytes]) -> list[dict[str, Any]]:

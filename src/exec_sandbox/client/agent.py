@@ -375,6 +375,3 @@ class AgentClient(FileTransfer):
         """Ask the agent to stop (in a VM: power off). The transport closes soon after."""
         async with self._request(ShutdownRequest(id=self._new_id())) as (req_id, pending):
             return await self._expect(req_id, pending, ShutdownResult, timeout)
-
-
-

@@ -528,5 +528,3 @@ def build_model(model: type[_M], **fields: Any) -> _M:
 def unexpected_frame(req_id: str, msg: GuestMessage, wanted: str) -> GuestProtocolError:
     return GuestProtocolError(f"unexpected {msg.type!r} message for request {req_id} (wanted {wanted})",
                               reason="unexpected_message", request_id=req_id, context={"type": msg.type})
-
-

@@ -370,8 +370,3 @@ def find_cgroup2_mount(proc_root: Path = PROC) -> Path | None:
         if mount.version == 2 and mount.root == "/":
             return mount.mount_point
     return None
-
-
-# --------------------------------------------------------------------------- writing (cgroup v2)
-
-

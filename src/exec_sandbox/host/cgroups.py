@@ -50,8 +50,6 @@ DEFAULT_CGROUP_PARENT_NAME: Final = "exec-sandbox"
 DEFAULT_CONTROLLERS: Final = ("memory", "pids", "cpu")
 
 
-
-
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 

@@ -157,7 +157,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-
 class RunResult(ExecutionResult):
     """:class:`ExecutionResult` of ``Scheduler.run`` plus the files read back after the run.
 
@@ -175,7 +174,6 @@ class _RunState:
     """Per-run facts the close/cancel paths need."""
 
     dispatched: bool = False
-
 
 
 class Scheduler(VmProvisioner):
@@ -592,6 +590,3 @@ class Scheduler(VmProvisioner):
         return await self._new_session(
             lease, parent.language, parent.memory_mb, dict(parent.env_vars), parent.idle_timeout_seconds
         )
-
-    # ------------------------------------------------------------------ VMs
-
