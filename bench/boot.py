@@ -47,10 +47,11 @@ from typing import Any
 from percentile import p95
 
 from exec_sandbox.config import SchedulerConfig
-from exec_sandbox.overlay_pool import OverlayPool
-from exec_sandbox.sandbox_vm import SandboxVm, VmOptions
-from exec_sandbox.scheduler import Scheduler
+from exec_sandbox.sandbox.scheduler import Scheduler
 from exec_sandbox.settings import Settings
+from exec_sandbox.storage.overlay_pool import OverlayPool
+from exec_sandbox.vm.sandbox_vm import SandboxVm
+from exec_sandbox.vm.spec import VmOptions
 from exec_sandbox.vm_manager import VmManager
 from smartvm.qemu import QemuMachineSpec, build_argv, choose_accelerator
 

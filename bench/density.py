@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from exec_sandbox.config import SchedulerConfig
-from exec_sandbox.host_resources import read_meminfo
-from exec_sandbox.scheduler import Scheduler
-from exec_sandbox.session import Session
+from exec_sandbox.host.capacity import read_meminfo
+from exec_sandbox.sandbox.scheduler import Scheduler
+from exec_sandbox.sandbox.session import Session
 from exec_sandbox.settings import Settings
 from smartvm.qemu import choose_accelerator
 

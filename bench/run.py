@@ -51,7 +51,7 @@ from percentile import p95
 from procfs import cpu_ticks, own_children
 
 from exec_sandbox.config import SchedulerConfig
-from exec_sandbox.scheduler import RunResult, Scheduler
+from exec_sandbox.sandbox.scheduler import RunResult, Scheduler
 from exec_sandbox.settings import Settings
 from smartvm.qemu import choose_accelerator
 

@@ -16,9 +16,7 @@ import hashlib
 import os
 import time
 
-from exec_sandbox import SandboxError
-from exec_sandbox.config import SchedulerConfig
-from exec_sandbox.scheduler import Scheduler
+from exec_sandbox import SandboxError, Scheduler, SchedulerConfig
 
 __all__ = ["main"]
 

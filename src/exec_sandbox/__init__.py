@@ -31,10 +31,8 @@ from exec_sandbox.errors import (
 from smartvm.lazy_exports import lazy_exports
 
 if TYPE_CHECKING:
-    from exec_sandbox.admission import AdmissionController
-    from exec_sandbox.agent_client import AgentClient, AgentClientState, ExecResult
+    from exec_sandbox.client.agent import AgentClient, AgentClientState, ExecResult
     from exec_sandbox.config import SchedulerConfig
-    from exec_sandbox.lifecycle_errors import SchedulerClosedError, SessionClosedError
     from exec_sandbox.models import (
         ExecutionResult,
         FileInfo,
@@ -43,45 +41,48 @@ if TYPE_CHECKING:
         TimingBreakdown,
         language_from_path,
     )
-    from exec_sandbox.overlay_pool import OverlayPool
-    from exec_sandbox.qemu_storage_daemon import QemuStorageDaemon
-    from exec_sandbox.sandbox_vm import BootTiming, SandboxVm, SandboxVmState, VmOptions
-    from exec_sandbox.scheduler import RunResult, Scheduler, SchedulerState
-    from exec_sandbox.session import Session, SessionState
+    from exec_sandbox.sandbox.admission import AdmissionController
+    from exec_sandbox.sandbox.lifecycle_errors import SchedulerClosedError, SessionClosedError
+    from exec_sandbox.sandbox.scheduler import RunResult, Scheduler, SchedulerState
+    from exec_sandbox.sandbox.session import Session, SessionState
+    from exec_sandbox.sandbox.warm_pool import WarmPool
     from exec_sandbox.settings import Settings
-    from exec_sandbox.snapshot_cache import SnapshotCache
+    from exec_sandbox.storage.daemon import QemuStorageDaemon
+    from exec_sandbox.storage.overlay_pool import OverlayPool
+    from exec_sandbox.vm.sandbox_vm import SandboxVm
+    from exec_sandbox.vm.snapshots import SnapshotCache
+    from exec_sandbox.vm.spec import BootTiming, SandboxVmState, VmOptions
     from exec_sandbox.vm_manager import ImageBundle, VmManager
-    from exec_sandbox.warm_pool import WarmPool
 
 _LAZY: dict[str, str] = {
-    "AdmissionController": "exec_sandbox.admission",
-    "AgentClient": "exec_sandbox.agent_client",
-    "AgentClientState": "exec_sandbox.agent_client",
-    "BootTiming": "exec_sandbox.sandbox_vm",
-    "ExecResult": "exec_sandbox.agent_client",
+    "AdmissionController": "exec_sandbox.sandbox.admission",
+    "AgentClient": "exec_sandbox.client.agent",
+    "AgentClientState": "exec_sandbox.client.agent",
+    "BootTiming": "exec_sandbox.vm.spec",
+    "ExecResult": "exec_sandbox.client.agent",
     "ExecutionResult": "exec_sandbox.models",
     "FileInfo": "exec_sandbox.models",
     "ImageBundle": "exec_sandbox.vm_manager",
     "Language": "exec_sandbox.models",
-    "OverlayPool": "exec_sandbox.overlay_pool",
+    "OverlayPool": "exec_sandbox.storage.overlay_pool",
     "PortForward": "exec_sandbox.models",
-    "QemuStorageDaemon": "exec_sandbox.qemu_storage_daemon",
-    "RunResult": "exec_sandbox.scheduler",
-    "SandboxVm": "exec_sandbox.sandbox_vm",
-    "SandboxVmState": "exec_sandbox.sandbox_vm",
-    "Scheduler": "exec_sandbox.scheduler",
-    "SchedulerClosedError": "exec_sandbox.lifecycle_errors",
+    "QemuStorageDaemon": "exec_sandbox.storage.daemon",
+    "RunResult": "exec_sandbox.sandbox.scheduler",
+    "SandboxVm": "exec_sandbox.vm.sandbox_vm",
+    "SandboxVmState": "exec_sandbox.vm.spec",
+    "Scheduler": "exec_sandbox.sandbox.scheduler",
+    "SchedulerClosedError": "exec_sandbox.sandbox.lifecycle_errors",
     "SchedulerConfig": "exec_sandbox.config",
-    "SchedulerState": "exec_sandbox.scheduler",
-    "Session": "exec_sandbox.session",
-    "SessionClosedError": "exec_sandbox.lifecycle_errors",
-    "SessionState": "exec_sandbox.session",
+    "SchedulerState": "exec_sandbox.sandbox.scheduler",
+    "Session": "exec_sandbox.sandbox.session",
+    "SessionClosedError": "exec_sandbox.sandbox.lifecycle_errors",
+    "SessionState": "exec_sandbox.sandbox.session",
     "Settings": "exec_sandbox.settings",
-    "SnapshotCache": "exec_sandbox.snapshot_cache",
+    "SnapshotCache": "exec_sandbox.vm.snapshots",
     "TimingBreakdown": "exec_sandbox.models",
     "VmManager": "exec_sandbox.vm_manager",
-    "VmOptions": "exec_sandbox.sandbox_vm",
-    "WarmPool": "exec_sandbox.warm_pool",
+    "VmOptions": "exec_sandbox.vm.spec",
+    "WarmPool": "exec_sandbox.sandbox.warm_pool",
     "language_from_path": "exec_sandbox.models",
 }
 

@@ -15,9 +15,9 @@ from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from exec_sandbox.agent_protocol import DEFAULT_OUTPUT_CAP_BYTES, MAX_CODE_BYTES
 from exec_sandbox.errors import SandboxInputError
 from exec_sandbox.models import PortForward
+from exec_sandbox.protocol.agent import DEFAULT_OUTPUT_CAP_BYTES, MAX_CODE_BYTES
 from exec_sandbox.settings import Settings
 from exec_sandbox.validation import MIN_MEMORY_MB, validate_domains, validate_port_forwards
 
@@ -42,7 +42,7 @@ DEFAULT_VM_OVERHEAD_MB: Final = 60
 DEFAULT_VM_START_FOOTPRINT_MB: Final = 128
 # Committed guest RAM may be this many times the usable host RAM. An idle restored VM really holds
 # ~25-35 MiB of its 316 MiB charge (256 MiB guest + 60 MiB overhead), so 4x still leaves the live
-# guard (real MemAvailable, see exec_sandbox.admission) as the check that binds; 4x admits ~290
+# guard (real MemAvailable, see exec_sandbox.sandbox.admission) as the check that binds; 4x admits ~290
 # such VMs on a 24 GiB host. Use 1.0 for a budget that never over-commits.
 DEFAULT_MEMORY_OVERCOMMIT_RATIO: Final = 4.0
 ENV_PREFIX: Final = "EXEC_SANDBOX_SCHEDULER_"
@@ -78,7 +78,7 @@ class SchedulerConfig(BaseModel):
             "foreground runs for the CPU on small hosts; raise it for sustained throughput"
         ),
     )
-    # Admission (see exec_sandbox.admission for the model and why it is shaped so)
+    # Admission (see exec_sandbox.sandbox.admission for the model and why it is shaped so)
     memory_overcommit_ratio: float = Field(
         default=DEFAULT_MEMORY_OVERCOMMIT_RATIO,
         gt=0,

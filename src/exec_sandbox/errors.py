@@ -14,7 +14,7 @@
     │   │                                frame for a request never made): the connection is dropped
     │   │                                and the VM killed (``reason``, ``request_id``, ``limit_bytes``,
     │   │                                ``received_bytes``)
-    │   │   └── FrameError               (agent_protocol) a frame or message failed to decode/validate
+    │   │   └── FrameError               (protocol.agent) a frame or message failed to decode/validate
     │   └── GuestFileTooLargeError       a guest file passed the host's cap while it was being read
     │                                    (``path``, ``limit_bytes``, ``received_bytes``); the transfer
     │                                    was ended at the cap, the VM stays usable

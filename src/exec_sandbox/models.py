@@ -13,8 +13,8 @@ from typing import Final, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from exec_sandbox.agent_protocol import Language
 from exec_sandbox.errors import SandboxInputError
+from exec_sandbox.protocol.agent import Language
 
 __all__ = [
     "LANGUAGES",

@@ -12,12 +12,13 @@ from __future__ import annotations
 import math
 import posixpath
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Final
 
-from exec_sandbox.agent_protocol import MAX_CODE_BYTES, MAX_ENV_VARS
 from exec_sandbox.errors import SandboxInputError
 from exec_sandbox.models import LANGUAGES, Language, PortForward
+from exec_sandbox.protocol.agent import MAX_CODE_BYTES, MAX_ENV_VARS
 
 __all__ = [
     "DEFAULT_WORKDIR",
@@ -38,12 +39,14 @@ __all__ = [
     "validate_code",
     "validate_domain",
     "validate_domains",
+    "validate_downloads",
     "validate_env_vars",
     "validate_guest_path",
     "validate_language",
     "validate_memory_mb",
     "validate_port_forwards",
     "validate_timeout",
+    "validate_uploads",
     "validate_vcpus",
 ]
 
@@ -406,3 +409,48 @@ def validate_domains(domains: Iterable[str] | None, *, field: str = "allowed_dom
             field, f"<{len(result)} domains>", f"at most {MAX_DOMAINS} domains", limit=MAX_DOMAINS
         )
     return result
+
+
+def validate_uploads(
+    files: Mapping[str, bytes | Path] | None, *, max_file_bytes: int
+) -> dict[str, bytes | Path]:
+    """``run(files=...)``: guest path -> bytes or a readable local regular file, each within the cap."""
+    if files is None:
+        return {}
+    if not isinstance(files, Mapping):
+        raise input_error("files", files, "must be a mapping of guest paths to bytes or local Paths")
+    result: dict[str, bytes | Path] = {}
+    for guest_path, data in files.items():
+        rel = validate_guest_path(guest_path, field="files")
+        if isinstance(data, bytes | bytearray | memoryview):
+            size = len(data)
+            data = bytes(data)
+        elif isinstance(data, Path):
+            try:
+                size = data.stat().st_size
+            except OSError as exc:
+                raise input_error(f"files[{guest_path!r}]", str(data), f"cannot read: {exc}") from None
+            if not data.is_file():
+                raise input_error(f"files[{guest_path!r}]", str(data), "is not a regular file")
+        else:
+            raise input_error(
+                f"files[{guest_path!r}]", data, f"must be bytes or a Path, not {type(data).__name__}"
+            )
+        if size > max_file_bytes:
+            raise input_error(
+                f"files[{guest_path!r}]",
+                f"<{size} bytes>",
+                f"is larger than max_file_bytes ({max_file_bytes})",
+                size_bytes=size,
+                limit_bytes=max_file_bytes,
+            )
+        result[rel] = data
+    return result
+
+def validate_downloads(download: Sequence[str] | None) -> list[tuple[str, str]]:
+    """``run(download=...)``: ``(path as given, normalised guest path)`` pairs."""
+    if download is None:
+        return []
+    if isinstance(download, str | bytes) or not isinstance(download, Sequence):
+        raise input_error("download", download, "must be a list of guest paths, not a single string")
+    return [(p, validate_guest_path(p, field="download")) for p in download]

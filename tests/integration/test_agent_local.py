@@ -23,18 +23,18 @@ from pathlib import Path
 
 import pytest
 
-from exec_sandbox import agent_protocol as ap
-from exec_sandbox.agent_client import AgentClient, AgentClientState
-from exec_sandbox.agent_protocol import ExitEvent, Language, OutputEvent
+from exec_sandbox.client.agent import AgentClient, AgentClientState
 from exec_sandbox.errors import (
     CommunicationOutcomeUnknownError,
     GuestAgentError,
     SandboxInputError,
 )
+from exec_sandbox.protocol import agent as ap
+from exec_sandbox.protocol.agent import ExitEvent, Language, OutputEvent
 
 pytestmark = pytest.mark.integration
 
-AGENT = Path(ap.__file__).parent / "guest" / "sbx_agent"  # python3 AGENT runs its __main__
+AGENT = ap.GUEST_AGENT_PATH
 IS_ROOT = os.geteuid() == 0
 USER_UID = 1000 if IS_ROOT else os.geteuid()
 HAVE_NODE = shutil.which("node") is not None

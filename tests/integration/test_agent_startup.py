@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from exec_sandbox import agent_protocol
+from exec_sandbox.protocol import agent as agent_protocol
 from tests.support.guest_agent import load_agent
 
 pytestmark = pytest.mark.integration
 
-AGENT = Path(agent_protocol.__file__).parent / "guest" / "sbx_agent"
+AGENT = agent_protocol.GUEST_AGENT_PATH
 HEAVY = ("enum", "re", "json", "subprocess", "signal", "typing", "selectors", "argparse")
 
 

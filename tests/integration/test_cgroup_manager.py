@@ -22,12 +22,8 @@ from pathlib import Path
 import pytest
 
 from exec_sandbox.errors import SandboxInputError, SandboxPermanentError
-from exec_sandbox.host_resources import (
-    CgroupManager,
-    CgroupManagerState,
-    find_cgroup2_mount,
-    probe_cgroup_delegation,
-)
+from exec_sandbox.host.capacity import find_cgroup2_mount
+from exec_sandbox.host.cgroups import CgroupManager, CgroupManagerState, probe_cgroup_delegation
 
 pytestmark = pytest.mark.integration
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from exec_sandbox.config import SchedulerConfig
-from exec_sandbox.scheduler import Scheduler, SchedulerState
-from exec_sandbox.session import Session
+from exec_sandbox.sandbox.scheduler import Scheduler, SchedulerState
+from exec_sandbox.sandbox.session import Session
 from exec_sandbox.settings import Settings
 from tests.integration.test_scheduler_support import assert_closed_clean, qemu_children
 

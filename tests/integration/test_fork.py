@@ -9,9 +9,10 @@ from __future__ import annotations
 import pytest
 
 from exec_sandbox.errors import SandboxTransientError
-from exec_sandbox.fork import ForkTiming, fork_vm
-from exec_sandbox.sandbox_vm import SandboxVm, SandboxVmState, VmOptions
 from exec_sandbox.settings import Settings
+from exec_sandbox.vm.fork import ForkTiming, fork_vm
+from exec_sandbox.vm.sandbox_vm import SandboxVm
+from exec_sandbox.vm.spec import SandboxVmState, VmOptions
 from exec_sandbox.vm_manager import VmManager
 from tests.integration.conftest import LeakChecker
 

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from exec_sandbox.scheduler import Scheduler
+from exec_sandbox.sandbox.scheduler import Scheduler
 from tests.integration.test_scheduler_support import scheduler_for_tests
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]

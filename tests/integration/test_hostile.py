@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from exec_sandbox.agent_protocol import DEFAULT_OUTPUT_CAP_BYTES
-from exec_sandbox.scheduler import Scheduler
+from exec_sandbox.protocol.agent import DEFAULT_OUTPUT_CAP_BYTES
+from exec_sandbox.sandbox.scheduler import Scheduler
 from tests.integration.test_scheduler_support import (
     assert_no_vms,
     host_process_count,

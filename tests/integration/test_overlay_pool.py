@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from exec_sandbox.errors import QemuStorageDaemonError, SandboxInputError
-from exec_sandbox.overlay_pool import OverlayPool, PoolState
-from exec_sandbox.qemu_storage_daemon import QemuStorageDaemon
+from exec_sandbox.storage.daemon import QemuStorageDaemon
+from exec_sandbox.storage.overlay_pool import OverlayPool, PoolState
 
 pytestmark = pytest.mark.integration
 
@@ -268,7 +268,7 @@ class TestDaemonProblems:
     async def test_fallback_to_qemu_img_when_daemon_cannot_run(
         self, tmp_path: Path, base: Path, caplog: pytest.LogCaptureFixture
     ) -> None:
-        caplog.set_level(logging.WARNING, logger="exec_sandbox.overlay_pool")
+        caplog.set_level(logging.WARNING, logger="exec_sandbox.storage.overlay_pool")
         daemon = QemuStorageDaemon("/nonexistent/qemu-storage-daemon")
         async with OverlayPool(max_concurrent_vms=2, pool_dir=tmp_path / "pool", daemon=daemon) as pool:
             await pool.start([base])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from exec_sandbox.agent_client import AgentClient
+from exec_sandbox.client.agent import AgentClient
 from exec_sandbox.vm_manager import ImageBundle
 from smartvm.config import VMConfig
 from smartvm.qemu import QemuMachine

@@ -20,7 +20,7 @@ import pytest
 from qemu.qmp import QMPClient
 
 from exec_sandbox.errors import QemuStorageDaemonError, SandboxInputError
-from exec_sandbox.qemu_storage_daemon import DaemonState, QemuStorageDaemon
+from exec_sandbox.storage.daemon import DaemonState, QemuStorageDaemon
 
 pytestmark = pytest.mark.integration
 
@@ -213,7 +213,7 @@ class TestLifecycle:
             f"""
             import asyncio, sys
             from pathlib import Path
-            from exec_sandbox.qemu_storage_daemon import QemuStorageDaemon
+            from exec_sandbox.storage.daemon import QemuStorageDaemon
 
             async def main():
                 d = QemuStorageDaemon(runtime_dir=Path({str(runtime)!r}))

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from exec_sandbox.agent_client import AgentClient
-from exec_sandbox.agent_protocol import OutputEvent
+from exec_sandbox.client.agent import AgentClient
 from exec_sandbox.errors import SandboxInputError
-from exec_sandbox.sandbox_vm import SandboxVm, VmOptions
+from exec_sandbox.protocol.agent import OutputEvent
 from exec_sandbox.settings import Settings
-from exec_sandbox.snapshot_cache import warm_vm
+from exec_sandbox.vm.sandbox_vm import SandboxVm
+from exec_sandbox.vm.snapshots import warm_vm
+from exec_sandbox.vm.spec import VmOptions
 from exec_sandbox.vm_manager import VmManager
 from tests.integration.conftest import LeakChecker
 from tests.integration.test_agent_local import run_agent

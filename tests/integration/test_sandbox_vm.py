@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from exec_sandbox.agent_protocol import ExitEvent, OutputEvent
 from exec_sandbox.errors import SandboxError, SandboxInputError, SandboxTransientError
-from exec_sandbox.overlay_pool import OverlayPool
-from exec_sandbox.sandbox_vm import SandboxVm, SandboxVmState, VmOptions
+from exec_sandbox.protocol.agent import ExitEvent, OutputEvent
 from exec_sandbox.settings import Settings
+from exec_sandbox.storage.overlay_pool import OverlayPool
+from exec_sandbox.vm.sandbox_vm import SandboxVm
+from exec_sandbox.vm.spec import SandboxVmState, VmOptions
 from exec_sandbox.vm_manager import VmManager
 from tests.integration.conftest import LeakChecker
 

@@ -21,8 +21,8 @@ import pytest_asyncio
 
 from exec_sandbox.config import SchedulerConfig
 from exec_sandbox.errors import CommunicationOutcomeUnknownError, SandboxInputError
-from exec_sandbox.lifecycle_errors import SchedulerClosedError
-from exec_sandbox.scheduler import RunResult, Scheduler, SchedulerState
+from exec_sandbox.sandbox.lifecycle_errors import SchedulerClosedError
+from exec_sandbox.sandbox.scheduler import RunResult, Scheduler, SchedulerState
 from exec_sandbox.settings import Settings
 from tests.integration.test_scheduler_support import (
     assert_closed_clean,
@@ -252,7 +252,7 @@ async def test_transient_boot_failure_is_retried_once(
     runtime_dir = Path(tempfile.mkdtemp(prefix="sbs-", dir="/tmp"))
     settings = Settings(force_emulation=True, qemu_system_binary=str(wrapper))
     try:
-        with caplog.at_level(logging.WARNING, logger="exec_sandbox.scheduler"):
+        with caplog.at_level(logging.WARNING, logger="exec_sandbox.sandbox.scheduler"):
             # Cold boots only: a snapshot restore would fall back to a boot by itself (no retry log).
             config = SchedulerConfig(enable_memory_snapshots=False)
             async with Scheduler(config, settings=settings, runtime_dir=runtime_dir) as sched:

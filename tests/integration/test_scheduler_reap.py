@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from exec_sandbox.config import SchedulerConfig
-from exec_sandbox.scheduler import Scheduler, reap_dead_scheduler_dirs
+from exec_sandbox.host.runtime_dirs import reap_dead_scheduler_dirs
+from exec_sandbox.sandbox.scheduler import Scheduler
 from smartvm.leftovers import OwnerRecord, new_owner_record, write_owner_record
 from smartvm.process import pid_alive
 from smartvm.qemu.process import read_owner_record

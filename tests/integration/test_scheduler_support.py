@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from exec_sandbox.config import SchedulerConfig
-from exec_sandbox.scheduler import Scheduler
+from exec_sandbox.sandbox.scheduler import Scheduler
 from exec_sandbox.settings import Settings
 from tests.integration.conftest import child_processes
 

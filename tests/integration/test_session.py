@@ -17,9 +17,9 @@ import pytest_asyncio
 
 from exec_sandbox.config import SchedulerConfig
 from exec_sandbox.errors import CommunicationOutcomeUnknownError, GuestAgentError, SandboxInputError
-from exec_sandbox.lifecycle_errors import SchedulerClosedError, SessionClosedError
-from exec_sandbox.scheduler import Scheduler
-from exec_sandbox.session import Session, SessionState
+from exec_sandbox.sandbox.lifecycle_errors import SchedulerClosedError, SessionClosedError
+from exec_sandbox.sandbox.scheduler import Scheduler
+from exec_sandbox.sandbox.session import Session, SessionState
 from tests.integration.test_scheduler_support import assert_no_vms, scheduler_for_tests
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from exec_sandbox.errors import SandboxTransientError
-from exec_sandbox.sandbox_vm import VmOptions
 from exec_sandbox.settings import Settings
-from exec_sandbox.snapshot_cache import SnapshotCache, SnapshotManifest
+from exec_sandbox.vm.snapshot_entries import SnapshotManifest
+from exec_sandbox.vm.snapshots import SnapshotCache
+from exec_sandbox.vm.spec import VmOptions
 from exec_sandbox.vm_manager import VmManager
 from tests.integration.conftest import LeakChecker, child_processes
 

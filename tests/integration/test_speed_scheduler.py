@@ -23,10 +23,10 @@ import pytest_asyncio
 
 from exec_sandbox.config import SchedulerConfig
 from exec_sandbox.errors import VmCapacityError
-from exec_sandbox.lifecycle_errors import SchedulerClosedError, SessionClosedError
-from exec_sandbox.scheduler import BACKGROUND_NICE, Scheduler, SchedulerState
+from exec_sandbox.sandbox.lifecycle_errors import SchedulerClosedError, SessionClosedError
+from exec_sandbox.sandbox.scheduler import BACKGROUND_NICE, Scheduler, SchedulerState
 from exec_sandbox.settings import Settings
-from exec_sandbox.snapshot_cache import SnapshotCache
+from exec_sandbox.vm.snapshots import SnapshotCache
 from smartvm.process import can_raise_priority
 from tests.integration.test_scheduler_support import assert_closed_clean, assert_no_vms, qemu_children
 from tests.support.procfs import thread_nices

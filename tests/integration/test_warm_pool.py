@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from exec_sandbox.admission import AdmissionController
-from exec_sandbox.agent_protocol import Language
-from exec_sandbox.sandbox_vm import SandboxVm, VmOptions
+from exec_sandbox.protocol.agent import Language
+from exec_sandbox.sandbox.admission import AdmissionController
+from exec_sandbox.sandbox.warm_pool import PooledVm, WarmPool, WarmPoolState
 from exec_sandbox.settings import Settings
-from exec_sandbox.snapshot_cache import SnapshotCache
+from exec_sandbox.vm.sandbox_vm import SandboxVm
+from exec_sandbox.vm.snapshots import SnapshotCache
+from exec_sandbox.vm.spec import VmOptions
 from exec_sandbox.vm_manager import VmManager
-from exec_sandbox.warm_pool import PooledVm, WarmPool, WarmPoolState
 from tests.integration.conftest import LeakChecker, child_processes
 
 pytestmark = pytest.mark.integration

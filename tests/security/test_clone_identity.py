@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from exec_sandbox.sandbox_vm import SandboxVm, VmOptions
-from exec_sandbox.scheduler import Scheduler
-from exec_sandbox.session import Session
+from exec_sandbox.sandbox.scheduler import Scheduler
+from exec_sandbox.sandbox.session import Session
 from exec_sandbox.settings import Settings
-from exec_sandbox.snapshot_cache import SnapshotCache
+from exec_sandbox.vm.sandbox_vm import SandboxVm
+from exec_sandbox.vm.snapshots import SnapshotCache
+from exec_sandbox.vm.spec import VmOptions
 from exec_sandbox.vm_manager import VmManager
 from tests.integration import conftest as integration
 from tests.integration.conftest import LeakChecker

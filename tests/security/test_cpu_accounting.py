@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from exec_sandbox.admission import AdmissionController
 from exec_sandbox.config import SchedulerConfig
 from exec_sandbox.errors import VmCapacityError
-from exec_sandbox.scheduler import Scheduler
+from exec_sandbox.sandbox.admission import AdmissionController
+from exec_sandbox.sandbox.scheduler import Scheduler
 from tests.integration.test_scheduler_support import assert_no_vms, scheduler_for_tests
 
 BURN_IN_A_THREAD = r"""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from exec_sandbox.cli_run import Download, plan_downloads, write_download
+from exec_sandbox.cli.args import Download, plan_downloads, write_download
 from exec_sandbox.errors import SandboxInputError
 from tests.security.conftest import Attacker
 

@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from exec_sandbox.scheduler import Scheduler
-from exec_sandbox.session import Session
+from exec_sandbox.sandbox.scheduler import Scheduler
+from exec_sandbox.sandbox.session import Session
 from tests.integration.test_scheduler_support import assert_no_vms, scheduler_for_tests
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from exec_sandbox.config import SchedulerConfig
-from exec_sandbox.scheduler import Scheduler
+from exec_sandbox.sandbox.scheduler import Scheduler
 from tests.security.conftest import Attacker
 
 pytestmark = pytest.mark.integration

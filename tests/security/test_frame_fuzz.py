@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exec_sandbox import agent_protocol as ap
 from exec_sandbox.errors import GuestProtocolError, SandboxInputError
+from exec_sandbox.protocol import agent as ap
 
 SMALL_CAP = 64 * 1024  # a small frame cap keeps the fuzzer fast; the rules are the same
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

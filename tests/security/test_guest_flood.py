@@ -22,14 +22,14 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from exec_sandbox.agent_client import AgentClient, AgentClientState
+from exec_sandbox.client.agent import AgentClient, AgentClientState
 from exec_sandbox.config import SchedulerConfig
 from exec_sandbox.errors import (
     CommunicationOutcomeUnknownError,
     GuestProtocolError,
     SandboxInputError,
 )
-from exec_sandbox.scheduler import Scheduler
+from exec_sandbox.sandbox.scheduler import Scheduler
 from tests.support.lying_agent import Send, lying_agent
 from tests.support.memory import MIB, RssPeak
 
@@ -42,7 +42,7 @@ def _output_frame(req_id: str, stream: str = "stdout", size: int = MIB) -> dict[
 
 
 async def _flood(send: Send, frame: dict[str, Any], total: int) -> None:
-    from exec_sandbox import agent_protocol as ap
+    from exec_sandbox.protocol import agent as ap
 
     raw = ap.encode_frame(frame)
     for _ in range(total // len(raw) + 1):
@@ -91,7 +91,7 @@ async def test_lying_agent_endless_file_chunks_end_at_the_read_cap() -> None:
     piece = {"data": base64.b64encode(chunk).decode(), "sha256": hashlib.sha256(chunk).hexdigest()}
 
     async def behave(req: dict[str, Any], send: Send) -> None:
-        from exec_sandbox import agent_protocol as ap
+        from exec_sandbox.protocol import agent as ap
 
         seq = 0
         while seq * MIB < FLOOD:
@@ -220,7 +220,7 @@ async def test_log_flood_of_id_less_errors(caplog: pytest.LogCaptureFixture) -> 
 
 @pytest.mark.parametrize("length", [2**31, 2**32 - 1])
 async def test_a_2_gib_length_prefix_is_refused_at_once(length: int) -> None:
-    from exec_sandbox import agent_protocol as ap
+    from exec_sandbox.protocol import agent as ap
 
     async def behave(req: dict[str, Any], send: Send) -> None:
         await send.raw(ap.MAGIC + bytes([ap.PROTOCOL_VERSION]) + length.to_bytes(4, "big"))
@@ -355,8 +355,8 @@ async def test_a_protocol_violation_kills_the_sessions_vm(scheduler: Scheduler) 
     """Guest code cannot reach the agent's port, so the lie is injected where the guest's bytes
     arrive on the host (the client's stream): the session reports the guest-side error, closes
     itself (reason ``vm_failed``) and its QEMU is gone."""
-    from exec_sandbox import agent_protocol as ap
-    from exec_sandbox.lifecycle_errors import SessionClosedError
+    from exec_sandbox.protocol import agent as ap
+    from exec_sandbox.sandbox.lifecycle_errors import SessionClosedError
     from tests.integration.test_scheduler_support import assert_no_vms, qemu_children
 
     s = await scheduler.session(language="python")

@@ -19,7 +19,7 @@ import pytest_asyncio
 
 from exec_sandbox.config import SchedulerConfig
 from exec_sandbox.errors import GuestFileTooLargeError, SandboxInputError
-from exec_sandbox.scheduler import Scheduler
+from exec_sandbox.sandbox.scheduler import Scheduler
 from tests.integration.test_scheduler_support import assert_no_vms, scheduler_for_tests
 from tests.support.hostile_code import grow_when_read
 from tests.support.memory import MIB, RssPeak

@@ -20,8 +20,8 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from exec_sandbox.lifecycle_errors import SessionClosedError
-from exec_sandbox.scheduler import Scheduler
+from exec_sandbox.sandbox.lifecycle_errors import SessionClosedError
+from exec_sandbox.sandbox.scheduler import Scheduler
 from smartvm.process import pid_alive
 from tests.integration.test_scheduler_support import assert_no_vms, scheduler_for_tests
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from exec_sandbox.config import SchedulerConfig
-from exec_sandbox.scheduler import Scheduler
+from exec_sandbox.sandbox.scheduler import Scheduler
 from smartvm.errors import SmartVMError
 from smartvm.qemu import QemuMachine, QemuMachineSpec, build_kernel_cmdline
 from tests.integration.qemu_guest import guest_initramfs, guest_kernel

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 from types import ModuleType
 
-from exec_sandbox import agent_protocol
+from exec_sandbox.protocol import agent as agent_protocol
 
 __all__ = ["AGENT", "MODULES", "load_agent"]
 
 #: The package directory; ``python3 AGENT ...`` runs the agent (its ``__main__``).
-AGENT = Path(agent_protocol.__file__).parent / "guest" / "sbx_agent"
+AGENT = agent_protocol.GUEST_AGENT_PATH
 MODULES = ("wire", "transport", "procs", "cgroups", "repl", "disk", "core", "exec_ops", "repl_ops",
            "system_ops", "file_ops", "dispatch", "agent", "cli")
 

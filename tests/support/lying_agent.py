@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exec_sandbox import agent_protocol as ap
+from exec_sandbox.protocol import agent as ap
 
 __all__ = ["HELLO", "LyingAgent", "Send", "lying_agent"]
 

@@ -7,7 +7,6 @@ import random
 
 import pytest
 
-from exec_sandbox.admission import AdmissionController, AdmissionState, Grant, compute_budget
 from exec_sandbox.config import SchedulerConfig
 from exec_sandbox.errors import (
     SandboxInputError,
@@ -15,7 +14,9 @@ from exec_sandbox.errors import (
     SandboxTransientError,
     VmCapacityError,
 )
-from exec_sandbox.host_resources import CgroupLimits, HostResources
+from exec_sandbox.host.capacity import CgroupLimits, HostResources
+from exec_sandbox.sandbox.admission import AdmissionController
+from exec_sandbox.sandbox.grants import AdmissionState, Grant, compute_budget
 from tests.support.loop import until
 
 GiB = 1024**3

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from exec_sandbox.admission import AdmissionController
 from exec_sandbox.config import SchedulerConfig
 from exec_sandbox.errors import SandboxInputError, VmCapacityError
-from exec_sandbox.host_resources import CgroupLimits, HostResources, MemoryHeadroomProbe
+from exec_sandbox.host.capacity import CgroupLimits, HostResources, MemoryHeadroomProbe
+from exec_sandbox.sandbox.admission import AdmissionController
 from tests.support.loop import until
 
 MiB = 1024 * 1024
@@ -210,7 +210,7 @@ async def test_failing_probe_skips_the_guard_with_a_warning(
     host = Host(tmp_path / "proc", available_mb=4096)
     ctrl = guarded(host)
     (host.root / "meminfo").unlink()  # /proc unreadable: decide on the budget alone
-    with caplog.at_level(logging.WARNING, logger="exec_sandbox.admission"):
+    with caplog.at_level(logging.WARNING, logger="exec_sandbox.sandbox.admission"):
         grant = await ctrl.acquire(256, timeout=0)
         grant.release()  # a release never raises, even with the probe broken
     assert "live guard skipped" in caplog.text

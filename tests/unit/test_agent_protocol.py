@@ -8,8 +8,8 @@ from types import ModuleType
 
 import pytest
 
-from exec_sandbox import agent_protocol as ap
 from exec_sandbox.errors import GuestAgentError
+from exec_sandbox.protocol import agent as ap
 from tests.support.guest_agent import load_agent
 
 

@@ -11,25 +11,21 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import exec_sandbox.cli_run as cli_run
+import exec_sandbox.cli.run as cli_run
 from exec_sandbox.cli import main
-from exec_sandbox.cli_run import (
+from exec_sandbox.cli.args import (
     Download,
-    ExitCode,
     Upload,
     check_uploads,
-    download_records,
-    exit_code_for_error,
-    exit_code_for_result,
-    format_error,
     parse_download_spec,
     parse_env_specs,
     parse_upload_spec,
     plan_downloads,
     resolve_source,
-    result_json,
     write_download,
 )
+from exec_sandbox.cli.errors import ExitCode, exit_code_for_error, exit_code_for_result, format_error
+from exec_sandbox.cli.run import download_records, result_json
 from exec_sandbox.errors import (
     CommunicationOutcomeUnknownError,
     GuestAgentError,
@@ -40,7 +36,7 @@ from exec_sandbox.errors import (
     VmCapacityError,
 )
 from exec_sandbox.models import ExecutionResult, TimingBreakdown
-from exec_sandbox.scheduler import RunResult
+from exec_sandbox.sandbox.scheduler import RunResult
 
 
 def _result(**fields: object) -> ExecutionResult:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from exec_sandbox.sandbox_vm import COLD_BOOT_TB_SIZE_MIB, VmOptions, build_machine_spec
+from exec_sandbox.vm.spec import COLD_BOOT_TB_SIZE_MIB, VmOptions, build_machine_spec
 from smartvm.qemu import QemuMachineSpec, build_argv
 
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from exec_sandbox.foreground import ForegroundActivity
+from exec_sandbox.sandbox.foreground import ForegroundActivity
 
 
 async def test_counts_nested_operations_and_reports_a_gap() -> None:

@@ -8,10 +8,8 @@ from pathlib import Path
 import pytest
 
 from exec_sandbox.errors import SandboxPermanentError
-from exec_sandbox.host_resources import (
+from exec_sandbox.host.capacity import (
     CgroupLimits,
-    CgroupManager,
-    CgroupManagerState,
     CgroupMount,
     HostResources,
     cpu_count,
@@ -20,11 +18,11 @@ from exec_sandbox.host_resources import (
     parse_meminfo,
     parse_mountinfo,
     parse_proc_cgroup,
-    probe_cgroup_delegation,
     probe_host_resources,
     read_cgroup_limits,
     read_meminfo,
 )
+from exec_sandbox.host.cgroups import CgroupManager, CgroupManagerState, probe_cgroup_delegation
 
 GiB = 1024**3
 

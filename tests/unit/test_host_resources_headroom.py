@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from exec_sandbox.host_resources import (
+from exec_sandbox.host.capacity import (
     CgroupMemoryLevel,
     MemoryHeadroomProbe,
     find_memory_limited_cgroups,

@@ -5,7 +5,8 @@ import io
 from click.testing import CliRunner
 from rich.console import Console
 
-from exec_sandbox.cli import RichProgress, main
+from exec_sandbox.cli import main
+from exec_sandbox.cli.progress import RichProgress
 from exec_sandbox.images.progress import ProgressEvent, ProgressKind
 
 

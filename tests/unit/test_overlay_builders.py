@@ -8,12 +8,10 @@ from pathlib import Path
 import pytest
 
 from exec_sandbox.errors import QemuStorageDaemonError, SandboxInputError
-from exec_sandbox.overlay_pool import OverlayPool, PoolState, default_pool_size
-from exec_sandbox.qemu_storage_daemon import (
-    DaemonState,
+from exec_sandbox.storage.daemon import DaemonState, QemuStorageDaemon, build_daemon_argv
+from exec_sandbox.storage.overlay_pool import OverlayPool, PoolState, default_pool_size
+from exec_sandbox.storage.qcow2 import (
     ImageInfo,
-    QemuStorageDaemon,
-    build_daemon_argv,
     build_file_create_options,
     build_qcow2_create_options,
     build_qemu_img_create_argv,

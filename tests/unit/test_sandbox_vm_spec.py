@@ -1,4 +1,4 @@
-"""Pure parts of exec_sandbox.sandbox_vm: options validation and the machine description."""
+"""Pure parts of exec_sandbox.vm.sandbox_vm: options validation and the machine description."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from exec_sandbox.sandbox_vm import (
+from exec_sandbox.host.runtime_dirs import sweep_stale_overlays
+from exec_sandbox.vm.spec import (
     AGENT_PORT_NAME,
     PortForward,
     VmOptions,
     build_kernel_cmdline,
     build_machine_spec,
     build_user_net,
-    sweep_stale_overlays,
 )
 from smartvm.qemu import build_argv
 

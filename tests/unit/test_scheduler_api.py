@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from exec_sandbox.agent_protocol import MAX_CODE_BYTES
 from exec_sandbox.config import SchedulerConfig
 from exec_sandbox.errors import SandboxInputError, SandboxTransientError
-from exec_sandbox.execution import OOM_CONSOLE_PATTERN, oom_note, truncation_marker
-from exec_sandbox.lifecycle_errors import SchedulerClosedError, SessionClosedError
 from exec_sandbox.models import ExecutionResult, TimingBreakdown
-from exec_sandbox.scheduler import RunResult, Scheduler, SchedulerState
+from exec_sandbox.protocol.agent import MAX_CODE_BYTES
+from exec_sandbox.sandbox.lifecycle_errors import SchedulerClosedError, SessionClosedError
+from exec_sandbox.sandbox.scheduler import RunResult, Scheduler, SchedulerState
 from exec_sandbox.settings import Settings
+from exec_sandbox.vm.execution import OOM_CONSOLE_PATTERN, oom_note, truncation_marker
 
 
 @pytest.fixture

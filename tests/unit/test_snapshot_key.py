@@ -9,19 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from exec_sandbox.agent_protocol import PROTOCOL_VERSION
 from exec_sandbox.images.manifest import Artifact, BundleManifest
-from exec_sandbox.sandbox_vm import SNAPSHOT_FORMAT, PortForward, VmOptions
+from exec_sandbox.protocol.agent import PROTOCOL_VERSION
 from exec_sandbox.settings import Settings
-from exec_sandbox.snapshot_cache import (
+from exec_sandbox.vm.snapshot_entries import (
     CACHE_FORMAT,
-    SnapshotCache,
     SnapshotKeyInputs,
     SnapshotManifest,
     build_key_inputs,
     cacheable_reason,
     parse_qemu_version,
 )
+from exec_sandbox.vm.snapshots import SnapshotCache
+from exec_sandbox.vm.spec import SNAPSHOT_FORMAT, PortForward, VmOptions
 from smartvm.leftovers import OwnerRecord, write_owner_record
 
 QEMU = "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)"
@@ -155,7 +155,7 @@ def test_key_inputs_reject_unknown_fields() -> None:
 
 
 def write_entry(cache: SnapshotCache, files: dict[str, bytes]) -> str:
-    from exec_sandbox.snapshot_cache import _write_manifest
+    from exec_sandbox.vm.snapshot_entries import write_manifest as _write_manifest
 
     inputs = build_key_inputs(OPTIONS, manifest(), qemu_version=QEMU, accelerator="tcg", warmup_spare=True)
     k = inputs.key()
@@ -169,7 +169,8 @@ def write_entry(cache: SnapshotCache, files: dict[str, bytes]) -> str:
 
 
 def test_verify_accepts_intact_entries_and_names_the_corruption(tmp_path: Path) -> None:
-    from exec_sandbox.snapshot_cache import _Corrupt, _verify_entry
+    from exec_sandbox.vm.snapshot_entries import CorruptEntry as _Corrupt
+    from exec_sandbox.vm.snapshot_entries import verify_entry as _verify_entry
 
     cache = SnapshotCache(tmp_path, settings=Settings(cache_dir=tmp_path / "c"))
     base = tmp_path / "rootfs.qcow2"

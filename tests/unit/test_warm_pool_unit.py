@@ -10,12 +10,12 @@ import asyncio
 
 import pytest
 
-from exec_sandbox.admission import AdmissionController
-from exec_sandbox.agent_protocol import Language
 from exec_sandbox.errors import SandboxTransientError
-from exec_sandbox.foreground import ForegroundActivity
-from exec_sandbox.sandbox_vm import SandboxVm
-from exec_sandbox.warm_pool import WarmPool, WarmPoolState
+from exec_sandbox.protocol.agent import Language
+from exec_sandbox.sandbox.admission import AdmissionController
+from exec_sandbox.sandbox.foreground import ForegroundActivity
+from exec_sandbox.sandbox.warm_pool import WarmPool, WarmPoolState
+from exec_sandbox.vm.sandbox_vm import SandboxVm
 
 
 def admission(vms: int = 4) -> AdmissionController:

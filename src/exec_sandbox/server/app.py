@@ -36,8 +36,9 @@ from exec_sandbox.errors import SandboxError, SandboxInputError, SandboxTransien
 from exec_sandbox.server import metrics
 from exec_sandbox.server.config import ServeConfig
 from exec_sandbox.server.control import control_routes
-from exec_sandbox.server.envd import CURRENT_SANDBOX, connect_apps, envd_routes
+from exec_sandbox.server.envd import CURRENT_SANDBOX, connect_apps
 from exec_sandbox.server.errors import NotFoundError, ServeError
+from exec_sandbox.server.files import envd_routes
 from exec_sandbox.server.interpreter import interpreter_routes
 from exec_sandbox.server.mcp import McpSandboxTools, build_mcp_server
 from exec_sandbox.server.registry import SandboxRegistry
@@ -127,7 +128,7 @@ class ServeApp:
         if self._scheduler_factory is not None:
             scheduler = self._scheduler_factory()
         else:
-            from exec_sandbox.scheduler import Scheduler
+            from exec_sandbox.sandbox.scheduler import Scheduler
 
             scheduler = Scheduler()
         await scheduler.start()

@@ -90,7 +90,7 @@ def mcp() -> None:
     """Serve the sandbox MCP tools over stdio (for MCP clients that launch a command)."""
     import asyncio
 
-    from exec_sandbox.scheduler import Scheduler
+    from exec_sandbox.sandbox.scheduler import Scheduler
     from exec_sandbox.server.mcp import McpSandboxTools, build_mcp_server
 
     async def run() -> None:

@@ -7,8 +7,7 @@
   ``SendSignal`` kills one (its whole process tree); a client that leaves gets its command killed.
 - ``filesystem.Filesystem``: ``Stat``, ``ListDir``, ``MakeDir``, ``Move``, ``Remove`` (through the
   guest's shell tools).
-- ``GET``/``POST /files`` (download / upload, ``multipart/form-data`` or ``application/octet-stream``,
-  capped at ``max_upload_bytes``) inside the guest work dir; ``GET /health``.
+- ``/files`` and ``/health`` are in :mod:`exec_sandbox.server.files`.
 
 Paths: E2B's home ``/home/user`` is mapped onto our guest work dir ``/home/sandbox``; relative paths
 start there. The sandbox a request is for is set by the app (from ``E2b-Sandbox-Id`` and the access
@@ -22,23 +21,18 @@ import contextvars
 import logging
 import posixpath
 import shlex
-import tempfile
 import time
 from collections.abc import AsyncIterator
-from typing import IO, Any, Final, Literal
+from typing import Any, Final, Literal
 
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 from protobuf import Oneof
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
 
-from exec_sandbox.agent_client import ExecResult, OutputCallback
+from exec_sandbox.client.agent import ExecResult, OutputCallback
 from exec_sandbox.errors import SandboxError, SandboxInputError
-from exec_sandbox.execution import execute_in_vm
 from exec_sandbox.models import ExecutionResult
 from exec_sandbox.server import metrics
 from exec_sandbox.server.errors import BadRequestError, ServeError
@@ -48,14 +42,15 @@ from exec_sandbox.server.proto.process import process_pb as pr_pb
 from exec_sandbox.server.proto.process.process_connect import ProcessASGIApplication
 from exec_sandbox.server.registry import SandboxRecord
 from exec_sandbox.validation import DEFAULT_WORKDIR, validate_code, validate_env_vars
+from exec_sandbox.vm.execution import execute_in_vm
 
 __all__ = [
     "CURRENT_SANDBOX",
     "E2B_HOME",
+    "FS_TIMEOUT_S",
     "FilesystemService",
     "ProcessService",
     "command_script",
-    "envd_routes",
     "guest_path",
     "parse_stat_line",
 ]
@@ -66,8 +61,7 @@ CURRENT_SANDBOX: contextvars.ContextVar[SandboxRecord] = contextvars.ContextVar(
 E2B_HOME: Final = "/home/user"
 _SHELLS: Final = frozenset({"/bin/bash", "bash", "/usr/bin/bash", "/bin/sh", "sh", "/usr/bin/sh"})
 _STAT_FMT: Final = "%F|%s|%a|%A|%U|%G|%Y|%n"
-_FS_TIMEOUT_S: Final = 60.0
-_CHUNK: Final = 256 * 1024
+FS_TIMEOUT_S: Final = 60.0
 _MIN_RUN_BEFORE_CANCEL_S: Final = 0.5
 _KEEPALIVE_S: Final = 1.0
 _MAX_COMMANDS: Final = 32  # running at once per sandbox
@@ -128,7 +122,7 @@ def _record() -> SandboxRecord:
 
 async def _shell(record: SandboxRecord, script: str) -> ExecutionResult:
     try:
-        return await record.session.exec(script, timeout_seconds=_FS_TIMEOUT_S)
+        return await record.session.exec(script, timeout_seconds=FS_TIMEOUT_S)
     except SandboxInputError as exc:
         raise ConnectError(Code.INVALID_ARGUMENT, exc.message) from None
     except SandboxError as exc:
@@ -290,7 +284,7 @@ async def _run_command(
 
     Not through ``Session.exec``: that runs one call at a time, and E2B's commands run side by side
     (a background server and the commands that talk to it). It is the same exec path
-    (:func:`~exec_sandbox.execution.execute_in_vm`: output caps, OOM notes), in the same guest and
+    (:func:`~exec_sandbox.vm.execution.execute_in_vm`: output caps, OOM notes), in the same guest and
     file system; what differs is that nothing (``cd``, ``export``) carries over between commands,
     which is E2B's behaviour too.
     """
@@ -475,139 +469,6 @@ class FilesystemService:
 
     async def remove_watcher(self, request: Any, ctx: RequestContext[Any, Any], /) -> Any:
         raise ConnectError(Code.UNIMPLEMENTED, "watchers are not implemented by sbx serve")
-
-
-# ---------------------------------------------------------------------- /files and /health
-
-
-def _workdir_rel(path: str) -> str:
-    full = guest_path(path)
-    if full != DEFAULT_WORKDIR and not full.startswith(DEFAULT_WORKDIR + "/"):
-        raise BadRequestError(
-            f"path {path!r} is outside the sandbox home ({E2B_HOME} = {DEFAULT_WORKDIR}); "
-            "sbx serve reads and writes files there only"
-        )
-    return posixpath.relpath(full, DEFAULT_WORKDIR)
-
-
-def _guest_error(exc: SandboxError, path: str) -> ServeError:
-    text = exc.message
-    if isinstance(exc, SandboxInputError):
-        return BadRequestError(text)
-    low = text.lower()
-    if "no such file" in low or "not found" in low or "does not exist" in low:
-        return ServeError(f"path {path!r} not found", status=404)
-    if "is a directory" in low:
-        return BadRequestError(f"path {path!r} is a directory")
-    return ServeError(f"sandbox error: {text}", status=502)
-
-
-async def download(request: Request) -> Response:
-    """``GET /files``: the guest file goes through an unnamed 0600 temp file, then streams out."""
-    record = CURRENT_SANDBOX.get()
-    path = request.query_params.get("path", "")
-    rel = _workdir_rel(path)
-    spool = tempfile.TemporaryFile()  # noqa: SIM115 - handed on, closed by its consumer
-    try:
-        try:
-            await record.session.read_file(rel, spool)
-        except SandboxError as exc:
-            raise _guest_error(exc, path) from None
-        size = spool.tell()
-        spool.seek(0)
-    except BaseException:
-        spool.close()
-        raise
-
-    async def chunks() -> AsyncIterator[bytes]:
-        try:
-            while chunk := await asyncio.to_thread(spool.read, _CHUNK):
-                yield chunk
-        finally:
-            spool.close()
-
-    return StreamingResponse(
-        chunks(), media_type="application/octet-stream", headers={"content-length": str(size)}
-    )
-
-
-async def _spool_capped(request: Request, limit: int) -> IO[bytes]:
-    """The request body in an unnamed temp file; more than ``limit`` bytes is a 413."""
-    spool = tempfile.TemporaryFile()  # noqa: SIM115 - handed on, closed by its consumer
-    size = 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ServeError(f"upload larger than the limit of {limit} bytes", status=413)
-            await asyncio.to_thread(spool.write, chunk)
-        spool.seek(0)
-    except BaseException:
-        spool.close()
-        raise
-    return spool
-
-
-async def upload(request: Request) -> Response:
-    """``POST /files``: multipart (one part per file) or an octet-stream body for ``?path=``."""
-    record = CURRENT_SANDBOX.get()
-    limit = record.max_upload_bytes
-    ctype = request.headers.get("content-type", "")
-    if request.headers.get("content-encoding", "identity") not in ("identity", ""):
-        raise BadRequestError("compressed uploads are not supported by sbx serve")
-    written = []
-    if ctype.startswith("multipart/form-data"):
-        form = await request.form(max_files=100, max_part_size=limit)
-        try:
-            for key, value in form.multi_items():
-                if isinstance(value, str):
-                    continue
-                if value.size is not None and value.size > limit:
-                    raise ServeError(f"upload larger than the limit of {limit} bytes", status=413)
-                name = request.query_params.get("path") or value.filename or key
-                await value.seek(0)
-                written.append(await _store(record, name, value.file))
-        finally:
-            await form.close()
-    else:
-        spool = await _spool_capped(request, limit)
-        try:
-            written.append(await _store(record, request.query_params.get("path", ""), spool))
-        finally:
-            spool.close()
-    return JSONResponse(written)
-
-
-async def _store(record: SandboxRecord, path: str, data: IO[bytes]) -> dict[str, str]:
-    rel = _workdir_rel(path)
-    parent = posixpath.dirname(rel)
-    try:
-        if parent:
-            mk = await record.session.exec(
-                f"mkdir -p -- {shlex.quote(posixpath.join(DEFAULT_WORKDIR, parent))}",
-                timeout_seconds=_FS_TIMEOUT_S,
-            )
-            if mk.exit_code != 0:
-                raise BadRequestError(f"cannot create the directory of {path!r}: {mk.stderr.strip()}")
-        await record.session.write_file(rel, data)
-    except ServeError:
-        raise
-    except SandboxError as exc:
-        raise _guest_error(exc, path) from None
-    full = posixpath.join(DEFAULT_WORKDIR, rel)
-    return {"name": posixpath.basename(full), "type": "file", "path": full}
-
-
-async def health(request: Request) -> Response:
-    return Response(status_code=204)
-
-
-def envd_routes() -> list[Route]:
-    return [
-        Route("/files", download, methods=["GET"]),
-        Route("/files", upload, methods=["POST"]),
-        Route("/health", health, methods=["GET"]),
-    ]
 
 
 def connect_apps() -> dict[str, Any]:

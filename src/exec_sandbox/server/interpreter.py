@@ -5,7 +5,7 @@
   value of a final expression, as ``text``), ``error`` (``name``, ``value``, ``traceback``) when the
   code failed, ``number_of_executions`` and ``end_of_execution``.
 - ``/contexts``: create (``{language, cwd}``), list, delete, restart. A context is a
-  :class:`~exec_sandbox.session.Session` of its language (``python``, ``javascript``; ``bash``/``sh``
+  :class:`~exec_sandbox.sandbox.session.Session` of its language (``python``, ``javascript``; ``bash``/``sh``
   run in the guest's shell), made on its first execution, so its state (variables, imports) is kept
   between executions. Without ``context_id`` the language's default context is used.
 """

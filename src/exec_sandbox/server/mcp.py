@@ -28,8 +28,8 @@ from exec_sandbox.errors import SandboxError
 from exec_sandbox.models import ExecutionResult
 
 if TYPE_CHECKING:
-    from exec_sandbox.scheduler import Scheduler
-    from exec_sandbox.session import Session
+    from exec_sandbox.sandbox.scheduler import Scheduler
+    from exec_sandbox.sandbox.session import Session
 
 __all__ = ["McpSandboxTools", "build_mcp_server"]
 

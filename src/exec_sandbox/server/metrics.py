@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from exec_sandbox.server.registry import SandboxRegistry
-
-__all__ = ["REGISTRY", "bind", "observe_create", "observe_request", "observe_run", "render"]
+__all__ = ["REGISTRY", "SandboxCounts", "bind", "observe_create", "observe_request", "observe_run", "render"]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 _REQUESTS = Histogram(
@@ -58,9 +55,17 @@ def observe_create(seconds: float) -> None:
     _CREATE_SECONDS.observe(seconds)
 
 
+class SandboxCounts(Protocol):
+    """What the sandboxes gauge reads (the server's SandboxRegistry; a protocol, so that the registry,
+    which reports into this module, is not imported back)."""
+
+    def count(self) -> int: ...
+    def creating(self) -> int: ...
+
+
 class _SandboxCollector(Collector):
     def __init__(self) -> None:
-        self.registry: SandboxRegistry | None = None
+        self.registry: SandboxCounts | None = None
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         g = GaugeMetricFamily("sbx_serve_sandboxes", "Sandboxes by state", labels=["state"])
@@ -73,7 +78,7 @@ _COLLECTOR = _SandboxCollector()
 REGISTRY.register(_COLLECTOR)
 
 
-def bind(registry: SandboxRegistry) -> None:
+def bind(registry: SandboxCounts) -> None:
     _COLLECTOR.registry = registry
 
 

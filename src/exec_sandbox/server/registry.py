@@ -1,7 +1,7 @@
 """The sandboxes of ``sbx serve``: who owns each, when it dies, and the sessions behind it.
 
-A sandbox is one long-lived ``raw`` (shell) :class:`~exec_sandbox.session.Session` from the
-:class:`~exec_sandbox.scheduler.Scheduler`, plus code-interpreter contexts (each a session of its own
+A sandbox is one long-lived ``raw`` (shell) :class:`~exec_sandbox.sandbox.session.Session` from the
+:class:`~exec_sandbox.sandbox.scheduler.Scheduler`, plus code-interpreter contexts (each a session of its own
 language, made on first use). Every sandbox belongs to the API key (sha256 digest) that created it:
 lookups take the owner, so another key's sandbox is simply "not found". A reaper kills sandboxes at
 their deadline (``endAt``) and forgets those whose VM died.
@@ -41,8 +41,8 @@ from exec_sandbox.server.errors import (
 
 if TYPE_CHECKING:
     from exec_sandbox.models import Language
-    from exec_sandbox.scheduler import Scheduler
-    from exec_sandbox.session import Session
+    from exec_sandbox.sandbox.scheduler import Scheduler
+    from exec_sandbox.sandbox.session import Session
 
 __all__ = [
     "ENVD_VERSION",

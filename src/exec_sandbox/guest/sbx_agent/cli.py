@@ -7,31 +7,7 @@ import sys
 import time
 
 from .transport import Transport, UnixTransport, VirtioTransport
-from .wire import DEFAULT_PORT_NAME, LANG_EXT, trace
-
-
-class Args:
-    """Command-line options (see ``--help``)."""
-
-    port_name: str = DEFAULT_PORT_NAME
-    device: str | None = None
-    unix_connect: str | None = None
-    unix_listen: str | None = None
-    workdir: str = "/home/sandbox"
-    home: str | None = None
-    user_name: str = "sandbox"
-    run_as_uid: int | None = None
-    run_as_gid: int | None = None
-    no_drop_privileges: bool = False
-    rundir: str | None = None
-    python: str | None = None
-    node: str | None = None
-    shell: str | None = None
-    warm: list[str] | None = None
-    shutdown_action: str | None = None
-    max_user_processes: int = 256
-    spare: list[str] | None = None
-
+from .wire import DEFAULT_PORT_NAME, LANG_EXT, Args, trace
 
 _VALUE_FLAGS = {"--port-name", "--device", "--unix-connect", "--unix-listen", "--workdir", "--home",
                 "--user-name", "--run-as-uid", "--run-as-gid", "--rundir", "--python", "--node", "--shell",

@@ -31,6 +31,7 @@ from .wire import (
     LANG_EXT,
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
+    Args,
     Decoder,
     RequestError,
     encode_frame,
@@ -41,7 +42,6 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from .cli import Args
     from .repl import Repl
     from .transport import Transport
     from .wire import Msg

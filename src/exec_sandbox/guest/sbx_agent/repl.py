@@ -11,8 +11,34 @@ from .wire import READ_CHUNK, json_dumps
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from .core import AgentCore
+    from typing import Any, Protocol
+
     from .wire import Msg
+
+    class AgentCore(Protocol):
+        """What streams and interpreters use of the agent (core.AgentCore; a protocol here so
+        that this module does not import the one that imports it)."""
+
+        workdir: str
+        run_uid: int | None
+        run_gid: int | None
+
+        @property
+        def interpreters(self) -> Any: ...
+        @property
+        def cgroups(self) -> Any: ...
+        @property
+        def protected_pids(self) -> Any: ...
+        @property
+        def spawn_lock(self) -> Any: ...
+        @property
+        def reaper(self) -> Any: ...
+        def send(self, msg: Msg) -> None: ...
+        def base_env(self, extra: Msg) -> Msg: ...
+        def spawn(self, argv: list[str], *, env: dict[str, str], cwd: str, stdin: int,
+                  pass_fds: tuple[int, ...] = (), cgroup: str | None = None) -> Proc: ...
+        def forget_pid(self, pid: int) -> None: ...
+        def write_code_file(self, language: str, code: str) -> str: ...
 
 DRIVERS = {"python": "python_repl.py", "javascript": "node_repl.js"}
 #: The Node-API addon that reseeds a JavaScript interpreter in place (built by the image builder

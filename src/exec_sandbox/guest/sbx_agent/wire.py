@@ -178,3 +178,26 @@ class Decoder:
         # Drop one byte, then everything up to the next possible magic.
         idx = self.buf.find(MAGIC, 1)
         del self.buf[: idx if idx > 0 else max(1, len(self.buf) - 2)]
+
+
+class Args:
+    """Command-line options (see ``--help``)."""
+
+    port_name: str = DEFAULT_PORT_NAME
+    device: str | None = None
+    unix_connect: str | None = None
+    unix_listen: str | None = None
+    workdir: str = "/home/sandbox"
+    home: str | None = None
+    user_name: str = "sandbox"
+    run_as_uid: int | None = None
+    run_as_gid: int | None = None
+    no_drop_privileges: bool = False
+    rundir: str | None = None
+    python: str | None = None
+    node: str | None = None
+    shell: str | None = None
+    warm: list[str] | None = None
+    shutdown_action: str | None = None
+    max_user_processes: int = 256
+    spare: list[str] | None = None

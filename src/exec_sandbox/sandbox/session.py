@@ -1,6 +1,6 @@
 """``Session``: one long-lived sandbox VM whose interpreter keeps its state between ``exec`` calls.
 
-Made by :meth:`Scheduler.session <exec_sandbox.scheduler.Scheduler.session>`::
+Made by :meth:`Scheduler.session <exec_sandbox.sandbox.scheduler.Scheduler.session>`::
 
     async with await scheduler.session(language="python") as s:
         await s.exec("x = 41")
@@ -31,7 +31,7 @@ Lifecycle (:class:`SessionState`)::
   flight when the session closes raises :class:`CommunicationOutcomeUnknownError`. If the VM dies
   under an exec (outcome unknown), the session closes itself (``reason="vm_failed"``).
 - The host enforces the deadline: an exec returns at most
-  :data:`~exec_sandbox.execution.HOST_DEADLINE_GRACE_S` after its timeout. If the guest had not
+  :data:`~exec_sandbox.vm.execution.HOST_DEADLINE_GRACE_S` after its timeout. If the guest had not
   answered by then, the result has ``timed_out`` and ``guest_unresponsive``, the VM is destroyed
   and the session closed (``reason="guest_unresponsive"``; the next call raises
   :class:`SessionClosedError`).
@@ -63,7 +63,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
-from exec_sandbox.agent_client import OutputCallback
+from exec_sandbox.client.agent import OutputCallback
 from exec_sandbox.config import SchedulerConfig
 from exec_sandbox.errors import (
     CommunicationOutcomeUnknownError,
@@ -71,11 +71,9 @@ from exec_sandbox.errors import (
     SandboxError,
     SandboxPermanentError,
 )
-from exec_sandbox.execution import execute_in_vm
-from exec_sandbox.foreground import ForegroundActivity
-from exec_sandbox.lifecycle_errors import CloseReason, SessionClosedError
 from exec_sandbox.models import ExecutionResult, FileInfo, Language, TimingBreakdown
-from exec_sandbox.sandbox_vm import SandboxVm
+from exec_sandbox.sandbox.foreground import ForegroundActivity
+from exec_sandbox.sandbox.lifecycle_errors import CloseReason, SessionClosedError
 from exec_sandbox.timing import elapsed_ms
 from exec_sandbox.validation import (
     input_error,
@@ -84,6 +82,8 @@ from exec_sandbox.validation import (
     validate_guest_path,
     validate_timeout,
 )
+from exec_sandbox.vm.execution import execute_in_vm
+from exec_sandbox.vm.sandbox_vm import SandboxVm
 
 __all__ = ["Session", "SessionState"]
 
@@ -398,9 +398,11 @@ class Session:
             await self._close("idle_timeout")
             return
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Stop the VM and free its capacity. Idempotent; safe while an exec runs (it fails)."""
         await self._close("closed")
+
+    close = aclose  # the older name, kept
 
     async def _close(self, reason: CloseReason) -> None:
         # Every caller waits for the one teardown; shielded so a cancelled caller cannot cut it short.
@@ -442,4 +444,4 @@ class Session:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self.close()
+        await self.aclose()

@@ -1,4 +1,4 @@
-"""Errors about the lifecycle of a :class:`~exec_sandbox.scheduler.Scheduler` or a session.
+"""Errors about the lifecycle of a :class:`~exec_sandbox.sandbox.scheduler.Scheduler` or a session.
 
 Both sit in the one :class:`~exec_sandbox.errors.SandboxError` tree::
 

@@ -31,10 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
-import functools
-import hashlib
-import json
 import logging
 import os
 import re
@@ -43,314 +39,43 @@ import time
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from exec_sandbox.agent_protocol import PROTOCOL_VERSION
-from exec_sandbox.errors import SandboxError, SandboxPermanentError, SandboxTransientError
+from exec_sandbox.errors import SandboxError, SandboxTransientError
 from exec_sandbox.images.manifest import BundleManifest
-from exec_sandbox.overlay_pool import OverlayPool
-from exec_sandbox.sandbox_vm import SNAPSHOT_FORMAT, BootLogCallback, SandboxVm, VmOptions
 from exec_sandbox.settings import Settings
+from exec_sandbox.storage.overlay_pool import OverlayPool
+from exec_sandbox.vm.sandbox_vm import BootLogCallback, SandboxVm
+from exec_sandbox.vm.snapshot_entries import (
+    SNAPSHOT_SUBDIR,
+    CorruptEntry,
+    FileLock,
+    SnapshotKeyInputs,
+    accelerator_for,
+    build_key_inputs,
+    cacheable_reason,
+    qemu_version,
+    stat_id,
+    verify_entry,
+    write_manifest,
+)
+from exec_sandbox.vm.spec import VmOptions
 from exec_sandbox.vm_manager import ImageBundle, VmManager
 from smartvm.errors import ErrorCode
-from smartvm.hostfs import UnsafePathError, atomic_write_file, ensure_private_dir
+from smartvm.hostfs import UnsafePathError, ensure_private_dir
 from smartvm.leftovers import OWNER_FILE, make_owned_dir, reap, remove_owned_dir
-from smartvm.process import run_tool
-from smartvm.qemu.accel import choose_accelerator
 
 __all__ = [
-    "CACHE_FORMAT",
-    "FileDigest",
     "SnapshotCache",
     "SnapshotCacheState",
     "SnapshotCacheStats",
-    "SnapshotKeyInputs",
-    "SnapshotManifest",
-    "build_key_inputs",
-    "cacheable_reason",
-    "parse_qemu_version",
-    "qemu_version",
     "warm_vm",
 ]
 
 logger = logging.getLogger(__name__)
 
-# Bump when the entry layout or the meaning of a key input changes.
-# 2: TCG guests boot with the host TSC rate (smartvm.qemu.with_host_tsc); older entries tick on the PIT.
-CACHE_FORMAT = 2
-_HASH_CHUNK = 1 << 20
-_SNAPSHOT_SUBDIR = "snapshot"
 _KEY_RE = re.compile(r"^[0-9a-f]{40}$")
 _TMP_RE = re.compile(r"\.tmp-[0-9a-f]{40}-.+")
 _UNRECORDED_TMP_MAX_AGE_S = 3600.0  # a writer's dir without a record (older versions): abandoned by then
-# VmOptions fields that do not change the guest (only how long we wait for it).
-_NOT_IN_KEY = frozenset({"boot_timeout_s"})
-
-
-# --------------------------------------------------------------------------- pure parts
-
-
-class SnapshotKeyInputs(BaseModel):
-    """Everything a cached snapshot depends on; :meth:`key` hashes it."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    language: str
-    recipe_hash: str
-    rootfs_sha256: str
-    kernel_sha256: str
-    initrd_sha256: str | None
-    kernel_recipe_hash: str
-    boot_args: str
-    memory_mb: int
-    vcpus: int
-    options: dict[str, Any]  # the rest of VmOptions (env, kernel args, flavor, ...), as JSON
-    qemu_version: str
-    accelerator: str
-    agent_protocol_version: int
-    snapshot_format: int
-    cache_format: int
-    warmup_spare: bool
-
-    def key(self) -> str:
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()[:40]
-
-
-def cacheable_reason(options: VmOptions) -> str | None:
-    """Why ``options`` must not be served from the cache (None: it may be)."""
-    if options.network:
-        return "networked guests hold host-side NAT state that a snapshot cannot carry"
-    if options.port_forwards:
-        return "port forwards bind host ports that a restored clone cannot share"
-    return None
-
-
-def build_key_inputs(
-    options: VmOptions,
-    manifest: BundleManifest,
-    *,
-    qemu_version: str,
-    accelerator: str,
-    warmup_spare: bool,
-) -> SnapshotKeyInputs:
-    """The key inputs of ``options`` booted from the bundle described by ``manifest``. Pure."""
-    dumped = options.model_dump(mode="json", exclude=set(_NOT_IN_KEY))
-    rest = {k: v for k, v in dumped.items() if k not in ("language", "memory_mb", "vcpus")}
-    return SnapshotKeyInputs(
-        language=options.language,
-        recipe_hash=manifest.recipe_hash,
-        rootfs_sha256=manifest.rootfs.sha256,
-        kernel_sha256=manifest.kernel.sha256,
-        initrd_sha256=manifest.initrd.sha256 if manifest.initrd else None,
-        kernel_recipe_hash=manifest.kernel_recipe_hash,
-        boot_args=manifest.boot_args,
-        memory_mb=options.memory_mb,
-        vcpus=options.vcpus,
-        options=rest,
-        qemu_version=qemu_version,
-        accelerator=accelerator,
-        agent_protocol_version=PROTOCOL_VERSION,
-        snapshot_format=SNAPSHOT_FORMAT,
-        cache_format=CACHE_FORMAT,
-        warmup_spare=warmup_spare,
-    )
-
-
-def parse_qemu_version(text: str) -> str:
-    """``QEMU emulator version 7.2.22 (Debian ...)`` -> the whole first line (the package build counts)."""
-    first = text.strip().splitlines()[0].strip() if text.strip() else ""
-    if not first.startswith("QEMU emulator version"):
-        raise ValueError(f"not a QEMU --version output: {first!r}")
-    return first
-
-
-class FileDigest(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    size: int = Field(ge=0)
-
-
-class SnapshotManifest(BaseModel):
-    """``<key>/manifest.json``."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    cache_format: int
-    key: str
-    inputs: SnapshotKeyInputs
-    files: dict[str, FileDigest]  # relative to <key>/snapshot
-    created_at: float
-    source_vm_id: str
-
-
-# --------------------------------------------------------------------------- host facts
-
-_QEMU_VERSIONS: dict[str, str] = {}
-
-
-async def qemu_version(binary: str) -> str:
-    """First line of ``<binary> --version`` (memoised per binary for this process)."""
-    cached = _QEMU_VERSIONS.get(binary)
-    if cached is not None:
-        return cached
-    try:
-        result = await run_tool([binary, "--version"])
-        version = parse_qemu_version(result.stdout.decode(errors="replace"))
-    except (OSError, ValueError) as exc:
-        raise SandboxTransientError(
-            f"cannot read the QEMU version from {binary!r}: {exc}", context={"binary": binary}
-        ) from exc
-    _QEMU_VERSIONS[binary] = version
-    return version
-
-
-@functools.cache
-def _probed_accelerator() -> str:
-    return choose_accelerator(None).accel
-
-
-def _accelerator_for(options: VmOptions, settings: Settings) -> str:
-    # Mirrors SandboxVm: an explicit option, then Settings.force_emulation, then smartvm's probe.
-    if options.accel is not None:
-        return options.accel
-    if settings.force_emulation:
-        return "tcg"
-    return _probed_accelerator()
-
-
-# --------------------------------------------------------------------------- file helpers
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(_HASH_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _stat_id(path: Path) -> tuple[int, int, int, int]:
-    st = path.stat()
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-# (device, inode, size, mtime) -> sha256: a file this process already hashed and nobody changed since.
-# Keyed by inode, not path, so an entry hashed while being written is not re-hashed after its rename.
-_VERIFIED: dict[tuple[int, int, int, int], str] = {}
-
-
-def _digest_cached(path: Path) -> str:
-    ident = _stat_id(path)
-    seen = _VERIFIED.get(ident)
-    if seen is not None:
-        return seen
-    digest = _sha256_file(path)
-    if _stat_id(path) == ident:  # not modified while hashing
-        _VERIFIED[ident] = digest
-    return digest
-
-
-class _Corrupt(Exception):
-    """An entry failed verification (the message says how)."""
-
-
-def _list_files(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() or p.is_symlink())
-
-
-def _verify_entry(entry: Path, key: str) -> SnapshotManifest:
-    try:
-        manifest = SnapshotManifest.model_validate_json((entry / "manifest.json").read_bytes())
-    except (OSError, ValidationError, ValueError) as exc:
-        raise _Corrupt(f"manifest unreadable: {exc}") from exc
-    if manifest.cache_format != CACHE_FORMAT or manifest.key != key or manifest.inputs.key() != key:
-        raise _Corrupt("manifest does not belong to this key")
-    root = entry / _SNAPSHOT_SUBDIR
-    present = _list_files(root) if root.is_dir() else []
-    if present != sorted(manifest.files):
-        raise _Corrupt(f"files {present} differ from the manifest's {sorted(manifest.files)}")
-    for rel, want in manifest.files.items():
-        path = root / rel
-        if path.is_symlink():
-            raise _Corrupt(f"{rel} is a symlink")
-        size = path.stat().st_size
-        if size != want.size:
-            raise _Corrupt(f"{rel} has {size} bytes, the manifest says {want.size}")
-        got = _digest_cached(path)
-        if got != want.sha256:
-            raise _Corrupt(f"{rel} has sha256 {got}, the manifest says {want.sha256}")
-    # The disk copy is an overlay whose backing file is the image's base: without it, no restore.
-    try:
-        base = Path(json.loads((root / "sandbox.json").read_text())["base_image"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise _Corrupt(f"sandbox.json unreadable: {exc}") from exc
-    if not base.is_file():
-        raise _Corrupt(f"its base image {base} no longer exists")
-    return manifest
-
-
-def _write_manifest(tmp_entry: Path, key: str, inputs: SnapshotKeyInputs, vm_id: str) -> None:
-    root = tmp_entry / _SNAPSHOT_SUBDIR
-    files = {}
-    for rel in _list_files(root):
-        path = root / rel
-        files[rel] = FileDigest(sha256=_digest_cached(path), size=path.stat().st_size)
-    manifest = SnapshotManifest(
-        cache_format=CACHE_FORMAT,
-        key=key,
-        inputs=inputs,
-        files=files,
-        created_at=time.time(),
-        source_vm_id=vm_id,
-    )
-    atomic_write_file(tmp_entry / "manifest.json", manifest.model_dump_json(indent=1).encode(), fsync=True)
-
-
-class _FileLock:
-    """An ``fcntl.flock`` on one lock file, taken without blocking the event loop."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd: int | None = None
-
-    def try_acquire(self, *, shared: bool) -> bool:
-        if self._fd is not None:
-            raise RuntimeError(f"lock {self.path} is already held")
-        try:
-            ensure_private_dir(self.path.parent)
-        except UnsafePathError as exc:
-            raise SandboxPermanentError(
-                f"the snapshot cache is not safe to use: {exc.message}",
-                context={"path": str(exc.path), "problem": exc.problem},
-            ) from exc
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return False
-            raise
-        self._fd = fd
-        return True
-
-    async def acquire(self, *, shared: bool, timeout: float) -> bool:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not self.try_acquire(shared=shared):
-            if loop.time() >= deadline:
-                return False
-            await asyncio.sleep(0.01)
-        return True
-
-    def release(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)  # closing the description drops the flock
 
 
 # --------------------------------------------------------------------------- warm-up
@@ -445,7 +170,7 @@ class SnapshotCache:
             options,
             manifest,
             qemu_version=await qemu_version(self.settings.qemu_system_binary),
-            accelerator=_accelerator_for(options, self.settings),
+            accelerator=accelerator_for(options, self.settings),
             warmup_spare=self.spare,
         )
 
@@ -453,7 +178,7 @@ class SnapshotCache:
         return (await self.key_inputs(options)).key()
 
     def _bundle_manifest(self, bundle: ImageBundle) -> BundleManifest:
-        ident = _stat_id(bundle.manifest)
+        ident = stat_id(bundle.manifest)
         seen = self._manifests.get(bundle.manifest)
         if seen is not None and seen[0] == ident:
             return seen[1]
@@ -464,8 +189,8 @@ class SnapshotCache:
     def entry_dir(self, key: str) -> Path:
         return self.cache_dir / key
 
-    def _lock(self, key: str, kind: str) -> _FileLock:
-        return _FileLock(self.cache_dir / ".locks" / f"{key}.{kind}")
+    def _lock(self, key: str, kind: str) -> FileLock:
+        return FileLock(self.cache_dir / ".locks" / f"{key}.{kind}")
 
     def entries(self) -> list[str]:
         """Keys of the complete entries currently in the cache directory."""
@@ -564,15 +289,15 @@ class SnapshotCache:
         corrupt: str | None = None
         try:
             try:
-                await asyncio.to_thread(_verify_entry, entry, key)
-            except _Corrupt as exc:
+                await asyncio.to_thread(verify_entry, entry, key)
+            except CorruptEntry as exc:
                 corrupt = str(exc)
             except FileNotFoundError:
                 return None  # pruned between the check and the lock
             if corrupt is None:
                 try:
                     vm = await SandboxVm.restore_from(
-                        entry / _SNAPSHOT_SUBDIR,
+                        entry / SNAPSHOT_SUBDIR,
                         settings=self.settings,
                         runtime_dir=runtime_dir,
                         vm_id=vm_id,
@@ -616,7 +341,7 @@ class SnapshotCache:
                 return
             tmp = await asyncio.to_thread(self._new_tmp_entry, key)
             # The guest is paused only while QEMU saves and the RAM file and overlay are copied.
-            await vm.save_snapshot(tmp / _SNAPSHOT_SUBDIR)
+            await vm.save_snapshot(tmp / SNAPSHOT_SUBDIR)
             task = asyncio.get_running_loop().create_task(
                 self._publish(key, inputs, vm.vm_id, tmp, writer), name=f"snapshot-publish-{key[:8]}"
             )
@@ -634,11 +359,11 @@ class SnapshotCache:
         return make_owned_dir(self.cache_dir, f".tmp-{key}-", kind="snapshot-write")
 
     async def _publish(
-        self, key: str, inputs: SnapshotKeyInputs, vm_id: str, tmp: Path, writer: _FileLock
+        self, key: str, inputs: SnapshotKeyInputs, vm_id: str, tmp: Path, writer: FileLock
     ) -> None:
         """Hash the files, write the manifest, then make the entry visible with one rename."""
         try:
-            await asyncio.to_thread(_write_manifest, tmp, key, inputs, vm_id)
+            await asyncio.to_thread(write_manifest, tmp, key, inputs, vm_id)
             await asyncio.to_thread((tmp / OWNER_FILE).unlink)  # a published entry belongs to the cache
             await asyncio.to_thread(os.rename, tmp, self.entry_dir(key))
             self.stats.saves += 1

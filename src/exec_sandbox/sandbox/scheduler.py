@@ -76,7 +76,7 @@ the code had not been sent, so this cannot run it twice; a second failure raises
 
 Concurrency
     Many ``run()`` / ``session()`` calls may run at once on one Scheduler; each holds an admission
-    grant for its VM's lifetime (see :mod:`exec_sandbox.admission`): guest memory is committed up to
+    grant for its VM's lifetime (see :mod:`exec_sandbox.sandbox.admission`): guest memory is committed up to
     ``memory_overcommit_ratio`` x the usable RAM (1.0: never over-committed), CPU is held only while a
     VM starts or runs a one-shot ``run()`` (an idle session holds memory only), and every start is
     also checked against the host's real free memory, so admission queues before the host runs out.
@@ -90,87 +90,60 @@ Close
     stops its VM and removes its overlay before the cancellation propagates.
 
 Speed (issue 5)
-    :meth:`Scheduler._provision` is the one place a ready VM comes from, :meth:`Scheduler._retire`
-    the one place it goes back. A VM comes, in this order, from:
-
-    1. the warm pool (``config.warm_pool_size`` > 0): ready, REPL-warm VMs per language, kept by a
-       :class:`~exec_sandbox.warm_pool.WarmPool` per language started on first use of the language
-       (or by :meth:`Scheduler.prewarm`). Checkout is O(1) (plus one agent ping as health check);
-       only runs/sessions with the default memory size are served. Refills run in the background one
-       VM at a time and take capacity only through ``AdmissionController.try_acquire`` (never while
-       a foreground call is queued); idle pool VMs are given back when foreground calls queue.
-       ``ExecutionResult.warm_pool_hit`` says so; ``timing.boot_ms`` is 0 for a hit.
-    2. the L1 memory-snapshot cache (``config.enable_memory_snapshots``, default on):
-       :meth:`SnapshotCache.restore_or_boot` restores a warm guest of the same (language, image,
-       kernel, memory, vCPUs, QEMU, accelerator, ...) combination in a fresh QEMU, reseeding its RNG
-       before any user code runs; the first cold boot of a combination saves that snapshot.
-       ``ExecutionResult.restored_from_snapshot`` says so. The cache lives in
-       ``settings.cache_dir / "snapshots"`` (or ``snapshot_dir``), shared by processes via flock.
-    3. a cold boot (snapshots disabled, or a networked VM, which cannot be snapshotted).
-
-    A restored or pooled VM does not boot, so ``on_boot_log`` gets one ``[sandbox] ...`` line saying
-    where the VM came from instead of console lines.
-
-    :meth:`Session.fork` clones a session's VM (memory and disk) into a new, independent session
-    (:func:`~exec_sandbox.fork.fork_vm` under ``Session.exclusive()``); the clone reserves its own
-    admission capacity first.
+    Where a VM comes from (warm pool, L1 snapshot, cold boot) and where it goes back: see
+    :mod:`exec_sandbox.sandbox.provisioning`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import os
-import re
 import secrets
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 from pydantic import Field
 
-from exec_sandbox.admission import AdmissionController, Grant
-from exec_sandbox.agent_client import OutputCallback
+from exec_sandbox.client.agent import OutputCallback
 from exec_sandbox.config import SchedulerConfig
 from exec_sandbox.errors import (
     CommunicationOutcomeUnknownError,
     GuestProtocolError,
     SandboxError,
     SandboxPermanentError,
-    SandboxTransientError,
-    VmCapacityError,
 )
-from exec_sandbox.execution import execute_in_vm
-from exec_sandbox.foreground import ForegroundActivity
-from exec_sandbox.fork import fork_vm
-from exec_sandbox.host_resources import CgroupManager, VmCgroup, find_cgroup2_mount
-from exec_sandbox.lifecycle_errors import SchedulerClosedError
+from exec_sandbox.host.cgroups import CgroupManager
+from exec_sandbox.host.runtime_dirs import make_scheduler_runtime_dir, remove_scheduler_runtime_dir
 from exec_sandbox.models import ExecutionResult, Language, TimingBreakdown
-from exec_sandbox.overlay_pool import OverlayPool
-from exec_sandbox.sandbox_vm import BootLogCallback, SandboxVm, VmOptions
-from exec_sandbox.session import Session
+from exec_sandbox.sandbox.admission import AdmissionController
+from exec_sandbox.sandbox.foreground import ForegroundActivity
+from exec_sandbox.sandbox.lifecycle_errors import SchedulerClosedError
+from exec_sandbox.sandbox.provisioning import BACKGROUND_NICE, SchedulerState, VmLease, VmProvisioner
+from exec_sandbox.sandbox.session import Session
+from exec_sandbox.sandbox.warm_pool import WarmPool
 from exec_sandbox.settings import Settings
-from exec_sandbox.snapshot_cache import SnapshotCache, warm_vm
+from exec_sandbox.storage.overlay_pool import OverlayPool
 from exec_sandbox.timing import elapsed_ms
 from exec_sandbox.validation import (
-    input_error,
     validate_code,
+    validate_downloads,
     validate_env_vars,
-    validate_guest_path,
     validate_language,
     validate_memory_mb,
     validate_timeout,
+    validate_uploads,
 )
+from exec_sandbox.vm.execution import download_problem, execute_in_vm
+from exec_sandbox.vm.sandbox_vm import BootLogCallback
+from exec_sandbox.vm.snapshots import SnapshotCache
 from exec_sandbox.vm_manager import VmManager
-from exec_sandbox.warm_pool import WarmPool
-from smartvm.hostfs import UnsafePathError, ensure_private_dir
-from smartvm.leftovers import OWNER_FILE, new_owner_record, private_runtime_dir, reap, write_owner_record
+from smartvm.cleanup import shielded
 from smartvm.process import can_raise_priority
 
 __all__ = [
@@ -179,40 +152,9 @@ __all__ = [
     "Scheduler",
     "SchedulerState",
     "VmLease",
-    "reap_dead_scheduler_dirs",
 ]
 
 logger = logging.getLogger(__name__)
-
-_BOOT_ATTEMPTS = 2
-# Nice value of VMs the warm pool makes in the background (set back to 0 at checkout).
-BACKGROUND_NICE = 10
-_BOOT_TIMEOUT_S = 90.0
-# QEMU's threads (vCPUs, RCU, I/O workers); far below what a runaway would need, far above normal.
-_QEMU_PIDS_MAX = 512
-
-
-_SCHEDULER_DIR = re.compile(r"s(\d+)-[0-9a-f]{4}")
-
-
-def reap_dead_scheduler_dirs(base: Path) -> list[Path]:
-    """Remove the runtime dirs (``s<pid>-<hex>``) of Schedulers whose process is gone; return them.
-
-    A Scheduler killed outright (SIGKILL, the OOM killer) takes its QEMUs and storage daemon with
-    it (parent-death signal), but nothing of it removes its overlays, its VM directories or the
-    guest-RAM files in /dev/shm (tmpfs: RAM that stays used). The next Scheduler on this host
-    does, through smartvm's reaper (:mod:`smartvm.leftovers`): a Scheduler dir carries an owner
-    record (pid + start time), so a live or reused pid keeps its dir; a dir without a record, not
-    ours, or a symlink is never touched (``base`` may be a shared directory such as ``/tmp``).
-    """
-    return reap(base, name_pattern=_SCHEDULER_DIR, remove_unrecorded=False, shared_base=True).removed
-
-
-class SchedulerState(StrEnum):
-    NEW = "new"
-    RUNNING = "running"
-    CLOSING = "closing"
-    CLOSED = "closed"
 
 
 class RunResult(ExecutionResult):
@@ -228,26 +170,13 @@ class RunResult(ExecutionResult):
 
 
 @dataclass
-class VmLease:
-    """A ready VM handed to one run or session, with where it came from and what it cost."""
-
-    vm: SandboxVm
-    grant: Grant
-    boot_attempts: int = 1
-    cgroup: VmCgroup | None = None
-    warm_pool_hit: bool = False
-    restored_from_snapshot: bool = False
-
-
-@dataclass
 class _RunState:
     """Per-run facts the close/cancel paths need."""
 
     dispatched: bool = False
 
 
-
-class Scheduler:
+class Scheduler(VmProvisioner):
     """Runs untrusted code in fresh microVMs; see the module docstring. Use ``async with``."""
 
     def __init__(
@@ -299,12 +228,6 @@ class Scheduler:
         return self._state
 
     @property
-    def admission(self) -> AdmissionController:
-        if self._admission is None:
-            raise self._closed_error("use the admission controller of")
-        return self._admission
-
-    @property
     def runtime_dir(self) -> Path | None:
         return self._runtime_dir
 
@@ -334,7 +257,7 @@ class Scheduler:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self.close()
+        await self.aclose()
 
     async def start(self) -> None:
         """Size admission from the host, start the overlay pool (and its storage daemon). Idempotent."""
@@ -376,85 +299,17 @@ class Scheduler:
                 runtime_dir,
             )
 
-    async def _open_cgroups(self) -> CgroupManager | None:
-        """Per-VM cgroup v2 limits (CPU, pids, memory) where the host delegates those controllers."""
-        mount = await asyncio.to_thread(find_cgroup2_mount)
-        if mount is None:
-            logger.info("per-VM cgroup limits unavailable here: no cgroup v2 hierarchy")
-            return None
-        # A parent of our own: sharing one with other processes would race on its removal.
-        manager = CgroupManager(mount / f"exec-sandbox-{os.getpid()}-{secrets.token_hex(3)}")
-        support = await asyncio.to_thread(manager.open)
-        if support.usable and support.controllers & {"cpu", "pids", "memory"}:
-            logger.info("per-VM cgroup limits: %s", ", ".join(sorted(support.controllers)))
-            return manager
-        logger.info("per-VM cgroup limits unavailable here: %s", support.reason or "no controllers")
-        await manager.aclose()
-        return None
-
-    def _attach_cgroup(self, vm: SandboxVm, memory_mb: int) -> VmCgroup | None:
-        """Put the VM's QEMU process into its own cgroup. Best effort: the guest's RAM is bounded by
-        QEMU's -m and its processes by the guest kernel either way; this bounds QEMU itself."""
-        if self._cgroups is None or vm.machine.pid is None:
-            return None
-        cgroup: VmCgroup | None = None
-        try:
-            cgroup = self._cgroups.create(
-                f"vm-{vm.vm_id}",
-                # Guest RAM + QEMU's own overhead, with slack: the TCG cache and I/O buffers vary.
-                memory_max_bytes=(memory_mb + 2 * self.config.vm_overhead_mb + 64) * 1024 * 1024,
-                pids_max=_QEMU_PIDS_MAX,
-                cpu_max=float(self.config.default_vcpus),
-            )
-            cgroup.add_pid(vm.machine.pid)
-            return cgroup
-        except SandboxError as exc:
-            logger.warning("VM %s runs without its cgroup: %s", vm.vm_id, exc.message)
-            if cgroup is not None:
-                with contextlib.suppress(OSError):
-                    cgroup.path.rmdir()
-            return None
-
     def _make_runtime_dir(self) -> Path:
-        try:
-            return self._make_private_runtime_dir()
-        except UnsafePathError as exc:
-            raise SandboxPermanentError(
-                f"the runtime directory is not safe to use: {exc.message}",
-                context={"path": str(exc.path), "problem": exc.problem},
-            ) from exc
-
-    def _make_private_runtime_dir(self) -> Path:
-        if self._given_runtime_dir is not None:
-            path = ensure_private_dir(self._given_runtime_dir)
-        else:
-            # Per scheduler, short (QEMU socket paths must stay under 108 bytes).
-            base = private_runtime_dir().parent
-            reap_dead_scheduler_dirs(base)
-            for attempt in range(16):  # a name taken (planted, if base is shared) is skipped, never used
-                path = base / f"s{os.getpid()}-{secrets.token_hex(2)}"
-                try:
-                    path.mkdir(mode=0o700)
-                    break
-                except FileExistsError:
-                    if attempt == 15:
-                        raise
-            self._created_runtime_dir = True
-            ensure_private_dir(path, create=False)
-            write_owner_record(path, new_owner_record(path.name, kind="scheduler"))
+        path, self._created_runtime_dir = make_scheduler_runtime_dir(self._given_runtime_dir)
         self._runtime_dir = path
         return path
 
     def _remove_runtime_dir(self) -> None:
         if self._created_runtime_dir and self._runtime_dir is not None:
-            try:
-                (self._runtime_dir / OWNER_FILE).unlink(missing_ok=True)
-                self._runtime_dir.rmdir()
-            except OSError as exc:
-                logger.warning("runtime dir %s not removed: %s", self._runtime_dir, exc)
+            remove_scheduler_runtime_dir(self._runtime_dir)
             self._created_runtime_dir = False
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Stop everything (see the module docstring). Idempotent; safe in any state."""
         async with self._lifecycle_lock:
             if self._state in (SchedulerState.NEW, SchedulerState.CLOSED):
@@ -462,9 +317,11 @@ class Scheduler:
                 return
             self._state = SchedulerState.CLOSING
             try:
-                await self._shutdown()
+                await shielded(self._shutdown())  # a cancelled caller cannot cut the teardown short
             finally:
                 self._state = SchedulerState.CLOSED
+
+    close = aclose  # the older name, kept
 
     async def _shutdown(self) -> None:
         tasks = list(self._tasks)
@@ -497,17 +354,6 @@ class Scheduler:
             await self._cgroups.aclose()
         await asyncio.to_thread(self._remove_runtime_dir)
 
-    def _closed_error(self, action: str) -> SchedulerClosedError:
-        hint = " (use `async with Scheduler()` or await start())" if self._state is SchedulerState.NEW else ""
-        return SchedulerClosedError(
-            f"cannot {action} a Scheduler in state {self._state.value!r}{hint}",
-            context={"state": self._state.value, "reason": "scheduler_closed"},
-        )
-
-    def _require_running(self, action: str) -> None:
-        if self._state is not SchedulerState.RUNNING:
-            raise self._closed_error(action)
-
     # ------------------------------------------------------------------ run
 
     async def run(
@@ -533,8 +379,8 @@ class Scheduler:
         )
         memory = validate_memory_mb(self.config.default_memory_mb if memory_mb is None else memory_mb)
         env = validate_env_vars(env_vars)
-        uploads = self._validate_uploads(files)
-        downloads = self._validate_downloads(download)
+        uploads = validate_uploads(files, max_file_bytes=self.config.max_file_bytes)
+        downloads = validate_downloads(download)
         self._require_running("run code in")
         state = _RunState()
         inner = asyncio.get_running_loop().create_task(
@@ -567,46 +413,6 @@ class Scheduler:
             raise SchedulerClosedError(
                 "the Scheduler was closed before the code ran", context={"reason": "scheduler_closed"}
             ) from None
-
-    def _validate_uploads(self, files: Mapping[str, bytes | Path] | None) -> dict[str, bytes | Path]:
-        if files is None:
-            return {}
-        if not isinstance(files, Mapping):
-            raise input_error("files", files, "must be a mapping of guest paths to bytes or local Paths")
-        result: dict[str, bytes | Path] = {}
-        for guest_path, data in files.items():
-            rel = validate_guest_path(guest_path, field="files")
-            if isinstance(data, bytes | bytearray | memoryview):
-                size = len(data)
-                data = bytes(data)
-            elif isinstance(data, Path):
-                try:
-                    size = data.stat().st_size
-                except OSError as exc:
-                    raise input_error(f"files[{guest_path!r}]", str(data), f"cannot read: {exc}") from None
-                if not data.is_file():
-                    raise input_error(f"files[{guest_path!r}]", str(data), "is not a regular file")
-            else:
-                raise input_error(
-                    f"files[{guest_path!r}]", data, f"must be bytes or a Path, not {type(data).__name__}"
-                )
-            if size > self.config.max_file_bytes:
-                raise input_error(
-                    f"files[{guest_path!r}]",
-                    f"<{size} bytes>",
-                    f"is larger than max_file_bytes ({self.config.max_file_bytes})",
-                    size_bytes=size,
-                    limit_bytes=self.config.max_file_bytes,
-                )
-            result[rel] = data
-        return result
-
-    def _validate_downloads(self, download: Sequence[str] | None) -> list[tuple[str, str]]:
-        if download is None:
-            return []
-        if isinstance(download, str | bytes) or not isinstance(download, Sequence):
-            raise input_error("download", download, "must be a list of guest paths, not a single string")
-        return [(p, validate_guest_path(p, field="download")) for p in download]
 
     async def _run(
         self,
@@ -652,7 +458,7 @@ class Scheduler:
                     download_errors[given] = "the guest did not answer by the deadline"
                     continue
                 try:
-                    problem = await self._download_problem(vm, rel)
+                    problem = await download_problem(vm, rel, self.config.max_file_bytes)
                     if problem is None:
                         # The listing above is only a quick refusal: the guest may grow the file
                         # after it, so the cap is enforced again on the bytes as they arrive.
@@ -706,19 +512,6 @@ class Scheduler:
             files=files,
             download_errors=download_errors,
         )
-
-    async def _download_problem(self, vm: SandboxVm, rel: str) -> str | None:
-        """Why ``rel`` cannot be downloaded into memory (None: it can): missing, not a file, too big."""
-        parent, _, name = rel.rpartition("/")
-        entries = await vm.agent.list_files(parent or ".")
-        entry = next((e for e in entries if e.name == name), None)
-        if entry is None:
-            return f"{rel!r} does not exist"
-        if entry.is_dir:
-            return f"{rel!r} is a directory"
-        if entry.size > self.config.max_file_bytes:
-            return f"{rel!r} is {entry.size} bytes, more than max_file_bytes ({self.config.max_file_bytes})"
-        return None
 
     # ------------------------------------------------------------------ sessions
 
@@ -799,208 +592,8 @@ class Scheduler:
         return session
 
     async def _fork(self, parent: Session) -> Session:
-        grant = await self.admission.acquire(parent.memory_mb, self.config.default_vcpus)
-        try:
-            async with parent.exclusive() as vm:
-                clone = await fork_vm(vm, settings=self.settings, runtime_dir=self._runtime_dir)
-        except BaseException:
-            grant.release()
-            raise
-        lease = VmLease(
-            vm=clone,
-            grant=grant,
-            cgroup=self._attach_cgroup(clone, parent.memory_mb),
-            restored_from_snapshot=True,
-        )
+        async with parent.exclusive() as vm:
+            lease = await self._provision_fork(vm, parent.memory_mb)
         return await self._new_session(
             lease, parent.language, parent.memory_mb, dict(parent.env_vars), parent.idle_timeout_seconds
         )
-
-    # ------------------------------------------------------------------ VMs
-
-    async def _ensure_image(self, language: Language) -> Path:
-        """Find (building on first use) the language's image, pool its overlays, start its warm pool."""
-        known = self._images.get(language)
-        if known is not None:
-            return known
-        async with self._image_lock:
-            if language not in self._images:
-                bundle = await self._vm_manager.aget_bundle(language)
-                base = bundle.rootfs.absolute()
-                if self._pool is not None:
-                    await self._pool.start([base])  # registers the base with the running pool
-                self._images[language] = base
-                await self._start_warm_pool(language)
-            return self._images[language]
-
-    async def _start_warm_pool(self, language: Language) -> None:
-        if self.config.warm_pool_size == 0 or language in self._warm_pools:
-            return
-        if self._state is not SchedulerState.RUNNING:
-            return
-        pool = WarmPool(
-            self._pooled_vm,
-            self.config.warm_pool_size,
-            self._admission,
-            languages=[language],
-            memory_mb=self.config.default_memory_mb,
-            vcpus=self.config.default_vcpus,
-            refill_concurrency=self.config.warm_pool_refill_concurrency,
-            foreground=self._foreground,
-        )
-        self._warm_pools[language] = pool
-        await pool.start()
-        logger.info("warm pool for %s: %d ready VM(s) kept", language, self.config.warm_pool_size)
-
-    async def prewarm(
-        self,
-        languages: Iterable[Language | str] = ("python",),
-        *,
-        wait: bool = True,
-        timeout_seconds: float | None = None,
-    ) -> None:
-        """Build/find the images of ``languages`` and start their warm pools (and, with snapshots on,
-        fill the snapshot cache with the first cold boot). ``wait``: return only when every pool
-        holds ``config.warm_pool_size`` VMs (or ``timeout_seconds`` passed: ``TimeoutError``)."""
-        self._require_running("prewarm")
-        langs = [validate_language(lang) for lang in languages]
-        for lang in langs:
-            await self._ensure_image(lang)
-        if not wait:
-            return
-        async with asyncio.timeout(timeout_seconds):
-            for lang in langs:
-                pool = self._warm_pools.get(lang)
-                while pool is not None and pool.idle_count(lang) < pool.size_per_language:
-                    self._require_running("prewarm")
-                    await asyncio.sleep(0.02)
-
-    def _vm_options(self, language: Language, memory_mb: int, disk_size_mb: int | None = None) -> VmOptions:
-        return VmOptions(
-            language=language,
-            memory_mb=memory_mb,
-            vcpus=self.config.default_vcpus,
-            boot_timeout_s=_BOOT_TIMEOUT_S,
-            network=self.config.network_enabled,
-            disk_size_mb=disk_size_mb or self.config.disk_size_mb,
-        )
-
-    async def _provision(
-        self, language: Language, memory_mb: int, on_boot_log: BootLogCallback | None,
-        disk_size_mb: int | None = None,
-    ) -> VmLease:
-        """A ready VM with the capacity it holds: from the warm pool, else a snapshot restore, else a
-        cold boot (see the module docstring)."""
-        pool = self._warm_pools.get(language)
-        pool_disk = disk_size_mb in (None, self.config.disk_size_mb)  # pooled VMs have the config's
-        if pool is not None and memory_mb == pool.memory_mb and pool_disk:
-            pooled = await pool.checkout(language)
-            if pooled is not None:
-                assert pooled.grant is not None  # the pools are made with this admission controller
-                if self._can_renice:
-                    pooled.vm.set_nice(self._base_nice)  # it serves a caller now: our own priority
-                await self._note_no_boot(on_boot_log, "a ready VM from the warm pool")
-                return VmLease(
-                    vm=pooled.vm,
-                    grant=pooled.grant,
-                    cgroup=self._attach_cgroup(pooled.vm, memory_mb),
-                    warm_pool_hit=True,
-                    restored_from_snapshot=pooled.vm.timing.restored,
-                )
-        grant = await self.admission.acquire(memory_mb, self.config.default_vcpus)
-        try:
-            vm, attempts = await self._boot(self._vm_options(language, memory_mb, disk_size_mb), on_boot_log)
-        except BaseException:
-            grant.release()
-            raise
-        if vm.timing.restored:
-            await self._note_no_boot(on_boot_log, "restored from a memory snapshot")
-        return VmLease(
-            vm=vm,
-            grant=grant,
-            boot_attempts=attempts,
-            cgroup=self._attach_cgroup(vm, memory_mb),
-            restored_from_snapshot=vm.timing.restored,
-        )
-
-    @staticmethod
-    async def _note_no_boot(on_boot_log: BootLogCallback | None, where: str) -> None:
-        if on_boot_log is None:
-            return
-        try:
-            value = on_boot_log(f"[sandbox] no boot: {where}")
-            if value is not None:
-                await value
-        except Exception:  # a broken log callback must not break the run
-            logger.exception("on_boot_log callback failed")
-
-    async def _pooled_vm(self, language: Language) -> SandboxVm:
-        """The warm pool's factory: a ready VM with the REPL (and a spare interpreter) warm.
-
-        Made at a low CPU priority (when it can be raised again at checkout): on a small host a
-        refill otherwise competes for the cores with the very run that just emptied the pool."""
-        options = self._vm_options(language, self.config.default_memory_mb)
-        nice = BACKGROUND_NICE if self._can_renice else 0
-        vm = await self._make_vm(options, nice=nice)
-        try:
-            # Also after a restore: the pool counts a VM only once its REPL and spare interpreter are
-            # up (and done with any post-restore reseed the agent queued), so a hit never waits.
-            await warm_vm(vm)
-        except BaseException:
-            await vm.close()
-            raise
-        return vm
-
-    async def _make_vm(
-        self, options: VmOptions, *, on_boot_log: BootLogCallback | None = None, nice: int = 0
-    ) -> SandboxVm:
-        """One VM: restored from the snapshot cache (or cold-booted into it), or cold-booted."""
-        if self._snapshots is not None:
-            vm, _ = await self._snapshots.restore_or_boot(
-                options, runtime_dir=self._runtime_dir, overlay_pool=self._pool, on_boot_log=on_boot_log,
-                nice=nice,
-            )
-            return vm
-        return await SandboxVm.boot(
-            options,
-            settings=self.settings,
-            vm_manager=self._vm_manager,
-            overlay_pool=self._pool,
-            runtime_dir=self._runtime_dir,
-            on_boot_log=on_boot_log,
-            nice=nice,
-        )
-
-    async def _boot(self, options: VmOptions, on_boot_log: BootLogCallback | None) -> tuple[SandboxVm, int]:
-        for attempt in range(1, _BOOT_ATTEMPTS + 1):
-            try:
-                return await self._make_vm(options, on_boot_log=on_boot_log), attempt
-            except VmCapacityError:
-                raise
-            except SandboxTransientError as exc:
-                if attempt >= _BOOT_ATTEMPTS or self._state is not SchedulerState.RUNNING:
-                    raise
-                logger.warning("VM boot failed (%s); retrying once with a fresh VM", exc.message)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _retire_later(self, lease: VmLease) -> None:
-        """Retire in the background (off the caller's path); ``close()`` waits for it."""
-        task = asyncio.get_running_loop().create_task(
-            self._retire(lease), name=f"sbx-retire-{lease.vm.vm_id}"
-        )
-        self._retiring.add(task)
-        task.add_done_callback(self._retired)
-
-    def _retired(self, task: asyncio.Task[None]) -> None:
-        self._retiring.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.warning("stopping a VM after its run failed: %r", task.exception())
-
-    async def _retire(self, lease: VmLease) -> None:
-        """Stop a leased VM and return its capacity (runs to completion even when cancelled)."""
-        try:
-            await lease.vm.close()
-            if lease.cgroup is not None:
-                await lease.cgroup.release()
-        finally:
-            lease.grant.release()

@@ -1,4 +1,4 @@
-"""``sbx``: the command line of exec_sandbox (a click group; subcommands register on ``main``)."""
+"""``sbx``: the click group ``main`` and the ``sbx images`` commands; ``sbx run`` comes from :mod:`.run`."""
 
 from __future__ import annotations
 
@@ -11,62 +11,20 @@ from typing import Any
 
 import click
 from rich.console import Console
-from rich.status import Status
 from rich.table import Table
 
+from exec_sandbox.cli.progress import RichProgress
+from exec_sandbox.cli.run import run
 from exec_sandbox.errors import SandboxError
 from exec_sandbox.images.builder import ImageBuilder
 from exec_sandbox.images.manifest import BundleManifest, KernelManifest, read_manifest
-from exec_sandbox.images.progress import ProgressEvent, ProgressKind
 from exec_sandbox.images.recipe import LANGUAGES
+from exec_sandbox.server.cli import mcp, serve  # import-light: the server loads when a command runs
 from exec_sandbox.settings import KernelFlavor, Settings
 from exec_sandbox.vm_manager import VmManager
 from smartvm.process import pid_alive
 
-__all__ = ["RichProgress", "images", "main"]
-
-
-class RichProgress:
-    """Renders build progress: a spinner with elapsed time per running step, a line per finished one."""
-
-    def __init__(self, console: Console, *, log_every_s: float = 30.0) -> None:
-        self.console = console
-        self._status: Status | None = None
-        self._started = time.monotonic()
-        # Without a terminal (CI logs) a spinner is invisible: print a heartbeat line instead.
-        self._log_every_s = log_every_s
-        self._last_log = 0.0
-
-    def __call__(self, event: ProgressEvent) -> None:
-        if event.kind is ProgressKind.START:
-            self._stop()
-            self._started = time.monotonic()
-            if self.console.is_terminal:
-                self._status = self.console.status(f"{event.step} {event.detail}".strip())
-                self._status.start()
-            else:
-                self.console.print(f"→ {event.step} {event.detail}".rstrip(), markup=False, highlight=False)
-        elif event.kind is ProgressKind.UPDATE:
-            text = f"{event.step} [{event.elapsed_s:5.0f}s] {event.detail}"
-            if self.console.is_terminal and self._status is not None:
-                self._status.update(text)
-            elif time.monotonic() - self._last_log >= self._log_every_s:
-                self._last_log = time.monotonic()
-                self.console.print(f"  … {text}", markup=False, highlight=False)
-        elif event.kind is ProgressKind.DONE:
-            self._stop()
-            self.console.print(f"[green]✓[/] {event.step} ({event.elapsed_s:.1f}s) {event.detail}")
-        elif event.kind is ProgressKind.CACHED:
-            self._stop()
-            self.console.print(f"[blue]●[/] {event.step}: cached ({event.detail})")
-
-    def _stop(self) -> None:
-        if self._status is not None:
-            self._status.stop()
-            self._status = None
-
-    def close(self) -> None:
-        self._stop()
+__all__ = ["images", "main"]
 
 
 @click.group()
@@ -229,6 +187,6 @@ def prune(dry_run: bool) -> None:
     if not stale:
         click.echo("nothing to prune")
 
-main.add_command(__import__("exec_sandbox.cli_run", fromlist=["run"]).run)  # `sbx run` lives in cli_run.py
-main.add_command(__import__("exec_sandbox.server.cli", fromlist=["serve"]).serve)  # `sbx serve`
-main.add_command(__import__("exec_sandbox.server.cli", fromlist=["mcp"]).mcp)  # `sbx mcp` (stdio)
+main.add_command(run)
+main.add_command(serve)
+main.add_command(mcp)

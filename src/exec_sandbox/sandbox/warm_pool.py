@@ -36,11 +36,12 @@ from enum import StrEnum
 from types import TracebackType
 from typing import Self
 
-from exec_sandbox.admission import AdmissionController, Grant
-from exec_sandbox.agent_protocol import Language
 from exec_sandbox.errors import SandboxError, SandboxTransientError
-from exec_sandbox.foreground import ForegroundActivity
-from exec_sandbox.sandbox_vm import SandboxVm
+from exec_sandbox.protocol.agent import Language
+from exec_sandbox.sandbox.admission import AdmissionController
+from exec_sandbox.sandbox.foreground import ForegroundActivity
+from exec_sandbox.sandbox.grants import Grant
+from exec_sandbox.vm.sandbox_vm import SandboxVm
 from smartvm.cleanup import shielded
 
 __all__ = [
@@ -399,7 +400,7 @@ class WarmPool:
         before a caller gets the VM."""
         try:
             for session in (True, False):
-                result = await vm.agent.exec(
+                result = await vm.exec(
                     PRIME_CODE[vm.language], language=vm.language, session=session, timeout_s=60.0,
                     prime_spare=not session, refill_spare=False,
                 )

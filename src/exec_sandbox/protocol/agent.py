@@ -93,7 +93,7 @@ __all__ = [
 ]
 
 #: The guest program (a stdlib-only package); image builds copy it to /opt/sbx/sbx_agent/.
-GUEST_AGENT_PATH = Path(__file__).parent / "guest" / "sbx_agent"
+GUEST_AGENT_PATH = Path(__file__).parent.parent / "guest" / "sbx_agent"
 
 MAGIC = b"SBX"
 PROTOCOL_VERSION = 1

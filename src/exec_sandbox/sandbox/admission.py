@@ -14,17 +14,8 @@ Three checks, all of which a request must pass (see :meth:`AdmissionController.a
 Why this shape (issue 5: >= 200 idle sandboxes on 24 GiB without ever pushing the host into swap
 or an OOM kill):
 
-* **An idle VM costs memory, not CPU.** A restored, idle TCG guest uses ~0 % of a core (measured
-  0.0-0.2 %); CPU contention comes from VMs that boot/restore or run code. So a grant holds its
-  ``vcpus`` only while *busy*: from admission until :meth:`Grant.settle` (the Scheduler settles a
-  session's VM once it is up and waiting for calls; a one-shot run stays busy until it is released).
-  ``cpu_overcommit_ratio`` therefore bounds concurrent starts and one-shot runs - FIFO, with the
-  timeout - not how many sessions may exist.
-* **...but idle is measured, not assumed.** Guest code can leave work running in an idle session
-  (a thread of its interpreter, a timer). A settled grant with a CPU meter (:meth:`Grant.meter_cpu`,
-  the Scheduler attaches its VM's QEMU process CPU time read from ``/proc``) is sampled every
-  ``cpu_sample_seconds``; while it used at least ``burning_cpu_fraction`` of a core over the last
-  interval it counts its ``vcpus`` against the CPU budget again, exactly like a busy grant.
+* **An idle VM costs memory, not CPU - and idle is measured, not assumed**: see
+  :mod:`exec_sandbox.sandbox.grants` (busy and settled grants, CPU meters).
 * **Committed memory is over-committed on purpose, and the real memory is guarded live.** Charging
   every VM its full guest RAM (+ overhead) as if it were resident admits ~70 VMs of 256 MiB on
   24 GiB, while an idle restored one really holds ~25-35 MiB (PSS; guest RAM is a private mapping
@@ -63,159 +54,35 @@ import contextlib
 import logging
 import math
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any, Final
 
 from exec_sandbox.config import DEFAULT_VM_OVERHEAD_MB, DEFAULT_VM_START_FOOTPRINT_MB, SchedulerConfig
-from exec_sandbox.errors import SandboxPermanentError, VmCapacityError
-from exec_sandbox.host_resources import HostResources, MemoryHeadroomProbe, probe_host_resources
+from exec_sandbox.errors import VmCapacityError
+from exec_sandbox.host.capacity import HostResources, MemoryHeadroomProbe, probe_host_resources
+from exec_sandbox.sandbox.grants import (
+    MIB,
+    AdmissionState,
+    AdmissionStats,
+    Grant,
+    MemoryProbe,
+    Waiter,
+    compute_budget,
+)
 from exec_sandbox.validation import input_error
 
-__all__ = [
-    "AdmissionController",
-    "AdmissionState",
-    "AdmissionStats",
-    "Grant",
-    "MemoryProbe",
-    "compute_budget",
-]
+__all__ = ["AdmissionController"]
 
-MemoryProbe = Callable[[], int]
-"""Returns the bytes that can be taken right now without swapping (e.g. :class:`MemoryHeadroomProbe`)."""
 
 log = logging.getLogger(__name__)
 
-_MIB: Final = 1024 * 1024
 # CPU budgets are products of float ratios; compare with a little slack so 4 x 0.5 fits in 2.0.
 _EPS: Final = 1e-9
 DEFAULT_LIVE_POLL_SECONDS: Final = 0.2
 # Idle VMs' CPU: read every second; a settled VM using >= a quarter of a core counts as busy.
 DEFAULT_CPU_SAMPLE_SECONDS: Final = 1.0
 DEFAULT_BURNING_CPU_FRACTION: Final = 0.25
-
-
-def compute_budget(config: SchedulerConfig, resources: HostResources) -> tuple[int, float]:
-    """``(memory_budget_mb, cpu_budget)`` for ``config`` on a host with ``resources``.
-
-    Raises :class:`SandboxPermanentError` when the reserve leaves no memory for VMs.
-    """
-    host_mb = resources.memory_limit_bytes // _MIB
-    usable_mb = host_mb - config.host_memory_reserve_mb
-    if usable_mb <= 0:
-        raise SandboxPermanentError(
-            f"no memory left for VMs: the host allows {host_mb} MiB and host_memory_reserve_mb is "
-            f"{config.host_memory_reserve_mb}",
-            context={"host_memory_mb": host_mb, "host_memory_reserve_mb": config.host_memory_reserve_mb},
-        )
-    memory_budget = int(usable_mb * config.memory_overcommit_ratio)
-    cpu_budget = resources.cpu_limit * config.cpu_overcommit_ratio
-    return memory_budget, cpu_budget
-
-
-class AdmissionState(StrEnum):
-    OPEN = "open"
-    CLOSED = "closed"
-
-
-@dataclass(frozen=True)
-class AdmissionStats:
-    memory_budget_mb: int
-    memory_in_use_mb: int
-    cpu_budget: float
-    cpu_in_use: int
-    active: int  # grants held
-    waiting: int  # requests queued
-    waiting_memory_mb: int  # their total cost
-    max_concurrent_vms: int | None
-    granted_total: int
-    timed_out_total: int
-    rejected_total: int  # larger than the whole budget, or refused after close()
-    busy: int = 0  # grants holding CPU (starting, or running a one-shot run)
-    starting_memory_mb: int = 0  # start footprints of grants not settled yet (live guard)
-    live_available_mb: int | None = None  # host headroom at the last decision (None: no live guard)
-    live_guard_waits_total: int = 0  # times the queue head waited on the live guard alone
-    cpu_burning: int = 0  # vCPUs of settled grants measured busy at the last CPU sample
-
-    @property
-    def memory_available_mb(self) -> int:
-        return self.memory_budget_mb - self.memory_in_use_mb
-
-
-class Grant:
-    """Capacity held for one VM. Release it exactly once (:meth:`release` is idempotent).
-
-    A new grant is *busy*: it holds its ``vcpus`` and its start footprint counts against the live
-    guard. :meth:`settle` (idempotent) makes it *idle*: the CPU goes back to the queue and the VM's
-    memory is from then on seen in the host's real headroom instead of estimated. The committed
-    memory (``cost_mb``) is held until :meth:`release`.
-    """
-
-    def __init__(
-        self,
-        controller: AdmissionController,
-        *,
-        memory_mb: int,
-        cost_mb: int,
-        vcpus: int,
-        waited_ms: float,
-        start_footprint_mb: int = 0,
-    ) -> None:
-        self._controller = controller
-        self.memory_mb = memory_mb  # guest RAM asked for
-        self.cost_mb = cost_mb  # what the budget is charged: guest RAM + per-VM overhead
-        self.vcpus = vcpus
-        self.waited_ms = waited_ms
-        self.start_footprint_mb = start_footprint_mb  # counted by the live guard until settled
-        self._released = False
-        self._settled = False
-        self._meter: Callable[[], float | None] | None = None
-        self._cpu_sample: tuple[float, float] | None = None  # (loop time, CPU seconds)
-        self.burning = False  # settled, and measured using CPU at the last sample
-        self.cpu_rate: float | None = None  # cores used over the last sample interval
-
-    def meter_cpu(self, meter: Callable[[], float | None]) -> None:
-        """Measure this VM's CPU while it is settled: ``meter()`` returns the CPU seconds it has
-        used so far (None: unknown). An idle VM found burning CPU counts against the CPU budget."""
-        if not self._released:
-            self._meter = meter
-            self._controller._metered(self)
-
-    @property
-    def released(self) -> bool:
-        return self._released
-
-    @property
-    def settled(self) -> bool:
-        """True once the VM went idle (:meth:`settle`) or the grant was released."""
-        return self._settled
-
-    def settle(self) -> None:
-        """The VM is up and idle: give its CPU back and stop estimating its start footprint."""
-        if not self._settled and not self._released:
-            self._settled = True
-            self._controller._settle(self)
-
-    def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self._controller._release(self)
-
-    def __repr__(self) -> str:
-        state = "released" if self._released else ("idle" if self._settled else "busy")
-        return f"Grant(cost_mb={self.cost_mb}, vcpus={self.vcpus}, waited_ms={self.waited_ms:.1f}, {state})"
-
-
-@dataclass(eq=False)
-class _Waiter:
-    memory_mb: int
-    cost_mb: int
-    vcpus: int
-    started: float
-    future: asyncio.Future[Grant]
-    blocked_by: str = "queue"
 
 
 class AdmissionController:
@@ -315,7 +182,7 @@ class AdmissionController:
         self._live_mb: int | None = None  # headroom at the last decision
         self._live_waits_total = 0
         self._poll: asyncio.TimerHandle | None = None
-        self._waiters: deque[_Waiter] = deque()
+        self._waiters: deque[Waiter] = deque()
         self._granted_total = 0
         self._timed_out_total = 0
         self._rejected_total = 0
@@ -449,7 +316,7 @@ class AdmissionController:
         if wait == 0:
             self._timed_out_total += 1
             raise self._timeout_error(memory_mb, cost, vcpus, 0.0, blocked_by)
-        waiter = _Waiter(memory_mb, cost, vcpus, loop.time(), loop.create_future(), blocked_by)
+        waiter = Waiter(memory_mb, cost, vcpus, loop.time(), loop.create_future(), blocked_by)
         self._waiters.append(waiter)
         if blocked_by == "live_memory":
             self._live_waits_total += 1
@@ -519,7 +386,7 @@ class AdmissionController:
         if self.memory_probe is None:
             return None
         try:
-            self._live_mb = int(self.memory_probe()) // _MIB
+            self._live_mb = int(self.memory_probe()) // MIB
         except Exception as exc:
             log.warning("admission: cannot read the host's free memory (%r); live guard skipped once", exc)
             return None
@@ -662,7 +529,7 @@ class AdmissionController:
                 self._grant(head.memory_mb, head.cost_mb, head.vcpus, (now - head.started) * 1000)
             )
 
-    def _forget(self, waiter: _Waiter) -> None:
+    def _forget(self, waiter: Waiter) -> None:
         try:
             self._waiters.remove(waiter)
         except ValueError:

@@ -21,9 +21,10 @@ import time
 from pathlib import Path
 
 from exec_sandbox.errors import SandboxTransientError
-from exec_sandbox.sandbox_vm import SandboxVm, SandboxVmState
 from exec_sandbox.settings import Settings
 from exec_sandbox.timing import elapsed_ms
+from exec_sandbox.vm.sandbox_vm import SandboxVm
+from exec_sandbox.vm.spec import SandboxVmState
 from smartvm.cleanup import shielded
 from smartvm.hostfs import ensure_private_dir
 from smartvm.leftovers import make_owned_dir, remove_owned_dir

@@ -1,7 +1,8 @@
-"""One code execution inside a ready :class:`~exec_sandbox.sandbox_vm.SandboxVm`, shared by
+"""One code execution inside a ready :class:`~exec_sandbox.vm.sandbox_vm.SandboxVm`, shared by
 ``Scheduler.run`` and ``Session.exec``.
 
-What it adds on top of :meth:`AgentClient.exec <exec_sandbox.agent_client.AgentClient.exec>`:
+What it adds on top of :meth:`SandboxVm.exec <exec_sandbox.vm.sandbox_vm.SandboxVm.exec>` (the one door
+into the guest, which checks the VM state and merges the VM's env):
 
 - output caps per stream (``max_output_bytes``); when the guest dropped output, a visible marker
   line is appended to that stream (and streamed to its callback) and ``*_truncated`` is set;
@@ -23,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import inspect
 import logging
 import re
 import time
@@ -31,16 +31,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from exec_sandbox.agent_client import ExecResult, OutputCallback
+from exec_sandbox.callbacks import call_safely
+from exec_sandbox.client.agent import ExecResult, OutputCallback
 from exec_sandbox.errors import SandboxTransientError
 from exec_sandbox.models import Language
-from exec_sandbox.sandbox_vm import SandboxVm, SandboxVmState
 from exec_sandbox.timing import elapsed_ms
+from exec_sandbox.vm.sandbox_vm import SandboxVm
+from exec_sandbox.vm.spec import SandboxVmState
 
 __all__ = [
     "HOST_DEADLINE_GRACE_S",
     "OOM_CONSOLE_PATTERN",
     "ExecOutcome",
+    "download_problem",
     "execute_in_vm",
     "oom_note",
     "truncation_marker",
@@ -90,16 +93,8 @@ class ExecOutcome:
 
 
 async def _notify(callback: OutputCallback | None, data: str) -> None:
-    if callback is None:
-        return
-    try:
-        value = callback(data)
-        if inspect.isawaitable(value):
-            await value
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        logger.exception("output callback failed; continuing")
+    if callback is not None:
+        await call_safely(callback, data, what="output", logger=logger)
 
 
 async def _console_shows_oom(vm: SandboxVm, since: int) -> bool:
@@ -124,7 +119,7 @@ async def execute_in_vm(
     on_stdout: OutputCallback | None,
     on_stderr: OutputCallback | None,
 ) -> ExecOutcome:
-    """Run ``code`` in ``vm`` (errors of :meth:`AgentClient.exec` pass through unchanged)."""
+    """Run ``code`` in ``vm`` through :meth:`SandboxVm.exec` (its errors pass through unchanged)."""
     if vm.state is not SandboxVmState.READY:
         raise SandboxTransientError(
             f"sandbox VM {vm.vm_id} is not ready (state {vm.state.value!r})",
@@ -145,7 +140,7 @@ async def execute_in_vm(
 
     try:
         async with asyncio.timeout(timeout_s + HOST_DEADLINE_GRACE_S):
-            result = await vm.agent.exec(
+            result = await vm.exec(
                 code,
                 language=language,
                 env=dict(env),
@@ -207,3 +202,17 @@ def _cpu_delta(vm: SandboxVm, before: float | None) -> float | None:
     if before is None or after is None:
         return None
     return round(max(after - before, 0.0), 3)
+
+
+async def download_problem(vm: SandboxVm, rel: str, max_file_bytes: int) -> str | None:
+    """Why ``rel`` cannot be downloaded into memory (None: it can): missing, not a file, too big."""
+    parent, _, name = rel.rpartition("/")
+    entries = await vm.agent.list_files(parent or ".")
+    entry = next((e for e in entries if e.name == name), None)
+    if entry is None:
+        return f"{rel!r} does not exist"
+    if entry.is_dir:
+        return f"{rel!r} is a directory"
+    if entry.size > max_file_bytes:
+        return f"{rel!r} is {entry.size} bytes, more than max_file_bytes ({max_file_bytes})"
+    return None

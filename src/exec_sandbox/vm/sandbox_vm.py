@@ -20,12 +20,8 @@ phase, vm_id, console tail and QEMU stderr tail. ``CancelledError`` is re-raised
 Caller bugs (:class:`SandboxInputError`) and host misconfiguration (:class:`SandboxPermanentError`,
 e.g. an image build failure) pass through unchanged.
 
-Snapshots (:meth:`SandboxVm.save_snapshot` / :meth:`SandboxVm.restore_from`): a directory holding
-the QEMU device state (``vmstate``, plus smartvm's ``vmstate.qemu.json`` sidecar), guest RAM
-(``memory``; only with ``VmOptions.shared_memory``, else RAM is streamed into ``vmstate``), a copy
-of the overlay taken while the guest was paused (``disk.qcow2``, so disk and memory match) and
-``sandbox.json`` (options, base image). Every restore copies ``disk.qcow2`` to a fresh overlay, so
-one snapshot serves many clones; each restored guest is reseeded through ``agent.reseed_rng``.
+Snapshots (:meth:`SandboxVm.save_snapshot` / :meth:`SandboxVm.restore_from`): the directory format
+is described in :mod:`exec_sandbox.vm.spec`.
 """
 
 from __future__ import annotations
@@ -35,249 +31,54 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from enum import StrEnum
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-from exec_sandbox.agent_client import AgentClient, ExecResult, OutputCallback
-from exec_sandbox.agent_protocol import DEFAULT_OUTPUT_CAP_BYTES, Hello, Language, ReseedResult
-from exec_sandbox.errors import (
-    SandboxError,
-    SandboxInputError,
-    SandboxPermanentError,
-    SandboxTransientError,
-)
-from exec_sandbox.overlay_pool import OverlayPool
-from exec_sandbox.qemu_storage_daemon import create_overlay_with_qemu_img, get_image_info
-from exec_sandbox.settings import KernelFlavor, Settings
+from exec_sandbox.callbacks import TextCallback
+from exec_sandbox.client.agent import AgentClient, ExecResult, OutputCallback
+from exec_sandbox.errors import SandboxError, SandboxInputError, SandboxPermanentError, SandboxTransientError
+from exec_sandbox.host.runtime_dirs import overlay_path, record_overlay, remove_overlay, unsafe_dir_error
+from exec_sandbox.protocol.agent import DEFAULT_OUTPUT_CAP_BYTES, Hello, Language, ReseedResult
+from exec_sandbox.settings import Settings
+from exec_sandbox.storage.overlay_pool import OverlayPool
+from exec_sandbox.storage.qcow2 import create_overlay_with_qemu_img, get_image_info
 from exec_sandbox.timing import elapsed_ms
+from exec_sandbox.vm.boot_log import BootLogForwarder
+from exec_sandbox.vm.spec import (
+    AGENT_PORT_NAME,
+    BootTiming,
+    SandboxVmState,
+    VmOptions,
+    build_machine_spec,
+    build_user_net,
+    read_snapshot_dir,
+    respec_for_restore,
+    snapshot_meta,
+)
 from exec_sandbox.vm_manager import VmManager
 from smartvm.cleanup import UndoStack, shielded
 from smartvm.errors import SmartVMError
-from smartvm.hostfs import UnsafePathError, atomic_write_file, ensure_private_dir, private_copy
-from smartvm.leftovers import (
-    SIDECAR_SUFFIX,
-    new_owner_record,
-    private_runtime_dir,
-    reap,
-    remove_sidecar_record,
-    write_sidecar_record,
-)
-from smartvm.qemu import (
-    AccelChoice,
-    DriveSpec,
-    HostForward,
-    QemuMachine,
-    QemuMachineSpec,
-    UserNetSpec,
-)
+from smartvm.hostfs import UnsafePathError, atomic_write_file, private_copy
+from smartvm.leftovers import private_runtime_dir
+from smartvm.qemu import AccelChoice, QemuMachine, QemuMachineSpec
 from smartvm.vmm.base import SnapshotFiles
 
-__all__ = [
-    "AGENT_PORT_NAME",
-    "COLD_BOOT_TB_SIZE_MIB",
-    "SNAPSHOT_FORMAT",
-    "BootLogCallback",
-    "BootTiming",
-    "PortForward",
-    "SandboxVm",
-    "SandboxVmState",
-    "VmOptions",
-    "build_kernel_cmdline",
-    "build_machine_spec",
-]
+__all__ = ["BootLogCallback", "SandboxVm"]
 
 logger = logging.getLogger(__name__)
 
-# The port name the guest agent looks for (sbx_agent/wire.py DEFAULT_PORT_NAME).
-AGENT_PORT_NAME = "org.exec_sandbox.agent"
-SNAPSHOT_FORMAT = 1
-_ROOT_DRIVE_ID = "root"
-# TCG code cache of a cold-booted VM. Boot + agent + the first one-shot Python run translate ~53 MB of
-# guest code; smartvm's default 32 MiB cache overflowed twice on that path and QEMU retranslated
-# everything after each flush (~0.6 s of a cold run). The cost: only generated code is resident, so
-# a cold VM holds ~53 MiB of code instead of at most 32, and a VM that translates less costs no more.
-# Restored VMs keep the size recorded in their snapshot's spec.
-COLD_BOOT_TB_SIZE_MIB = 64
 _CONSOLE_TAIL = 4000
-_OVERLAY_RECORD_RE = re.compile(r"sbx-\d+-[A-Za-z0-9_.-]+\.qcow2" + re.escape(SIDECAR_SUFFIX))
 
-BootLogCallback = Callable[[str], Awaitable[None] | None]
-
-
-# --------------------------------------------------------------------------- options
-
-
-class PortForward(BaseModel):
-    """Forward ``host_addr:host_port`` (0 = QEMU picks nothing: give a real port) to ``guest_port``."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    guest_port: int = Field(ge=1, le=65535)
-    host_port: int = Field(ge=1, le=65535)
-    host_addr: str = "127.0.0.1"
-    protocol: Literal["tcp", "udp"] = "tcp"
-
-
-class VmOptions(BaseModel):
-    """What one sandbox VM is made of. Frozen and validated; safe to share between boots.
-
-    ``network``: user-mode networking with outbound access; off by default. ``port_forwards``
-    without ``network`` gives a restricted user-mode NIC that only carries the forwards.
-    ``accel``: force ``"kvm"``/``"tcg"``; None follows ``Settings.force_emulation`` (True -> TCG)
-    and otherwise smartvm's probe. ``shared_memory``: guest RAM in a /dev/shm file so snapshots do
-    not stream RAM (the fast snapshot path). ``kernel_args``: extra kernel arguments appended to the
-    bundle's; ``kernel_cmdline`` replaces the bundle's command line entirely.
-    ``env``: default environment merged under the ``env`` of every :meth:`SandboxVm.exec`.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    language: Language
-    memory_mb: int = Field(default=256, ge=64, le=64 * 1024)
-    vcpus: int = Field(default=1, ge=1, le=64)
-    boot_timeout_s: float = Field(default=60.0, gt=0, le=3600)
-    network: bool = False
-    port_forwards: tuple[PortForward, ...] = ()
-    env: dict[str, str] = Field(default_factory=dict)
-    accel: Literal["kvm", "tcg"] | None = None
-    shared_memory: bool = False
-    kernel_flavor: KernelFlavor | None = None
-    kernel_args: tuple[str, ...] = ()
-    kernel_cmdline: str | None = None
-    # The guest disk's virtual size, MiB (None: the image's); the guest grows its filesystem to it.
-    disk_size_mb: int | None = Field(default=None, ge=256, le=1024 * 1024)
-
-    @field_validator("kernel_args")
-    @classmethod
-    def _args_are_tokens(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for arg in value:
-            if not arg or any(ch.isspace() or ch == "\x00" for ch in arg):
-                raise ValueError(f"kernel argument must be one non-empty token without spaces: {arg!r}")
-        return value
-
-    @field_validator("env")
-    @classmethod
-    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, val in value.items():
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or "\x00" in val:
-                raise ValueError(f"invalid environment variable {name!r}")
-        return value
-
-
-@dataclass
-class BootTiming:
-    """Milliseconds spent per boot phase (restore: ``qemu_spawn_ms`` covers the restore)."""
-
-    image_ms: float = 0.0  # finding (or building) the bundle
-    overlay_ms: float = 0.0
-    qemu_spawn_ms: float = 0.0  # QEMU process started and QMP answering (restore: state loaded)
-    boot_to_agent_ms: float = 0.0  # from QEMU running to the agent's hello
-    reseed_ms: float = 0.0  # restore only
-    total_ms: float = 0.0
-    overlay_from_pool: bool = False
-    restored: bool = False
-
-
-class SandboxVmState(StrEnum):
-    BOOTING = "booting"
-    READY = "ready"
-    PAUSED = "paused"
-    CLOSING = "closing"
-    CLOSED = "closed"
-
-
-# --------------------------------------------------------------------------- pure builders
-
-
-def build_kernel_cmdline(bundle_args: str, options: VmOptions) -> str:
-    """The guest kernel command line: the bundle's (or the override) plus ``options.kernel_args``."""
-    base = options.kernel_cmdline if options.kernel_cmdline is not None else bundle_args
-    return " ".join([*base.split(), *options.kernel_args])
-
-
-def build_machine_spec(
-    *,
-    kernel: Path,
-    initrd: Path | None,
-    boot_args: str,
-    needs_acpi: bool,
-    overlay: Path,
-    options: VmOptions,
-    name: str | None = None,
-) -> QemuMachineSpec:
-    """Describe the QEMU machine of one sandbox VM. Pure.
-
-    Runtime parts (accelerator, QMP socket, the agent port's socket, user net, RAM file) are added
-    by :class:`QemuMachine` from its constructor arguments.
-    """
-    return QemuMachineSpec(
-        name=name,
-        kernel=kernel,
-        initrd=initrd,
-        cmdline=build_kernel_cmdline(boot_args, options),
-        vcpus=options.vcpus,
-        memory_mib=options.memory_mb,
-        acpi=needs_acpi,
-        drives=(DriveSpec(id=_ROOT_DRIVE_ID, path=overlay, format="qcow2", cache="writeback"),),
-        rng=True,
-        tb_size_mib=COLD_BOOT_TB_SIZE_MIB,
-    )
-
-
-def build_user_net(options: VmOptions) -> UserNetSpec | None:
-    """User-mode networking for ``options``: None when neither network nor forwards are wanted."""
-    if not options.network and not options.port_forwards:
-        return None
-    return UserNetSpec(
-        restrict=not options.network,
-        hostfwd=tuple(
-            HostForward(
-                protocol=f.protocol, host_addr=f.host_addr, host_port=f.host_port, guest_port=f.guest_port
-            )
-            for f in options.port_forwards
-        ),
-    )
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _overlay_path(runtime_dir: Path, vm_id: str) -> Path:
-    return runtime_dir / f"sbx-{os.getpid()}-{vm_id}.qcow2"
-
-
-def sweep_stale_overlays(runtime_dir: Path) -> list[Path]:
-    """Delete overlays left in ``runtime_dir`` by dead owners: each overlay ``X`` has an owner
-    record ``X.owner.json`` (:mod:`smartvm.leftovers`), written before the overlay is made."""
-    return reap(runtime_dir, name_pattern=_OVERLAY_RECORD_RE, remove_unrecorded=False).removed
+BootLogCallback = TextCallback
 
 
 def _absolute(path: Path | str) -> Path:
     return Path(path).absolute()
-
-
-async def _call_safely(callback: BootLogCallback, line: str) -> None:
-    try:
-        result = callback(line)
-        if asyncio.iscoroutine(result) or isinstance(result, Awaitable):
-            await result
-    except Exception:  # a broken log callback must not break the boot
-        logger.exception("on_boot_log callback failed")
-
-
-async def _forward_lines(lines: AsyncIterator[str], callback: BootLogCallback) -> None:
-    async for line in lines:
-        await _call_safely(callback, line)
 
 
 # --------------------------------------------------------------------------- the VM
@@ -311,7 +112,7 @@ class SandboxVm:
         self._undo = UndoStack(f"sandbox VM {vm_id}", log=logger)
         self._state = SandboxVmState.BOOTING
         self._lock = asyncio.Lock()
-        self._log_task: asyncio.Task[None] | None = None
+        self._boot_log = BootLogForwarder(f"sbx-bootlog-{vm_id}")
         self._qemu_img = qemu_img
 
     # ------------------------------------------------------------------ introspection
@@ -449,11 +250,8 @@ class SandboxVm:
         try:
             rdir = (runtime_dir or private_runtime_dir()).absolute()
         except UnsafePathError as exc:
-            raise SandboxPermanentError(
-                f"the runtime directory is not safe to use: {exc.message}",
-                context={"path": str(exc.path), "problem": exc.problem},
-            ) from exc
-        overlay = _overlay_path(rdir, vm_id)
+            raise unsafe_dir_error(exc) from exc
+        overlay = overlay_path(rdir, vm_id)
         # A restore takes accelerator, user net and RAM mode from the snapshot's spec.
         accel = None if restoring else options.accel or ("tcg" if settings.force_emulation else None)
         machine = QemuMachine(
@@ -480,7 +278,7 @@ class SandboxVm:
     async def _make_overlay(self, overlay_pool: OverlayPool | None) -> None:
         # Registered before creating: a cancelled creation may leave a partial file behind.
         self._undo.push("remove overlay", self._remove_overlay)
-        await asyncio.to_thread(self._prepare_runtime_dir)
+        await asyncio.to_thread(record_overlay, self.runtime_dir, self.overlay, self.vm_id)
         t = time.perf_counter()
         size = self.options.disk_size_mb
         if size is not None:  # a sparse overlay of that virtual size (pooled ones have the base's)
@@ -493,29 +291,14 @@ class SandboxVm:
             await create_overlay_with_qemu_img(self.base_image, self.overlay, qemu_img=self._qemu_img)
         self.timing.overlay_ms = elapsed_ms(t)
 
-    def _prepare_runtime_dir(self) -> None:
-        try:
-            ensure_private_dir(self.runtime_dir)
-        except UnsafePathError as exc:
-            raise SandboxPermanentError(
-                f"the runtime directory is not safe to use: {exc.message}",
-                context={"path": str(exc.path), "problem": exc.problem},
-            ) from exc
-        for stale in sweep_stale_overlays(self.runtime_dir):
-            logger.warning("removed overlay %s of a process that no longer exists", stale)
-        # The record first: an overlay never exists without one (a crash leaves both to the reaper).
-        write_sidecar_record(self.overlay, new_owner_record(self.vm_id, kind="overlay"))
-
-    def _unlink_overlay(self) -> None:
-        self.overlay.unlink(missing_ok=True)
-        remove_sidecar_record(self.overlay)
-
     async def _remove_overlay(self) -> None:
-        await asyncio.to_thread(self._unlink_overlay)
+        await asyncio.to_thread(remove_overlay, self.overlay)
 
     async def _boot(self, overlay_pool: OverlayPool | None, on_boot_log: BootLogCallback | None) -> None:
         await self._make_overlay(overlay_pool)
-        self._start_boot_log(on_boot_log)
+        if on_boot_log is not None:
+            self._boot_log.start(self.machine.console.lines(), on_boot_log)
+            self._undo.push("stop boot log", self._boot_log.aclose)
         await asyncio.sleep(0)  # let the log forwarder subscribe before QEMU prints anything
         t = time.perf_counter()
         self._undo.push("stop QEMU", self._stop_machine)
@@ -524,26 +307,8 @@ class SandboxVm:
         t = time.perf_counter()
         await self._connect_agent()
         self.timing.boot_to_agent_ms = elapsed_ms(t)
-        self._stop_boot_log()
+        self._boot_log.stop()
         self._state = SandboxVmState.READY
-
-    def _start_boot_log(self, on_boot_log: BootLogCallback | None) -> None:
-        if on_boot_log is None:
-            return
-        self._log_task = asyncio.get_running_loop().create_task(
-            _forward_lines(self.machine.console.lines(), on_boot_log), name=f"sbx-bootlog-{self.vm_id}"
-        )
-        self._undo.push("stop boot log", self._cancel_boot_log)
-
-    def _stop_boot_log(self) -> None:
-        if self._log_task is not None:
-            self._log_task.cancel()
-
-    async def _cancel_boot_log(self) -> None:
-        task, self._log_task = self._log_task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.wait([task])
 
     async def _connect_agent(self, *, reseed: bool = False) -> None:
         """Connect to the agent port and wait for hello, failing fast if QEMU exits meanwhile.
@@ -630,12 +395,18 @@ class SandboxVm:
         on_stderr: OutputCallback | None = None,
         max_stdout_bytes: int = DEFAULT_OUTPUT_CAP_BYTES,
         max_stderr_bytes: int = DEFAULT_OUTPUT_CAP_BYTES,
+        reply_grace_s: float = 30.0,
         refill_spare: bool = True,
+        prime_spare: bool = False,
     ) -> ExecResult:
         """Run ``code`` through the agent (default language: the VM's). See :meth:`AgentClient.exec`.
 
-        ``refill_spare=False`` for the last one-shot exec of a single-use VM: the guest then does not
-        start a replacement spare interpreter it would never use.
+        The one door from the host into the guest for code: every exec (``Scheduler.run``,
+        ``Session.exec`` through :func:`~exec_sandbox.vm.execution.execute_in_vm`, warm-pool priming)
+        comes through here, so the VM's state is checked and its ``options.env`` merged under the
+        call's ``env`` in one place (``tests/unit/test_layers.py`` checks nobody else calls
+        ``agent.exec``). ``refill_spare=False`` for the last one-shot exec of a single-use VM: the
+        guest then does not start a replacement spare interpreter it would never use.
         """
         self._require(SandboxVmState.READY, action="exec in")
         merged = {**self.options.env, **(env or {})}
@@ -650,7 +421,9 @@ class SandboxVm:
             on_stderr=on_stderr,
             max_stdout_bytes=max_stdout_bytes,
             max_stderr_bytes=max_stderr_bytes,
+            reply_grace_s=reply_grace_s,
             refill_spare=refill_spare,
+            prime_spare=prime_spare,
         )
 
     async def pause(self) -> None:
@@ -704,14 +477,8 @@ class SandboxVm:
                 # QEMU flushed the overlay when the guest stopped and the migration inactivated it:
                 # the file on disk now matches the saved memory.
                 await asyncio.to_thread(private_copy, self.overlay, tmp / "disk.qcow2")
-                meta = {
-                    "format": SNAPSHOT_FORMAT,
-                    "vm_id": self.vm_id,
-                    "options": self.options.model_dump(mode="json"),
-                    "base_image": str(self.base_image),
-                    "accel": self.accelerator.accel if self.accelerator else None,
-                    "created_at": time.time(),
-                }
+                accel = self.accelerator.accel if self.accelerator else None
+                meta = snapshot_meta(self.vm_id, self.options, self.base_image, accel)
                 await asyncio.to_thread(
                     atomic_write_file, tmp / "sandbox.json", json.dumps(meta, indent=1).encode()
                 )
@@ -752,27 +519,12 @@ class SandboxVm:
         started = time.perf_counter()
         directory = _absolute(directory)
         settings = settings or Settings()
-        try:
-            meta = json.loads((directory / "sandbox.json").read_text())
-            if meta.get("format") != SNAPSHOT_FORMAT:
-                raise ValueError(f"unsupported snapshot format {meta.get('format')!r}")
-            options = VmOptions.model_validate(meta["options"])
-            base_image = Path(meta["base_image"])
-            sidecar = json.loads((directory / "vmstate.qemu.json").read_text())
-            saved_spec = QemuMachineSpec.model_validate(sidecar["spec"])
-        except (OSError, ValueError, KeyError, ValidationError) as exc:
-            raise SandboxInputError(
-                f"not a sandbox snapshot directory: {directory}: {exc}", context={"directory": str(directory)}
-            ) from exc
+        options, base_image, saved_spec = read_snapshot_dir(directory)
         if boot_timeout_s is not None:
             options = options.model_copy(update={"boot_timeout_s": boot_timeout_s})
 
         def make_spec(overlay: Path, new_id: str) -> QemuMachineSpec:
-            drives = tuple(
-                d.model_copy(update={"path": overlay}) if d.id == _ROOT_DRIVE_ID else d
-                for d in saved_spec.drives
-            )
-            return saved_spec.model_copy(update={"drives": drives, "name": f"sbx-{new_id}"})
+            return respec_for_restore(saved_spec, overlay, new_id)
 
         vm = cls._new(options, settings, base_image, runtime_dir, vm_id, make_spec, restoring=True, nice=nice)
         vm.timing.restored = True
@@ -794,7 +546,7 @@ class SandboxVm:
 
     async def _restore(self, directory: Path, *, reseed: bool) -> None:
         self._undo.push("remove overlay", self._remove_overlay)
-        await asyncio.to_thread(self._prepare_runtime_dir)
+        await asyncio.to_thread(record_overlay, self.runtime_dir, self.overlay, self.vm_id)
         t = time.perf_counter()
         await asyncio.to_thread(private_copy, directory / "disk.qcow2", self.overlay)
         self.timing.overlay_ms = elapsed_ms(t)
@@ -817,7 +569,7 @@ class SandboxVm:
 
     # ------------------------------------------------------------------ close
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Stop QEMU, close the agent link, delete the overlay. Idempotent, safe in any state."""
         async with self._lock:
             if self._state in (SandboxVmState.CLOSED, SandboxVmState.CLOSING):
@@ -828,10 +580,12 @@ class SandboxVm:
             finally:
                 self._state = SandboxVmState.CLOSED
 
+    close = aclose  # the older name, kept
+
     async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self.close()
+        await self.aclose()
