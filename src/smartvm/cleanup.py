@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from types import TracebackType
+from typing import Self, TypeVar
 
-__all__ = ["UndoStack", "UndoStep", "shielded"]
+__all__ = ["AsyncClosing", "AsyncService", "UndoStack", "UndoStep", "shielded"]
 
 _log = logging.getLogger(__name__)
 
@@ -85,3 +86,33 @@ class UndoStack:
         if cancel is not None:
             raise cancel
         return failures
+
+
+class AsyncClosing:
+    """``async with obj:`` gives ``obj`` and awaits ``obj.aclose()`` on the way out, whatever happened.
+
+    The one ``async with`` shape of the project (anyio's ``aclose``): subclasses define ``aclose``
+    (idempotent, safe in any state) and inherit the context manager.
+    """
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+
+class AsyncService(AsyncClosing):
+    """:class:`AsyncClosing` that also awaits ``start()`` (idempotent) on the way in."""
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self

@@ -12,11 +12,12 @@ from exec_sandbox.egress.policy import EgressPolicy, SecretPlaceholders
 from exec_sandbox.egress.proxy import EgressProxy, ProxyAddresses
 from exec_sandbox.egress.resolver import DnsServer, EgressResolver, Upstream
 from exec_sandbox.egress.secrets import SandboxCA
+from smartvm.cleanup import AsyncService
 
 __all__ = ["EgressGateway"]
 
 
-class EgressGateway:
+class EgressGateway(AsyncService):
     """Everything one sandbox's traffic goes through; ``async with`` starts and stops it all."""
 
     def __init__(self, policy: EgressPolicy, *, upstream: Upstream | None = None,
@@ -53,12 +54,6 @@ class EgressGateway:
         self.dns_address = None
         self.proxy_addresses = None
 
-    async def __aenter__(self) -> EgressGateway:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
     @property
     def ca_pem(self) -> bytes | None:

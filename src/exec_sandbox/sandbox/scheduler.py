@@ -105,8 +105,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from pydantic import Field
 
@@ -143,7 +142,7 @@ from exec_sandbox.vm.execution import download_problem, execute_in_vm
 from exec_sandbox.vm.sandbox_vm import BootLogCallback
 from exec_sandbox.vm.snapshots import SnapshotCache
 from exec_sandbox.vm_manager import VmManager
-from smartvm.cleanup import shielded
+from smartvm.cleanup import AsyncService, shielded
 from smartvm.process import can_raise_priority
 
 __all__ = [
@@ -176,7 +175,7 @@ class _RunState:
     dispatched: bool = False
 
 
-class Scheduler(VmProvisioner):
+class Scheduler(VmProvisioner, AsyncService):
     """Runs untrusted code in fresh microVMs; see the module docstring. Use ``async with``."""
 
     def __init__(
@@ -250,14 +249,6 @@ class Scheduler(VmProvisioner):
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     async def start(self) -> None:
         """Size admission from the host, start the overlay pool (and its storage daemon). Idempotent."""

@@ -60,8 +60,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from enum import StrEnum
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any, Self
+from typing import IO, Any
 
 from exec_sandbox.client.agent import OutputCallback
 from exec_sandbox.config import SchedulerConfig
@@ -84,6 +83,7 @@ from exec_sandbox.validation import (
 )
 from exec_sandbox.vm.execution import execute_in_vm
 from exec_sandbox.vm.sandbox_vm import SandboxVm
+from smartvm.cleanup import AsyncClosing
 
 __all__ = ["Session", "SessionState"]
 
@@ -96,7 +96,7 @@ class SessionState(StrEnum):
 
 
 
-class Session:
+class Session(AsyncClosing):
     """A stateful sandbox. Do not construct directly: use ``await scheduler.session(...)``."""
 
     def __init__(
@@ -438,10 +438,3 @@ class Session:
                 except Exception:  # bookkeeping only; the VM is already gone
                     logger.exception("session close hook failed")
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()

@@ -34,8 +34,7 @@ import uuid
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
@@ -51,7 +50,7 @@ from exec_sandbox.storage.qcow2 import (
     refuse_existing,
     remove_partial,
 )
-from smartvm.cleanup import shielded
+from smartvm.cleanup import AsyncService, shielded
 from smartvm.hostfs import UnsafePathError
 from smartvm.leftovers import (
     make_owned_dir,
@@ -121,7 +120,7 @@ def _event_data(event: Mapping[str, object]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the daemon
 
 
-class QemuStorageDaemon:
+class QemuStorageDaemon(AsyncService):
     """A ``qemu-storage-daemon`` process and its QMP connection.
 
     ``start()`` is idempotent; ``stop()`` is idempotent and safe in any state
@@ -188,14 +187,6 @@ class QemuStorageDaemon:
     def __repr__(self) -> str:
         return f"<QemuStorageDaemon state={self.state} pid={self.pid} socket={self._socket_path}>"
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -34,13 +34,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Self
+from typing import IO
 
 from exec_sandbox.errors import QemuStorageDaemonError, SandboxInputError
 from exec_sandbox.storage.daemon import QemuStorageDaemon
 from exec_sandbox.storage.qcow2 import create_overlay_with_qemu_img, ensure_qcow2, get_image_info
-from smartvm.cleanup import shielded
+from smartvm.cleanup import AsyncService, shielded
 from smartvm.hostfs import UnsafePathError, ensure_private_dir, private_copy
 from smartvm.leftovers import OWNER_FILE, new_owner_record, write_owner_record
 
@@ -121,7 +120,7 @@ class _BaseEntry:
     created_dir: bool = False
 
 
-class OverlayPool:
+class OverlayPool(AsyncService):
     """Ready-made qcow2 overlays per base image; ``acquire`` is True when served from the pool."""
 
     def __init__(
@@ -190,14 +189,6 @@ class OverlayPool:
         ready = {str(k): len(v.ready) for k, v in self._entries.items()}
         return f"<OverlayPool state={self._state} daemon_enabled={self.daemon_enabled} ready={ready}>"
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     # ------------------------------------------------------------------ lifecycle
 

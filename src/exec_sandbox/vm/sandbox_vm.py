@@ -36,8 +36,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from exec_sandbox.callbacks import TextCallback
 from exec_sandbox.client.agent import AgentClient, ExecResult, OutputCallback
@@ -61,7 +60,7 @@ from exec_sandbox.vm.spec import (
     snapshot_meta,
 )
 from exec_sandbox.vm_manager import VmManager
-from smartvm.cleanup import UndoStack, shielded
+from smartvm.cleanup import AsyncClosing, UndoStack, shielded
 from smartvm.errors import SmartVMError
 from smartvm.hostfs import UnsafePathError, atomic_write_file, private_copy
 from smartvm.leftovers import private_runtime_dir
@@ -84,7 +83,7 @@ def _absolute(path: Path | str) -> Path:
 # --------------------------------------------------------------------------- the VM
 
 
-class SandboxVm:
+class SandboxVm(AsyncClosing):
     """One booted guest with a ready agent. Create with :meth:`boot` or :meth:`restore_from`."""
 
     def __init__(
@@ -582,10 +581,3 @@ class SandboxVm:
 
     close = aclose  # the older name, kept
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()

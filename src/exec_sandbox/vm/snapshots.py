@@ -60,6 +60,7 @@ from exec_sandbox.vm.snapshot_entries import (
 )
 from exec_sandbox.vm.spec import VmOptions
 from exec_sandbox.vm_manager import ImageBundle, VmManager
+from smartvm.cleanup import AsyncClosing
 from smartvm.errors import ErrorCode
 from smartvm.hostfs import UnsafePathError, ensure_private_dir
 from smartvm.leftovers import OWNER_FILE, make_owned_dir, reap, remove_owned_dir
@@ -123,7 +124,7 @@ class SnapshotCacheStats:
     pruned: int = 0
 
 
-class SnapshotCache:
+class SnapshotCache(AsyncClosing):
     """Restores warm guests from cached memory snapshots; cold-boots (and caches) on a miss.
 
     ``cache_dir`` defaults to ``settings.cache_dir / "snapshots"``. ``max_entries``: entries kept
@@ -456,8 +457,3 @@ class SnapshotCache:
         self._state = SnapshotCacheState.CLOSED
         await self.wait_saved()
 
-    async def __aenter__(self) -> SnapshotCache:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
