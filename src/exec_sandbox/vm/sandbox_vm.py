@@ -83,6 +83,9 @@ def _absolute(path: Path | str) -> Path:
 # --------------------------------------------------------------------------- the VM
 
 
+# How long a boot that lost its agent connection waits to see whether QEMU itself exited.
+_EXIT_AFTER_RESET_S = 1.0
+
 class SandboxVm(AsyncClosing):
     """One booted guest with a ready agent. Create with :meth:`boot` or :meth:`restore_from`."""
 
@@ -332,6 +335,10 @@ class SandboxVm(AsyncClosing):
         exited = asyncio.ensure_future(self.machine.wait())
         try:
             await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
+            if ready.done() and not ready.cancelled() and ready.exception() is not None:
+                # QEMU exiting resets the agent's socket, and that reset can be read before QEMU's
+                # exit is reaped: give the exit a moment, it is the better explanation.
+                await asyncio.wait({exited}, timeout=_EXIT_AFTER_RESET_S)
         finally:
             for task in (ready, exited):
                 if not task.done():
