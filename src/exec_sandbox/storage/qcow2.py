@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from exec_sandbox.errors import QemuStorageDaemonError, SandboxInputError
 from smartvm.process import run_tool
+from smartvm.qemu.argv import escape_qemu_option_value  # re-exported: one escaper for all QEMU tools
 
 __all__ = [
     "ImageInfo",
@@ -44,11 +45,6 @@ class ImageInfo(BaseModel):
     format: str
     virtual_size: int = Field(alias="virtual-size", ge=0)
     backing_filename: str | None = Field(default=None, alias="backing-filename")
-
-
-def escape_qemu_option_value(value: str) -> str:
-    """QEMU's ``key=value,...`` syntax: a literal comma in a value is written twice."""
-    return value.replace(",", ",,")
 
 
 def build_qemu_img_info_argv(qemu_img: str, image: Path) -> list[str]:

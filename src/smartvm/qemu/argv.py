@@ -44,6 +44,7 @@ __all__ = [
     "build_argv",
     "build_env",
     "build_kernel_cmdline",
+    "escape_qemu_option_value",
     "exec_uri",
     "spec_from_vmconfig",
     "with_host_tsc",
@@ -204,8 +205,10 @@ class QemuMachineSpec(_Spec):
         return self
 
 
-def _opt(value: str | Path) -> str:
-    # QEMU's option parser splits on ',', and ',,' is its escape for a literal comma.
+def escape_qemu_option_value(value: str | Path) -> str:
+    """QEMU's ``key=value,...`` syntax: a literal comma in a value is written twice.
+
+    The one escaper for QEMU option values (qemu-system and qemu-storage-daemon alike)."""
     return str(value).replace(",", ",,")
 
 
@@ -235,7 +238,7 @@ def build_argv(spec: QemuMachineSpec, *, binary: str | None = None) -> list[str]
         mb = spec.memory_backend
         argv += [
             "-object",
-            f"memory-backend-file,id=mem,size={spec.memory_mib}M,mem-path={_opt(mb.path)},"
+            f"memory-backend-file,id=mem,size={spec.memory_mib}M,mem-path={escape_qemu_option_value(mb.path)},"
             f"share={'on' if mb.share else 'off'}",
         ]
 
@@ -260,7 +263,7 @@ def build_argv(spec: QemuMachineSpec, *, binary: str | None = None) -> list[str]
     for drive in spec.drives:
         opts = [
             f"id={drive.id}",
-            f"file={_opt(drive.path)}",
+            f"file={escape_qemu_option_value(drive.path)}",
             f"format={drive.resolved_format}",
             "if=none",
             f"readonly={'on' if drive.read_only else 'off'}",
@@ -293,7 +296,7 @@ def build_argv(spec: QemuMachineSpec, *, binary: str | None = None) -> list[str]
             chardev = f"vport{index}"
             argv += [
                 "-chardev",
-                f"socket,id={chardev},path={_opt(port.socket_path)},server=on,wait=off",
+                f"socket,id={chardev},path={escape_qemu_option_value(port.socket_path)},server=on,wait=off",
                 "-device",
                 f"virtserialport,bus=vser0.0,chardev={chardev},name={port.name}",
             ]
@@ -306,7 +309,7 @@ def build_argv(spec: QemuMachineSpec, *, binary: str | None = None) -> list[str]
     if spec.qmp_socket is not None:
         argv += [
             "-chardev",
-            f"socket,id=qmp,path={_opt(spec.qmp_socket)},server=on,wait=off",
+            f"socket,id=qmp,path={escape_qemu_option_value(spec.qmp_socket)},server=on,wait=off",
             "-mon",
             "chardev=qmp,mode=control",
         ]
