@@ -185,3 +185,21 @@ async def test_scheduler_close_closes_sessions() -> None:
         assert late.closed and late.close_reason == "scheduler_closed"
     with pytest.raises(SessionClosedError):
         await s.list_files()
+
+
+async def test_an_exec_cancelled_right_after_it_was_sent_does_not_hold_the_session(
+    scheduler: Scheduler,
+) -> None:
+    """The cancel can reach the agent before the exec is registered there; it must still stop it."""
+    async with await scheduler.session(language="python") as s:
+        assert (await s.exec("print(0)")).stdout == "0\n"
+        task = asyncio.create_task(s.exec("import time; time.sleep(30)", timeout_seconds=60))
+        for _ in range(5):  # let the request go out, then cancel at once (no wall-clock sleep)
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        async with asyncio.timeout(10):
+            r = await s.exec("print(1)")
+        assert r.stdout == "1\n", r.stderr
+    await assert_no_vms(scheduler)

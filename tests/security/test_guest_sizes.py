@@ -8,6 +8,7 @@ however large the file is or grows after a size check. Large files stream throug
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import stat
@@ -133,4 +134,44 @@ async def test_a_directory_past_the_listing_cap_is_listed_in_part_and_the_sessio
         assert len(entries) == 10_000
         assert [e.name for e in entries[:2]] == ["f00000", "f00001"] and entries[-1].name == "f09999"
         assert (await s.exec("print(len(os.listdir('many')))")).stdout == "10050\n"  # still usable
+    await assert_no_vms(scheduler)
+
+
+async def test_a_read_stopped_at_the_cap_is_cancelled_in_the_guest(scheduler: Scheduler) -> None:
+    """The host cancels a read it stops at the cap; the agent must stop streaming, or the next
+    call waits behind the rest of a file that never ends (a thread keeps growing it)."""
+    grow = (
+        "import os, threading, time\n"
+        "open('endless.bin', 'wb').close()\n"
+        "def _grow():\n"
+        "    end = time.monotonic() + 120\n"
+        "    while time.monotonic() < end:\n"
+        "        with open('endless.bin', 'r+b') as f:\n"
+        "            f.truncate(os.fstat(f.fileno()).st_size + (64 << 20))  # sparse: no disk used\n"
+        "        time.sleep(0.005)\n"
+        "threading.Thread(target=_grow, daemon=True).start()\n"
+        "time.sleep(0.2)\n"
+    )
+    async with await scheduler.session(language="python") as s:
+        made = await s.exec(grow)
+        assert made.exit_code == 0, made.stderr
+        with pytest.raises(GuestFileTooLargeError):
+            await s.read_file("endless.bin")
+        async with asyncio.timeout(10):
+            r = await s.exec("print(1)")
+        assert r.stdout == "1\n", r.stderr
+        # The agent (this interpreter's parent) is idle again, not still reading and encoding.
+        r = await s.exec(
+            "import os, time\n"
+            "def _cpu():\n"
+            "    with open(f'/proc/{os.getppid()}/stat') as f:\n"
+            "        fields = f.read().rsplit(')', 1)[1].split()\n"
+            "    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')\n"
+            "c0, t0 = _cpu(), time.monotonic()\n"
+            "time.sleep(2)\n"
+            "print(round((_cpu() - c0) / (time.monotonic() - t0), 3))\n"
+        )
+        busy = float(r.stdout)
+        print(f"agent CPU share after the capped read: {busy}")
+        assert busy < 0.3, f"the agent still works on the abandoned read: {busy:.0%} of a CPU"
     await assert_no_vms(scheduler)

@@ -46,6 +46,9 @@ if TYPE_CHECKING:
     from .transport import Transport
     from .wire import Msg
 
+EARLY_CANCELS = 256  # cancelled-before-registered request ids remembered
+
+
 class AgentCore:
     """State shared by every handler mixin, and the helpers they all use."""
 
@@ -68,6 +71,10 @@ class AgentCore:
         self.out_max = 256
         self.uploads: dict[str, Msg] = {}
         self.running: dict[str, Callable[[], None]] = {}  # request id -> cancel
+        # Cancels that arrived before their request registered (a worker had not started it yet,
+        # or it waited for a session lock): the last EARLY_CANCELS ids, oldest first.
+        self.early_cancels: dict[str, None] = {}
+        self.running_lock = threading.Lock()
         self.repls: dict[str, Repl] = {}
         self.repl_guard = threading.Lock()
         self.tracked: set[int] = set()
@@ -144,6 +151,41 @@ class AgentCore:
         with self.counter_lock:
             self.counter += 1
             return self.counter
+
+    # ---- cancellation (see DispatchOps.op_cancel)
+
+    def register(self, req_id: str, cancel: Callable[[], None]) -> None:
+        """Make ``req_id`` cancellable; a cancel that already arrived for it fires at once."""
+        with self.running_lock:
+            self.running[req_id] = cancel
+            early = req_id in self.early_cancels
+            self.early_cancels.pop(req_id, None)
+        if early:
+            cancel()
+
+    def unregister(self, req_id: str) -> None:
+        with self.running_lock:
+            self.running.pop(req_id, None)
+
+    def cancel_request(self, target: str) -> bool:
+        """Cancel ``target``; True when it was running. An unknown id is remembered briefly."""
+        with self.running_lock:
+            cancel = self.running.get(target)
+            if cancel is None:
+                self.early_cancels[target] = None
+                while len(self.early_cancels) > EARLY_CANCELS:
+                    del self.early_cancels[next(iter(self.early_cancels))]
+        if cancel is None:
+            return False
+        cancel()
+        return True
+
+    def take_early_cancel(self, req_id: str) -> bool:
+        """True (once) when ``req_id`` was cancelled before it started: refuse to run it."""
+        with self.running_lock:
+            early = req_id in self.early_cancels
+            self.early_cancels.pop(req_id, None)
+            return early
 
     # ---- output queue (bounded: producers block, which back-pressures user processes)
 

@@ -74,7 +74,5 @@ class DispatchOps(AgentCore):
 
     def op_cancel(self, req_id: str, msg: Msg) -> None:
         target = msg.get("target")
-        cancel = self.running.get(target) if isinstance(target, str) else None
-        if callable(cancel):
-            cancel()
-        self.send({"type": "cancel_result", "id": req_id, "found": callable(cancel)})
+        found = isinstance(target, str) and 0 < len(target) <= 128 and self.cancel_request(target)
+        self.send({"type": "cancel_result", "id": req_id, "found": found})

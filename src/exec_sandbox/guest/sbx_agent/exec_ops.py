@@ -73,7 +73,7 @@ class ExecBase(AgentCore):
                 cgroups.kill(exec_cg)
             raise RequestError("spawn_failed", f"cannot start {lang}: {exc}") from None
         trace("one-shot exec: spawned")
-        self.running[req_id] = cancelled.set
+        self.register(req_id, cancelled.set)
         deadline = time.monotonic() + timeout
         assert proc.stdout is not None and proc.stderr is not None
         fds = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
@@ -115,7 +115,7 @@ class ExecBase(AgentCore):
             for fd in list(fds):
                 drain_nonblocking(fd, fds[fd])
         finally:
-            self.running.pop(req_id, None)
+            self.unregister(req_id)
             proc.returncode = status if status is not None else -9
             proc.stdout.close()
             proc.stderr.close()

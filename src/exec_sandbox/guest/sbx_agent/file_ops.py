@@ -7,6 +7,7 @@ symlinks, so user code cannot redirect the root agent through a link.
 from __future__ import annotations
 
 import os
+import threading
 
 from .core import AgentCore
 from .wire import MAX_CHUNK_BYTES, MAX_LIST_ENTRIES, RequestError
@@ -206,7 +207,11 @@ class FileOps(AgentCore):
                 raise RequestError("invalid_path", f"{msg['path']!r} is not a regular file")
             whole = hashlib.sha256()
             seq = offset = 0
+            stop = threading.Event()  # set by a cancel: the host gave up (e.g. at its size cap)
+            self.register(req_id, stop.set)
             while True:
+                if stop.is_set():
+                    raise RequestError("cancelled", f"reading {msg['path']!r} was cancelled")
                 data = os.read(fd, chunk_size)
                 if not data:
                     break
@@ -224,6 +229,7 @@ class FileOps(AgentCore):
                 seq += 1
                 offset += len(data)
         finally:
+            self.unregister(req_id)
             os.close(fd)
         self.send(
             {"type": "read_result", "id": req_id, "size": offset, "chunks": seq, "sha256": whole.hexdigest()}

@@ -24,7 +24,9 @@ class ReplOps(ExecBase):
         err = Stream(self, req_id, "stderr", caps[1])
         started = time.monotonic()
         used_spare: Repl | None = None
-        if msg.get("session"):
+        if self.take_early_cancel(req_id):
+            result = self._not_run(err)
+        elif msg.get("session"):
             result = self._exec_session(req_id, lang, code, env, timeout, cwd, out, err)
         else:
             used_spare = self._take_spare(lang)
@@ -60,6 +62,13 @@ class ReplOps(ExecBase):
             # After the reply: starting an interpreter competes for the guest's CPU with sending it.
             self.flush_out(0.05)
             self.ensure_spare(lang)
+
+    @staticmethod
+    def _not_run(err: Stream) -> Msg:
+        """The reply to an exec cancelled before it started: nothing ran, no state was lost."""
+        err.note("\n[sandbox] execution was cancelled before it started\n")
+        return {"exit_code": -1, "signal": None, "timed_out": False, "cancelled": True,
+                "session_reset": False}
 
     # ---- spare interpreters (fresh process per one-shot exec, without the interpreter start-up)
 
@@ -130,14 +139,14 @@ class ReplOps(ExecBase):
             if not repl.alive():  # died while being reseeded: a plain one-shot run instead
                 return self._exec_oneshot(req_id, lang, code, env, timeout, cwd, out, err)
             repl.submit(session_prefix(lang, env, cwd, self.workdir) + code)
-            self.running[req_id] = cancelled.set
+            self.register(req_id, cancelled.set)
             try:
                 kind, value = self._await_repl(repl, out, err, time.monotonic() + timeout, cancelled)
             except BaseException:
                 repl.stop()
                 raise
             finally:
-                self.running.pop(req_id, None)
+                self.unregister(req_id)
             # Used once: op_exec stops the interpreter and anything it left behind after replying.
         if kind == "done":
             return {"exit_code": value, "signal": None, "timed_out": False, "cancelled": False,
@@ -186,14 +195,16 @@ class ReplOps(ExecBase):
         with repl.lock:
             if not repl.alive():
                 repl.start()
+            if self.take_early_cancel(req_id):  # cancelled while it waited for the session
+                return self._not_run(err)
             prefix = session_prefix(lang, env, cwd, self.workdir)
             self._enter_block(repl)
             repl.submit(prefix + code)
-            self.running[req_id] = cancelled.set
+            self.register(req_id, cancelled.set)
             try:
                 outcome = self._await_repl(repl, out, err, time.monotonic() + timeout, cancelled)
             finally:
-                self.running.pop(req_id, None)
+                self.unregister(req_id)
                 self._leave_block(repl)
                 if repl.pending_file:
                     try:
