@@ -654,6 +654,29 @@ async def test_cancelling_an_exec_kills_it_and_the_agent_stays_usable(client: Ag
     assert (await client.exec("print('next')", language="python")).stdout == "next\n"
 
 
+@pytest.mark.parametrize("session", [False, True], ids=["one-shot", "session"])
+async def test_an_exec_cancelled_before_the_agent_saw_it_does_not_run(
+    client: AgentClient, agent: RunningAgent, session: bool
+) -> None:
+    """A cancel overtaking its exec (not yet registered in the agent) is remembered: the exec is
+    refused at once, with nothing run and no session state lost, instead of running to its timeout."""
+    if session:
+        assert (await client.exec("kept = 7", language="python", session=True)).exit_code == 0
+    prefix, n = client._new_id().rsplit("-", 1)
+    target = f"{prefix}-{int(n) + 2}"  # the cancel request takes the next id, the exec the one after
+    assert await client.cancel(target) is False
+    marker = agent.workdir / "ran.txt"
+    code = f"open({str(marker)!r}, 'w').close()\nimport time\ntime.sleep(30)"
+    async with asyncio.timeout(10):
+        r = await client.exec(code, language="python", session=session, timeout_s=60)
+    assert (r.cancelled, r.timed_out, r.exit_code, r.session_reset) == (True, False, -1, False)
+    assert "cancelled before it started" in r.stderr
+    assert not marker.exists()
+    if session:
+        r = await client.exec("print(kept)", language="python", session=True)
+        assert r.stdout == "7\n", r.stderr
+
+
 async def test_upload_cut_by_a_disconnect_leaves_no_partial_file(agent: RunningAgent) -> None:
     _, writer = await asyncio.open_unix_connection(str(agent.socket))
     chunk = b"a" * 1000
