@@ -466,7 +466,6 @@ class Scheduler(VmProvisioner, AsyncService):
                 await self._retire(lease)
         # The result is complete: stop the VM after returning it (close() waits for that).
         self._retire_later(lease)
-        res = outcome.result
         boot = vm.timing
         fresh = not lease.warm_pool_hit  # a pooled VM was made before this run: no cost to it
         timing = TimingBreakdown(
@@ -483,23 +482,11 @@ class Scheduler(VmProvisioner, AsyncService):
             total_ms=elapsed_ms(started),
         )
         return RunResult(
-            stdout=outcome.stdout,
-            stderr=outcome.stderr,
-            exit_code=res.exit_code,
-            execution_time_ms=max(res.duration_ms, 0.0),
+            **outcome.result_fields(vm),
             timing=timing,
             language=language,
-            timed_out=res.timed_out,
-            signal=res.signal,
-            stdout_truncated=res.stdout_truncated,
-            stderr_truncated=res.stderr_truncated,
-            vm_id=vm.vm_id,
-            accelerator=vm.accelerator.accel if vm.accelerator else None,
             warm_pool_hit=lease.warm_pool_hit,
             restored_from_snapshot=lease.restored_from_snapshot,
-            oom_killed=outcome.oom_killed,
-            cpu_seconds=outcome.cpu_seconds,
-            guest_unresponsive=outcome.guest_unresponsive,
             files=files,
             download_errors=download_errors,
         )

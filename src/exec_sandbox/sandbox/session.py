@@ -212,23 +212,10 @@ class Session(AsyncClosing):
                 # goes back now; the VM is destroyed behind it, and the next call says why.
                 logger.warning("session %s: guest did not answer by the deadline; closing", self.vm_id)
                 self._close_soon("guest_unresponsive")
-        res = outcome.result
         return ExecutionResult(
-            stdout=outcome.stdout,
-            stderr=outcome.stderr,
-            exit_code=res.exit_code,
-            execution_time_ms=max(res.duration_ms, 0.0),
+            **outcome.result_fields(self._vm),
             timing=TimingBreakdown(execute_ms=outcome.execute_ms, total_ms=elapsed_ms(started)),
             language=self.language,
-            timed_out=res.timed_out,
-            signal=res.signal,
-            stdout_truncated=res.stdout_truncated,
-            stderr_truncated=res.stderr_truncated,
-            vm_id=self.vm_id,
-            accelerator=self._vm.accelerator.accel if self._vm.accelerator else None,
-            oom_killed=outcome.oom_killed,
-            cpu_seconds=outcome.cpu_seconds,
-            guest_unresponsive=outcome.guest_unresponsive,
         )
 
     async def _exec_failed(self, exc: SandboxError) -> SandboxError:

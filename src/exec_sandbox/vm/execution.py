@@ -29,7 +29,7 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from exec_sandbox.callbacks import call_safely
 from exec_sandbox.client.agent import ExecResult, OutputCallback
@@ -90,6 +90,26 @@ class ExecOutcome:
     execute_ms: float
     guest_unresponsive: bool = False  # the host ended the run at its deadline: destroy the VM
     cpu_seconds: float | None = None  # the VM's QEMU process CPU time over the exec
+
+    def result_fields(self, vm: SandboxVm) -> dict[str, Any]:
+        """The :class:`~exec_sandbox.models.ExecutionResult` fields this exec determines (one mapping
+        for ``run()`` and ``Session.exec``; they add language, timing and their own fields)."""
+        res = self.result
+        return {
+            "stdout": self.stdout,
+            "stderr": self.stderr,
+            "exit_code": res.exit_code,
+            "execution_time_ms": max(res.duration_ms, 0.0),
+            "timed_out": res.timed_out,
+            "signal": res.signal,
+            "stdout_truncated": res.stdout_truncated,
+            "stderr_truncated": res.stderr_truncated,
+            "vm_id": vm.vm_id,
+            "accelerator": vm.accelerator.accel if vm.accelerator else None,
+            "oom_killed": self.oom_killed,
+            "cpu_seconds": self.cpu_seconds,
+            "guest_unresponsive": self.guest_unresponsive,
+        }
 
 
 async def _notify(callback: OutputCallback | None, data: str) -> None:
