@@ -147,13 +147,21 @@ async def _session_of(request: Request, record: SandboxRecord, ctx: CodeContext)
     return ctx.session
 
 
-async def execute(request: Request) -> Response:
-    record = CURRENT_SANDBOX.get()
+async def _json_object(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object (an empty body is ``{}``), else a 400."""
     try:
         body = json.loads(await request.body() or b"{}")
     except ValueError:
         raise BadRequestError("the body must be JSON") from None
-    if not isinstance(body, dict) or not isinstance(body.get("code"), str):
+    if not isinstance(body, dict):
+        raise BadRequestError("the body must be a JSON object")
+    return body
+
+
+async def execute(request: Request) -> Response:
+    record = CURRENT_SANDBOX.get()
+    body = await _json_object(request)
+    if not isinstance(body.get("code"), str):
         raise BadRequestError("code (a string) is required")
     context_id = body.get("context_id")
     if context_id:
@@ -275,12 +283,7 @@ def _time() -> float:
 
 async def create_context(request: Request) -> Response:
     record = CURRENT_SANDBOX.get()
-    try:
-        body = json.loads(await request.body() or b"{}")
-    except ValueError:
-        raise BadRequestError("the body must be JSON") from None
-    if not isinstance(body, dict):
-        raise BadRequestError("the body must be a JSON object")
+    body = await _json_object(request)
     ctx = _new_context(record, _language(body.get("language")), body.get("cwd"))
     return JSONResponse(_context_json(ctx))
 
