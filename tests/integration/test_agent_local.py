@@ -73,7 +73,7 @@ def _pids_mentioning(text: str) -> list[int]:
 
 def _make_dirs() -> tuple[Path, Path, Path]:
     base = Path(tempfile.mkdtemp(prefix="sbx-agent-test-", dir="/tmp"))
-    base.chmod(0o755)  # uid 1000 must reach the work dir
+    base.chmod(0o711)  # uid 1000 must reach the work dir (search only: nobody may list it)
     workdir = base / "work"
     workdir.mkdir()
     rundir = base / "run"
