@@ -64,6 +64,7 @@ from exec_sandbox.client.connection import (
     unexpected_frame,
 )
 from exec_sandbox.client.files import FileTransfer
+from exec_sandbox.client.process import ProcessControl
 from exec_sandbox.errors import (
     CommunicationOutcomeUnknownError,
     GuestAgentError,
@@ -120,7 +121,7 @@ class ExecResult:
     signal: int | None
 
 
-class AgentClient(FileTransfer):
+class AgentClient(FileTransfer, ProcessControl):
     """Client of one guest agent connection.
 
     Use ``async with AgentClient(reader, writer) as agent: await agent.wait_ready()`` or

@@ -13,8 +13,9 @@ and as the answer to ``ping``. File data travels base64-encoded inside JSON (chu
 default), each chunk and the whole file checked with sha256.
 
 Host -> guest: ping, exec, warmup, write_file + write_chunk..., read_file, list_files, reseed_rng,
-cancel, shutdown. Guest -> host: hello, output, exit, warmup_result, write_result, file_chunk,
-read_result, list_result, reseed_result, cancel_result, shutdown_result, error.
+cancel, shutdown, and the background-process requests of :mod:`.process`. Guest -> host: hello,
+output, exit, warmup_result, write_result, file_chunk, read_result, list_result, reseed_result,
+cancel_result, shutdown_result, the process events of :mod:`.process`, error.
 
 Everything the guest sends is validated here; anything malformed raises :class:`FrameError`
 (a :class:`~exec_sandbox.errors.GuestProtocolError`). Nothing here allocates on the guest's word: a
@@ -40,6 +41,17 @@ from pydantic import (
 )
 
 from exec_sandbox.errors import GuestProtocolError
+from exec_sandbox.protocol.process import (
+    ProcAck,
+    ProcCloseStdinRequest,
+    ProcExit,
+    ProcInputRequest,
+    ProcOutput,
+    ProcResizeRequest,
+    ProcSignalRequest,
+    ProcStarted,
+    ProcStartRequest,
+)
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -267,6 +279,11 @@ HostRequest = (
     | ReseedRequest
     | CancelRequest
     | ShutdownRequest
+    | ProcStartRequest
+    | ProcInputRequest
+    | ProcCloseStdinRequest
+    | ProcResizeRequest
+    | ProcSignalRequest
 )
 
 
@@ -404,6 +421,10 @@ GuestMessage = Annotated[
     | ReseedResult
     | CancelResult
     | ShutdownResult
+    | ProcStarted
+    | ProcOutput
+    | ProcExit
+    | ProcAck
     | ErrorReply,
     Field(discriminator="type"),
 ]

@@ -57,12 +57,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import IO, Any
 
 from exec_sandbox.client.agent import OutputCallback
+from exec_sandbox.client.process import DEFAULT_PROCESS_OUTPUT_CAP, ProcessHandle
 from exec_sandbox.config import SchedulerConfig
 from exec_sandbox.errors import (
     CommunicationOutcomeUnknownError,
@@ -217,6 +218,40 @@ class Session(AsyncClosing):
             timing=TimingBreakdown(execute_ms=outcome.execute_ms, total_ms=elapsed_ms(started)),
             language=self.language,
         )
+
+    async def start_process(
+        self,
+        argv: Sequence[str],
+        *,
+        env_vars: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        root: bool = False,
+        stdin: bool = False,
+        pty: tuple[int, int] | None = None,
+        timeout_seconds: float | None = None,
+        max_output_bytes: int = DEFAULT_PROCESS_OUTPUT_CAP,
+    ) -> ProcessHandle:
+        """Start ``argv`` in the guest beside the session's interpreter; see
+        :meth:`ProcessControl.start_process <exec_sandbox.client.process.ProcessControl.start_process>`.
+
+        It runs while other calls run (no session lock), in a cgroup of its own, as the sandbox user
+        (``root=True``: as root) with the session's env vars under ``env_vars``; it dies with the
+        session, and a running one keeps the session from its idle timeout.
+        """
+        self._check_open()
+        vm = self._vm
+        env = {**vm.options.env, **self.env_vars, **validate_env_vars(env_vars)}
+        handle: ProcessHandle = await self._guarded(vm.agent.start_process(
+            argv, env=env, cwd=cwd, root=root, stdin=stdin, pty=pty, timeout_s=timeout_seconds,
+            max_output_bytes=max_output_bytes))
+        self._busy += 1
+
+        def ended() -> None:
+            self._busy -= 1
+            self._last_used = asyncio.get_running_loop().time()
+
+        handle.on_done(ended)
+        return handle
 
     async def _exec_failed(self, exc: SandboxError) -> SandboxError:
         """The error to raise for a failed exec; closes the session when its VM is unusable."""

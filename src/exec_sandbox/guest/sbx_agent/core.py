@@ -41,6 +41,7 @@ from .wire import (
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import Any
 
     from .repl import Repl
     from .transport import Transport
@@ -77,6 +78,8 @@ class AgentCore:
         self.running_lock = threading.Lock()
         self.repls: dict[str, Repl] = {}
         self.repl_guard = threading.Lock()
+        self.bg: dict[int, Any] = {}  # pid -> background process (see proc_ops.BgProc)
+        self.bg_lock = threading.Lock()
         self.tracked: set[int] = set()
         self.tracked_lock = threading.Lock()
         self.spawn_lock = threading.Lock()
@@ -269,11 +272,16 @@ class AgentCore:
         return env
 
     def spawn(self, argv: list[str], *, env: dict[str, str], cwd: str, stdin: int,
-              pass_fds: tuple[int, ...] = (), cgroup: str | None = None) -> Proc:
+              pass_fds: tuple[int, ...] = (), cgroup: str | None = None, as_root: bool = False,
+              pty_slave: int = -1) -> Proc:
         """Start ``argv`` in a new session with stdout/stderr pipes, as the sandbox user if set.
 
-        ``cgroup``: the child is born in that group (see :class:`Cgroups`)."""
-        if self.run_uid is not None:
+        ``cgroup``: the child is born in that group (see :class:`Cgroups`). ``as_root``: as the
+        agent's own user (a process the host asked to run as root). ``pty_slave``: the child's
+        stdin/stdout/stderr and controlling terminal (see :func:`.ptys.start_pty_process`)."""
+        uid = None if as_root else self.run_uid
+        gid = self.run_gid if uid is not None else None
+        if uid is not None:
             self._limit_user_processes()
         if self._harden_started:  # loading libc in the background (see _greet): wait for it
             self.hardened.wait(30)
@@ -287,18 +295,24 @@ class AgentCore:
                 # fork only. Nothing else in the agent forks (every fork holds spawn_lock).
                 Cgroups.move(cgroup, os.getpid())
                 try:
-                    proc = start_process(argv, stdin=stdin, cwd=cwd, env=env, pass_fds=pass_fds,
-                                         uid=self.run_uid,
-                                         gid=self.run_gid if self.run_uid is not None else None)
+                    proc = self._start(argv, stdin, cwd, env, pass_fds, uid, gid, pty_slave)
                 finally:
                     Cgroups.move(cg.home, os.getpid())
             else:
-                proc = start_process(argv, stdin=stdin, cwd=cwd, env=env, pass_fds=pass_fds,
-                                     uid=self.run_uid, gid=self.run_gid if self.run_uid is not None else None)
+                proc = self._start(argv, stdin, cwd, env, pass_fds, uid, gid, pty_slave)
             with self.tracked_lock:
                 self.tracked.add(proc.pid)
             self.reaper.notify_spawn()
         return proc
+
+    @staticmethod
+    def _start(argv: list[str], stdin: int, cwd: str, env: dict[str, str], pass_fds: tuple[int, ...],
+               uid: int | None, gid: int | None, pty_slave: int) -> Proc:
+        if pty_slave >= 0:
+            from .ptys import start_pty_process
+
+            return start_pty_process(argv, slave=pty_slave, cwd=cwd, env=env, uid=uid, gid=gid)
+        return start_process(argv, stdin=stdin, cwd=cwd, env=env, pass_fds=pass_fds, uid=uid, gid=gid)
 
     def _limit_user_processes(self) -> None:
         # RLIMIT_NPROC is inherited and counted per uid: it caps everything the sandbox user runs

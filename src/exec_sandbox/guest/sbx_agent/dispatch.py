@@ -20,6 +20,9 @@ INLINE = {
     "write_chunk": "op_write_chunk",
     "cancel": "op_cancel",
     "reseed_rng": "op_reseed_rng",
+    "proc_input": "op_proc_input",
+    "proc_close_stdin": "op_proc_close_stdin",
+    "proc_resize": "op_proc_resize",
 }
 WORKER = {
     "exec": "op_exec",
@@ -27,6 +30,8 @@ WORKER = {
     "list_files": "op_list_files",
     "warmup": "op_warmup",
     "shutdown": "op_shutdown",
+    "proc_start": "op_proc_start",  # holds its worker for the process's life
+    "proc_signal": "op_proc_signal",  # a SIGKILL waits for nothing, but other signals may
 }
 
 

@@ -36,6 +36,7 @@ CAPABILITIES = [
     "reseed_rng",
     "cancel",
     "shutdown",
+    "process",
 ]
 LANG_EXT = {"python": "py", "javascript": "js", "raw": "sh"}
 BOOT_MONO = time.monotonic()
