@@ -10,7 +10,8 @@ import pytest
 
 from exec_sandbox.errors import SandboxInputError
 from exec_sandbox.server.config import ServeConfig, hash_api_key, load_serve_config
-from exec_sandbox.server.envd import command_script, guest_path, parse_stat_line
+from exec_sandbox.server.envd import guest_path, parse_stat_line
+from exec_sandbox.server.envd_process import command_argv
 from exec_sandbox.server.errors import BadRequestError
 from exec_sandbox.server.interpreter import RESULT_HOOK, parse_error, python_with_result
 from exec_sandbox.server.proto.filesystem import filesystem_pb
@@ -62,13 +63,11 @@ def test_guest_path_maps_e2b_home_onto_the_work_dir() -> None:
         guest_path("a\x00b")
 
 
-def test_command_script_unwraps_bash_c_and_runs_in_a_subshell() -> None:
-    assert command_script("/bin/bash", ["-l", "-c", "echo hi; cd /"], None) == (
-        "(cd /home/sandbox && echo hi; cd /\n)"
-    )
-    assert command_script("ls", ["-la", "a b"], "/home/user/d") == "(cd /home/sandbox/d && ls -la 'a b'\n)"
-    # A shell run without -c is an ordinary program call.
-    assert command_script("sh", ["script.sh"], None) == "(cd /home/sandbox && sh script.sh\n)"
+def test_command_argv_runs_shells_as_the_guest_shell_and_programs_as_given() -> None:
+    assert command_argv("/bin/bash", ["-l", "-c", "echo hi; cd /"], "/bin/sh") == [
+        "/bin/sh", "-l", "-c", "echo hi; cd /"]
+    assert command_argv("bash", ["-i", "-l"], "/bin/bash") == ["/bin/bash", "-i", "-l"]
+    assert command_argv("ls", ["-la", "a b"], "/bin/sh") == ["ls", "-la", "a b"]
 
 
 def test_parse_stat_line() -> None:
