@@ -9,6 +9,7 @@ import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -239,3 +240,46 @@ async def test_guest_output_cap_drops_the_rest(client: AgentClient) -> None:
         done = await proc.wait(30)
     assert len(out["stdout"]) == 1000
     assert done.truncated == ("stdout",) and done.stdout_bytes == 100000
+
+
+async def _events_until(
+    watch: Any, wanted: set[tuple[str, str]], limit: float = 30.0
+) -> set[tuple[str, str]]:
+    seen: set[tuple[str, str]] = set()
+    async with asyncio.timeout(limit):
+        async for batch in watch:
+            seen |= {(e.name, e.type) for e in batch}
+            if wanted <= seen:
+                return seen
+    raise AssertionError(f"missing {wanted - seen}; saw {seen}")
+
+
+async def test_watch_dir_reports_create_write_chmod_rename_remove(client: AgentClient,
+                                                                  agent: RunningAgent) -> None:
+    root = _own_dir(agent, "watched")
+    watch = client.watch_dir(str(root), recursive=True)
+    try:
+        assert await anext(watch) == []  # the watch is in place
+        await client.exec(
+            "mkdir sub; echo a > f; chmod 600 f; mv f g; echo b > sub/inner; rm g",
+            language="raw", cwd=str(root), timeout_s=30)
+        seen = await _events_until(watch, {
+            ("sub", "create"), ("f", "create"), ("f", "write"), ("f", "chmod"), ("f", "rename"),
+            ("g", "create"), ("g", "remove"), ("sub/inner", "create")})
+        assert all(not name.startswith("/") for name, _ in seen)
+    finally:
+        await watch.aclose()
+
+
+async def test_watch_of_a_missing_dir_is_refused_and_a_removed_dir_ends_it(client: AgentClient,
+                                                                           agent: RunningAgent) -> None:
+    with pytest.raises(GuestAgentError) as info:
+        await anext(client.watch_dir(str(agent.workdir / "nope")))
+    assert info.value.context["code"] == "not_found"
+    root = _own_dir(agent, "doomed")
+    watch = client.watch_dir(str(root))
+    assert await anext(watch) == []
+    await client.exec(f"rmdir {root}", language="raw", timeout_s=30)
+    async with asyncio.timeout(30):
+        async for _batch in watch:
+            pass  # ends by itself

@@ -65,6 +65,7 @@ from exec_sandbox.client.connection import (
 )
 from exec_sandbox.client.files import FileTransfer
 from exec_sandbox.client.process import ProcessControl
+from exec_sandbox.client.watch import WatchControl
 from exec_sandbox.errors import (
     CommunicationOutcomeUnknownError,
     GuestAgentError,
@@ -121,7 +122,7 @@ class ExecResult:
     signal: int | None
 
 
-class AgentClient(FileTransfer, ProcessControl):
+class AgentClient(FileTransfer, ProcessControl, WatchControl):
     """Client of one guest agent connection.
 
     Use ``async with AgentClient(reader, writer) as agent: await agent.wait_ready()`` or

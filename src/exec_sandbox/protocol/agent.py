@@ -51,6 +51,10 @@ from exec_sandbox.protocol.process import (
     ProcSignalRequest,
     ProcStarted,
     ProcStartRequest,
+    WatchDirRequest,
+    WatchEnd,
+    WatchEvents,
+    WatchStarted,
 )
 
 __all__ = [
@@ -284,6 +288,7 @@ HostRequest = (
     | ProcCloseStdinRequest
     | ProcResizeRequest
     | ProcSignalRequest
+    | WatchDirRequest
 )
 
 
@@ -425,6 +430,9 @@ GuestMessage = Annotated[
     | ProcOutput
     | ProcExit
     | ProcAck
+    | WatchStarted
+    | WatchEvents
+    | WatchEnd
     | ErrorReply,
     Field(discriminator="type"),
 ]

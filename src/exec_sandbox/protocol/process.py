@@ -1,10 +1,13 @@
-"""Agent protocol messages of background processes (host side; the guest's is ``proc_ops``).
+"""Agent protocol messages of background processes and directory watches (host side; the guest's
+are ``proc_ops`` and ``watch_ops``).
 
 Host -> guest: ``proc_start`` (its id names the process's stream for the process's life),
 ``proc_input``, ``proc_close_stdin``, ``proc_resize``, ``proc_signal``; a ``cancel`` whose target is
 the ``proc_start`` id kills the process. Guest -> host: ``proc_started`` (the guest pid), then
 ``proc_output`` (base64 bytes; stream ``pty`` for a terminal) and a final ``proc_exit``, all with the
-``proc_start`` id; ``proc_ack`` answers the others. Kept apart from :mod:`.agent` (which puts these
+``proc_start`` id; ``proc_ack`` answers the others. ``watch_dir`` -> ``watch_started``, then
+``watch_events`` batches until a ``cancel`` (or a final ``watch_end``: the directory went away). Kept
+apart from :mod:`.agent` (which puts these
 into its unions) to keep both modules small.
 """
 
@@ -26,6 +29,11 @@ __all__ = [
     "ProcStartRequest",
     "ProcStarted",
     "PtySize",
+    "WatchDirRequest",
+    "WatchEnd",
+    "WatchEvent",
+    "WatchEvents",
+    "WatchStarted",
 ]
 
 MAX_PROCESS_ARGS = 4096
@@ -123,3 +131,32 @@ class ProcExit(_Reply):
 class ProcAck(_Reply):
     type: Literal["proc_ack"]
     id: str
+
+
+class WatchDirRequest(_Req):
+    type: Literal["watch_dir"] = "watch_dir"
+    id: _Id
+    path: str = Field(min_length=1, max_length=4096)
+    recursive: bool = False
+
+
+class WatchStarted(_Reply):
+    type: Literal["watch_started"]
+    id: str
+
+
+class WatchEvent(_Reply):
+    name: str = Field(max_length=4096)
+    type: Literal["create", "write", "remove", "rename", "chmod"]
+
+
+class WatchEvents(_Reply):
+    type: Literal["watch_events"]
+    id: str
+    events: list[WatchEvent] = Field(max_length=1024)
+
+
+class WatchEnd(_Reply):
+    type: Literal["watch_end"]
+    id: str
+    reason: str = Field(max_length=1024)

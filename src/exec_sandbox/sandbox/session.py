@@ -72,6 +72,7 @@ from exec_sandbox.errors import (
     SandboxPermanentError,
 )
 from exec_sandbox.models import ExecutionResult, FileInfo, Language, TimingBreakdown
+from exec_sandbox.protocol.process import WatchEvent
 from exec_sandbox.sandbox.foreground import ForegroundActivity
 from exec_sandbox.sandbox.lifecycle_errors import CloseReason, SessionClosedError
 from exec_sandbox.timing import elapsed_ms
@@ -252,6 +253,13 @@ class Session(AsyncClosing):
 
         handle.on_done(ended)
         return handle
+
+    def watch_dir(self, path: str, *, recursive: bool = False) -> AsyncGenerator[list[WatchEvent], None]:
+        """Batches of file system events under the guest directory ``path`` (absolute; see
+        :meth:`WatchControl.watch_dir <exec_sandbox.client.watch.WatchControl.watch_dir>`): the first,
+        empty batch once the watch is in place. Close the generator to stop watching."""
+        self._check_open()
+        return self._vm.agent.watch_dir(path, recursive=recursive)
 
     async def _exec_failed(self, exc: SandboxError) -> SandboxError:
         """The error to raise for a failed exec; closes the session when its VM is unusable."""

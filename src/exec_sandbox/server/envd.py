@@ -34,6 +34,7 @@ from exec_sandbox.server.envd_common import (
     path_or_error,
 )
 from exec_sandbox.server.envd_process import ProcessService
+from exec_sandbox.server.envd_watch import Watchers, watch_stream
 from exec_sandbox.server.proto.filesystem import filesystem_pb as fs_pb
 from exec_sandbox.server.proto.filesystem.filesystem_connect import FilesystemASGIApplication
 from exec_sandbox.server.proto.process.process_connect import ProcessASGIApplication
@@ -104,7 +105,11 @@ async def _stat(record: SandboxRecord, path: str) -> fs_pb.EntryInfo:
 
 
 class FilesystemService:
-    """``filesystem.Filesystem`` through the guest's shell tools (busybox ``stat``/``find``/``mv``...)."""
+    """``filesystem.Filesystem`` through the guest's shell tools (busybox ``stat``/``find``/``mv``...)
+    and the guest agent's inotify watch."""
+
+    def __init__(self) -> None:
+        self._watchers = Watchers()
 
     async def stat(self, request: fs_pb.StatRequest, ctx: RequestContext[Any, Any], /) -> fs_pb.StatResponse:
         return fs_pb.StatResponse(entry=await _stat(current_record(), path_or_error(request.path)))
@@ -157,18 +162,26 @@ class FilesystemService:
             raise _fs_error(result, path)
         return fs_pb.RemoveResponse()
 
-    async def watch_dir(self, request: Any, ctx: RequestContext[Any, Any], /) -> AsyncIterator[Any]:
-        raise ConnectError(Code.UNIMPLEMENTED, "WatchDir is not implemented by sbx serve")
-        yield  # pragma: no cover - makes this an async generator
+    async def watch_dir(
+        self, request: fs_pb.WatchDirRequest, ctx: RequestContext[Any, Any], /
+    ) -> AsyncIterator[fs_pb.WatchDirResponse]:
+        async for event in watch_stream(request):
+            yield event
 
-    async def create_watcher(self, request: Any, ctx: RequestContext[Any, Any], /) -> Any:
-        raise ConnectError(Code.UNIMPLEMENTED, "watchers are not implemented by sbx serve")
+    async def create_watcher(
+        self, request: fs_pb.CreateWatcherRequest, ctx: RequestContext[Any, Any], /
+    ) -> fs_pb.CreateWatcherResponse:
+        return await self._watchers.create(request)
 
-    async def get_watcher_events(self, request: Any, ctx: RequestContext[Any, Any], /) -> Any:
-        raise ConnectError(Code.UNIMPLEMENTED, "watchers are not implemented by sbx serve")
+    async def get_watcher_events(
+        self, request: fs_pb.GetWatcherEventsRequest, ctx: RequestContext[Any, Any], /
+    ) -> fs_pb.GetWatcherEventsResponse:
+        return await self._watchers.events(request)
 
-    async def remove_watcher(self, request: Any, ctx: RequestContext[Any, Any], /) -> Any:
-        raise ConnectError(Code.UNIMPLEMENTED, "watchers are not implemented by sbx serve")
+    async def remove_watcher(
+        self, request: fs_pb.RemoveWatcherRequest, ctx: RequestContext[Any, Any], /
+    ) -> fs_pb.RemoveWatcherResponse:
+        return await self._watchers.remove(request)
 
 
 def connect_apps() -> dict[str, Any]:

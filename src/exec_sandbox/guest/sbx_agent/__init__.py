@@ -20,8 +20,8 @@ Modules (imports point down): ``wire`` (constants, JSON via the C scanner, frame
 ``procs`` (spawn, reaper, workers), ``cgroups`` (containment), ``disk`` <- ``repl`` (streams,
 interpreters, ``drivers/``) <- ``core`` (state, output queue, spawn, main loop) <- ``exec_ops`` <-
 ``repl_ops`` <- ``system_ops``; ``proc_ops`` (background processes; ``ptys`` loaded on use),
-``file_ops``, ``dispatch`` (the request table) <- ``agent`` <- ``cli`` (options, ``main``) <-
-``__main__``.
+``watch_ops`` (inotify), ``file_ops``, ``dispatch`` (the request table) <- ``agent`` <- ``cli``
+(options, ``main``) <- ``__main__``.
 
 Containment: as the guest's PID 1, every exec runs in a cgroup v2 group of its own under
 /sys/fs/cgroup/sbx (see :class:`.cgroups.Cgroups`), ended with ``cgroup.kill``; user code (uid
@@ -32,7 +32,7 @@ import sys
 
 #: Every module, dependencies first (the order :func:`_preload` executes them in).
 MODULES = ("wire", "transport", "procs", "cgroups", "disk", "repl", "core", "exec_ops", "repl_ops",
-           "system_ops", "proc_ops", "file_ops", "dispatch", "agent", "cli")
+           "system_ops", "proc_ops", "watch_ops", "file_ops", "dispatch", "agent", "cli")
 
 
 def _preload() -> None:

@@ -6,9 +6,10 @@ from .dispatch import DispatchOps
 from .file_ops import FileOps
 from .proc_ops import ProcOps
 from .system_ops import SystemOps
+from .watch_ops import WatchOps
 
 __all__ = ["Agent"]
 
 
-class Agent(SystemOps, ProcOps, FileOps, DispatchOps):
+class Agent(SystemOps, ProcOps, WatchOps, FileOps, DispatchOps):
     """The guest agent (see the package docstring)."""

@@ -32,6 +32,7 @@ WORKER = {
     "shutdown": "op_shutdown",
     "proc_start": "op_proc_start",  # holds its worker for the process's life
     "proc_signal": "op_proc_signal",  # a SIGKILL waits for nothing, but other signals may
+    "watch_dir": "op_watch_dir",  # holds its worker while the watch lasts
 }
 
 

@@ -37,6 +37,7 @@ CAPABILITIES = [
     "cancel",
     "shutdown",
     "process",
+    "watch",
 ]
 LANG_EXT = {"python": "py", "javascript": "js", "raw": "sh"}
 BOOT_MONO = time.monotonic()
