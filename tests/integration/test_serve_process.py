@@ -81,10 +81,15 @@ def test_kill_leaves_no_guest_process(sbx: Sandbox) -> None:
     assert sbx.commands.kill(handle.pid) is False
 
 
-def test_commands_run_as_user_unless_root_is_asked(sbx: Sandbox) -> None:
-    assert sbx.commands.run("id -u").stdout == "1000\n"
-    assert sbx.commands.run("id -u", user="root").stdout == "0\n"
-    assert sbx.commands.run("echo $HOME", user="root").stdout == "/root\n"
+def test_the_guest_looks_like_e2b_user_home_bash(sbx: Sandbox) -> None:
+    out = sbx.commands.run('whoami; id -u; echo $HOME; pwd; test -n "$BASH_VERSION" && echo bash').stdout
+    assert out == "user\n1000\n/home/user\n/home/user\nbash\n"
+    sbx.files.write("/home/user/note.txt", "from the files API")
+    assert sbx.commands.run("cat note.txt").stdout == "from the files API"
+    assert sbx.commands.run("ls -ld .", cwd="/home/user").stdout.split()[2] == "user"
+    assert sbx.commands.run("whoami; id -u; echo $HOME", user="root").stdout == "root\n0\n/root\n"
+    with pytest.raises(Exception, match="unknown user"):
+        sbx.commands.run("true", user="nobody")  # type: ignore[arg-type]
 
 
 def test_pty_create_input_resize_and_exit(sbx: Sandbox) -> None:

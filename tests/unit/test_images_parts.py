@@ -237,6 +237,8 @@ def test_module_load_order_puts_dependencies_first(tmp_path: Path) -> None:
 
 def test_users_and_filesystem_options() -> None:
     assert f"sandbox:x:{SANDBOX_UID}:1000:sandbox:/home/sandbox:/bin/sh" in passwd_file()
+    # uid 1000's first name (whoami) is E2B's "user", its home a link to the work dir
+    assert passwd_file("/bin/bash").split("\n")[1] == f"user:x:{SANDBOX_UID}:1000:user:/home/user:/bin/bash"
     assert passwd_file().startswith("root:x:0:0:")
     assert "sandbox:x:1000:" in group_file()
     opts = ext4_options("0123456789abcdef" * 4, 5000)

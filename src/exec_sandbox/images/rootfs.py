@@ -1,9 +1,10 @@
 """Assemble a guest root filesystem from extracted .debs and pack it as ext4 -> qcow2, without mounts.
 
 What ``dpkg-deb -x`` does not do, done here: busybox applet links (shell and coreutils), the
-``/sbin/init`` script, users (root + ``sandbox`` uid/gid 1000, home /home/sandbox = work dir),
-the guest agent package under /opt/sbx/sbx_agent, and byte-compiling Python (``chroot DIR python3
--m compileall``, unchecked-hash pycs, so mtimes do not matter). Docs, man pages and locales are dropped.
+``/sbin/init`` script, users (root + ``user`` uid/gid 1000, also named ``sandbox``; home /home/user
+-> /home/sandbox = work dir), the guest agent package under /opt/sbx/sbx_agent, and byte-compiling
+Python (``chroot DIR python3 -m compileall``, unchecked-hash pycs, so mtimes do not matter). Docs,
+man pages and locales are dropped.
 Ownership: run as root, ``dpkg-deb -x`` keeps the packages' root ownership, which
 ``mkfs.ext4 -d`` copies verbatim; the builder refuses to run as non-root for that reason.
 """
@@ -61,16 +62,19 @@ _DIRS = (
 )
 
 
-def passwd_file() -> str:
+def passwd_file(user_shell: str = "/bin/sh") -> str:
+    """uid 1000 is ``user`` (home ``/home/user``, a link to the work dir ``/home/sandbox``): the name
+    E2B's users expect from ``whoami``; ``sandbox`` stays as its second name."""
     return (
         "root:x:0:0:root:/root:/bin/sh\n"
+        f"user:x:{SANDBOX_UID}:{SANDBOX_GID}:user:/home/user:{user_shell}\n"
         f"sandbox:x:{SANDBOX_UID}:{SANDBOX_GID}:sandbox:/home/sandbox:/bin/sh\n"
         "nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
     )
 
 
 def group_file() -> str:
-    return f"root:x:0:\nsandbox:x:{SANDBOX_GID}:\nnogroup:x:65534:\n"
+    return f"root:x:0:\nuser:x:{SANDBOX_GID}:\nsandbox:x:{SANDBOX_GID}:\nnogroup:x:65534:\n"
 
 
 _ETC: dict[str, Callable[[], str]] = {
@@ -78,7 +82,7 @@ _ETC: dict[str, Callable[[], str]] = {
     "group": group_file,
     "hostname": lambda: "sandbox\n",
     "hosts": lambda: "127.0.0.1 localhost sandbox\n",
-    "shadow": lambda: "root:*:19000:0:99999:7:::\nsandbox:*:19000:0:99999:7:::\n",
+    "shadow": lambda: "root:*:19000:0:99999:7:::\nuser:*:19000:0:99999:7:::\nsandbox:*:19000:0:99999:7:::\n",
     # Written at every boot by the guest init and rewritten per clone by the agent (issue 10): the
     # image carries placeholders of the final size, so a rewrite in place never needs a new block.
     "machine-id": lambda: "0" * 32 + "\n",
@@ -105,7 +109,10 @@ def assemble_rootfs(
     os.chmod(staging / "root", 0o700)
     for name, content in _ETC.items():
         (staging / "etc" / name).write_text(content())
+    if (staging / "bin/bash").exists() or (staging / "usr/bin/bash").exists():
+        (staging / "etc/passwd").write_text(passwd_file("/bin/bash"))
     os.chmod(staging / "etc/shadow", 0o640)
+    (staging / "home/user").symlink_to("sandbox")
 
     init = guest_dir / "init"
     target = staging / "sbin/init"

@@ -12,7 +12,8 @@ Lifetime, as envd's: a client that disconnects does not kill the process (the SD
 ``disconnect()`` then ``commands.connect(pid)`` must find it). It is killed at its deadline - the
 client's stream timeout given to ``Start`` (the SDK's ``timeout``, 60 s by default for
 ``commands.run``; ``timeout=0``: none), at most the server's ``command_timeout_seconds`` - and with
-its sandbox. Processes run as ``user`` unless the SDK asks for ``root``.
+its sandbox. Processes run as ``user`` (uid 1000, home ``/home/user``) unless the SDK asks for
+``root``; commands run in ``bash`` (busybox ``sh`` in an image without it).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import posixpath
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -33,11 +35,10 @@ from protobuf import Oneof
 from exec_sandbox.client.process import ProcessChunk, ProcessExit, ProcessHandle
 from exec_sandbox.errors import GuestAgentError, SandboxError, SandboxInputError
 from exec_sandbox.server import metrics
-from exec_sandbox.server.envd_common import as_root, current_record, guest_path
-from exec_sandbox.server.errors import ServeError
+from exec_sandbox.server.envd_common import E2B_HOME, as_root, current_record
 from exec_sandbox.server.proto.process import process_pb as pr_pb
 from exec_sandbox.server.registry import SandboxRecord
-from exec_sandbox.validation import DEFAULT_WORKDIR, validate_env_vars
+from exec_sandbox.validation import validate_env_vars
 
 __all__ = ["EnvdProcess", "ProcessService", "command_argv"]
 
@@ -108,19 +109,25 @@ def _guest_failure(exc: SandboxError, what: str) -> ConnectError:
     return ConnectError(Code.UNAVAILABLE, f"{what}: {exc.message}")
 
 
+def _cwd(requested: str | None, home: str) -> str:
+    """The process's working directory as the SDK names it (relative: from the user's home).
+    ``/home/user`` is a link to the guest's work dir, so the shell's ``pwd`` shows E2B's path."""
+    if requested and "\x00" in requested:
+        raise ConnectError(Code.INVALID_ARGUMENT, "cwd must not contain NUL characters")
+    return posixpath.normpath(posixpath.join(home, requested)) if requested else home
+
+
 async def _start_process(record: SandboxRecord, request: pr_pb.StartRequest, root: bool,
                          timeout_s: float | None) -> ProcessHandle:
     config = request.process
     assert config is not None
+    name, home = ("root", "/root") if root else ("user", E2B_HOME)
+    cwd = _cwd(config.cwd, home)
     try:
-        env = {**record.env_vars, **validate_env_vars(dict(config.envs))}
-        cwd = guest_path(config.cwd) if config.cwd else DEFAULT_WORKDIR
+        env = {"HOME": home, "USER": name, "LOGNAME": name, "PWD": cwd,
+               **record.env_vars, **validate_env_vars(dict(config.envs))}
     except SandboxInputError as exc:
         raise ConnectError(Code.INVALID_ARGUMENT, exc.message) from None
-    except ServeError as exc:
-        raise ConnectError(Code.INVALID_ARGUMENT, exc.message) from None
-    if root:
-        env = {"HOME": "/root", "USER": "root", "LOGNAME": "root", **env}
     pty = None
     if request.pty is not None:
         size = request.pty.size

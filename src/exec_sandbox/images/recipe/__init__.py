@@ -64,12 +64,19 @@ class LanguageSpec:
 # python3-minimal alone lacks json/ctypes/argparse, which the agent imports, so it adds the stdlib
 # (libpython3-stdlib) but not the python3/python3.11 packages and their extras.
 LANGUAGES: Mapping[str, LanguageSpec] = {
-    "python": LanguageSpec("python", ("python3", "busybox-static"), "Debian's python3 + busybox"),
+    # bash: the shell E2B's SDK asks for (sbx serve); /bin/sh stays busybox.
+    "python": LanguageSpec(
+        "python", ("python3", "bash", "busybox-static"), "Debian's python3 + bash + busybox"
+    ),
     "javascript": LanguageSpec(
-        "javascript", ("python3", "nodejs", "busybox-static"), "Debian's nodejs + python3 + busybox"
+        "javascript",
+        ("python3", "nodejs", "bash", "busybox-static"),
+        "Debian's nodejs + python3 + bash + busybox",
     ),
     "raw": LanguageSpec(
-        "raw", ("python3-minimal", "libpython3-stdlib", "busybox-static"), "busybox shell + python3-minimal"
+        "raw",
+        ("python3-minimal", "libpython3-stdlib", "bash", "busybox-static"),
+        "busybox shell + bash + python3-minimal",
     ),
 }
 
