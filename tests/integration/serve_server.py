@@ -11,13 +11,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
+import pytest
 import uvicorn
 
 from exec_sandbox.server.app import ServeApp, create_app
 from exec_sandbox.server.cli import KEEP_ALIVE_S
 from exec_sandbox.server.config import load_serve_config
 
-__all__ = ["KEY_A", "KEY_B", "RunningServer", "running_server", "sdk_env"]
+__all__ = ["KEY_A", "KEY_B", "RunningServer", "key_a_env", "running_server", "sdk_env", "serve_module"]
 
 KEY_A = "e2b_test_key_a_0123456789"
 KEY_B = "e2b_test_key_b_9876543210"
@@ -88,3 +89,17 @@ def sdk_env(url: str, key: str) -> Iterator[None]:
                 os.environ.pop(n, None)
             else:
                 os.environ[n] = v
+
+
+@pytest.fixture(scope="module")
+def serve_module() -> Iterator[RunningServer]:
+    """One server for a test module (import it with ``key_a_env`` into the module)."""
+    with running_server() as srv:
+        yield srv
+
+
+@pytest.fixture
+def key_a_env(serve_module: RunningServer) -> Iterator[str]:
+    """The SDK pointed at the module's server with key A; yields its URL."""
+    with sdk_env(serve_module.url, KEY_A):
+        yield serve_module.url

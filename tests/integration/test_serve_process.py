@@ -11,25 +11,14 @@ from collections.abc import Iterator
 import pytest
 from e2b import AsyncSandbox, CommandExitException, PtySize, Sandbox
 
-from tests.integration.serve_server import KEY_A, RunningServer, running_server, sdk_env
+from tests.integration.serve_server import key_a_env, serve_module  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[RunningServer]:
-    with running_server() as srv:
-        yield srv
-
-
 @pytest.fixture
-def key_a(server: RunningServer) -> Iterator[str]:
-    with sdk_env(server.url, KEY_A):
-        yield server.url
-
-
-@pytest.fixture
-def sbx(key_a: str) -> Iterator[Sandbox]:
+def sbx(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
+    request.getfixturevalue("key_a_env")  # the SDK pointed at this module's server
     sandbox = Sandbox.create()
     try:
         yield sandbox
@@ -112,7 +101,8 @@ def test_pty_kill(sbx: Sandbox) -> None:
     assert sbx.commands.list() == []
 
 
-def test_async_stdin_connect_and_pty(key_a: str) -> None:
+@pytest.mark.usefixtures("key_a_env")
+def test_async_stdin_connect_and_pty() -> None:
     async def scenario() -> None:
         sbx = await AsyncSandbox.create()
         try:

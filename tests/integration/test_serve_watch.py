@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 
 import pytest
 from e2b import AsyncSandbox, FilesystemEvent, FilesystemEventType, NotFoundException, Sandbox
 
-from tests.integration.serve_server import KEY_A, RunningServer, running_server, sdk_env
+from tests.integration.serve_server import key_a_env, serve_module  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -22,19 +21,8 @@ WANTED = {
 }
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[RunningServer]:
-    with running_server() as srv:
-        yield srv
-
-
-@pytest.fixture
-def key_a(server: RunningServer) -> Iterator[str]:
-    with sdk_env(server.url, KEY_A):
-        yield server.url
-
-
-def test_sync_watcher_polls_events(key_a: str) -> None:
+@pytest.mark.usefixtures("key_a_env")
+def test_sync_watcher_polls_events() -> None:
     sbx = Sandbox.create()
     try:
         sbx.files.make_dir("w")
@@ -53,7 +41,8 @@ def test_sync_watcher_polls_events(key_a: str) -> None:
         sbx.kill()
 
 
-def test_async_watch_dir_streams_events(key_a: str) -> None:
+@pytest.mark.usefixtures("key_a_env")
+def test_async_watch_dir_streams_events() -> None:
     async def scenario() -> None:
         sbx = await AsyncSandbox.create()
         try:
