@@ -54,7 +54,7 @@ def test_sync_sandbox_commands_and_files(key_a: str) -> None:
             'echo "$GREETING $WHO"; echo oops >&2; pwd', envs={"WHO": "world"}, on_stdout=chunks.append
         )
         assert result.exit_code == 0
-        assert result.stdout == "hello world\n/home/sandbox\n"
+        assert result.stdout == "hello world\n/home/user\n"
         assert result.stderr == "oops\n"
         assert "".join(chunks) == result.stdout  # streamed as it ran
         with pytest.raises(CommandExitException) as exc_info:
@@ -62,11 +62,11 @@ def test_sync_sandbox_commands_and_files(key_a: str) -> None:
         assert exc_info.value.exit_code == 3 and exc_info.value.stdout == "partial\n"
         # cd in one command does not leak into the next; cwd= is honoured
         sbx.commands.run("mkdir -p sub && cd sub && touch inside")
-        assert sbx.commands.run("pwd").stdout == "/home/sandbox\n"
+        assert sbx.commands.run("pwd").stdout == "/home/user\n"
         assert sbx.commands.run("ls", cwd="/home/user/sub").stdout == "inside\n"
 
         info = sbx.files.write("/home/user/notes/a.txt", "some text")
-        assert info.path == "/home/sandbox/notes/a.txt"
+        assert info.path == "/home/user/notes/a.txt"
         assert sbx.files.read("notes/a.txt") == "some text"
         assert bytes(sbx.files.read("/home/user/notes/a.txt", format="bytes")) == b"some text"
         assert sbx.commands.run("cat notes/a.txt").stdout == "some text"

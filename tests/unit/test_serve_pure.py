@@ -73,7 +73,7 @@ def test_command_argv_runs_shells_as_the_guest_shell_and_programs_as_given() -> 
 def test_parse_stat_line() -> None:
     entry = parse_stat_line("regular file|5|644|-rw-r--r--|sandbox|sandbox|1700000000|/home/sandbox/a|b")
     assert entry.name == "a|b"
-    assert entry.path == "/home/sandbox/a|b"
+    assert entry.path == "/home/user/a|b"  # the SDK's name of the work dir
     assert entry.type == filesystem_pb.FileType.FILE
     assert (entry.size, entry.mode, entry.permissions, entry.owner) == (5, 0o644, "-rw-r--r--", "sandbox")
     assert entry.modified_time is not None and entry.modified_time.seconds == 1700000000

@@ -30,6 +30,7 @@ from exec_sandbox.server.envd_common import (
     CURRENT_SANDBOX,
     E2B_HOME,
     current_record,
+    e2b_path,
     guest_path,
     path_or_error,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "FS_TIMEOUT_S",
     "FilesystemService",
     "ProcessService",
+    "e2b_path",
     "guest_path",
     "parse_stat_line",
 ]
@@ -66,7 +68,7 @@ def parse_stat_line(line: str) -> fs_pb.EntryInfo:
     return fs_pb.EntryInfo(
         name=posixpath.basename(name) or name,
         type=ftype,
-        path=name,
+        path=e2b_path(name),
         size=int(size),
         mode=int(mode, 8),
         permissions=perms,

@@ -16,7 +16,15 @@ from exec_sandbox.server.errors import BadRequestError, ServeError
 from exec_sandbox.server.registry import SandboxRecord
 from exec_sandbox.validation import DEFAULT_WORKDIR
 
-__all__ = ["CURRENT_SANDBOX", "E2B_HOME", "as_root", "current_record", "guest_path", "path_or_error"]
+__all__ = [
+    "CURRENT_SANDBOX",
+    "E2B_HOME",
+    "as_root",
+    "current_record",
+    "e2b_path",
+    "guest_path",
+    "path_or_error",
+]
 
 CURRENT_SANDBOX: contextvars.ContextVar[SandboxRecord] = contextvars.ContextVar("sbx_serve_sandbox")
 E2B_HOME: Final = "/home/user"
@@ -36,6 +44,13 @@ def guest_path(path: str) -> str:
     if not path.startswith("/"):
         path = posixpath.join(DEFAULT_WORKDIR, path)
     return posixpath.normpath(path)
+
+
+def e2b_path(path: str) -> str:
+    """The SDK's name of a guest path: the work dir is ``/home/user`` (a link to it in the guest)."""
+    if path == DEFAULT_WORKDIR or path.startswith(DEFAULT_WORKDIR + "/"):
+        return E2B_HOME + path[len(DEFAULT_WORKDIR):]
+    return path
 
 
 def current_record() -> SandboxRecord:

@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from exec_sandbox.errors import SandboxError, SandboxInputError
-from exec_sandbox.server.envd import CURRENT_SANDBOX, E2B_HOME, FS_TIMEOUT_S, guest_path
+from exec_sandbox.server.envd import CURRENT_SANDBOX, E2B_HOME, FS_TIMEOUT_S, e2b_path, guest_path
 from exec_sandbox.server.errors import BadRequestError, ServeError
 from exec_sandbox.server.registry import SandboxRecord
 from exec_sandbox.validation import DEFAULT_WORKDIR
@@ -140,7 +140,7 @@ async def _store(record: SandboxRecord, path: str, data: IO[bytes]) -> dict[str,
     except SandboxError as exc:
         raise _guest_error(exc, path) from None
     full = posixpath.join(DEFAULT_WORKDIR, rel)
-    return {"name": posixpath.basename(full), "type": "file", "path": full}
+    return {"name": posixpath.basename(full), "type": "file", "path": e2b_path(full)}
 
 
 async def health(request: Request) -> Response:
