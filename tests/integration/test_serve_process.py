@@ -36,9 +36,10 @@ def test_background_stdin_send_and_close(sbx: Sandbox) -> None:
     handle = sbx.commands.run("cat", background=True, stdin=True)
     sbx.commands.send_stdin(handle.pid, "hello ")
     sbx.commands.send_stdin(handle.pid, b"world\n")
+    sbx.commands.stream_input(handle.pid, iter(["streamed ", b"input\n"]))
     sbx.commands.close_stdin(handle.pid)
     result = handle.wait()
-    assert (result.stdout, result.exit_code) == ("hello world\n", 0)
+    assert (result.stdout, result.exit_code) == ("hello world\nstreamed input\n", 0)
     assert sbx.commands.list() == []
 
 
