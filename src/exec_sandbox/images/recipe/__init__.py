@@ -64,18 +64,19 @@ class LanguageSpec:
 # python3-minimal alone lacks json/ctypes/argparse, which the agent imports, so it adds the stdlib
 # (libpython3-stdlib) but not the python3/python3.11 packages and their extras.
 LANGUAGES: Mapping[str, LanguageSpec] = {
-    # bash: the shell E2B's SDK asks for (sbx serve); /bin/sh stays busybox.
+    # bash: the shell E2B's SDK asks for (sbx serve); /bin/sh stays busybox. libc-bin: the C.UTF-8
+    # locale (/usr/lib/locale/C.utf8), without which bash warns on every start under LC_ALL=C.UTF-8.
     "python": LanguageSpec(
-        "python", ("python3", "bash", "busybox-static"), "Debian's python3 + bash + busybox"
+        "python", ("python3", "bash", "libc-bin", "busybox-static"), "Debian's python3 + bash + busybox"
     ),
     "javascript": LanguageSpec(
         "javascript",
-        ("python3", "nodejs", "bash", "busybox-static"),
+        ("python3", "nodejs", "bash", "libc-bin", "busybox-static"),
         "Debian's nodejs + python3 + bash + busybox",
     ),
     "raw": LanguageSpec(
         "raw",
-        ("python3-minimal", "libpython3-stdlib", "bash", "busybox-static"),
+        ("python3-minimal", "libpython3-stdlib", "bash", "libc-bin", "busybox-static"),
         "busybox shell + bash + python3-minimal",
     ),
 }
