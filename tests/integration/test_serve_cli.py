@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +27,10 @@ def _free_port() -> int:
 
 
 def _sbx(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """``sbx serve ...`` as a subprocess (its state dir a fresh temp dir unless ``--state-dir`` given)."""
     full_env = {**os.environ, "PYTHONPATH": SRC, **(env or {})}
+    if args[:1] == ("serve",) and "--state-dir" not in args:
+        args = (*args, "--state-dir", tempfile.mkdtemp(prefix="sbx-state-"))
     return subprocess.Popen(
         [sys.executable, "-c", "from exec_sandbox.cli import main; main()", *args],
         env=full_env,

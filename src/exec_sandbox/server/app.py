@@ -32,12 +32,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from exec_sandbox.errors import SandboxError, SandboxInputError, SandboxTransientError, VmCapacityError
+from exec_sandbox.errors import SandboxError
 from exec_sandbox.server import metrics
 from exec_sandbox.server.config import ServeConfig
 from exec_sandbox.server.control import control_routes
 from exec_sandbox.server.envd import CURRENT_SANDBOX, connect_apps
-from exec_sandbox.server.errors import NotFoundError, ServeError
+from exec_sandbox.server.errors import NotFoundError, ServeError, status_for
 from exec_sandbox.server.files import envd_routes
 from exec_sandbox.server.interpreter import interpreter_routes
 from exec_sandbox.server.mcp import McpSandboxTools, build_mcp_server
@@ -61,21 +61,9 @@ _CONNECT_CODES: Final = {
 }
 
 
-def _status_for(exc: SandboxError) -> int:
-    if isinstance(exc, ServeError):
-        return exc.status
-    if isinstance(exc, SandboxInputError):
-        return 400
-    if isinstance(exc, VmCapacityError):
-        return 503
-    if isinstance(exc, SandboxTransientError):
-        return 503
-    return 500
-
-
 async def _sandbox_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, SandboxError)
-    status = _status_for(exc)
+    status = status_for(exc)
     if status >= 500:
         logger.warning("%s %s failed: %r", request.method, request.url.path, exc)
     return JSONResponse({"code": status, "message": exc.message}, status_code=status)

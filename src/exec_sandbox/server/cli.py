@@ -32,6 +32,12 @@ KEEP_ALIVE_S = 75
 @click.option(
     "--max-memory-mb-per-key", type=int, default=None, help="Guest RAM (MiB) a key may hold (default: no cap)"
 )
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where paused sandboxes and snapshot templates are kept (default: the user state dir).",
+)
 @click.option("--log-level", default="info", show_default=True)
 def serve(
     host: str | None,
@@ -40,6 +46,7 @@ def serve(
     config_file: Path | None,
     max_sandboxes_per_key: int | None,
     max_memory_mb_per_key: int | None,
+    state_dir: Path | None,
     log_level: str,
 ) -> None:
     """Serve the E2B API (control plane, envd, code interpreter) on this machine's microVMs."""
@@ -57,6 +64,7 @@ def serve(
             port=port,
             max_sandboxes_per_key=max_sandboxes_per_key,
             max_memory_mb_per_key=max_memory_mb_per_key,
+            state_dir=state_dir,
         )
     except SandboxError as exc:
         click.echo(f"sbx serve: {exc}", err=True)

@@ -1,0 +1,73 @@
+"""A whole ``sbx serve`` sandbox (its shell session and every context VM) to a snapshot dir and back.
+
+One dir holds ``main/`` and ``ctx-<id>/`` (see :mod:`exec_sandbox.server.persistence`); pause, fork
+and templates all go through :func:`save_sandbox` and :func:`restore_sandbox`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from exec_sandbox.server.persistence import MAIN_SNAPSHOT, SavedContext, context_snapshot_name
+from exec_sandbox.server.records import SESSION_IDLE_S, CodeContext, SandboxRecord
+
+if TYPE_CHECKING:
+    from exec_sandbox.sandbox.scheduler import Scheduler
+    from exec_sandbox.sandbox.session import Session
+
+__all__ = ["restore_sandbox", "save_sandbox"]
+
+
+async def save_sandbox(record: SandboxRecord, directory: Path) -> list[SavedContext]:
+    """Save every VM of a running sandbox into ``directory`` (each once its running call is done);
+    the sandbox goes on. Returns its contexts as saved."""
+    await record.session.save(directory / MAIN_SNAPSHOT)
+    saved: list[SavedContext] = []
+    for ctx in list(record.contexts.values()):
+        async with ctx.lock:  # the interpreter's prelude bookkeeping is consistent under it
+            session = ctx.session
+            has_vm = session is not None and not session.closed
+            if session is not None and has_vm:
+                await session.save(directory / context_snapshot_name(ctx.id))
+            saved.append(
+                SavedContext(
+                    id=ctx.id,
+                    language=ctx.language,
+                    cwd=ctx.cwd,
+                    prepared=ctx.prepared and has_vm,
+                    # A restored session counts its execs from 0: keep execution_count going on.
+                    hidden_execs=ctx.hidden_execs - session.exec_count if session and has_vm else 0,
+                    snapshot=has_vm,
+                )
+            )
+    return saved
+
+
+async def restore_sandbox(
+    scheduler: Scheduler, directory: Path, contexts: list[SavedContext], env_vars: dict[str, str]
+) -> tuple[Session, dict[str, CodeContext]]:
+    """New live sessions from a dir :func:`save_sandbox` wrote (which stays); all or none."""
+    made: list[Session] = []
+    try:
+        main = await scheduler.restore_session(
+            directory / MAIN_SNAPSHOT, env_vars=env_vars, idle_timeout_seconds=SESSION_IDLE_S
+        )
+        made.append(main)
+        restored: dict[str, CodeContext] = {}
+        for c in contexts:
+            ctx = CodeContext(id=c.id, language=c.language, cwd=c.cwd)
+            if c.snapshot:
+                ctx.session = await scheduler.restore_session(
+                    directory / context_snapshot_name(c.id),
+                    env_vars=env_vars,
+                    idle_timeout_seconds=SESSION_IDLE_S,
+                )
+                made.append(ctx.session)
+                ctx.prepared, ctx.hidden_execs = c.prepared, c.hidden_execs
+            restored[c.id] = ctx
+    except BaseException:
+        await asyncio.shield(asyncio.gather(*(s.close() for s in made), return_exceptions=True))
+        raise
+    return main, restored
