@@ -62,7 +62,6 @@ E2B_HOME: Final = "/home/user"
 _SHELLS: Final = frozenset({"/bin/bash", "bash", "/usr/bin/bash", "/bin/sh", "sh", "/usr/bin/sh"})
 _STAT_FMT: Final = "%F|%s|%a|%A|%U|%G|%Y|%n"
 FS_TIMEOUT_S: Final = 60.0
-_MIN_RUN_BEFORE_CANCEL_S: Final = 0.5
 _KEEPALIVE_S: Final = 1.0
 _MAX_COMMANDS: Final = 32  # running at once per sandbox
 
@@ -336,15 +335,10 @@ def _record_timeout(record: SandboxRecord, client_timeout_ms: float | None) -> f
 def _cancel_exec(task: asyncio.Task[Any], started: float) -> None:
     """Cancel a command's exec (the agent client then asks the guest to kill its process tree).
 
-    Not before it is ``_MIN_RUN_BEFORE_CANCEL_S`` old: the guest agent drops a cancel that arrives
-    before it has registered the run (``found: false``), and the run would then go on to its
-    deadline holding the shell. The SDK may kill a command right after its start event.
+    At once, however young the run (``started`` is not needed any more): the guest agent remembers a
+    cancel that overtakes its run and refuses or stops that run, so the shell is never held.
     """
-    wait = _MIN_RUN_BEFORE_CANCEL_S - (time.monotonic() - started)
-    if wait > 0:
-        asyncio.get_running_loop().call_later(wait, task.cancel)
-    else:
-        task.cancel()
+    task.cancel()
 
 
 def _log_orphan(task: asyncio.Task[ExecResult]) -> None:
