@@ -40,6 +40,7 @@ from exec_sandbox.server.envd import CURRENT_SANDBOX, connect_apps
 from exec_sandbox.server.errors import NotFoundError, ServeError, status_for
 from exec_sandbox.server.files import envd_routes
 from exec_sandbox.server.interpreter import interpreter_routes
+from exec_sandbox.server.logs import RequestLog
 from exec_sandbox.server.mcp import McpSandboxTools, build_mcp_server
 from exec_sandbox.server.registry import SandboxRegistry
 
@@ -156,13 +157,26 @@ class ServeApp:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         sandbox_id = headers.get("e2b-sandbox-id")
         started = time.perf_counter()
+        log = RequestLog(scope["method"], scope["path"], sandbox_id, headers.get("x-request-id"))
+        scope.setdefault("state", {})["log"] = log
+        token = log.enter()
+
+        async def send_logged(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                log.status = message["status"]
+                extra = [(b"x-request-id", log.request_id.encode())]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
         try:
             if sandbox_id is None:
-                await self._control(scope, receive, send, headers)
+                await self._control(scope, receive, send_logged, headers)
             else:
-                await self._sandbox(scope, receive, send, headers, sandbox_id)
+                await self._sandbox(scope, receive, send_logged, headers, sandbox_id)
         finally:
             metrics.observe_request(scope, started)
+            log.finish()
+            RequestLog.leave(token)
 
     async def _control(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
         path: str = scope["path"]
@@ -177,7 +191,8 @@ class ServeApp:
         if owner is None:
             await _error(send, 401, "missing or invalid API key (X-API-KEY)")
             return
-        scope.setdefault("state", {})["owner"] = owner
+        scope["state"]["owner"] = owner
+        scope["state"]["log"].set_owner(owner)
         await (self.mcp_app if is_mcp else self.control)(scope, receive, send)
 
     async def _sandbox(
@@ -199,6 +214,7 @@ class ServeApp:
         except ServeError as exc:
             await _error(send, exc.status, exc.message, connect=connect is not None)
             return
+        scope["state"]["log"].set_owner(record.owner)
         CURRENT_SANDBOX.set(record)
         if headers.get("e2b-sandbox-port") == str(JUPYTER_PORT):
             await self.interpreter(scope, receive, send)

@@ -38,6 +38,7 @@ from exec_sandbox.server.errors import (
     ServeError,
     UnauthorizedError,
 )
+from exec_sandbox.server.logs import owner_tag
 from exec_sandbox.server.persistence import EntryKind, SavedContext, SavedSandbox, StateStore
 from exec_sandbox.server.records import SESSION_IDLE_S, CodeContext, SandboxRecord
 from exec_sandbox.server.snapshotting import restore_sandbox, save_sandbox
@@ -321,7 +322,10 @@ class SandboxRegistry:
             await _close_all(record.sessions())
             raise ServeError("the server is shutting down", status=503)
         self._records[record.sandbox_id] = record
-        logger.info("sandbox %s created (template %s, vm %s)", record.sandbox_id, template_id, session.vm_id)
+        logger.info(
+            "sandbox %s created (template %s, vm %s)", record.sandbox_id, template_id, session.vm_id,
+            extra=_ids(record),
+        )
         return record
 
     def _paused_record(self, saved: SavedSandbox) -> SandboxRecord:
@@ -394,7 +398,10 @@ class SandboxRegistry:
             for ctx in record.contexts.values():
                 ctx.session = None
             await _close_all(sessions)
-        logger.info("sandbox %s paused to disk (%d VMs saved, freed)", record.sandbox_id, len(sessions))
+        logger.info(
+            "sandbox %s paused to disk (%d VMs saved, freed)", record.sandbox_id, len(sessions),
+            extra=_ids(record),
+        )
 
     async def resume(self, record: SandboxRecord, timeout: int | None) -> None:
         """Restore a paused sandbox's VMs; its deadline restarts from now. A running one is left alone.
@@ -415,7 +422,7 @@ class SandboxRegistry:
             record.end_at = time.time() + self._clamp_timeout(timeout)
             del self._paused[record.sandbox_id]
             await shielded(asyncio.to_thread(self.store.discard, directory))
-        logger.info("sandbox %s resumed from disk", record.sandbox_id)
+        logger.info("sandbox %s resumed from disk", record.sandbox_id, extra=_ids(record))
 
     def _check_live(self, record: SandboxRecord) -> None:
         if record.state == "killed":
@@ -462,7 +469,10 @@ class SandboxRegistry:
             finally:
                 await shielded(asyncio.to_thread(self.store.discard, staging))
         made = [r.sandbox_id for r in results if isinstance(r, SandboxRecord)]
-        logger.info("sandbox %s forked into %d of %d: %s", record.sandbox_id, len(made), count, made)
+        logger.info(
+            "sandbox %s forked into %d of %d: %s", record.sandbox_id, len(made), count, made,
+            extra=_ids(record),
+        )
         return results
 
     async def snapshot_template(self, record: SandboxRecord, name: str | None = None) -> SavedSandbox:
@@ -474,7 +484,7 @@ class SandboxRegistry:
                 raise ServeError(f"sandbox {record.sandbox_id!r} is paused; resume it first", status=409)
             _, saved = await self._save(record, "templates", "snap-" + secrets.token_hex(8), name=name)
         self._templates[saved.id] = saved
-        logger.info("sandbox %s saved as snapshot template %s", record.sandbox_id, saved.id)
+        logger.info("sandbox %s saved as template %s", record.sandbox_id, saved.id, extra=_ids(record))
         return saved
 
     async def delete_template(self, owner: str, template_id: str) -> None:
@@ -497,11 +507,16 @@ class SandboxRegistry:
                 return  # stays on disk for the next server
             paused = record.state == "paused"
             record.state = "killed"
-            logger.info("sandbox %s ends: %s", record.sandbox_id, reason)
+            logger.info("sandbox %s ends: %s", record.sandbox_id, reason, extra=_ids(record))
             await _close_all(record.sessions())
             if paused and self._paused.pop(record.sandbox_id, None) is not None:
                 path = self.store.path("sandboxes", record.sandbox_id)
                 await shielded(asyncio.to_thread(self.store.discard, path))
+
+
+def _ids(record: SandboxRecord) -> dict[str, str | None]:
+    """Log fields naming the sandbox and its owner (a digest prefix: never the key)."""
+    return {"sandbox_id": record.sandbox_id, "owner": owner_tag(record.owner)}
 
 
 def _saved(record: SandboxRecord, entry_id: str, contexts: list[SavedContext]) -> SavedSandbox:
