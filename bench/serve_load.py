@@ -7,7 +7,9 @@ One command::
 
 The server runs in this process (uvicorn in a thread, 127.0.0.1); ``--sandboxes`` are created
 ``--create-concurrency`` at a time (a refusal such as 429/503 is counted, not retried), then every
-client runs ``--commands`` ``echo`` commands on sandboxes picked round-robin.
+client runs ``--commands`` ``echo`` commands on sandboxes picked round-robin. Host memory is read
+before, with all sandboxes idle, and after the commands: MemAvailable and the PSS of every guest
+QEMU (this process's children).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import statistics
 import sys
@@ -26,6 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from bench.density import mem_available_mib, memory_of, vm_children
 from bench.percentile import p95
 from tests.integration.serve_server import KEY_A, running_server, sdk_env
 
@@ -34,6 +38,7 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
     from e2b import AsyncSandbox
 
     failures: Counter[str] = Counter()
+    mem_before = mem_available_mib()
     gate = asyncio.Semaphore(args.create_concurrency)
     create_ms: list[float] = []
 
@@ -43,7 +48,7 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 box = await AsyncSandbox.create(timeout=3600)
             except Exception as exc:
-                failures[f"create: {type(exc).__name__}"] += 1
+                failures[f"create: {_kind(exc)}"] += 1
                 return None
             create_ms.append((time.perf_counter() - t) * 1000)
             return box
@@ -52,6 +57,8 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
     boxes = [b for b in await asyncio.gather(*(create() for _ in range(args.sandboxes))) if b is not None]
     created_s = time.perf_counter() - t0
     latencies: list[float] = []
+    await asyncio.sleep(args.settle_seconds)  # idle: what the sandboxes hold at rest
+    idle = _host_memory(mem_before)
 
     async def client(i: int) -> None:
         for j in range(args.commands):
@@ -62,7 +69,7 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
                 if r.stdout != f"{i}-{j}\n":
                     failures["wrong output"] += 1
             except Exception as exc:
-                failures[f"command: {type(exc).__name__}"] += 1
+                failures[f"command: {_kind(exc)}"] += 1
                 continue
             latencies.append((time.perf_counter() - t) * 1000)
 
@@ -70,6 +77,7 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
     if boxes:
         await asyncio.gather(*(client(i) for i in range(args.clients)))
     commands_s = time.perf_counter() - t1
+    busy = _host_memory(mem_before)
     await asyncio.gather(*(b.kill() for b in boxes))
     ordered = sorted(latencies)
     return {
@@ -81,8 +89,33 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
         "command_median_ms": round(statistics.median(ordered), 1) if ordered else None,
         "command_p95_ms": round(p95(ordered), 1) if ordered else None,
         "failures": dict(failures),
+        "host_mem_idle": idle,
+        "host_mem_after_commands": busy,
         "loadavg": os.getloadavg(),
     }
+
+
+def _kind(exc: BaseException) -> str:
+    """A failure's kind: the exception type and, for HTTP refusals, the status the message names."""
+    text = str(exc)
+    code = next((c for c in ("429", "502", "503", "500", "504") if c in text[:80]), None)
+    return f"{type(exc).__name__}{f' {code}' if code else ''}"
+
+
+def _host_memory(mem_before: float) -> dict[str, Any]:
+    guests = [pid for pid, name in vm_children() if name.startswith("qemu-system")]
+    now = mem_available_mib()
+    out: dict[str, Any] = {
+        "guests": len(guests),
+        "mem_available_mib": now,
+        "mem_taken_mib": round(mem_before - now, 1),
+        "mem_taken_per_guest_mib": round((mem_before - now) / len(guests), 1) if guests else None,
+    }
+    if guests:
+        mem = memory_of(guests)
+        out["pss_mib_median"] = mem["pss_mib"]["median"]
+        out["pss_mib_p95"] = mem["pss_mib"]["p95"]
+    return out
 
 
 def main() -> None:
@@ -93,8 +126,10 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--commands", type=int, default=10)
     parser.add_argument("--create-concurrency", type=int, default=4)
+    parser.add_argument("--settle-seconds", type=float, default=5.0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per SDK request otherwise
     with running_server(max_sandboxes_per_key=max(args.sandboxes, 1)) as srv, sdk_env(srv.url, KEY_A):
         report = asyncio.run(scenario(args))
     for key, value in report.items():

@@ -51,6 +51,15 @@ def _wait_up(url: str, proc: subprocess.Popen[bytes]) -> None:
     pytest.fail("sbx serve did not come up")
 
 
+def serve_up(key: str, *args: str) -> tuple[subprocess.Popen[bytes], str]:
+    """``sbx serve`` with the one API key ``key`` (and ``args``) on a free port, up; (process, url)."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _sbx("serve", "--port", str(port), "--api-key", key, *args, env={"SBX_API_KEYS": ""})
+    _wait_up(url, proc)
+    return proc, url
+
+
 def test_serve_refuses_to_start_without_keys() -> None:
     proc = _sbx("serve", "--port", str(_free_port()), env={"SBX_API_KEYS": ""})
     out, _ = proc.communicate(timeout=60)

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.test_serve_cli import _free_port, _sbx, _wait_up
+from tests.integration.test_serve_cli import serve_up
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -28,12 +28,8 @@ def _stop(proc: Any) -> str:
 
 
 def test_json_logs_one_object_per_line_with_request_fields() -> None:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = _sbx("serve", "--port", str(port), "--api-key", KEY, "--log-format", "json",
-                env={"SBX_API_KEYS": ""})
+    proc, url = serve_up(KEY, "--log-format", "json")
     try:
-        _wait_up(url, proc)
         auth = {"X-API-KEY": KEY}
         created = httpx.post(url + "/sandboxes", headers=auth, json={"templateID": "base"}, timeout=120)
         assert created.status_code == 201
@@ -76,12 +72,8 @@ def test_json_logs_one_object_per_line_with_request_fields() -> None:
 
 
 def test_text_logs_for_people() -> None:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = _sbx("serve", "--port", str(port), "--api-key", KEY, "--log-format", "text",
-                env={"SBX_API_KEYS": ""})
+    proc, url = serve_up(KEY, "--log-format", "text")
     try:
-        _wait_up(url, proc)
         r = httpx.get(url + "/v2/sandboxes", headers={"X-API-KEY": KEY, "X-Request-Id": "txt-1"})
         assert r.status_code == 200
     finally:

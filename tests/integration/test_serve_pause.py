@@ -22,7 +22,7 @@ from e2b_code_interpreter import Sandbox as CodeSandbox
 
 from tests.integration.conftest import child_processes
 from tests.integration.serve_server import KEY_A, KEY_B, RunningServer, running_server, sdk_env
-from tests.integration.test_serve_cli import _free_port, _sbx, _wait_up, _zombie
+from tests.integration.test_serve_cli import _zombie, serve_up
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -52,12 +52,8 @@ def _assert_private(root: Path) -> None:
 def test_paused_sandbox_survives_a_sigkilled_server(tmp_path: Path) -> None:
     state = tmp_path / "state"
     key = "restart-key-0123456789"
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = _sbx("serve", "--port", str(port), "--api-key", key, "--state-dir", str(state),
-                env={"SBX_API_KEYS": ""})
+    proc, url = serve_up(key, "--state-dir", str(state))
     try:
-        _wait_up(url, proc)
         with sdk_env(url, key):
             paused = CodeSandbox.create(metadata={"role": "paused"})
             paused.run_code("kept = 6 * 7")
@@ -83,12 +79,8 @@ def test_paused_sandbox_survives_a_sigkilled_server(tmp_path: Path) -> None:
     assert key.encode() not in on_disk and (token_before or "").encode() not in on_disk
     assert not list(state.glob("*/.tmp-*"))
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = _sbx("serve", "--port", str(port), "--api-key", key, "--state-dir", str(state),
-                env={"SBX_API_KEYS": ""})
+    proc, url = serve_up(key, "--state-dir", str(state))
     try:
-        _wait_up(url, proc)
         with sdk_env(url, key):
             listed = {s.sandbox_id: s for s in Sandbox.list().next_items()}
             assert set(listed) == {paused.sandbox_id}, "the running sandbox died with the server"

@@ -246,9 +246,10 @@ class SandboxRegistry:
         metadata: Mapping[str, str] | None,
         env_vars: Mapping[str, str] | None,
     ) -> SandboxRecord:
-        if template_id not in TEMPLATES:
-            return await self._create_from_template(owner, template_id, timeout, metadata, env_vars)
+        saved = None if template_id in TEMPLATES else self.template(owner, template_id)
         seconds = self._clamp_timeout(timeout)
+        if saved is not None:
+            return await self._create_from_template(owner, saved, seconds, metadata, env_vars)
         started = time.perf_counter()
         async with self._admitting(owner, sandboxes=1, memory_mb=self.config.memory_mb):
             session = await self.scheduler.session(
@@ -263,16 +264,11 @@ class SandboxRegistry:
             )
 
     async def _create_from_template(
-        self,
-        owner: str,
-        template_id: str,
-        timeout: int | None,
-        metadata: Mapping[str, str] | None,
+        self, owner: str, saved: SavedSandbox, seconds: int, metadata: Mapping[str, str] | None,
         env_vars: Mapping[str, str] | None,
     ) -> SandboxRecord:
-        saved = self.template(owner, template_id)
+        """A sandbox restored from the snapshot template ``saved`` (the key's own)."""
         template_id = saved.id
-        seconds = self._clamp_timeout(timeout)
         env = {**saved.env_vars, **(env_vars or {})}
         started = time.perf_counter()
         vms = 1 + sum(c.snapshot for c in saved.contexts)
