@@ -17,7 +17,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2b import NotFoundException, RateLimitException, Sandbox, SandboxQuery, SandboxState
+from e2b import (
+    CommandExitException,
+    NotFoundException,
+    RateLimitException,
+    Sandbox,
+    SandboxQuery,
+    SandboxState,
+)
 from e2b_code_interpreter import Sandbox as CodeSandbox
 
 from tests.integration.conftest import child_processes
@@ -164,6 +171,30 @@ def test_fork_makes_independent_children_of_the_same_key(server: RunningServer, 
     finally:
         for s in [parent, *children]:
             s.kill()
+
+
+def test_pause_kills_running_commands_and_fork_waits_for_none(server: RunningServer, key_a: str) -> None:
+    sbx = Sandbox.create()
+    try:
+        sbx.commands.run("echo kept > /tmp/f")
+        long = sbx.commands.run("sleep 45; echo never", background=True)
+        r = httpx.post(f"{key_a}/sandboxes/{sbx.sandbox_id}/fork", headers={"X-API-KEY": KEY_A}, json={})
+        assert r.status_code == 409 and "running" in r.json()["message"]  # a clone would inherit it
+        sbx.pause()
+        with pytest.raises(CommandExitException):
+            long.wait()  # killed by the pause: it could not be reconnected to after the resume
+        resumed = Sandbox.connect(sbx.sandbox_id)
+        for i in range(20):  # the restored guest answers only what this server asks
+            assert resumed.commands.run(f"echo {i}").stdout == f"{i}\n"
+        assert resumed.commands.run("cat /tmp/f").stdout == "kept\n"
+        sleepers = "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' '\\n' | grep -c '^sleep$' || true"
+        assert resumed.commands.run(sleepers).stdout == "0\n"  # the killed command is gone in the guest
+        children = resumed.fork(count=1)  # no command running now: the fork goes ahead
+        assert [c.commands.run("cat /tmp/f").stdout for c in children] == ["kept\n"]
+        for c in children:
+            c.kill()
+    finally:
+        sbx.kill()
 
 
 def test_snapshot_template_is_private_to_its_key_and_deletable(server: RunningServer, key_a: str) -> None:

@@ -63,6 +63,7 @@ ENVD_VERSION: Final = "0.5.7"
 # Templates we serve; each is a shell sandbox (the code interpreter adds Python/JS contexts on demand).
 TEMPLATES: Final = frozenset({"base", "code-interpreter-v1", "code-interpreter", "code-interpreter-beta"})
 CLIENT_ID: Final = "sbx-serve"
+_COMMAND_GRACE_S: Final = 0.5
 
 
 class SandboxRegistry:
@@ -382,6 +383,9 @@ class SandboxRegistry:
             if record.state == "paused":
                 raise ServeError(f"sandbox {record.sandbox_id!r} is already paused", status=409)
             record.state = "paused"  # daemon requests are refused from now on
+            # Commands cannot be reconnected to after a resume (no Process.Connect), and a restored
+            # guest would answer their exec requests to a host that no longer waits for them.
+            await _stop_commands(record)
             try:
                 _, saved = await self._save(record, "sandboxes", record.sandbox_id)
             except BaseException:
@@ -439,8 +443,7 @@ class SandboxRegistry:
         results: list[SandboxRecord | SandboxError] = []
         async with record.transition:
             self._check_live(record)
-            if record.state != "running":
-                raise ServeError(f"sandbox {record.sandbox_id!r} is paused; resume it first", status=409)
+            _check_quiet(record)
             staging = await asyncio.to_thread(self.store.staging, "sandboxes", record.sandbox_id)
             try:
                 contexts = await save_sandbox(record, staging)
@@ -476,8 +479,7 @@ class SandboxRegistry:
         id, or by ``name``: the newest of the key's templates of that name)."""
         async with record.transition:
             self._check_live(record)
-            if record.state != "running":
-                raise ServeError(f"sandbox {record.sandbox_id!r} is paused; resume it first", status=409)
+            _check_quiet(record)
             _, saved = await self._save(record, "templates", "snap-" + secrets.token_hex(8), name=name)
         self._templates[saved.id] = saved
         logger.info("sandbox %s saved as template %s", record.sandbox_id, saved.id, extra=_ids(record))
@@ -508,6 +510,33 @@ class SandboxRegistry:
             if paused and self._paused.pop(record.sandbox_id, None) is not None:
                 path = self.store.path("sandboxes", record.sandbox_id)
                 await shielded(asyncio.to_thread(self.store.discard, path))
+
+
+def _check_quiet(record: SandboxRecord) -> None:
+    """Fork and snapshot need a running sandbox with no command running: a clone would inherit the
+    command's processes and answer its exec requests to a host that never made them."""
+    if record.state != "running":
+        raise ServeError(f"sandbox {record.sandbox_id!r} is paused; resume it first", status=409)
+    running = sum(1 for task, _ in record.process_tasks.values() if not task.done())
+    if running:
+        raise ServeError(
+            f"sandbox {record.sandbox_id!r} has {running} command(s) running: "
+            "wait for them or kill them first",
+            status=409,
+        )
+
+
+async def _stop_commands(record: SandboxRecord) -> None:
+    """Kill the sandbox's running commands (their clients get a 'killed' end) and wait for them."""
+    tasks = [task for task, _ in record.process_tasks.values() if not task.done()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks)
+        # The guest kills their process trees and sends each run's last frame after the host gave
+        # up on it: let those land on this connection (dropped as late) rather than on the restored
+        # VM's, which would count them as frames for requests it never made.
+        await asyncio.sleep(_COMMAND_GRACE_S)
 
 
 def _ids(record: SandboxRecord) -> dict[str, str | None]:
