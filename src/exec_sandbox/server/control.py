@@ -32,6 +32,7 @@ __all__ = [
     "detail_json",
     "listed_json",
     "openapi_document",
+    "snapshot_json",
 ]
 
 _MAX_LIMIT = 100
@@ -164,7 +165,7 @@ def created_json(r: SandboxRecord) -> dict[str, Any]:
     ).model_dump(by_alias=True)
 
 
-def _snapshot_json(saved: SavedSandbox) -> dict[str, Any]:
+def snapshot_json(saved: SavedSandbox) -> dict[str, Any]:
     names = [saved.id] if saved.name is None else [saved.name, saved.id]
     return SnapshotInfo(snapshot_id=saved.id, names=names).model_dump(by_alias=True)
 
@@ -475,7 +476,7 @@ async def snapshot_sandbox(request: Request) -> Response:
     registry = _registry(request)
     record = registry.get(request.state.owner, request.path_params["sandbox_id"])
     saved = await registry.snapshot_template(record, body.name)
-    return JSONResponse(_snapshot_json(saved), status_code=201)
+    return JSONResponse(snapshot_json(saved), status_code=201)
 
 
 async def list_snapshots(request: Request) -> Response:
@@ -487,7 +488,7 @@ async def list_snapshots(request: Request) -> Response:
     name = request.query_params.get("name")
     if name:
         found = [t for t in found if name in (t.name, t.id)]
-    return JSONResponse([_snapshot_json(t) for t in found])
+    return JSONResponse([snapshot_json(t) for t in found])
 
 
 async def delete_template(request: Request) -> Response:
