@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator, ValidationError
 
-from exec_sandbox.server.control import snapshot_json, openapi_document
+from exec_sandbox.server.control import openapi_document, snapshot_json
 from exec_sandbox.server.persistence import SavedSandbox
 
 
