@@ -29,7 +29,7 @@ from e2b_code_interpreter import Sandbox as CodeSandbox
 
 from tests.integration.conftest import child_processes
 from tests.integration.serve_server import KEY_A, KEY_B, RunningServer, running_server, sdk_env
-from tests.integration.test_serve_cli import _zombie, serve_up
+from tests.integration.test_serve_cli import _free_port, _sbx, _zombie, serve_up
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -112,6 +112,19 @@ def test_paused_sandbox_survives_a_sigkilled_server(tmp_path: Path) -> None:
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out.decode()
     assert key.encode() not in out
+
+
+def test_a_state_dir_serves_one_server_at_a_time(tmp_path: Path) -> None:
+    first, url = serve_up("k1", "--state-dir", str(tmp_path))
+    try:
+        second = _sbx("serve", "--port", str(_free_port()), "--api-key", "k2", "--state-dir", str(tmp_path),
+                      env={"SBX_API_KEYS": ""})
+        out, _ = second.communicate(timeout=60)
+        assert second.returncode != 0 and b"another sbx serve uses the state dir" in out
+        assert httpx.get(url + "/healthz").status_code == 200  # the first one is unharmed
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=60)
 
 
 def test_paused_sandboxes_hold_no_quota_and_resume_needs_room(server: RunningServer, key_a: str) -> None:

@@ -122,7 +122,11 @@ class ServeApp:
             scheduler = Scheduler()
         await scheduler.start()
         registry = SandboxRegistry(scheduler, self.config)
-        registry.start()
+        try:
+            registry.start()  # opens the state dir: refused if another server holds it
+        except BaseException:
+            await scheduler.close()
+            raise
         self.registry = registry
         for sub in (self.control, self.envd, self.interpreter):
             sub.state.registry = registry
