@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import statistics
 import sys
@@ -32,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from bench.density import mem_available_mib, memory_of, vm_children
 from bench.percentile import p95
 from tests.integration.serve_server import KEY_A, running_server, sdk_env
+
+from exec_sandbox.server.logs import configure_logging
 
 
 async def scenario(args: argparse.Namespace) -> dict[str, Any]:
@@ -129,7 +130,9 @@ def main() -> None:
     parser.add_argument("--settle-seconds", type=float, default=5.0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per SDK request otherwise
+    # Logging as `sbx serve --log-format json --log-level warning` sets it up (else the MCP SDK's
+    # rich console handler would render every request's access line, in this same process).
+    configure_logging("json", "warning")
     with running_server(max_sandboxes_per_key=max(args.sandboxes, 1)) as srv, sdk_env(srv.url, KEY_A):
         report = asyncio.run(scenario(args))
     for key, value in report.items():
