@@ -131,6 +131,7 @@ def test_paused_sandboxes_hold_no_quota_and_resume_needs_room(server: RunningSer
     first = Sandbox.create()
     first.commands.run("echo one > /tmp/who")
     first.pause()
+    assert 'sbx_serve_sandboxes{state="paused"} 1.0' in httpx.get(f"{key_a}/metrics").text
     others = [Sandbox.create() for _ in range(3)]  # the quota is 3 running: the paused one is not counted
     try:
         with pytest.raises(RateLimitException):
