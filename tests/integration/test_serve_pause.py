@@ -247,6 +247,26 @@ def test_snapshot_template_is_private_to_its_key_and_deletable(server: RunningSe
     assert {"/sandboxes/{sandboxID}/fork", "/sandboxes/{sandboxID}/snapshots"} <= set(doc["paths"])
 
 
+def test_paused_sandboxes_and_templates_on_disk_are_capped_per_key(tmp_path: Path) -> None:
+    with running_server(max_saved_per_key=1, state_dir=tmp_path) as srv, sdk_env(srv.url, KEY_A):
+        a, b = Sandbox.create(), Sandbox.create()
+        try:
+            a.pause()
+            with pytest.raises(RateLimitException):
+                b.create_snapshot()
+            with pytest.raises(RateLimitException):
+                b.pause()
+            assert b.commands.run("echo still running").stdout == "still running\n"
+            with sdk_env(srv.url, KEY_B):  # the cap is per key
+                Sandbox.create_snapshot(Sandbox.create().sandbox_id)
+            a.kill()
+            b.pause()  # room again
+            assert Sandbox.get_info(b.sandbox_id).state == SandboxState.PAUSED
+        finally:
+            a.kill()
+            b.kill()
+
+
 def test_paused_sandbox_is_deleted_after_its_retention(tmp_path: Path) -> None:
     with running_server(paused_retention_seconds=8, state_dir=tmp_path) as srv, sdk_env(srv.url, KEY_A):
         sbx = Sandbox.create()

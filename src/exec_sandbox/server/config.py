@@ -58,6 +58,9 @@ class ServeConfig(BaseModel):
     paused_retention_seconds: int = Field(
         default=7 * 86400, ge=1, description="a paused sandbox is deleted this long after its pause"
     )
+    max_saved_per_key: int = Field(
+        default=50, ge=1, description="paused sandboxes + snapshot templates a key may keep on disk"
+    )
     max_fork_count: int = Field(default=20, ge=1, description="children one fork request may make")
     log_format: Literal["json", "text"] | None = Field(
         default=None, description="log lines as JSON objects or text (default: text on a TTY, else JSON)"

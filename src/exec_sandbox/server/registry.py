@@ -24,7 +24,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -77,6 +77,7 @@ class SandboxRegistry:
         self._paused: dict[str, SavedSandbox] = {}  # sandbox id -> what is on disk
         self._templates: dict[str, SavedSandbox] = {}  # template id -> snapshot template
         self._template_users: dict[str, int] = {}  # template id -> creations restoring it now
+        self._saving: dict[str, int] = {}  # owner -> pauses / snapshots being written
         self._pending: dict[str, int] = {}  # owner -> creations in flight (they count for the quota)
         self._pending_mb: dict[str, int] = {}  # owner -> MiB of VMs being made
         self._reaper: asyncio.Task[None] | None = None
@@ -375,6 +376,24 @@ class SandboxRegistry:
             await shielded(asyncio.to_thread(self.store.discard, staging))
             raise
 
+    @contextlib.contextmanager
+    def _save_slot(self, owner: str) -> Iterator[None]:
+        """Room on disk for one more paused sandbox or template of ``owner`` (429 when the key keeps
+        ``max_saved_per_key`` already), held while it is written."""
+        limit = self.config.max_saved_per_key
+        kept = sum(1 for r in self._records.values() if r.owner == owner and r.state == "paused")
+        kept += sum(1 for t in self._templates.values() if t.owner == owner)
+        if kept + self._saving.get(owner, 0) >= limit:
+            raise QuotaExceededError(
+                f"quota exceeded: this API key may keep {limit} paused sandboxes and snapshot templates",
+                context={"limit": limit},
+            )
+        self._saving[owner] = self._saving.get(owner, 0) + 1
+        try:
+            yield
+        finally:
+            self._saving[owner] -= 1
+
     async def pause(self, record: SandboxRecord) -> None:
         """Save the sandbox's VMs to disk once their running calls are done, then free them
         (409 if already paused)."""
@@ -382,15 +401,16 @@ class SandboxRegistry:
             self._check_live(record)
             if record.state == "paused":
                 raise ServeError(f"sandbox {record.sandbox_id!r} is already paused", status=409)
-            record.state = "paused"  # daemon requests are refused from now on
-            # Commands cannot be reconnected to after a resume (no Process.Connect), and a restored
-            # guest would answer their exec requests to a host that no longer waits for them.
-            await _stop_commands(record)
-            try:
-                _, saved = await self._save(record, "sandboxes", record.sandbox_id)
-            except BaseException:
-                record.state = "running"
-                raise
+            with self._save_slot(record.owner):
+                record.state = "paused"  # daemon requests are refused from now on
+                try:
+                    # Commands cannot be reconnected to after a resume (no Process.Connect), and a
+                    # restored guest would answer their execs to a host that no longer waits for them.
+                    await _stop_commands(record)
+                    _, saved = await self._save(record, "sandboxes", record.sandbox_id)
+                except BaseException:
+                    record.state = "running"
+                    raise
             record.paused_at = saved.saved_at
             self._paused[record.sandbox_id] = saved
             sessions = record.sessions()
@@ -480,7 +500,8 @@ class SandboxRegistry:
         async with record.transition:
             self._check_live(record)
             _check_quiet(record)
-            _, saved = await self._save(record, "templates", "snap-" + secrets.token_hex(8), name=name)
+            with self._save_slot(record.owner):
+                _, saved = await self._save(record, "templates", "snap-" + secrets.token_hex(8), name=name)
         self._templates[saved.id] = saved
         logger.info("sandbox %s saved as template %s", record.sandbox_id, saved.id, extra=_ids(record))
         return saved
