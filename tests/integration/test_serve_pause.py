@@ -267,6 +267,25 @@ def test_paused_sandboxes_and_templates_on_disk_are_capped_per_key(tmp_path: Pat
             b.kill()
 
 
+def test_auto_pause_at_the_deadline_keeps_the_sandbox(server: RunningServer, key_a: str) -> None:
+    sbx = CodeSandbox.create(timeout=4, lifecycle={"on_timeout": "pause"})
+    try:
+        sbx.run_code("survivor = 'auto-paused'")
+        deadline = time.monotonic() + 60
+        while Sandbox.get_info(sbx.sandbox_id).state != SandboxState.PAUSED:
+            assert time.monotonic() < deadline, "the sandbox was not paused at its deadline"
+            time.sleep(0.3)
+        resumed = CodeSandbox.connect(sbx.sandbox_id, timeout=120)
+        assert resumed.run_code("survivor").text == "'auto-paused'"
+        r = httpx.post(
+            f"{key_a}/sandboxes", headers={"X-API-KEY": KEY_A},
+            json={"templateID": "base", "autoPause": True, "autoPauseMemory": False},
+        )
+        assert r.status_code == 400 and "autoPauseMemory" in r.json()["message"]
+    finally:
+        sbx.kill()
+
+
 def test_paused_sandbox_is_deleted_after_its_retention(tmp_path: Path) -> None:
     with running_server(paused_retention_seconds=8, state_dir=tmp_path) as srv, sdk_env(srv.url, KEY_A):
         sbx = Sandbox.create()

@@ -42,12 +42,18 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
 
+class AutoResume(_Body):
+    enabled: bool = False
+
+
 class NewSandboxBody(_Body):
     template_id: str = Field(alias="templateID", min_length=1, max_length=200)
     timeout: int | None = Field(default=None, ge=0)
     metadata: dict[str, str] | None = None
     env_vars: dict[str, str] | None = Field(default=None, alias="envVars")
     auto_pause: bool = Field(default=False, alias="autoPause")
+    auto_pause_memory: bool = Field(default=True, alias="autoPauseMemory")
+    auto_resume: AutoResume | None = Field(default=None, alias="autoResume")
     secure: bool | None = None
     allow_internet_access: bool | None = None
 
@@ -204,6 +210,7 @@ def openapi_document() -> dict[str, Any]:
         "SandboxForkRequest": ForkBody,
         "SandboxForkResult": ForkResult,
         "CreatedSandbox": CreatedSandbox,  # referred to from SandboxForkResult
+        "AutoResume": AutoResume,  # ... from NewSandbox
         "ErrorBody": ErrorBody,
         "SandboxSnapshotRequest": SnapshotBody,
         "SnapshotInfo": SnapshotInfo,
@@ -343,14 +350,17 @@ async def openapi(request: Request) -> Response:
 
 async def create_sandbox(request: Request) -> Response:
     body: NewSandboxBody = await _body(request, NewSandboxBody)
-    if body.auto_pause:
-        raise ServeError("autoPause is not implemented by sbx serve", status=400)
+    if body.auto_pause and not body.auto_pause_memory:
+        raise BadRequestError("filesystem-only auto-pause (autoPauseMemory: false) is not supported here")
+    if body.auto_resume is not None and body.auto_resume.enabled:
+        raise BadRequestError("autoResume is not supported by sbx serve: connect resumes a paused sandbox")
     record = await _registry(request).create(
         request.state.owner,
         template_id=body.template_id,
         timeout=body.timeout,
         metadata=body.metadata,
         env_vars=body.env_vars,
+        auto_pause=body.auto_pause,
     )
     return JSONResponse(created_json(record), status_code=201)
 

@@ -91,6 +91,7 @@ class SavedSandbox(BaseModel):
     contexts: list[SavedContext] = Field(default_factory=list)
     default_contexts: dict[str, str] = Field(default_factory=dict)
     next_pid: int = 1000
+    auto_pause: bool = False
 
 
 class StateStore:

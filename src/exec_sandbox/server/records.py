@@ -2,7 +2,8 @@
 
 A record's state (guarded by its ``transition`` lock)::
 
-    running --pause--> paused (on disk: its VMs saved, freed) --connect / resume--> running
+    running --pause / deadline with auto_pause--> paused (on disk: its VMs saved, freed)
+    paused --connect / resume--> running
     running | paused --kill / deadline (running only) / retention (paused only) / VM lost--> killed
 
 A paused record has no live session (``live is None``): ``session`` raises, and daemon requests
@@ -56,6 +57,7 @@ class SandboxRecord:
     end_at: float
     memory_mb: int
     state: SandboxState = "running"
+    auto_pause: bool = False  # at its deadline the sandbox is paused (to disk), not killed
     paused_at: float | None = None
     contexts: dict[str, CodeContext] = field(default_factory=dict)
     default_contexts: dict[str, str] = field(default_factory=dict)  # language -> context id

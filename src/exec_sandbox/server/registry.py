@@ -39,9 +39,15 @@ from exec_sandbox.server.errors import (
     UnauthorizedError,
 )
 from exec_sandbox.server.logs import owner_tag
-from exec_sandbox.server.persistence import EntryKind, SavedContext, SavedSandbox, StateStore
+from exec_sandbox.server.persistence import EntryKind, SavedSandbox, StateStore
 from exec_sandbox.server.records import SESSION_IDLE_S, CodeContext, SandboxRecord
-from exec_sandbox.server.snapshotting import restore_sandbox, save_sandbox
+from exec_sandbox.server.snapshotting import (
+    check_quiet,
+    restore_sandbox,
+    save_sandbox,
+    saved_record,
+    stop_commands,
+)
 from smartvm.cleanup import shielded
 
 if TYPE_CHECKING:
@@ -63,7 +69,6 @@ ENVD_VERSION: Final = "0.5.7"
 # Templates we serve; each is a shell sandbox (the code interpreter adds Python/JS contexts on demand).
 TEMPLATES: Final = frozenset({"base", "code-interpreter-v1", "code-interpreter", "code-interpreter-beta"})
 CLIENT_ID: Final = "sbx-serve"
-_COMMAND_GRACE_S: Final = 0.5
 
 
 class SandboxRegistry:
@@ -123,11 +128,22 @@ class SandboxRegistry:
                 if record.transition.locked():
                     continue  # being paused / resumed / forked: looked at next round
                 if record.state == "running" and record.end_at <= now:
-                    await self._kill(record, "timeout")
+                    await self._deadline(record)
                 elif record.state == "running" and record.live is not None and record.live.closed:
                     await self._kill(record, f"session closed ({record.live.close_reason})")
                 elif record.state == "paused" and (record.paused_at or now) + self._retention <= now:
                     await self._kill(record, "paused past its retention")
+
+    async def _deadline(self, record: SandboxRecord) -> None:
+        """Kill the sandbox, or pause it when it was created with ``autoPause`` (killed if that fails)."""
+        if not record.auto_pause:
+            await self._kill(record, "timeout")
+            return
+        try:
+            await self.pause(record)
+        except SandboxError as exc:
+            logger.warning("auto-pause of sandbox %s failed (%s); killing it", record.sandbox_id, exc.message)
+            await self._kill(record, "timeout (auto-pause failed)")
 
     @property
     def _retention(self) -> int:
@@ -247,6 +263,19 @@ class SandboxRegistry:
         timeout: int | None,
         metadata: Mapping[str, str] | None,
         env_vars: Mapping[str, str] | None,
+        auto_pause: bool = False,
+    ) -> SandboxRecord:
+        record = await self._create(owner, template_id, timeout, metadata, env_vars)
+        record.auto_pause = auto_pause
+        return record
+
+    async def _create(
+        self,
+        owner: str,
+        template_id: str,
+        timeout: int | None,
+        metadata: Mapping[str, str] | None,
+        env_vars: Mapping[str, str] | None,
     ) -> SandboxRecord:
         saved = None if template_id in TEMPLATES else self.template(owner, template_id)
         seconds = self._clamp_timeout(timeout)
@@ -344,6 +373,7 @@ class SandboxRegistry:
             contexts={c.id: CodeContext(id=c.id, language=c.language, cwd=c.cwd) for c in saved.contexts},
             default_contexts=dict(saved.default_contexts),
             next_pid=saved.next_pid,
+            auto_pause=saved.auto_pause,
             command_timeout_seconds=self.config.command_timeout_seconds,
             max_upload_bytes=self.config.max_upload_bytes,
             max_contexts=self.config.max_contexts_per_sandbox,
@@ -370,7 +400,7 @@ class SandboxRegistry:
         staging = await asyncio.to_thread(self.store.staging, kind, entry_id)
         try:
             contexts = await save_sandbox(record, staging)
-            saved = _saved(record, entry_id, contexts).model_copy(update={"name": name})
+            saved = saved_record(record, entry_id, contexts).model_copy(update={"name": name})
             return await asyncio.to_thread(self.store.commit, kind, staging, saved), saved
         except BaseException:
             await shielded(asyncio.to_thread(self.store.discard, staging))
@@ -406,7 +436,7 @@ class SandboxRegistry:
                 try:
                     # Commands cannot be reconnected to after a resume (no Process.Connect), and a
                     # restored guest would answer their execs to a host that no longer waits for them.
-                    await _stop_commands(record)
+                    await stop_commands(record)
                     _, saved = await self._save(record, "sandboxes", record.sandbox_id)
                 except BaseException:
                     record.state = "running"
@@ -463,7 +493,7 @@ class SandboxRegistry:
         results: list[SandboxRecord | SandboxError] = []
         async with record.transition:
             self._check_live(record)
-            _check_quiet(record)
+            check_quiet(record)
             staging = await asyncio.to_thread(self.store.staging, "sandboxes", record.sandbox_id)
             try:
                 contexts = await save_sandbox(record, staging)
@@ -484,6 +514,7 @@ class SandboxRegistry:
                         continue
                     child.default_contexts = dict(record.default_contexts)
                     child.next_pid = record.next_pid
+                    child.auto_pause = record.auto_pause
                     results.append(child)
             finally:
                 await shielded(asyncio.to_thread(self.store.discard, staging))
@@ -499,7 +530,7 @@ class SandboxRegistry:
         id, or by ``name``: the newest of the key's templates of that name)."""
         async with record.transition:
             self._check_live(record)
-            _check_quiet(record)
+            check_quiet(record)
             with self._save_slot(record.owner):
                 _, saved = await self._save(record, "templates", "snap-" + secrets.token_hex(8), name=name)
         self._templates[saved.id] = saved
@@ -533,54 +564,9 @@ class SandboxRegistry:
                 await shielded(asyncio.to_thread(self.store.discard, path))
 
 
-def _check_quiet(record: SandboxRecord) -> None:
-    """Fork and snapshot need a running sandbox with no command running: a clone would inherit the
-    command's processes and answer its exec requests to a host that never made them."""
-    if record.state != "running":
-        raise ServeError(f"sandbox {record.sandbox_id!r} is paused; resume it first", status=409)
-    running = sum(1 for task, _ in record.process_tasks.values() if not task.done())
-    if running:
-        raise ServeError(
-            f"sandbox {record.sandbox_id!r} has {running} command(s) running: "
-            "wait for them or kill them first",
-            status=409,
-        )
-
-
-async def _stop_commands(record: SandboxRecord) -> None:
-    """Kill the sandbox's running commands (their clients get a 'killed' end) and wait for them."""
-    tasks = [task for task, _ in record.process_tasks.values() if not task.done()]
-    for task in tasks:
-        task.cancel()
-    if tasks:
-        await asyncio.wait(tasks)
-        # The guest kills their process trees and sends each run's last frame after the host gave
-        # up on it: let those land on this connection (dropped as late) rather than on the restored
-        # VM's, which would count them as frames for requests it never made.
-        await asyncio.sleep(_COMMAND_GRACE_S)
-
-
 def _ids(record: SandboxRecord) -> dict[str, str | None]:
     """Log fields naming the sandbox and its owner (a digest prefix: never the key)."""
     return {"sandbox_id": record.sandbox_id, "owner": owner_tag(record.owner)}
-
-
-def _saved(record: SandboxRecord, entry_id: str, contexts: list[SavedContext]) -> SavedSandbox:
-    return SavedSandbox(
-        id=entry_id,
-        source=record.sandbox_id,
-        owner=record.owner,
-        template_id=record.template_id,
-        metadata=record.metadata,
-        env_vars=record.env_vars,
-        memory_mb=record.memory_mb,
-        started_at=record.started_at,
-        end_at=record.end_at,
-        saved_at=time.time(),
-        contexts=contexts,
-        default_contexts=record.default_contexts,
-        next_pid=record.next_pid,
-    )
 
 
 async def _close_all(sessions: list[Session]) -> None:

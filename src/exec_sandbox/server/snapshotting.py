@@ -1,4 +1,5 @@
-"""A whole ``sbx serve`` sandbox (its shell session and every context VM) to a snapshot dir and back.
+"""A whole ``sbx serve`` sandbox (its shell session and every context VM) to a snapshot dir and back,
+and what must hold around that (no command running into a clone; the record written beside it).
 
 One dir holds ``main/`` and ``ctx-<id>/`` (see :mod:`exec_sandbox.server.persistence`); pause, fork
 and templates all go through :func:`save_sandbox` and :func:`restore_sandbox`.
@@ -7,17 +8,21 @@ and templates all go through :func:`save_sandbox` and :func:`restore_sandbox`.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
-from exec_sandbox.server.persistence import MAIN_SNAPSHOT, SavedContext, context_snapshot_name
+from exec_sandbox.server.errors import ServeError
+from exec_sandbox.server.persistence import MAIN_SNAPSHOT, SavedContext, SavedSandbox, context_snapshot_name
 from exec_sandbox.server.records import SESSION_IDLE_S, CodeContext, SandboxRecord
 
 if TYPE_CHECKING:
     from exec_sandbox.sandbox.scheduler import Scheduler
     from exec_sandbox.sandbox.session import Session
 
-__all__ = ["restore_sandbox", "save_sandbox"]
+__all__ = ["check_quiet", "restore_sandbox", "save_sandbox", "saved_record", "stop_commands"]
+
+_COMMAND_GRACE_S: Final = 0.5
 
 
 async def save_sandbox(record: SandboxRecord, directory: Path) -> list[SavedContext]:
@@ -71,3 +76,50 @@ async def restore_sandbox(
         await asyncio.shield(asyncio.gather(*(s.close() for s in made), return_exceptions=True))
         raise
     return main, restored
+
+
+def check_quiet(record: SandboxRecord) -> None:
+    """Fork and snapshot need a running sandbox with no command running: a clone would inherit the
+    command's processes and answer its exec requests to a host that never made them."""
+    if record.state != "running":
+        raise ServeError(f"sandbox {record.sandbox_id!r} is paused; resume it first", status=409)
+    running = sum(1 for task, _ in record.process_tasks.values() if not task.done())
+    if running:
+        raise ServeError(
+            f"sandbox {record.sandbox_id!r} has {running} command(s) running: "
+            "wait for them or kill them first",
+            status=409,
+        )
+
+
+async def stop_commands(record: SandboxRecord) -> None:
+    """Kill the sandbox's running commands (their clients get a 'killed' end) and wait for them."""
+    tasks = [task for task, _ in record.process_tasks.values() if not task.done()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks)
+        # The guest kills their process trees and sends each run's last frame after the host gave
+        # up on it: let those land on this connection (dropped as late) rather than on the restored
+        # VM's, which would count them as frames for requests it never made.
+        await asyncio.sleep(_COMMAND_GRACE_S)
+
+
+def saved_record(record: SandboxRecord, entry_id: str, contexts: list[SavedContext]) -> SavedSandbox:
+    """What is written beside the snapshots of ``record`` (no token: a new one is made on restore)."""
+    return SavedSandbox(
+        id=entry_id,
+        source=record.sandbox_id,
+        owner=record.owner,
+        template_id=record.template_id,
+        metadata=record.metadata,
+        env_vars=record.env_vars,
+        memory_mb=record.memory_mb,
+        started_at=record.started_at,
+        end_at=record.end_at,
+        saved_at=time.time(),
+        contexts=contexts,
+        default_contexts=record.default_contexts,
+        next_pid=record.next_pid,
+        auto_pause=record.auto_pause,
+    )
