@@ -9,7 +9,7 @@ The server runs in this process (uvicorn in a thread, 127.0.0.1); ``--sandboxes`
 ``--create-concurrency`` at a time (a refusal such as 429/503 is counted, not retried), then every
 client runs ``--commands`` ``echo`` commands on sandboxes picked round-robin. Host memory is read
 before, with all sandboxes idle, and after the commands: MemAvailable and the PSS of every guest
-QEMU (this process's children).
+QEMU (this process's children); and the CPU time per command of the guests and of this process.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from bench.density import mem_available_mib, memory_of, vm_children
 from bench.percentile import p95
+from bench.procfs import cpu_ticks
 from tests.integration.serve_server import KEY_A, running_server, sdk_env
 
 from exec_sandbox.server.logs import configure_logging
@@ -74,10 +75,16 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             latencies.append((time.perf_counter() - t) * 1000)
 
+    guests = [pid for pid, name in vm_children() if name.startswith("qemu-system")]
+    cpu0 = _cpu_s(guests)
     t1 = time.perf_counter()
     if boxes:
         await asyncio.gather(*(client(i) for i in range(args.clients)))
     commands_s = time.perf_counter() - t1
+    cpu1 = _cpu_s(guests)
+    per_command = {
+        k: round((cpu1[k] - cpu0[k]) * 1000 / max(len(latencies), 1), 1) for k in ("guests", "this_process")
+    }
     busy = _host_memory(mem_before)
     await asyncio.gather(*(b.kill() for b in boxes))
     ordered = sorted(latencies)
@@ -90,6 +97,7 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
         "command_median_ms": round(statistics.median(ordered), 1) if ordered else None,
         "command_p95_ms": round(p95(ordered), 1) if ordered else None,
         "failures": dict(failures),
+        "cpu_ms_per_command": per_command,
         "host_mem_idle": idle,
         "host_mem_after_commands": busy,
         "loadavg": os.getloadavg(),
@@ -101,6 +109,19 @@ def _kind(exc: BaseException) -> str:
     text = str(exc)
     code = next((c for c in ("429", "502", "503", "500", "504") if c in text[:80]), None)
     return f"{type(exc).__name__}{f' {code}' if code else ''}"
+
+
+def _cpu_s(guests: list[int]) -> dict[str, float]:
+    """CPU seconds used so far by the guests' QEMUs and by this process (server + SDK clients)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in guests:
+        try:
+            total += cpu_ticks(pid)
+        except OSError:
+            pass
+    me = os.times()
+    return {"guests": total / hz, "this_process": me.user + me.system}
 
 
 def _host_memory(mem_before: float) -> dict[str, Any]:
