@@ -87,3 +87,12 @@ def test_leftovers_of_a_killed_server_are_removed_not_loaded(tmp_path: Path) -> 
         assert good.exists() and not bad.exists() and not wrong.exists()
     finally:
         again.close()
+
+
+def test_an_unsafe_state_dir_is_refused_with_the_field_named(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)  # others may write here: the state dir below it is not private
+    with pytest.raises(SandboxPermanentError) as refused:
+        StateStore(shared / "state").open()
+    assert refused.value.context["field"] == "state_dir"

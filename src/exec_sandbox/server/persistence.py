@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from exec_sandbox.errors import SandboxPermanentError
 from exec_sandbox.models import Language
-from smartvm.hostfs import atomic_write_file, ensure_private_dir, open_private_dir, remove_at
+from smartvm.hostfs import UnsafePathError, atomic_write_file, ensure_private_dir, open_private_dir, remove_at
 
 __all__ = [
     "ENTRY_ID_RE",
@@ -105,7 +105,12 @@ class StateStore:
         """Create/verify the dirs, take the state dir's lock, remove what a killed server left."""
         if self._lock_fd is not None:
             return
-        ensure_private_dir(self.root)
+        try:
+            ensure_private_dir(self.root)
+        except UnsafePathError as exc:
+            raise SandboxPermanentError(
+                f"unusable state dir: {exc.message}", context={"field": "state_dir", "value": str(self.root)}
+            ) from exc
         fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
