@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,7 +32,9 @@ def _sbx(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[byte
     """``sbx serve ...`` as a subprocess (its state dir a fresh temp dir unless ``--state-dir`` given)."""
     full_env = {**os.environ, "PYTHONPATH": SRC, **(env or {})}
     if args[:1] == ("serve",) and "--state-dir" not in args:
-        args = (*args, "--state-dir", tempfile.mkdtemp(prefix="sbx-state-"))
+        state = tempfile.mkdtemp(prefix="sbx-state-")
+        atexit.register(shutil.rmtree, state, True)
+        args = (*args, "--state-dir", state)
     return subprocess.Popen(
         [sys.executable, "-c", "from exec_sandbox.cli import main; main()", *args],
         env=full_env,
