@@ -1,6 +1,6 @@
-"""A command the client gives up on at once (disconnect or kill right after its start event) is
-killed in the guest, however young: the cancel may overtake the run in the guest agent, which
-remembers it. Checked in the guest's own process table, not just by the server's bookkeeping."""
+"""A command killed right after its start event is killed in the guest, however young (the kill may
+overtake the run in the guest agent, which remembers it). Checked in the guest's own process table,
+not just by the server's bookkeeping."""
 
 from __future__ import annotations
 
@@ -35,14 +35,11 @@ def _wait_no_sleepers(sbx: Sandbox) -> None:
         time.sleep(0.2)
 
 
-def test_early_disconnect_and_early_kill_stop_the_command_in_the_guest(server: RunningServer) -> None:
+def test_an_early_kill_stops_the_command_in_the_guest(server: RunningServer) -> None:
     sbx = Sandbox.create()
     try:
         assert sbx.commands.run(_COUNT).stdout.strip() == "0"
-        for _ in range(3):
-            sbx.commands.run("sleep 61", background=True).disconnect()
-        _wait_no_sleepers(sbx)
-        for _ in range(3):
+        for _ in range(5):
             handle = sbx.commands.run("sleep 61", background=True)
             assert sbx.commands.kill(handle.pid) is True
             with pytest.raises(CommandExitException):
