@@ -33,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from bench.percentile import p95
 from tests.integration.serve_server import KEY_A, running_server, sdk_env
 
+from exec_sandbox.server.logs import configure_logging
+
 
 def _stats(samples: list[float]) -> dict[str, float]:
     ordered = sorted(samples)
@@ -130,6 +132,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    # Logging as `sbx serve --log-format json --log-level warning` sets it up (else the MCP SDK's
+    # rich console handler would render every request's access line, in this same process).
+    configure_logging("json", "warning")
     sdk = bench_sdk(args.n, args.clients)
     api = asyncio.run(bench_api(args.n, args.clients))
     ratios = {

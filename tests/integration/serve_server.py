@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -39,7 +41,17 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def running_server(**overrides: object) -> Iterator[RunningServer]:
-    """Start the server with keys A and B; stop it (killing every sandbox) on exit."""
+    """Start the server with keys A and B; stop it (killing every sandbox) on exit. Its state dir is a
+    fresh temp dir (removed after) unless ``state_dir`` is given."""
+    with contextlib.ExitStack() as stack:
+        if "state_dir" not in overrides:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="sbx-state-"))
+            overrides["state_dir"] = Path(tmp)
+        yield stack.enter_context(_running(overrides))
+
+
+@contextlib.contextmanager
+def _running(overrides: dict[str, object]) -> Iterator[RunningServer]:
     port = _free_port()
     config = load_serve_config(api_keys=[KEY_A, KEY_B], environ={}, host="127.0.0.1", port=port, **overrides)
     app = create_app(config)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +29,12 @@ def _free_port() -> int:
 
 
 def _sbx(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """``sbx serve ...`` as a subprocess (its state dir a fresh temp dir unless ``--state-dir`` given)."""
     full_env = {**os.environ, "PYTHONPATH": SRC, **(env or {})}
+    if args[:1] == ("serve",) and "--state-dir" not in args:
+        state = tempfile.mkdtemp(prefix="sbx-state-")
+        atexit.register(shutil.rmtree, state, True)
+        args = (*args, "--state-dir", state)
     return subprocess.Popen(
         [sys.executable, "-c", "from exec_sandbox.cli import main; main()", *args],
         env=full_env,
@@ -45,6 +53,15 @@ def _wait_up(url: str, proc: subprocess.Popen[bytes]) -> None:
         except httpx.TransportError:
             time.sleep(0.2)
     pytest.fail("sbx serve did not come up")
+
+
+def serve_up(key: str, *args: str) -> tuple[subprocess.Popen[bytes], str]:
+    """``sbx serve`` with the one API key ``key`` (and ``args``) on a free port, up; (process, url)."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _sbx("serve", "--port", str(port), "--api-key", key, *args, env={"SBX_API_KEYS": ""})
+    _wait_up(url, proc)
+    return proc, url
 
 
 def test_serve_refuses_to_start_without_keys() -> None:

@@ -65,7 +65,7 @@ from exec_sandbox.validation import validate_language
 from exec_sandbox.vm.fork import fork_vm
 from exec_sandbox.vm.sandbox_vm import BootLogCallback, SandboxVm
 from exec_sandbox.vm.snapshots import SnapshotCache, warm_vm
-from exec_sandbox.vm.spec import VmOptions
+from exec_sandbox.vm.spec import VmOptions, read_snapshot_dir
 from exec_sandbox.vm_manager import VmManager
 
 __all__ = ["BACKGROUND_NICE", "SchedulerState", "VmLease", "VmProvisioner"]
@@ -292,6 +292,24 @@ class VmProvisioner:
             vm=clone,
             grant=grant,
             cgroup=self._attach_cgroup(clone, memory_mb),
+            restored_from_snapshot=True,
+        )
+
+    async def _provision_restore(self, directory: Path) -> VmLease:
+        """A VM restored from the snapshot ``directory`` (``Session.save``), with its own capacity."""
+        options, _, _ = await asyncio.to_thread(read_snapshot_dir, directory)
+        grant = await self.admission.acquire(options.memory_mb, options.vcpus)
+        try:
+            vm = await SandboxVm.restore_from(
+                directory, settings=self.settings, runtime_dir=self._runtime_dir
+            )
+        except BaseException:
+            grant.release()
+            raise
+        return VmLease(
+            vm=vm,
+            grant=grant,
+            cgroup=self._attach_cgroup(vm, options.memory_mb),
             restored_from_snapshot=True,
         )
 

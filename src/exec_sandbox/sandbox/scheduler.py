@@ -249,7 +249,6 @@ class Scheduler(VmProvisioner, AsyncService):
 
     # ------------------------------------------------------------------ lifecycle
 
-
     async def start(self) -> None:
         """Size admission from the host, start the overlay pool (and its storage daemon). Idempotent."""
         async with self._lifecycle_lock:
@@ -561,6 +560,29 @@ class Scheduler(VmProvisioner, AsyncService):
         # burning CPU (work its code left running) counts against the CPU budget again.
         lease.grant.meter_cpu(lease.vm.cpu_seconds)
         return session
+
+    async def restore_session(
+        self,
+        directory: Path,
+        *,
+        env_vars: Mapping[str, str] | None = None,
+        idle_timeout_seconds: float | None = None,
+    ) -> Session:
+        """A new session from a snapshot made by :meth:`Session.save` (language, memory, interpreter
+        state and files as saved; RNG reseeded). ``directory`` stays; it may be restored again."""
+        idle = validate_timeout(
+            idle_timeout_seconds or self.config.session_idle_timeout_seconds, max_seconds=86400.0,
+            field="idle_timeout_seconds",
+        )
+        env = validate_env_vars(env_vars)
+        self._require_running("restore a session in")
+        inner = asyncio.get_running_loop().create_task(self._restore(Path(directory), env, idle))
+        session: Session = await self._await_tracked(inner, None)
+        return session
+
+    async def _restore(self, directory: Path, env: dict[str, str], idle: float) -> Session:
+        lease = await self._provision_restore(directory)
+        return await self._new_session(lease, lease.vm.language, lease.vm.options.memory_mb, env, idle)
 
     async def _fork_session(self, parent: Session) -> Session:
         """``parent.fork()``: reserve capacity, clone the VM while the session is quiet, wrap it."""

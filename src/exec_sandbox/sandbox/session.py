@@ -22,6 +22,9 @@ Lifecycle (:class:`SessionState`)::
   session with its own VM (and its own admission capacity, idle timeout and lifecycle); from the
   fork point on the two diverge, and the clone's RNG is reseeded so they draw different random
   numbers. The parent is paused only while its snapshot is taken.
+- :meth:`save` writes the session's VM (memory, device state and disk) to a snapshot directory
+  while the session is quiet; :meth:`Scheduler.restore_session` makes a new session from one
+  (e.g. to pause a sandbox to disk and resume it later, in another process).
 - Timeout: the exec returns ``exit_code == -1``, ``timed_out=True`` and a stderr note; the guest
   restarts the interpreter, so the session stays usable but its interpreter state is lost (the note
   says so). Files survive.
@@ -302,6 +305,13 @@ class Session(AsyncClosing):
                 context={"vm_id": self.vm_id},
             )
         return await self._fork(self)
+
+    async def save(self, directory: Path) -> Path:
+        """Snapshot the session's VM (memory + disk) into ``directory`` (must not exist) once the
+        running call is done; the session goes on. Restore it with ``Scheduler.restore_session``.
+        The directory holds guest memory: put it in a private (0700) place."""
+        async with self.exclusive() as vm:
+            return await vm.save_snapshot(directory)
 
     # ------------------------------------------------------------------ files
 

@@ -32,14 +32,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from exec_sandbox.errors import SandboxError, SandboxInputError, SandboxTransientError, VmCapacityError
+from exec_sandbox.errors import SandboxError
 from exec_sandbox.server import metrics
 from exec_sandbox.server.config import ServeConfig
 from exec_sandbox.server.control import control_routes
 from exec_sandbox.server.envd import CURRENT_SANDBOX, connect_apps
-from exec_sandbox.server.errors import NotFoundError, ServeError
+from exec_sandbox.server.errors import NotFoundError, ServeError, status_for
 from exec_sandbox.server.files import envd_routes
 from exec_sandbox.server.interpreter import interpreter_routes
+from exec_sandbox.server.logs import RequestLog
 from exec_sandbox.server.mcp import McpSandboxTools, build_mcp_server
 from exec_sandbox.server.registry import SandboxRegistry
 
@@ -61,21 +62,9 @@ _CONNECT_CODES: Final = {
 }
 
 
-def _status_for(exc: SandboxError) -> int:
-    if isinstance(exc, ServeError):
-        return exc.status
-    if isinstance(exc, SandboxInputError):
-        return 400
-    if isinstance(exc, VmCapacityError):
-        return 503
-    if isinstance(exc, SandboxTransientError):
-        return 503
-    return 500
-
-
 async def _sandbox_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, SandboxError)
-    status = _status_for(exc)
+    status = status_for(exc)
     if status >= 500:
         logger.warning("%s %s failed: %r", request.method, request.url.path, exc)
     return JSONResponse({"code": status, "message": exc.message}, status_code=status)
@@ -133,7 +122,11 @@ class ServeApp:
             scheduler = Scheduler()
         await scheduler.start()
         registry = SandboxRegistry(scheduler, self.config)
-        registry.start()
+        try:
+            registry.start()  # opens the state dir: refused if another server holds it
+        except BaseException:
+            await scheduler.close()
+            raise
         self.registry = registry
         for sub in (self.control, self.envd, self.interpreter):
             sub.state.registry = registry
@@ -168,13 +161,26 @@ class ServeApp:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         sandbox_id = headers.get("e2b-sandbox-id")
         started = time.perf_counter()
+        log = RequestLog(scope["method"], scope["path"], sandbox_id, headers.get("x-request-id"))
+        scope.setdefault("state", {})["log"] = log
+        token = log.enter()
+
+        async def send_logged(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                log.status = message["status"]
+                extra = [(b"x-request-id", log.request_id.encode())]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
         try:
             if sandbox_id is None:
-                await self._control(scope, receive, send, headers)
+                await self._control(scope, receive, send_logged, headers)
             else:
-                await self._sandbox(scope, receive, send, headers, sandbox_id)
+                await self._sandbox(scope, receive, send_logged, headers, sandbox_id)
         finally:
             metrics.observe_request(scope, started)
+            log.finish()
+            RequestLog.leave(token)
 
     async def _control(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
         path: str = scope["path"]
@@ -189,7 +195,8 @@ class ServeApp:
         if owner is None:
             await _error(send, 401, "missing or invalid API key (X-API-KEY)")
             return
-        scope.setdefault("state", {})["owner"] = owner
+        scope["state"]["owner"] = owner
+        scope["state"]["log"].set_owner(owner)
         await (self.mcp_app if is_mcp else self.control)(scope, receive, send)
 
     async def _sandbox(
@@ -211,6 +218,7 @@ class ServeApp:
         except ServeError as exc:
             await _error(send, exc.status, exc.message, connect=connect is not None)
             return
+        scope["state"]["log"].set_owner(record.owner)
         CURRENT_SANDBOX.set(record)
         if headers.get("e2b-sandbox-port") == str(JUPYTER_PORT):
             await self.interpreter(scope, receive, send)

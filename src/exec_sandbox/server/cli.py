@@ -32,7 +32,19 @@ KEEP_ALIVE_S = 75
 @click.option(
     "--max-memory-mb-per-key", type=int, default=None, help="Guest RAM (MiB) a key may hold (default: no cap)"
 )
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where paused sandboxes and snapshot templates are kept (default: the user state dir).",
+)
 @click.option("--log-level", default="info", show_default=True)
+@click.option(
+    "--log-format",
+    type=click.Choice(["json", "text"]),
+    default=None,
+    help="One JSON object per line, or text (default: text on a terminal, else JSON).",
+)
 def serve(
     host: str | None,
     port: int | None,
@@ -40,7 +52,9 @@ def serve(
     config_file: Path | None,
     max_sandboxes_per_key: int | None,
     max_memory_mb_per_key: int | None,
+    state_dir: Path | None,
     log_level: str,
+    log_format: str | None,
 ) -> None:
     """Serve the E2B API (control plane, envd, code interpreter) on this machine's microVMs."""
     import uvicorn
@@ -48,6 +62,7 @@ def serve(
     from exec_sandbox.errors import SandboxError
     from exec_sandbox.server.app import create_app
     from exec_sandbox.server.config import API_KEYS_ENV, load_serve_config
+    from exec_sandbox.server.logs import configure_logging, default_log_format
 
     try:
         config = load_serve_config(
@@ -57,6 +72,8 @@ def serve(
             port=port,
             max_sandboxes_per_key=max_sandboxes_per_key,
             max_memory_mb_per_key=max_memory_mb_per_key,
+            state_dir=state_dir,
+            log_format=log_format,
         )
     except SandboxError as exc:
         click.echo(f"sbx serve: {exc}", err=True)
@@ -72,11 +89,14 @@ def serve(
             f"sbx serve: no API key: pass --api-key KEY, set ${API_KEYS_ENV} or use --config", err=True
         )
         sys.exit(2)
+    configure_logging(config.log_format or default_log_format(), log_level)
     uvicorn.run(
         create_app(config),
         host=config.host,
         port=config.port,
         log_level=log_level,
+        log_config=None,  # our handler (configure_logging) formats uvicorn's lines too
+        access_log=False,  # our per-request line (with sandbox, owner, duration) is the access log
         lifespan="on",
         timeout_graceful_shutdown=10,
         # Longer than the SDKs' pooled-connection expiry (httpx: 5 s), so the server never closes a

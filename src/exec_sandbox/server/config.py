@@ -13,8 +13,9 @@ import os
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
+import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from exec_sandbox.errors import SandboxInputError
@@ -51,6 +52,24 @@ class ServeConfig(BaseModel):
     max_upload_bytes: int = Field(default=100 * _MIB, ge=1)
     max_contexts_per_sandbox: int = Field(default=4, ge=1)
     reap_interval_seconds: float = Field(default=0.5, gt=0)
+    state_dir: Path | None = Field(
+        default=None, description="paused sandboxes and snapshot templates (default: the user state dir)"
+    )
+    paused_retention_seconds: int = Field(
+        default=7 * 86400, ge=1, description="a paused sandbox is deleted this long after its pause"
+    )
+    max_saved_per_key: int = Field(
+        default=50, ge=1, description="paused sandboxes + snapshot templates a key may keep on disk"
+    )
+    max_fork_count: int = Field(default=20, ge=1, description="children one fork request may make")
+    log_format: Literal["json", "text"] | None = Field(
+        default=None, description="log lines as JSON objects or text (default: text on a TTY, else JSON)"
+    )
+
+    def resolved_state_dir(self) -> Path:
+        if self.state_dir is not None:
+            return self.state_dir
+        return Path(platformdirs.user_state_dir("exec-sandbox")) / "serve"
 
     @field_validator("api_key_hashes")
     @classmethod

@@ -17,7 +17,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from exec_sandbox.server.errors import BadRequestError, ServeError
+from exec_sandbox.server.errors import BadRequestError, ServeError, status_for
+from exec_sandbox.server.persistence import SavedSandbox
 from exec_sandbox.server.registry import CLIENT_ID, ENVD_VERSION, SandboxRecord, SandboxRegistry
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "detail_json",
     "listed_json",
     "openapi_document",
+    "snapshot_json",
 ]
 
 _MAX_LIMIT = 100
@@ -40,12 +42,18 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
 
+class AutoResume(_Body):
+    enabled: bool = False
+
+
 class NewSandboxBody(_Body):
     template_id: str = Field(alias="templateID", min_length=1, max_length=200)
     timeout: int | None = Field(default=None, ge=0)
     metadata: dict[str, str] | None = None
     env_vars: dict[str, str] | None = Field(default=None, alias="envVars")
     auto_pause: bool = Field(default=False, alias="autoPause")
+    auto_pause_memory: bool = Field(default=True, alias="autoPauseMemory")
+    auto_resume: AutoResume | None = Field(default=None, alias="autoResume")
     secure: bool | None = None
     allow_internet_access: bool | None = None
 
@@ -60,6 +68,20 @@ class ConnectBody(_Body):
 
 class RefreshBody(_Body):
     duration: int | None = Field(default=None, ge=0, le=3600)
+
+
+class ForkBody(_Body):
+    """E2B's ``SandboxForkRequest``: ``count`` clones (memory + disk) living ``timeout`` seconds."""
+
+    timeout: int | None = Field(default=None, ge=0)
+    count: int = Field(default=1, ge=1, le=100)
+
+
+class SnapshotBody(_Body):
+    """E2B's ``SandboxSnapshotRequest``; only memory snapshots (``memory`` true) are made here."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    memory: bool | None = None
 
 
 async def _body(request: Request, model: type[BaseModel]) -> Any:
@@ -126,6 +148,20 @@ class ErrorBody(_Out):
     message: str
 
 
+class ForkResult(_Out):
+    """E2B's ``SandboxForkResult``: exactly one of ``sandbox`` and ``error``."""
+
+    sandbox: CreatedSandbox | None = None
+    error: ErrorBody | None = None
+
+
+class SnapshotInfo(_Out):
+    """E2B's ``SnapshotInfo``: the id to pass as ``templateID`` to create, and its names."""
+
+    snapshot_id: str = Field(alias="snapshotID")
+    names: list[str]
+
+
 def created_json(r: SandboxRecord) -> dict[str, Any]:
     return CreatedSandbox(
         template_id=r.template_id,
@@ -133,6 +169,11 @@ def created_json(r: SandboxRecord) -> dict[str, Any]:
         envd_access_token=r.envd_access_token,
         traffic_access_token=r.envd_access_token,
     ).model_dump(by_alias=True)
+
+
+def snapshot_json(saved: SavedSandbox) -> dict[str, Any]:
+    names = [saved.id] if saved.name is None else [saved.name, saved.id]
+    return SnapshotInfo(snapshot_id=saved.id, names=names).model_dump(by_alias=True)
 
 
 def _listed_fields(r: SandboxRecord) -> dict[str, Any]:
@@ -166,6 +207,13 @@ def openapi_document() -> dict[str, Any]:
         "TimeoutRequest": TimeoutBody,
         "ConnectSandbox": ConnectBody,
         "RefreshRequest": RefreshBody,
+        "SandboxForkRequest": ForkBody,
+        "SandboxForkResult": ForkResult,
+        "CreatedSandbox": CreatedSandbox,  # referred to from SandboxForkResult
+        "AutoResume": AutoResume,  # ... from NewSandbox
+        "ErrorBody": ErrorBody,
+        "SandboxSnapshotRequest": SnapshotBody,
+        "SnapshotInfo": SnapshotInfo,
         "Error": ErrorBody,
     }
     schemas = {
@@ -253,6 +301,41 @@ def openapi_document() -> dict[str, Any]:
                 }
             },
             "/v2/sandboxes/{sandboxID}/connect": {"post": connect},
+            "/sandboxes/{sandboxID}/fork": {
+                "post": {
+                    "summary": "Clone a running sandbox (memory + disk) into count new ones of the same key",
+                    "parameters": sid,
+                    "requestBody": body("SandboxForkRequest"),
+                    "responses": {
+                        **answer("201", "SandboxForkResult", array=True), **answer("409", "Error"), **errors
+                    },
+                }
+            },
+            "/sandboxes/{sandboxID}/snapshots": {
+                "post": {
+                    "summary": "Save a running sandbox (memory + disk) as a template: create restores it",
+                    "parameters": sid,
+                    "requestBody": body("SandboxSnapshotRequest"),
+                    "responses": {**answer("201", "SnapshotInfo"), **answer("409", "Error"), **errors},
+                }
+            },
+            "/snapshots": {
+                "get": {
+                    "parameters": [
+                        {"name": n, "in": "query", "schema": {"type": "string"}}
+                        for n in ("sandboxID", "name")
+                    ],
+                    "responses": {**answer("200", "SnapshotInfo", array=True), **errors},
+                }
+            },
+            "/templates/{templateID}": {
+                "delete": {
+                    "parameters": [
+                        {"name": "templateID", "in": "path", "required": True, "schema": {"type": "string"}}
+                    ],
+                    "responses": {**answer("204", None), **answer("409", "Error"), **errors},
+                }
+            },
         },
         "components": {
             "schemas": schemas,
@@ -267,14 +350,17 @@ async def openapi(request: Request) -> Response:
 
 async def create_sandbox(request: Request) -> Response:
     body: NewSandboxBody = await _body(request, NewSandboxBody)
-    if body.auto_pause:
-        raise ServeError("autoPause is not implemented by sbx serve", status=400)
+    if body.auto_pause and not body.auto_pause_memory:
+        raise BadRequestError("filesystem-only auto-pause (autoPauseMemory: false) is not supported here")
+    if body.auto_resume is not None and body.auto_resume.enabled:
+        raise BadRequestError("autoResume is not supported by sbx serve: connect resumes a paused sandbox")
     record = await _registry(request).create(
         request.state.owner,
         template_id=body.template_id,
         timeout=body.timeout,
         metadata=body.metadata,
         env_vars=body.env_vars,
+        auto_pause=body.auto_pause,
     )
     return JSONResponse(created_json(record), status_code=201)
 
@@ -378,9 +464,46 @@ async def resume_sandbox(request: Request) -> Response:
     return JSONResponse(created_json(record), status_code=201)
 
 
-async def not_implemented(request: Request) -> Response:
-    _registry(request).get(request.state.owner, request.path_params["sandbox_id"])  # 404 first
-    raise ServeError(f"{request.method} {request.url.path} is not implemented by sbx serve", status=501)
+async def fork_sandbox(request: Request) -> Response:
+    """One result per requested fork: a new sandbox, or the error that fork met (E2B's shape)."""
+    body: ForkBody = await _body(request, ForkBody)
+    registry = _registry(request)
+    record = registry.get(request.state.owner, request.path_params["sandbox_id"])
+    results = []
+    for made in await registry.fork(record, body.count, body.timeout):
+        if isinstance(made, SandboxRecord):
+            results.append({"sandbox": created_json(made)})
+        else:
+            status = status_for(made)
+            results.append({"error": {"code": status, "message": made.message}})
+    return JSONResponse(results, status_code=201)
+
+
+async def snapshot_sandbox(request: Request) -> Response:
+    body: SnapshotBody = await _body(request, SnapshotBody)
+    if body.memory is False:
+        raise BadRequestError("filesystem-only snapshots (memory: false) are not supported by sbx serve")
+    registry = _registry(request)
+    record = registry.get(request.state.owner, request.path_params["sandbox_id"])
+    saved = await registry.snapshot_template(record, body.name)
+    return JSONResponse(snapshot_json(saved), status_code=201)
+
+
+async def list_snapshots(request: Request) -> Response:
+    """The caller's snapshot templates (``sandboxID`` / ``name`` filters), oldest first."""
+    found = _registry(request).templates(request.state.owner)
+    source = request.query_params.get("sandboxID")
+    if source:
+        found = [t for t in found if t.source == source]
+    name = request.query_params.get("name")
+    if name:
+        found = [t for t in found if name in (t.name, t.id)]
+    return JSONResponse([snapshot_json(t) for t in found])
+
+
+async def delete_template(request: Request) -> Response:
+    await _registry(request).delete_template(request.state.owner, request.path_params["template_id"])
+    return Response(status_code=204)
 
 
 def control_routes() -> list[Route]:
@@ -399,6 +522,8 @@ def control_routes() -> list[Route]:
         Route("/openapi.json", openapi, methods=["GET"]),
         Route(sid + "/pause", pause_sandbox, methods=["POST"]),
         Route(sid + "/resume", resume_sandbox, methods=["POST"]),
-        Route(sid + "/fork", not_implemented, methods=["POST"]),
-        Route(sid + "/snapshots", not_implemented, methods=["POST"]),
+        Route(sid + "/fork", fork_sandbox, methods=["POST"]),
+        Route(sid + "/snapshots", snapshot_sandbox, methods=["POST"]),
+        Route("/snapshots", list_snapshots, methods=["GET"]),
+        Route("/templates/{template_id}", delete_template, methods=["DELETE"]),
     ]

@@ -14,9 +14,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from exec_sandbox.errors import SandboxError
+from exec_sandbox.errors import SandboxError, SandboxInputError, SandboxTransientError
 
-__all__ = ["BadRequestError", "NotFoundError", "QuotaExceededError", "ServeError", "UnauthorizedError"]
+__all__ = [
+    "BadRequestError",
+    "NotFoundError",
+    "QuotaExceededError",
+    "ServeError",
+    "UnauthorizedError",
+    "status_for",
+]
 
 
 class ServeError(SandboxError):
@@ -47,3 +54,14 @@ class QuotaExceededError(ServeError):
 
 class BadRequestError(ServeError):
     status = 400
+
+
+def status_for(exc: SandboxError) -> int:
+    """The HTTP status an error of ours is reported as (a VM that could not be made now: 503)."""
+    if isinstance(exc, ServeError):
+        return exc.status
+    if isinstance(exc, SandboxInputError):
+        return 400
+    if isinstance(exc, SandboxTransientError):  # VmCapacityError included
+        return 503
+    return 500

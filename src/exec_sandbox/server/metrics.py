@@ -61,6 +61,7 @@ class SandboxCounts(Protocol):
 
     def count(self) -> int: ...
     def creating(self) -> int: ...
+    def paused_count(self) -> int: ...
 
 
 class _SandboxCollector(Collector):
@@ -71,6 +72,7 @@ class _SandboxCollector(Collector):
         g = GaugeMetricFamily("sbx_serve_sandboxes", "Sandboxes by state", labels=["state"])
         g.add_metric(["running"], self.registry.count() if self.registry is not None else 0)
         g.add_metric(["creating"], self.registry.creating() if self.registry is not None else 0)
+        g.add_metric(["paused"], self.registry.paused_count() if self.registry is not None else 0)
         yield g
 
 
