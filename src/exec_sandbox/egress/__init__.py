@@ -56,20 +56,44 @@ TLS only), Host checks inside non-terminated TLS (SNI is checked; the encrypted 
 
 from __future__ import annotations
 
-from exec_sandbox.egress.accounting import EgressLog, EgressLogEntry, EgressStats
-from exec_sandbox.egress.gateway import EgressGateway
-from exec_sandbox.egress.policy import (
-    EgressLimits,
-    EgressPolicy,
-    Secret,
-    SecretPlaceholders,
-    forbidden_reason,
-    is_forbidden_address,
-    normalize_hostname,
-)
-from exec_sandbox.egress.proxy import EgressProxy, ProxyAddresses
-from exec_sandbox.egress.resolver import DnsServer, DnsUpstream, EgressResolver, Resolution, SystemUpstream
-from exec_sandbox.egress.secrets import SandboxCA
+from typing import TYPE_CHECKING
+
+from smartvm.lazy_exports import lazy_exports
+
+if TYPE_CHECKING:
+    from exec_sandbox.egress.accounting import EgressLog, EgressLogEntry, EgressStats
+    from exec_sandbox.egress.gateway import EgressGateway
+    from exec_sandbox.egress.policy import (
+        EgressLimits,
+        EgressPolicy,
+        Secret,
+        SecretPlaceholders,
+        forbidden_reason,
+        is_forbidden_address,
+        normalize_hostname,
+    )
+    from exec_sandbox.egress.proxy import EgressProxy, ProxyAddresses
+    from exec_sandbox.egress.resolver import (
+        DnsServer,
+        DnsUpstream,
+        EgressResolver,
+        Resolution,
+        SystemUpstream,
+    )
+    from exec_sandbox.egress.secrets import SandboxCA
+
+# Lazy (PEP 562): a result model that names EgressLogEntry must not pull in cryptography,
+# dnspython and h11 for sandboxes without a network.
+_LAZY = {
+    **dict.fromkeys(("EgressLog", "EgressLogEntry", "EgressStats"), "exec_sandbox.egress.accounting"),
+    "EgressGateway": "exec_sandbox.egress.gateway",
+    **dict.fromkeys(("EgressLimits", "EgressPolicy", "Secret", "SecretPlaceholders", "forbidden_reason",
+                     "is_forbidden_address", "normalize_hostname"), "exec_sandbox.egress.policy"),
+    **dict.fromkeys(("EgressProxy", "ProxyAddresses"), "exec_sandbox.egress.proxy"),
+    **dict.fromkeys(("DnsServer", "DnsUpstream", "EgressResolver", "Resolution", "SystemUpstream"),
+                    "exec_sandbox.egress.resolver"),
+    "SandboxCA": "exec_sandbox.egress.secrets",
+}
 
 __all__ = [
     "DnsServer",
@@ -92,3 +116,5 @@ __all__ = [
     "is_forbidden_address",
     "normalize_hostname",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY, __all__)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from exec_sandbox.egress.accounting import EgressLogEntry, EgressStats
-from exec_sandbox.egress.policy import EgressPolicy, SecretPlaceholders
+from exec_sandbox.egress.policy import EgressPolicy, IPAddress, SecretPlaceholders
 from exec_sandbox.egress.proxy import EgressProxy, ProxyAddresses
 from exec_sandbox.egress.resolver import DnsServer, EgressResolver, Upstream
 from exec_sandbox.egress.secrets import SandboxCA
@@ -23,13 +23,14 @@ class EgressGateway(AsyncService):
     def __init__(self, policy: EgressPolicy, *, upstream: Upstream | None = None,
                  upstream_ca_file: str | Path | None = None, host: str = "127.0.0.1",
                  transparent_tls_port: int = 443, transparent_http_port: int = 80,
-                 log_size: int = 1024, idle_timeout: float = 300.0) -> None:
+                 log_size: int = 1024, idle_timeout: float = 300.0,
+                 guest_answer: IPAddress | None = None) -> None:
         self.policy = policy
         self.host = host
         self.placeholders = SecretPlaceholders(policy)
         hosts = policy.secret_hosts()
         self.ca: SandboxCA | None = SandboxCA(hosts) if hosts else None
-        self.resolver = EgressResolver(policy, upstream)
+        self.resolver = EgressResolver(policy, upstream, guest_answer=guest_answer)
         self.dns = DnsServer(self.resolver)
         self.proxy = EgressProxy(policy, self.resolver, placeholders=self.placeholders, ca=self.ca,
                                  upstream_ca_file=upstream_ca_file, log_size=log_size,

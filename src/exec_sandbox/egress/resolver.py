@@ -114,9 +114,14 @@ class Resolution:
 class EgressResolver:
     """Resolves allowlisted names for one sandbox and remembers what it handed out."""
 
-    def __init__(self, policy: EgressPolicy, upstream: Upstream | None = None) -> None:
+    def __init__(self, policy: EgressPolicy, upstream: Upstream | None = None, *,
+                 guest_answer: IPAddress | None = None) -> None:
         self.policy = policy
         self.upstream: Upstream = upstream if upstream is not None else SystemUpstream()
+        # Set when the guest reaches everything through one address (QEMU user networking): DNS
+        # then answers every usable allowlisted name with it (A only), and the proxy behind that
+        # address dials the real one, found here again by SNI/Host.
+        self.guest_answer = guest_answer
         self._cache: OrderedDict[str, tuple[float, list[IPAddress]]] = OrderedDict()
         self._handed: OrderedDict[str, set[IPAddress]] = OrderedDict()
         self.upstream_queries = 0
@@ -197,7 +202,8 @@ class EgressResolver:
             elif q.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
                 result = await self.resolve(name)
                 version = 4 if q.rdtype == dns.rdatatype.A else 6
-                texts = [str(ip) for ip in result.addresses if ip.version == version]
+                usable = [self.guest_answer] if self.guest_answer and result.ok else result.addresses
+                texts = [str(ip) for ip in usable if ip.version == version]
                 if texts:
                     resp.answer.append(dns.rrset.from_text_list(q.name, _TTL, "IN", q.rdtype, texts))
         return resp.to_wire(max_size=65535)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from .dispatch import DispatchOps
 from .file_ops import FileOps
+from .net_ops import NetOps
 from .system_ops import SystemOps
 
 __all__ = ["Agent"]
 
 
-class Agent(SystemOps, FileOps, DispatchOps):
+class Agent(SystemOps, FileOps, NetOps, DispatchOps):
     """The guest agent (see the package docstring)."""

@@ -20,6 +20,7 @@ INLINE = {
     "write_chunk": "op_write_chunk",
     "cancel": "op_cancel",
     "reseed_rng": "op_reseed_rng",
+    "net_config": "op_net_config",
 }
 WORKER = {
     "exec": "op_exec",
