@@ -58,8 +58,11 @@ def tls(ca: TestCA) -> Any:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def upstream() -> tuple[CountingDns, int]:
-    return await counting_dns()
+async def upstream() -> AsyncIterator[tuple[CountingDns, int]]:
+    proto, port = await counting_dns()
+    yield proto, port
+    assert proto.transport is not None
+    proto.transport.close()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -205,16 +208,13 @@ async def test_port_forward_reaches_a_server_in_the_session(scheduler: Scheduler
         (fwd,) = session.forwarded_ports
         assert fwd.guest_port == 8123 and fwd.host_addr == "127.0.0.1" and fwd.host_port > 0
         assert session.egress_stats is None  # forwards only: no gateway at all
+        # a server in the session's interpreter (a thread: it lives as long as the session)
         started = await session.exec(
-            "import subprocess, sys\n"
-            "srv = subprocess.Popen([sys.executable, '-m', 'http.server', '8123', '--bind', '0.0.0.0'],"
-            " stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
-            "import socket, time\n"
-            "for _ in range(200):\n"
-            "    try:\n"
-            "        socket.create_connection(('127.0.0.1', 8123), timeout=1).close(); break\n"
-            "    except OSError: time.sleep(0.1)\n"
+            "import functools, http.server, os, threading\n"
             "open('hello.txt', 'w').write('served from the guest')\n"
+            "handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=os.getcwd())\n"
+            "srv = http.server.ThreadingHTTPServer(('0.0.0.0', 8123), handler)\n"
+            "threading.Thread(target=srv.serve_forever, daemon=True).start()\n"
             "print('up')\n",
             timeout_seconds=60,
         )
