@@ -144,7 +144,8 @@ print(json.dumps(out))
 def _guest_code(plain: LocalServer, tls: LocalServer) -> str:
     # The guest gets the secret's hash and length only, to search for it without holding it.
     digest = hashlib.sha256(SECRET_VALUE.encode()).hexdigest()
-    return f"PLAIN, TLS, SECRET_SHA, SECRET_LEN = {plain.port}, {tls.port}, {digest!r}, {len(SECRET_VALUE)}\n" + GUEST
+    return (f"PLAIN, TLS = {plain.port}, {tls.port}\n"
+            f"SECRET_SHA, SECRET_LEN = {digest!r}, {len(SECRET_VALUE)}\n" + GUEST)
 
 
 async def test_egress_from_a_vm(scheduler: Scheduler, plain: LocalServer, tls: LocalServer,

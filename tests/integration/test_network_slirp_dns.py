@@ -148,7 +148,7 @@ async def test_slirp_dns_forwarder_is_closed_in_restrict_mode(
     lines = result.stdout.strip().splitlines()
     assert lines[-1] == "10.0.2.100", result.stdout + result.stderr  # our resolver answers
     outcome = json.loads(lines[-2])
-    assert all("connected" != v and not v.startswith("abcd") for v in outcome.values()), outcome
+    assert all(v != "connected" and not v.startswith("abcd") for v in outcome.values()), outcome
     assert not [n for n in recorder.names if tag in n], recorder.names
     assert len(tcp_hits) == 0
     # and the guest really sent: its packets left the guest kernel (no local error but timeouts)
