@@ -270,3 +270,32 @@ async def test_bad_network_config_is_refused_naming_the_field(kwargs: dict[str, 
         await scheduler.session(**kwargs)
     assert str(info.value.context["field"]).startswith(field), info.value.context
     assert time.monotonic() - started < 5
+
+
+async def test_restored_and_forked_guests_get_their_own_network(
+    scheduler: Scheduler, plain: LocalServer
+) -> None:
+    cache = scheduler.snapshot_cache
+    assert cache is not None
+    await cache.wait_saved()  # the first networked boot (earlier test) saved a guest with a NIC
+    probe = (
+        "import urllib.request\n"
+        f"print(urllib.request.urlopen('http://web.test:{plain.port}/say/hi', timeout=20).read().decode(),"
+        " open('/sys/class/net/eth0/address').read().strip())\n"
+    )
+    async with await scheduler.session() as parent:
+        assert parent.restored_from_snapshot  # a networked guest comes from L1 too
+        first = await parent.exec(probe, timeout_seconds=60)
+        text, parent_mac = first.stdout.split()
+        assert text == "hi", first.stderr
+        async with await parent.fork() as child:
+            second = await child.exec(probe, timeout_seconds=60)
+            child_text, child_mac = second.stdout.split()
+            assert child_text == "hi", second.stderr
+            assert child_mac != parent_mac  # a fresh MAC on every restore and fork
+            # its own gateway: the child's request is in its log only
+            assert [e.name for e in child.egress_log] == ["web.test"]
+            assert child._egress is not parent._egress
+        assert [e.name for e in parent.egress_log] == ["web.test"]  # the child's is not counted here
+        again = await parent.exec(probe, timeout_seconds=60)  # the parent outlives its fork's gateway
+        assert again.stdout.split()[0] == "hi", again.stderr

@@ -45,7 +45,7 @@ import contextlib
 import logging
 import os
 import secrets
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -113,6 +113,7 @@ class VmLease:
     restored_from_snapshot: bool = False
     gateway: EgressGateway | None = None  # closes with the VM
     forwards: tuple[PortForward, ...] = ()  # port forwards, with the host ports really used
+    net: NetworkPlan | None = None  # what a fork of it gets again (its own gateway and forwards)
 
 
 class VmProvisioner:
@@ -302,44 +303,64 @@ class VmProvisioner:
         disk_size_mb: int | None, net: NetworkPlan,
     ) -> VmLease:
         """A VM whose NIC leads to its own, already started, egress gateway (and port forwards)."""
-        grant = await self.admission.acquire(memory_mb, self.config.default_vcpus)
-        try:
-            gateway = await start_gateway(net, self.config)
-            try:
-                forwards = concrete_forwards(net.forwards)
-                user_net = build_egress_user_net(
-                    gateway, forwards, socat=find_connector() if gateway is not None else None)
-                vm, attempts = await self._boot(
-                    self._vm_options(language, memory_mb, disk_size_mb), on_boot_log, user_net)
-            except BaseException:
-                if gateway is not None:
-                    await gateway.aclose()
-                raise
-            try:
-                await attach_egress(vm, gateway, extra_ca_file=self.config.egress_ca_file)
-            except BaseException:
-                await vm.close()  # also closes the gateway (attach_egress tied it to the VM first)
-                raise
-        except BaseException:
-            grant.release()
-            raise
-        return VmLease(vm=vm, grant=grant, boot_attempts=attempts, cgroup=self._attach_cgroup(vm, memory_mb),
-                       restored_from_snapshot=vm.timing.restored, gateway=gateway, forwards=forwards)
+        options = self._vm_options(language, memory_mb, disk_size_mb).model_copy(update={"nic": True})
+        attempts = 0
 
-    async def _provision_fork(self, vm: SandboxVm, memory_mb: int) -> VmLease:
-        """A clone of ``vm`` (memory and disk; the caller keeps ``vm`` quiet) with its own capacity."""
+        async def boot(user_net: UserNetSpec) -> SandboxVm:
+            nonlocal attempts
+            vm, attempts = await self._boot(options, on_boot_log, user_net)
+            return vm
+
         grant = await self.admission.acquire(memory_mb, self.config.default_vcpus)
         try:
-            clone = await fork_vm(vm, settings=self.settings, runtime_dir=self._runtime_dir)
+            vm, gateway, forwards = await self._with_network(net, boot)
         except BaseException:
             grant.release()
             raise
-        return VmLease(
-            vm=clone,
-            grant=grant,
-            cgroup=self._attach_cgroup(clone, memory_mb),
-            restored_from_snapshot=True,
-        )
+        if vm.timing.restored:
+            await self._note_no_boot(on_boot_log, "restored from a memory snapshot")
+        return VmLease(vm=vm, grant=grant, boot_attempts=attempts, cgroup=self._attach_cgroup(vm, memory_mb),
+                       restored_from_snapshot=vm.timing.restored, gateway=gateway, forwards=forwards, net=net)
+
+    async def _with_network(
+        self, net: NetworkPlan, make: Callable[[UserNetSpec], Awaitable[SandboxVm]]
+    ) -> tuple[SandboxVm, EgressGateway | None, tuple[PortForward, ...]]:
+        """Start a gateway for ``net``, make the VM with a NIC leading to it, configure that NIC.
+        Nothing is left on failure: the gateway closes with the VM from the moment it exists."""
+        gateway = await start_gateway(net, self.config)
+        try:
+            forwards = concrete_forwards(net.forwards)
+            user_net = build_egress_user_net(
+                gateway, forwards, socat=find_connector() if gateway is not None else None)
+            vm = await make(user_net)
+        except BaseException:
+            if gateway is not None:
+                await gateway.aclose()
+            raise
+        try:
+            await attach_egress(vm, gateway, extra_ca_file=self.config.egress_ca_file)
+        except BaseException:
+            await vm.close()  # also closes the gateway (attach_egress tied it to the VM first)
+            raise
+        return vm, gateway, forwards
+
+    async def _provision_fork(self, vm: SandboxVm, memory_mb: int, net: NetworkPlan | None = None) -> VmLease:
+        """A clone of ``vm`` (memory and disk; the caller keeps ``vm`` quiet) with its own capacity,
+        and, when networked, its own gateway, port forwards and a freshly configured NIC."""
+        grant = await self.admission.acquire(memory_mb, self.config.default_vcpus)
+        gateway: EgressGateway | None = None
+        forwards: tuple[PortForward, ...] = ()
+        try:
+            if net is None:
+                clone = await fork_vm(vm, settings=self.settings, runtime_dir=self._runtime_dir)
+            else:
+                clone, gateway, forwards = await self._with_network(net, lambda user_net: fork_vm(
+                    vm, settings=self.settings, runtime_dir=self._runtime_dir, user_net=user_net))
+        except BaseException:
+            grant.release()
+            raise
+        return VmLease(vm=clone, grant=grant, cgroup=self._attach_cgroup(clone, memory_mb),
+                       restored_from_snapshot=True, gateway=gateway, forwards=forwards, net=net)
 
     @staticmethod
     async def _note_no_boot(on_boot_log: BootLogCallback | None, where: str) -> None:
@@ -367,16 +388,12 @@ class VmProvisioner:
         self, options: VmOptions, *, on_boot_log: BootLogCallback | None = None, nice: int = 0,
         user_net: UserNetSpec | None = None,
     ) -> SandboxVm:
-        """One VM: restored from the snapshot cache (or cold-booted into it), or cold-booted."""
-        if user_net is not None:  # TODO(L1 for networked guests): restore with this NIC
-            return await SandboxVm.boot(
-                options, settings=self.settings, vm_manager=self._vm_manager, overlay_pool=self._pool,
-                runtime_dir=self._runtime_dir, on_boot_log=on_boot_log, nice=nice, user_net=user_net,
-            )
+        """One VM: restored from the snapshot cache (or cold-booted into it), or cold-booted.
+        ``user_net``: the NIC backend of a networked VM (``options.nic``)."""
         if self._snapshots is not None:
             vm, _ = await self._snapshots.restore_or_boot(
                 options, runtime_dir=self._runtime_dir, overlay_pool=self._pool, on_boot_log=on_boot_log,
-                nice=nice,
+                nice=nice, user_net=user_net,
             )
             return vm
         return await SandboxVm.boot(
@@ -387,6 +404,7 @@ class VmProvisioner:
             runtime_dir=self._runtime_dir,
             on_boot_log=on_boot_log,
             nice=nice,
+            user_net=user_net,
         )
 
     async def _boot(

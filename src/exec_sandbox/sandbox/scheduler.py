@@ -571,6 +571,7 @@ class Scheduler(VmProvisioner, AsyncService):
                 foreground=self._foreground,
                 egress=lease.gateway,
                 forwarded_ports=lease.forwards,
+                network=lease.net,
             )
         except BaseException:
             await self._retire(lease)
@@ -591,7 +592,7 @@ class Scheduler(VmProvisioner, AsyncService):
 
     async def _fork(self, parent: Session) -> Session:
         async with parent.exclusive() as vm:
-            lease = await self._provision_fork(vm, parent.memory_mb)
+            lease = await self._provision_fork(vm, parent.memory_mb, parent.network)
         return await self._new_session(
             lease, parent.language, parent.memory_mb, dict(parent.env_vars), parent.idle_timeout_seconds
         )

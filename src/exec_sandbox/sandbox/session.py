@@ -88,6 +88,7 @@ from smartvm.cleanup import AsyncClosing
 
 if TYPE_CHECKING:
     from exec_sandbox.egress import EgressGateway
+    from exec_sandbox.sandbox.network import NetworkPlan
 
 __all__ = ["Session", "SessionState"]
 
@@ -120,11 +121,13 @@ class Session(AsyncClosing):
         foreground: ForegroundActivity | None = None,
         egress: EgressGateway | None = None,
         forwarded_ports: tuple[PortForward, ...] = (),
+        network: NetworkPlan | None = None,
     ) -> None:
         self._vm = vm
         self._egress = egress  # closes with the VM; its log stays readable after
         # Which host address:port serves which guest port (host ports 0 made concrete).
         self.forwarded_ports: tuple[PortForward, ...] = forwarded_ports
+        self.network = network  # the plan it was made with (a fork gets its own gateway by it)
         self._foreground = foreground or ForegroundActivity()  # execs count as foreground work
         self._fork = fork  # makes the clone (the Scheduler: capacity, fork_vm, registration)
         self.warm_pool_hit = warm_pool_hit  # the VM came ready from the warm pool
