@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -299,3 +300,60 @@ async def test_restored_and_forked_guests_get_their_own_network(
         assert [e.name for e in parent.egress_log] == ["web.test"]  # the child's is not counted here
         again = await parent.exec(probe, timeout_seconds=60)  # the parent outlives its fork's gateway
         assert again.stdout.split()[0] == "hi", again.stderr
+
+
+def _listeners() -> set[int]:
+    """TCP ports this process listens on (from /proc: the gateway's listeners are ours)."""
+    inodes = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def _connectors(ports: set[int]) -> list[str]:
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "socat" in cmd and any(f"127.0.0.1:{p}" in cmd for p in ports):
+            found.append(cmd)
+    return found
+
+
+async def test_gateway_is_gone_after_timeout_and_cancel(scheduler: Scheduler, plain: LocalServer) -> None:
+    before = _listeners()
+    timed = await scheduler.run("import time; time.sleep(60)", timeout_seconds=3)
+    assert timed.timed_out and timed.egress_stats is not None
+    marker = f"/say/cancel-{os.getpid()}"
+    task = asyncio.create_task(scheduler.run(
+        "import time, urllib.request\n"
+        f"urllib.request.urlopen('http://web.test:{plain.port}{marker}', timeout=20).read()\n"
+        "time.sleep(120)\n", timeout_seconds=150))
+    deadline = time.monotonic() + 90
+    while not any(p == marker for p, _ in plain.seen):
+        assert time.monotonic() < deadline and not task.done(), "the guest never reached the server"
+        await asyncio.sleep(0.1)
+    gateway_ports = _listeners() - before
+    assert len(gateway_ports) >= 4  # DNS (TCP), forward proxy, transparent TLS and HTTP
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await assert_no_vms(scheduler)
+    assert _listeners() == before
+    deadline = time.monotonic() + 5
+    while _connectors(gateway_ports) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert _connectors(gateway_ports) == []
