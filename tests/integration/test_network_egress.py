@@ -9,12 +9,15 @@ One networked session carries most asserts (each boot costs seconds under TCG).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,7 @@ from tests.integration.egress_support import (
     counting_dns,
     local_server,
 )
+from tests.integration.test_egress_pip import _wheel
 from tests.integration.test_scheduler_support import assert_no_vms, scheduler_for_tests
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
@@ -357,3 +361,52 @@ async def test_gateway_is_gone_after_timeout_and_cancel(scheduler: Scheduler, pl
     while _connectors(gateway_ports) and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     assert _connectors(gateway_ports) == []
+
+
+@pytest.fixture(scope="module")
+def index(ca: TestCA, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A package index (HTTPS, the test CA) with one wheel, on 127.0.0.1."""
+    root = tmp_path_factory.mktemp("index")
+    (root / "simple" / "egress-demo").mkdir(parents=True)
+    (root / "files").mkdir()
+    wheel = _wheel(root / "files")
+    sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    (root / "simple" / "egress-demo" / "index.html").write_text(
+        f'<html><body><a href="/files/{wheel.name}#sha256={sha}">{wheel.name}</a></body></html>\n')
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a, **k: None  # type: ignore[attr-defined]
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.socket = ca.server_context().wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield int(httpd.server_address[1])
+    httpd.shutdown()
+    httpd.server_close()
+
+
+async def test_curl_and_pip_in_the_guest(scheduler: Scheduler, tls: LocalServer, index: int) -> None:
+    code = (
+        "import json, os, subprocess, time\n"
+        "def run(*argv):\n"
+        "    t = time.monotonic()\n"
+        "    p = subprocess.run(argv, capture_output=True, text=True, timeout=120)\n"
+        "    took = time.monotonic() - t\n"
+        "    return {'rc': p.returncode, 'out': p.stdout, 'err': p.stderr[-400:], 's': took}\n"
+        "res = {}\n"
+        f"res['curl'] = run('curl', '-sS', 'https://web.test:{tls.port}/say/curl-ok')\n"
+        f"res['curl_denied'] = run('curl', '-sS', 'https://evil.test:{tls.port}/')\n"
+        "res['pip'] = run('python3', '-m', 'pip', 'download', '--no-deps', '-d', 'dl', '--retries', '0',\n"
+        "                 '--timeout', '30', '--disable-pip-version-check', '--no-cache-dir',\n"
+        f"                 '--index-url', 'https://web.test:{index}/simple/', 'egress-demo')\n"
+        "res['files'] = sorted(os.listdir('dl')) if os.path.isdir('dl') else []\n"
+        "print(json.dumps(res))\n"
+    )
+    result = await scheduler.run(code, timeout_seconds=240)
+    assert result.exit_code == 0, result.stderr
+    res = json.loads(result.stdout.strip().splitlines()[-1])
+    assert res["curl"]["rc"] == 0 and res["curl"]["out"] == "curl-ok", res["curl"]
+    assert res["curl_denied"]["rc"] != 0 and "403" in res["curl_denied"]["err"], res["curl_denied"]
+    assert res["curl_denied"]["s"] < 2, res["curl_denied"]
+    assert res["pip"]["rc"] == 0, res["pip"]
+    assert res["files"] == ["egress_demo-1.0-py3-none-any.whl"]
+    assert {e.name for e in result.egress_log if e.allowed} == {"web.test"}

@@ -64,7 +64,11 @@ class LanguageSpec:
 # python3-minimal alone lacks json/ctypes/argparse, which the agent imports, so it adds the stdlib
 # (libpython3-stdlib) but not the python3/python3.11 packages and their extras.
 LANGUAGES: Mapping[str, LanguageSpec] = {
-    "python": LanguageSpec("python", ("python3", "busybox-static"), "Debian's python3 + busybox"),
+    # pip and curl: what a networked sandbox's code reaches for first (the network is off by default;
+    # both honour the proxy variables and trust bundle a networked guest gets)
+    "python": LanguageSpec(
+        "python", ("python3", "python3-pip", "curl", "busybox-static"), "Debian's python3 + pip + curl + busybox"
+    ),
     "javascript": LanguageSpec(
         "javascript", ("python3", "nodejs", "busybox-static"), "Debian's nodejs + python3 + busybox"
     ),
