@@ -67,7 +67,9 @@ LANGUAGES: Mapping[str, LanguageSpec] = {
     # pip and curl: what a networked sandbox's code reaches for first (the network is off by default;
     # both honour the proxy variables and trust bundle a networked guest gets)
     "python": LanguageSpec(
-        "python", ("python3", "python3-pip", "curl", "busybox-static"), "Debian's python3 + pip + curl + busybox"
+        "python",
+        ("python3", "python3-pip", "curl", "busybox-static"),
+        "Debian's python3 + pip + curl + busybox",
     ),
     "javascript": LanguageSpec(
         "javascript", ("python3", "nodejs", "busybox-static"), "Debian's nodejs + python3 + busybox"
