@@ -13,7 +13,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from exec_sandbox.errors import SandboxInputError
 from exec_sandbox.models import PortForward
@@ -171,6 +179,20 @@ class SchedulerConfig(BaseModel):
     def _domains(cls, v: Any) -> tuple[str, ...]:
         # SandboxInputError is a ValueError, so pydantic reports it as a normal validation error.
         return validate_domains(v)
+
+    @field_validator("secrets", mode="before")
+    @classmethod
+    def _mask_secrets(cls, v: Any) -> Any:
+        # A plain {"value": ..., "hosts": [...]} keeps its value as a SecretStr, so no repr or log of
+        # the config shows it (the full check is EgressPolicy's, when the Scheduler starts).
+        if isinstance(v, Mapping):
+            return {
+                name: {**item, "value": SecretStr(item["value"])}
+                if isinstance(item, Mapping) and isinstance(item.get("value"), str)
+                else item
+                for name, item in v.items()
+            }
+        return v
 
     @field_validator("port_forwards", mode="before")
     @classmethod

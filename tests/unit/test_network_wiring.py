@@ -140,3 +140,34 @@ def test_net_config_frame_is_validated() -> None:
         NetConfigRequest(id="1", address="10.0.2.15; reboot", prefix=24, nameserver=EGRESS_ADDRESS)
     with pytest.raises(ValidationError):
         NetConfigRequest(id="1", address="10.0.2.15", prefix=24, nameserver=EGRESS_ADDRESS, mac="AA:BB")
+
+
+def test_a_secret_given_as_a_mapping_never_shows_in_the_config() -> None:
+    config = SchedulerConfig(allowed_domains=["a.test"],
+                             secrets={"K": {"value": "hunter2-x", "hosts": ["a.test"]}})
+    assert "hunter2-x" not in repr(config) and "hunter2-x" not in config.model_dump_json()
+    plan = plan_network(config)
+    assert plan is not None and plan.policy.secrets["K"].value.get_secret_value() == "hunter2-x"
+    assert hash(config) == hash(SchedulerConfig(allowed_domains=["a.test"],
+                                                secrets={"K": {"value": "other", "hosts": ["a.test"]}}))
+
+
+def test_the_snapshot_key_says_whether_there_is_a_nic() -> None:
+    from exec_sandbox.vm.snapshot_entries import build_key_inputs
+    from exec_sandbox.vm.spec import VmOptions
+
+    class _File:
+        sha256 = "0" * 64
+
+    class _Manifest:
+        recipe_hash = kernel_recipe_hash = "r"
+        rootfs = kernel = _File()
+        initrd = None
+        boot_args = "console=ttyS0"
+
+    def key(options: VmOptions) -> str:
+        return build_key_inputs(options, _Manifest(), qemu_version="7.2", accelerator="tcg",  # type: ignore[arg-type]
+                                warmup_spare=True).key()
+
+    plain = VmOptions(language="python")
+    assert key(plain) != key(plain.model_copy(update={"nic": True}))
