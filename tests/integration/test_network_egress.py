@@ -9,15 +9,12 @@ One networked session carries most asserts (each boot costs seconds under TCG).
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import json
 import os
 import socket
-import threading
 import time
 from collections.abc import AsyncIterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +33,8 @@ from tests.integration.egress_support import (
     TestCA,
     counting_dns,
     local_server,
+    package_index,
 )
-from tests.integration.test_egress_pip import _wheel
 from tests.integration.test_scheduler_support import assert_no_vms, scheduler_for_tests
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
@@ -365,23 +362,8 @@ async def test_gateway_is_gone_after_timeout_and_cancel(scheduler: Scheduler, pl
 
 @pytest.fixture(scope="module")
 def index(ca: TestCA, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A package index (HTTPS, the test CA) with one wheel, on 127.0.0.1."""
-    root = tmp_path_factory.mktemp("index")
-    (root / "simple" / "egress-demo").mkdir(parents=True)
-    (root / "files").mkdir()
-    wheel = _wheel(root / "files")
-    sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    (root / "simple" / "egress-demo" / "index.html").write_text(
-        f'<html><body><a href="/files/{wheel.name}#sha256={sha}">{wheel.name}</a></body></html>\n')
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a, **k: None  # type: ignore[attr-defined]
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    httpd.socket = ca.server_context().wrap_socket(httpd.socket, server_side=True)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield int(httpd.server_address[1])
-    httpd.shutdown()
-    httpd.server_close()
+    with package_index(ca, tmp_path_factory.mktemp("index")) as port:
+        yield port
 
 
 async def test_curl_and_pip_in_the_guest(scheduler: Scheduler, tls: LocalServer, index: int) -> None:

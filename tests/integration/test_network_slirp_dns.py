@@ -23,11 +23,7 @@ import socket
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import cast
 
-import dns.message
-import dns.rdatatype
-import dns.rrset
 import pytest
 import pytest_asyncio
 
@@ -37,6 +33,7 @@ from exec_sandbox.settings import Settings
 from exec_sandbox.vm.network import attach_egress
 from exec_sandbox.vm.sandbox_vm import SandboxVm
 from exec_sandbox.vm.spec import VmOptions
+from tests.integration.egress_support import CountingDns, counting_dns
 
 pytestmark = [
     pytest.mark.integration,
@@ -48,31 +45,10 @@ pytestmark = [
 LISTEN = "127.53.0.1"  # an unused loopback address: nothing else answers there
 
 
-class Recorder(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
-        self.names: list[str] = []
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        query = dns.message.from_wire(data)
-        q = query.question[0]
-        self.names.append(q.name.to_text(omit_final_dot=True))
-        resp = dns.message.make_response(query)
-        if q.rdtype == dns.rdatatype.A:
-            resp.answer.append(dns.rrset.from_text(q.name, 60, "IN", "A", "192.0.2.1"))
-        assert self.transport is not None
-        self.transport.sendto(resp.to_wire(), addr)
-
-
 @pytest_asyncio.fixture
-async def host_resolver() -> AsyncIterator[tuple[Recorder, list[int], Settings, Path]]:
+async def host_resolver() -> AsyncIterator[tuple[CountingDns, list[int], Settings, Path]]:
     """A counting DNS server (UDP + TCP) and a QEMU that sees it as the host's resolver."""
-    loop = asyncio.get_running_loop()
-    recorder = Recorder()
-    transport, _ = await loop.create_datagram_endpoint(lambda: recorder, local_addr=(LISTEN, 53))
+    recorder, _ = await counting_dns(LISTEN, 53)
     tcp_hits: list[int] = []
 
     async def on_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -93,7 +69,8 @@ async def host_resolver() -> AsyncIterator[tuple[Recorder, list[int], Settings, 
     try:
         yield recorder, tcp_hits, Settings(force_emulation=True, qemu_system_binary=str(wrapper)), work
     finally:
-        transport.close()
+        assert recorder.transport is not None
+        recorder.transport.close()
         server.close()
         await server.wait_closed()
         shutil.rmtree(work, ignore_errors=True)
@@ -119,7 +96,7 @@ def _hostile(tag: str) -> str:
 
 
 async def test_slirp_dns_forwarder_is_closed_in_restrict_mode(
-    host_resolver: tuple[Recorder, list[int], Settings, Path],
+    host_resolver: tuple[CountingDns, list[int], Settings, Path],
 ) -> None:
     recorder, tcp_hits, settings, work = host_resolver
     # Control: unrestricted user networking forwards the guest's query to the host's resolver.
@@ -130,7 +107,7 @@ async def test_slirp_dns_forwarder_is_closed_in_restrict_mode(
         control = await vm.exec(_hostile("control"), timeout_s=60)
     finally:
         await vm.close()
-    assert "control-udp.leak.test" in recorder.names, (recorder.names, control.stdout, control.stderr)
+    assert "control-udp.leak.test" in recorder.queries, (recorder.queries, control.stdout, control.stderr)
     assert tcp_hits, control.stdout  # ... over TCP as well
     tcp_hits.clear()
 
@@ -149,7 +126,7 @@ async def test_slirp_dns_forwarder_is_closed_in_restrict_mode(
     assert lines[-1] == "10.0.2.100", result.stdout + result.stderr  # our resolver answers
     outcome = json.loads(lines[-2])
     assert all(v != "connected" and not v.startswith("abcd") for v in outcome.values()), outcome
-    assert not [n for n in recorder.names if tag in n], recorder.names
+    assert not [n for n in recorder.queries if tag in n], recorder.queries
     assert len(tcp_hits) == 0
     # and the guest really sent: its packets left the guest kernel (no local error but timeouts)
     assert all("timed out" in v or "refused" in v or "unreachable" in v.lower() for v in outcome.values())

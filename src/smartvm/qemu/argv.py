@@ -128,6 +128,12 @@ class HostForward(_Spec):
     guest_port: int = Field(ge=1, le=65535)
 
 
+def _single_line(value: str, what: str) -> str:
+    if "\n" in value or "\x00" in value:
+        raise ValueError(f"{what} must be a single line without NUL bytes")
+    return value
+
+
 class GuestForward(_Spec):
     """``guestfwd`` of user-mode networking: guest TCP to ``guest_addr:guest_port`` runs ``command``.
 
@@ -142,9 +148,7 @@ class GuestForward(_Spec):
     @field_validator("command")
     @classmethod
     def _one_line(cls, value: str) -> str:
-        if "\n" in value or "\x00" in value:
-            raise ValueError("a guestfwd command must be one line without NUL bytes")
-        return value
+        return _single_line(value, "a guestfwd command")
 
 
 class UserNetSpec(_Spec):
@@ -212,9 +216,7 @@ class QemuMachineSpec(_Spec):
     @field_validator("cmdline")
     @classmethod
     def _one_line(cls, value: str) -> str:
-        if "\n" in value or "\x00" in value:
-            raise ValueError("kernel command line must be a single line without NUL bytes")
-        return value
+        return _single_line(value, "kernel command line")
 
     @model_validator(mode="after")
     def _unique_ids(self) -> QemuMachineSpec:
