@@ -196,11 +196,14 @@ async def test_egress_from_a_vm(scheduler: Scheduler, plain: LocalServer, tls: L
         for item in snap.iterdir():
             assert SECRET_VALUE.encode() not in item.read_bytes(), item.name
         gateway = session._egress
-        assert gateway is not None and gateway.proxy_addresses is not None
-        proxy_port = gateway.proxy_addresses.forward[1]
+        assert gateway is not None and gateway.unix_dir is not None
+        sockets = sorted(p.name for p in gateway.unix_dir.iterdir() if p.is_socket())
+        assert sockets == ["dns.sock", "forward.sock", "http.sock", "tls.sock"]
+        assert gateway.unix_dir.stat().st_mode & 0o777 == 0o700  # only this user reaches them
+        assert gateway.proxy_addresses is None  # no loopback port for other local users
+        unix_dir = gateway.unix_dir
     # closed with the session: the gateway's listeners are gone
-    with pytest.raises(OSError):
-        socket.create_connection(("127.0.0.1", proxy_port), timeout=2).close()
+    assert not unix_dir.exists()
     await assert_no_vms(scheduler)
 
 
@@ -303,39 +306,26 @@ async def test_restored_and_forked_guests_get_their_own_network(
         assert again.stdout.split()[0] == "hi", again.stderr
 
 
-def _listeners() -> set[int]:
-    """TCP ports this process listens on (from /proc: the gateway's listeners are ours)."""
-    inodes = set()
-    for fd in Path("/proc/self/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    ports = set()
-    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
+def _gateway_dirs(scheduler: Scheduler) -> set[Path]:
+    assert scheduler.runtime_dir is not None
+    return set(scheduler.runtime_dir.glob("egress-*"))
 
 
-def _connectors(ports: set[int]) -> list[str]:
+def _connectors(dirs: set[Path]) -> list[str]:
     found = []
     for pid in os.listdir("/proc"):
         try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if "socat" in cmd and any(f"127.0.0.1:{p}" in cmd for p in ports):
+        if comm == "socat" and any(str(d) in cmd for d in dirs):
             found.append(cmd)
     return found
 
 
 async def test_gateway_is_gone_after_timeout_and_cancel(scheduler: Scheduler, plain: LocalServer) -> None:
-    before = _listeners()
+    assert _gateway_dirs(scheduler) == set()
     timed = await scheduler.run("import time; time.sleep(60)", timeout_seconds=3)
     assert timed.timed_out and timed.egress_stats is not None
     marker = f"/say/cancel-{os.getpid()}"
@@ -347,17 +337,17 @@ async def test_gateway_is_gone_after_timeout_and_cancel(scheduler: Scheduler, pl
     while not any(p == marker for p, _ in plain.seen):
         assert time.monotonic() < deadline and not task.done(), "the guest never reached the server"
         await asyncio.sleep(0.1)
-    gateway_ports = _listeners() - before
-    assert len(gateway_ports) >= 4  # DNS (TCP), forward proxy, transparent TLS and HTTP
+    dirs = _gateway_dirs(scheduler)
+    assert len(dirs) == 1 and len(list(next(iter(dirs)).glob("*.sock"))) == 4
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     await assert_no_vms(scheduler)
-    assert _listeners() == before
-    deadline = time.monotonic() + 5
-    while _connectors(gateway_ports) and time.monotonic() < deadline:
+    assert _gateway_dirs(scheduler) == set()
+    deadline = time.monotonic() + 5  # a connector exits once both ends of its connection closed
+    while _connectors(dirs) and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
-    assert _connectors(gateway_ports) == []
+    assert _connectors(dirs) == []
 
 
 @pytest.fixture(scope="module")

@@ -53,6 +53,21 @@ async def test_the_nic_reaches_only_the_gateway() -> None:
     assert all(f.split("-cmd:")[1].startswith("/usr/bin/socat - TCP4:127.0.0.1:") for f in fwds)
 
 
+async def test_with_a_runtime_dir_the_exits_are_private_unix_sockets(tmp_path: Path) -> None:
+    plan = plan_network(SchedulerConfig(allowed_domains=["a.test"]))
+    assert plan is not None
+    gateway = EgressGateway(plan.policy, unix_parent=tmp_path)
+    async with gateway:
+        assert gateway.unix_dir is not None and gateway.proxy_addresses is None
+        assert gateway.unix_dir.parent == tmp_path and gateway.unix_dir.stat().st_mode & 0o777 == 0o700
+        net = build_egress_user_net(gateway, [], socat="/usr/bin/socat")
+        commands = sorted(f.command for f in net.guestfwd)
+        assert commands == sorted(f"/usr/bin/socat - UNIX-CONNECT:{gateway.unix_dir}/{name}.sock"
+                                  for name in ("dns", "forward", "http", "tls"))
+        unix_dir = gateway.unix_dir
+    assert not unix_dir.exists()
+
+
 def test_forwards_only_means_no_gateway_and_no_guestfwd() -> None:
     net = build_egress_user_net(None, [], socat=None)
     assert net.restrict and net.guestfwd == ()

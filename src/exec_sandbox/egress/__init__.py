@@ -31,10 +31,10 @@ guest connection (``socat``; a chardev target would carry one stream for all con
 7.2). The guest sees the gateway at one address (10.0.2.100): proxy 3128, DNS 53 over TCP
 (``options use-vc``: the link carries no UDP at all), transparent TLS 443 and HTTP 80; our DNS
 answers allowed names with that address, so clients that ignore proxy settings land there too.
-Costs: one short-lived process per connection, transparent TLS only on port 443 (other ports
-through ``CONNECT``), and the gateway's listeners are TCP ports on the host's loopback (reachable
-by other local users: they get this sandbox's allowlist but not its secrets - Unix sockets in the
-0700 runtime dir would close that). The TAP + nftables design (``SO_ORIGINAL_DST``, any port
+The gateway's listeners are Unix sockets in a private (0700) directory of the runtime dir
+(``EgressGateway(unix_parent=...)``), so no other local user can use a sandbox's egress. Costs:
+one short-lived process per connection and transparent TLS only on port 443 (other ports through
+``CONNECT``). The TAP + nftables design (``SO_ORIGINAL_DST``, any port
 transparent) remains possible for root deployments; the proxy already takes an ``original_dst``
 hook.
 

@@ -24,6 +24,7 @@ import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol, cast
 
 import dns.asyncquery
@@ -271,6 +272,16 @@ class DnsServer:
         self._udp, self._proto = transport, proto
         self.address = (host, int(bound))
         return self.address
+
+    async def start_unix(self, path: Path) -> Path:
+        """Serve DNS over a stream Unix socket at ``path`` (TCP framing; no UDP): for a guest whose
+        link carries streams only, reached through a connector, with file permissions as access
+        control instead of a loopback port anyone on the host can use."""
+        if self.address is not None:
+            raise RuntimeError("DnsServer already started")
+        self._tcp = await asyncio.start_unix_server(self._serve_tcp, str(path))
+        self.address = (str(path), 0)
+        return path
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._tcp_clients >= _MAX_TCP_CLIENTS:

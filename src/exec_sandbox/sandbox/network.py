@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from exec_sandbox.config import SchedulerConfig
@@ -92,14 +93,17 @@ def _upstream(server: str | None) -> DnsUpstream | None:
                                 context={"field": "egress_dns_server"}) from None
 
 
-async def start_gateway(plan: NetworkPlan, config: SchedulerConfig) -> EgressGateway | None:
-    """A started gateway for ``plan`` (None when nothing may be reached); the caller closes it."""
+async def start_gateway(
+    plan: NetworkPlan, config: SchedulerConfig, runtime_dir: Path | None
+) -> EgressGateway | None:
+    """A started gateway for ``plan`` (None when nothing may be reached); the caller closes it.
+    Its listeners are Unix sockets in a private directory under ``runtime_dir`` (when given)."""
     if not plan.policy.enabled:
         return None
     from exec_sandbox.egress import EgressGateway
 
     gateway = EgressGateway(plan.policy, upstream=_upstream(config.egress_dns_server),
                             upstream_ca_file=config.egress_ca_file,
-                            guest_answer=ipaddress.ip_address(EGRESS_ADDRESS))
+                            guest_answer=ipaddress.ip_address(EGRESS_ADDRESS), unix_parent=runtime_dir)
     await gateway.start()
     return gateway

@@ -327,7 +327,7 @@ class VmProvisioner:
     ) -> tuple[SandboxVm, EgressGateway | None, tuple[PortForward, ...]]:
         """Start a gateway for ``net``, make the VM with a NIC leading to it, configure that NIC.
         Nothing is left on failure: the gateway closes with the VM from the moment it exists."""
-        gateway = await start_gateway(net, self.config)
+        gateway = await start_gateway(net, self.config, self._runtime_dir)
         try:
             forwards = concrete_forwards(net.forwards)
             user_net = build_egress_user_net(

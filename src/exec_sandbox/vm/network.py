@@ -6,7 +6,7 @@ TCP to a ``guestfwd`` address; in particular its built-in DNS forwarder at 10.0.
 reached (UDP is dropped before the DNS translation), so the host's resolver cannot be used as an
 exfiltration channel. The guest's only destination is :data:`EGRESS_ADDRESS`; each of its ports is
 a ``guestfwd`` whose ``cmd:`` connector (``socat``, one process per guest connection) carries the
-connection to one of the gateway's listeners on the host's loopback:
+connection to one of the gateway's listeners (Unix sockets in a private directory):
 
     10.0.2.100:3128  forward proxy (HTTP_PROXY / HTTPS_PROXY, CONNECT)
     10.0.2.100:53    DNS over TCP (resolv.conf ``options use-vc``; there is no UDP at all)
@@ -74,7 +74,9 @@ def find_connector() -> str:
     return str(Path(found).absolute())
 
 
-def _connector(socat: str, address: tuple[str, int]) -> str:
+def _connector(socat: str, address: tuple[str, int] | Path) -> str:
+    if isinstance(address, Path):
+        return f"{socat} - UNIX-CONNECT:{address}"
     host, port = address
     return f"{socat} - TCP4:{host}:{port}"
 
@@ -86,10 +88,18 @@ def build_egress_user_net(
     and hostfwd for ``forwards`` (their host ports already concrete). Pure."""
     guestfwd: list[GuestForward] = []
     if gateway is not None:
-        assert socat is not None and gateway.dns_address and gateway.proxy_addresses
-        proxy = gateway.proxy_addresses
-        for port, target in ((PROXY_PORT, proxy.forward), (DNS_PORT, gateway.dns_address),
-                             (TLS_PORT, proxy.tls), (HTTP_PORT, proxy.http)):
+        assert socat is not None
+        targets: dict[int, tuple[str, int] | Path]
+        if gateway.unix_paths:
+            paths = gateway.unix_paths
+            targets = {PROXY_PORT: paths["forward"], DNS_PORT: paths["dns"], TLS_PORT: paths["tls"],
+                       HTTP_PORT: paths["http"]}
+        else:
+            assert gateway.dns_address and gateway.proxy_addresses
+            proxy = gateway.proxy_addresses
+            targets = {PROXY_PORT: proxy.forward, DNS_PORT: gateway.dns_address, TLS_PORT: proxy.tls,
+                       HTTP_PORT: proxy.http}
+        for port, target in targets.items():
             guestfwd.append(GuestForward(guest_addr=EGRESS_ADDRESS, guest_port=port,
                                          command=_connector(socat, target)))
     return UserNetSpec(
