@@ -186,3 +186,31 @@ def test_the_snapshot_key_says_whether_there_is_a_nic() -> None:
 
     plain = VmOptions(language="python")
     assert key(plain) != key(plain.model_copy(update={"nic": True}))
+
+
+def test_serve_metrics_sum_the_egress_of_live_sandboxes() -> None:
+    from exec_sandbox.egress import EgressStats
+    from exec_sandbox.server import metrics
+
+    class Registry:
+        def count(self) -> int:
+            return 2
+
+        def creating(self) -> int:
+            return 0
+
+        def egress_stats(self) -> list[EgressStats]:
+            return [EgressStats(connections_total=5, refused_total=2, bytes_in=100, bytes_out=7,
+                                active_connections=1),
+                    EgressStats(connections_total=1, bytes_in=1)]
+
+    previous = metrics._COLLECTOR.registry
+    metrics.bind(Registry())
+    try:
+        text = metrics.render()[0].decode()
+    finally:
+        metrics._COLLECTOR.registry = previous
+    assert 'sbx_serve_egress_connections{outcome="allowed"} 4.0' in text
+    assert 'sbx_serve_egress_connections{outcome="refused"} 2.0' in text
+    assert 'sbx_serve_egress_bytes{direction="in"} 101.0' in text
+    assert "sbx_serve_egress_active_connections 1.0" in text
