@@ -214,3 +214,24 @@ def test_serve_metrics_sum_the_egress_of_live_sandboxes() -> None:
     assert 'sbx_serve_egress_connections{outcome="refused"} 2.0' in text
     assert 'sbx_serve_egress_bytes{direction="in"} 101.0' in text
     assert "sbx_serve_egress_active_connections 1.0" in text
+
+
+async def test_settled_waits_for_open_connections_only_as_long_as_asked() -> None:
+    import asyncio
+
+    plan = plan_network(SchedulerConfig(allowed_domains=["a.test"]))
+    assert plan is not None
+    async with EgressGateway(plan.policy) as gateway:
+        assert await gateway.settled(timeout=0.2)
+        assert gateway.proxy_addresses is not None
+        reader, writer = await asyncio.open_connection(*gateway.proxy_addresses.forward)
+        for _ in range(100):  # the proxy counts it once its handler runs
+            if gateway.stats.active_connections:
+                break
+            await asyncio.sleep(0.01)
+        assert not await gateway.settled(timeout=0.2)
+        writer.write(b"GET http://b.test/ HTTP/1.1\r\nHost: b.test\r\n\r\n")  # refused at once
+        assert b"403" in await reader.read(100)
+        writer.close()
+        assert await gateway.settled(timeout=2.0)
+        assert [e.rule for e in gateway.egress_log()] == ["not_allowlisted"]

@@ -96,6 +96,15 @@ class EgressGateway(AsyncService):
                 env[key] = proxy_url
         return env
 
+    async def settled(self, timeout: float) -> bool:
+        """Wait (at most ``timeout`` s) until no connection is open, so that the log holds every
+        connection the guest has finished; False if some stayed open."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.stats.active_connections and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        return not self.stats.active_connections
+
     def egress_log(self, *, allowed: bool | None = None) -> list[EgressLogEntry]:
         return self.proxy.log.entries(allowed=allowed)
 

@@ -65,7 +65,7 @@ from exec_sandbox.sandbox.admission import AdmissionController
 from exec_sandbox.sandbox.foreground import ForegroundActivity
 from exec_sandbox.sandbox.grants import Grant
 from exec_sandbox.sandbox.lifecycle_errors import SchedulerClosedError
-from exec_sandbox.sandbox.network import NetworkPlan, start_gateway
+from exec_sandbox.sandbox.network import NetworkPlan, plan_network, start_gateway
 from exec_sandbox.sandbox.warm_pool import WarmPool
 from exec_sandbox.settings import Settings
 from exec_sandbox.storage.overlay_pool import OverlayPool
@@ -232,6 +232,9 @@ class VmProvisioner:
 
     async def _start_warm_pool(self, language: Language) -> None:
         if self.config.warm_pool_size == 0 or language in self._warm_pools:
+            return
+        if plan_network(self.config) is not None:  # pooled VMs have no NIC: no default call could use one
+            logger.info("no warm pool: this Scheduler's sandboxes are networked (L1 snapshots serve them)")
             return
         if self._state is not SchedulerState.RUNNING:
             return

@@ -473,8 +473,9 @@ class Scheduler(VmProvisioner, AsyncService):
         finally:
             if not finished:  # failed or cancelled: the VM is gone before the error propagates
                 await self._retire(lease)
-        # The result is complete: stop the VM after returning it (close() waits for that).
-        self._retire_later(lease)
+        if lease.gateway is not None:  # the log of a connection closed at the very end, too
+            await lease.gateway.settled(timeout=1.0)
+        self._retire_later(lease)  # the result is complete: stop the VM after returning it
         boot = vm.timing
         fresh = not lease.warm_pool_hit  # a pooled VM was made before this run: no cost to it
         timing = TimingBreakdown(
