@@ -226,16 +226,25 @@ async def test_port_forward_reaches_a_server_in_the_session(scheduler: Scheduler
         )
         assert started.stdout.strip() == "up", started.stderr
 
-        def fetch() -> bytes:
-            with socket.create_connection((fwd.host_addr, fwd.host_port), timeout=10) as sock:
+        def fetch(host_port: int) -> bytes:
+            with socket.create_connection((fwd.host_addr, host_port), timeout=10) as sock:
                 sock.sendall(b"GET /hello.txt HTTP/1.0\r\nHost: x\r\n\r\n")
                 data = b""
                 while chunk := sock.recv(65536):
                     data += chunk
                 return data
 
-        reply = await asyncio.to_thread(fetch)
+        reply = await asyncio.to_thread(fetch, fwd.host_port)
         assert reply.startswith(b"HTTP/1.0 200") and reply.endswith(b"served from the guest"), reply[:200]
+        # a fork serves the same on a host port of its own (the parent keeps its)
+        async with await session.fork() as child:
+            (child_fwd,) = child.forwarded_ports
+            assert child_fwd.guest_port == 8123 and child_fwd.host_port != fwd.host_port
+            await child.exec("open('hello.txt', 'w').write('served from the fork')", timeout_seconds=60)
+            reply = await asyncio.to_thread(fetch, child_fwd.host_port)
+            assert reply.endswith(b"served from the fork"), reply[:200]
+            reply = await asyncio.to_thread(fetch, fwd.host_port)
+            assert reply.endswith(b"served from the guest"), reply[:200]
 
 
 async def test_private_ranges_refused_unless_switched_on(plain: LocalServer) -> None:

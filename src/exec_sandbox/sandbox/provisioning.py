@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -357,6 +358,9 @@ class VmProvisioner:
             if net is None:
                 clone = await fork_vm(vm, settings=self.settings, runtime_dir=self._runtime_dir)
             else:
+                # the parent keeps its host ports: the clone's forwards get free ones
+                net = dataclasses.replace(
+                    net, forwards=tuple(f.model_copy(update={"host_port": 0}) for f in net.forwards))
                 clone, gateway, forwards = await self._with_network(net, lambda user_net: fork_vm(
                     vm, settings=self.settings, runtime_dir=self._runtime_dir, user_net=user_net))
         except BaseException:
