@@ -124,10 +124,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def local_server(tls: ssl.SSLContext | None = None) -> Iterator[LocalServer]:
+def local_server(tls: ssl.SSLContext | None = None, host: str = "127.0.0.1", port: int = 0
+                 ) -> Iterator[LocalServer]:
     seen: list[tuple[str, dict[str, str]]] = []
     handler = type("Handler", (_Handler,), {"record": seen})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd = ThreadingHTTPServer((host, port), handler)
     httpd.daemon_threads = True
     if tls is not None:
         httpd.socket = tls.wrap_socket(httpd.socket, server_side=True)

@@ -392,3 +392,30 @@ async def test_curl_and_pip_in_the_guest(scheduler: Scheduler, tls: LocalServer,
     assert res["pip"]["rc"] == 0, res["pip"]
     assert res["files"] == ["egress_demo-1.0-py3-none-any.whl"]
     assert {e.name for e in result.egress_log if e.allowed} == {"web.test"}
+
+
+@pytest.mark.skipif(os.geteuid() != 0,
+                    reason="the transparent path dials ports 443/80: binding them needs root")
+async def test_clients_that_ignore_the_proxy_go_through_the_gateway(ca: TestCA) -> None:
+    # 127.0.0.2: a loopback address of its own, so ports 443/80 are free whatever else runs here
+    with local_server(ca.server_context(), host="127.0.0.2", port=443) as tls443, \
+            local_server(host="127.0.0.2", port=80) as http80:
+        config = SchedulerConfig(allowed_domains=["web.test"], host_overrides={"web.test": "127.0.0.2"},
+                                 egress_allow_private=True, egress_ca_file=ca.ca_file)
+        async with scheduler_for_tests(config) as sched:
+            python = await sched.run(
+                "import urllib.request\n"
+                "direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))\n"
+                "print(direct.open('https://web.test/say/sni-ok', timeout=30).read().decode())\n"
+                "print(direct.open('http://web.test/say/host-ok', timeout=30).read().decode())\n",
+                timeout_seconds=120)
+            assert python.stdout.split() == ["sni-ok", "host-ok"], python.stderr
+            assert {(e.mode, e.allowed) for e in python.egress_log} == {("sni", True), ("host", True)}
+            # Node's fetch ignores HTTP(S)_PROXY: it resolves through our DNS and lands on the gateway
+            node = await sched.run(
+                "fetch('https://web.test/say/node-ok').then(r => r.text()).then(t => console.log(t))",
+                language="javascript", timeout_seconds=180)
+            assert node.stdout.strip() == "node-ok", node.stderr
+            assert [(e.name, e.mode) for e in node.egress_log] == [("web.test", "sni")]
+    assert [p for p, _ in tls443.seen] == ["/say/sni-ok", "/say/node-ok"]
+    assert [p for p, _ in http80.seen] == ["/say/host-ok"]
