@@ -110,6 +110,10 @@ def test_plan_merges_config_and_call() -> None:
     # per call: replaces the config's (here: forwards only, no gateway, no secrets)
     plan = plan_network(config, allowed_domains=[], secrets={}, port_forwards=[8000])
     assert plan is not None and not plan.policy.enabled and plan.forwards[0].guest_port == 8000
+    limited = plan_network(SchedulerConfig(allowed_domains=["a.test"],
+                                           egress_limits={"max_bytes_in": 1000, "max_connections": 3}))
+    assert limited is not None and limited.policy.limits.max_bytes_in == 1000
+    assert limited.policy.limits.max_connections == 3
     # network_enabled alone: a NIC with nothing behind it
     plan = plan_network(SchedulerConfig(network_enabled=True))
     assert plan is not None and not plan.policy.enabled and plan.forwards == ()
