@@ -123,6 +123,8 @@ out["slirp_dns_udp"] = timed(lambda: udp_dns("10.0.2.3"))
 out["slirp_host_udp"] = timed(lambda: udp_dns("10.0.2.2"))
 out["slirp_dns_tcp"] = timed(lambda: socket.create_connection(("10.0.2.3", 53), timeout=3).close())
 out["slirp_host_tcp"] = timed(lambda: socket.create_connection(("10.0.2.2", P), timeout=3).close())
+# the gateway's address has four ports, nothing else (e.g. no ssh, no other host service)
+out["gateway_other_port"] = timed(lambda: socket.create_connection(("10.0.2.100", 22), timeout=3).close())
 # Search for the real value by its hash (a sliding window): the guest never holds the value itself.
 import hashlib
 def holds(blob):
@@ -179,7 +181,8 @@ async def test_egress_from_a_vm(scheduler: Scheduler, plain: LocalServer, tls: L
         assert "403" in out["ip_literal_proxy"]["error"] and out["ip_literal_proxy"]["s"] < 2, out
         assert "unreachable" in out["ip_literal_raw"]["error"] and out["ip_literal_raw"]["s"] < 2, out
         # slirp's DNS forwarder and host alias are dead ends (restrict=on)
-        for key in ("slirp_dns_udp", "slirp_host_udp", "slirp_dns_tcp", "slirp_host_tcp"):
+        dead_ends = ("slirp_dns_udp", "slirp_host_udp", "slirp_dns_tcp", "slirp_host_tcp", "gateway_other_port")
+        for key in dead_ends:
             assert "error" in out[key], (key, out[key])
         # DNS: the upstream saw the allowlisted name it had to resolve, never a refused one
         assert "up.test" in dns_server.queries
