@@ -181,8 +181,8 @@ async def test_egress_from_a_vm(scheduler: Scheduler, plain: LocalServer, tls: L
         assert "403" in out["ip_literal_proxy"]["error"] and out["ip_literal_proxy"]["s"] < 2, out
         assert "unreachable" in out["ip_literal_raw"]["error"] and out["ip_literal_raw"]["s"] < 2, out
         # slirp's DNS forwarder and host alias are dead ends (restrict=on)
-        dead_ends = ("slirp_dns_udp", "slirp_host_udp", "slirp_dns_tcp", "slirp_host_tcp", "gateway_other_port")
-        for key in dead_ends:
+        for key in ("slirp_dns_udp", "slirp_host_udp", "slirp_dns_tcp", "slirp_host_tcp",
+                    "gateway_other_port"):
             assert "error" in out[key], (key, out[key])
         # DNS: the upstream saw the allowlisted name it had to resolve, never a refused one
         assert "up.test" in dns_server.queries
