@@ -23,7 +23,7 @@ import pytest_asyncio
 
 from exec_sandbox import Secret
 from exec_sandbox.config import SchedulerConfig
-from exec_sandbox.errors import SandboxInputError
+from exec_sandbox.errors import SandboxInputError, SandboxPermanentError
 from exec_sandbox.sandbox.scheduler import Scheduler
 from exec_sandbox.sandbox.session import Session
 from tests.integration.egress_support import (
@@ -422,3 +422,15 @@ async def test_clients_that_ignore_the_proxy_go_through_the_gateway(ca: TestCA) 
             assert [(e.name, e.mode) for e in node.egress_log] == [("web.test", "sni")]
     assert [p for p, _ in tls443.seen] == ["/say/sni-ok", "/say/node-ok"]
     assert [p for p, _ in http80.seen] == ["/say/host-ok"]
+
+
+async def test_missing_connector_fails_clearly_and_leaves_nothing(
+    scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    await scheduler._ensure_image("python")  # found while apt and qemu are still on PATH
+    monkeypatch.setenv("PATH", str(tmp_path))  # a host without socat
+    with pytest.raises(SandboxPermanentError) as info:
+        await scheduler.run("print(1)", timeout_seconds=30)
+    assert info.value.context.get("missing") == "socat", (info.value, info.value.context)
+    await assert_no_vms(scheduler)  # no VM, no capacity held
+    assert _gateway_dirs(scheduler) == set()  # the gateway started first and was closed
