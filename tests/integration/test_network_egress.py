@@ -395,6 +395,7 @@ async def test_curl_and_pip_in_the_guest(scheduler: Scheduler, tls: LocalServer,
     assert res["pip"]["rc"] == 0, res["pip"]
     assert res["files"] == ["egress_demo-1.0-py3-none-any.whl"]
     assert {e.name for e in result.egress_log if e.allowed} == {"web.test"}
+    await assert_no_vms(scheduler)  # its VM stops in the background: gone before the next test
 
 
 @pytest.mark.skipif(os.geteuid() != 0,
