@@ -435,3 +435,27 @@ async def test_missing_connector_fails_clearly_and_leaves_nothing(
     assert info.value.context.get("missing") == "socat", (info.value, info.value.context)
     await assert_no_vms(scheduler)  # no VM, no capacity held
     assert _gateway_dirs(scheduler) == set()  # the gateway started first and was closed
+
+
+async def test_egress_limits_hold_in_a_vm(plain: LocalServer) -> None:
+    config = SchedulerConfig(allowed_domains=["web.test"], host_overrides={"web.test": "127.0.0.1"},
+                             egress_allow_private=True, egress_limits={"max_bytes_in": 200_000})
+    async with scheduler_for_tests(config) as sched:
+        result = await sched.run(
+            "import urllib.request\n"
+            "got = 0\n"
+            "try:\n"
+            f"    url = 'http://web.test:{plain.port}/bytes/5000000'\n"
+            "    with urllib.request.urlopen(url, timeout=30) as r:\n"
+            "        while chunk := r.read(65536):\n"
+            "            got += len(chunk)\n"
+            "except Exception as exc:\n"
+            "    print(type(exc).__name__)\n"
+            "print(got)\n",
+            timeout_seconds=60,
+        )
+        got = int(result.stdout.split()[-1])
+        assert got < 5_000_000 and got <= 200_000 + 64 * 1024, result.stdout  # cut near the cap
+        assert result.egress_stats is not None and result.egress_stats.bytes_in <= 200_000 + 256 * 1024
+        assert any(e.rule == "byte_limit" for e in result.egress_log), result.egress_log
+        await assert_no_vms(sched)
