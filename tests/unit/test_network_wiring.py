@@ -43,7 +43,7 @@ async def test_the_nic_reaches_only_the_gateway() -> None:
         proxy, dns_address = gateway.proxy_addresses, gateway.dns_address
     opts = netdev.split(",")
     assert opts[:3] == ["user", "id=usernet", "restrict=on"]  # the boundary
-    assert "net=10.0.2.0/24" in opts and "hostfwd=tcp:127.0.0.1:8080-:80" in opts
+    assert "net=10.0.2.0/24" in opts and "ipv6=off" in opts and "hostfwd=tcp:127.0.0.1:8080-:80" in opts
     fwds = [o for o in opts if o.startswith("guestfwd=")]
     # exactly four exits, all to the gateway's own listeners on loopback, all TCP
     assert sorted(f.split("-cmd:")[0] for f in fwds) == sorted(

@@ -104,6 +104,7 @@ def build_egress_user_net(
                                          command=_connector(socat, target)))
     return UserNetSpec(
         restrict=True,
+        ipv6=False,  # the guest kernel has no IPv6; slirp offers none either (defence in depth)
         net=GUEST_NETWORK,
         hostfwd=tuple(HostForward(protocol=f.protocol, host_addr=f.host_addr, host_port=f.host_port,
                                   guest_port=f.guest_port) for f in forwards),

@@ -163,6 +163,7 @@ class UserNetSpec(_Spec):
     guestfwd: tuple[GuestForward, ...] = ()
     net: str | None = Field(default=None, pattern=r"^\d{1,3}(\.\d{1,3}){3}/\d{1,2}$")
     dns: str | None = Field(default=None, pattern=r"^\d{1,3}(\.\d{1,3}){3}$")
+    ipv6: bool = True  # False: slirp offers the guest no IPv6 at all
 
 
 class SerialPortSpec(_Spec):
@@ -316,6 +317,8 @@ def build_argv(spec: QemuMachineSpec, *, binary: str | None = None) -> list[str]
             opts.append(f"net={un.net}")
         if un.dns is not None:
             opts.append(f"dns={un.dns}")
+        if not un.ipv6:
+            opts.append("ipv6=off")
         opts += [f"hostfwd={f.protocol}:{f.host_addr}:{f.host_port}-:{f.guest_port}" for f in un.hostfwd]
         opts += [
             f"guestfwd=tcp:{f.guest_addr}:{f.guest_port}-cmd:{escape_qemu_option_value(f.command)}"
