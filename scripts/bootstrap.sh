@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   qemu-system-x86 qemu-utils e2fsprogs iproute2 ca-certificates
   curl  # egress tests drive the proxy with curl
+  socat  # networked sandboxes: one connector per guest connection (QEMU guestfwd cmd:)
   python3 python3-venv
   # host-side unit tests of the guest's JavaScript REPL driver
   nodejs

@@ -33,6 +33,7 @@ from smartvm.lazy_exports import lazy_exports
 if TYPE_CHECKING:
     from exec_sandbox.client.agent import AgentClient, AgentClientState, ExecResult
     from exec_sandbox.config import SchedulerConfig
+    from exec_sandbox.egress import EgressLimits, EgressLogEntry, EgressStats, Secret
     from exec_sandbox.models import (
         ExecutionResult,
         FileInfo,
@@ -59,6 +60,9 @@ _LAZY: dict[str, str] = {
     "AgentClient": "exec_sandbox.client.agent",
     "AgentClientState": "exec_sandbox.client.agent",
     "BootTiming": "exec_sandbox.vm.spec",
+    "EgressLimits": "exec_sandbox.egress.policy",
+    "EgressLogEntry": "exec_sandbox.egress.accounting",
+    "EgressStats": "exec_sandbox.egress.accounting",
     "ExecResult": "exec_sandbox.client.agent",
     "ExecutionResult": "exec_sandbox.models",
     "FileInfo": "exec_sandbox.models",
@@ -70,6 +74,7 @@ _LAZY: dict[str, str] = {
     "RunResult": "exec_sandbox.sandbox.scheduler",
     "SandboxVm": "exec_sandbox.vm.sandbox_vm",
     "SandboxVmState": "exec_sandbox.vm.spec",
+    "Secret": "exec_sandbox.egress.policy",
     "Scheduler": "exec_sandbox.sandbox.scheduler",
     "SchedulerClosedError": "exec_sandbox.sandbox.lifecycle_errors",
     "SchedulerConfig": "exec_sandbox.config",
@@ -93,6 +98,9 @@ __all__ = [
     "AgentClientState",
     "BootTiming",
     "CommunicationOutcomeUnknownError",
+    "EgressLimits",
+    "EgressLogEntry",
+    "EgressStats",
     "ExecResult",
     "ExecutionResult",
     "FileInfo",
@@ -117,6 +125,7 @@ __all__ = [
     "SchedulerClosedError",
     "SchedulerConfig",
     "SchedulerState",
+    "Secret",
     "Session",
     "SessionClosedError",
     "SessionState",

@@ -13,7 +13,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from exec_sandbox.errors import SandboxInputError
 from exec_sandbox.models import PortForward
@@ -121,10 +129,33 @@ class SchedulerConfig(BaseModel):
         "(capped at its guest RAM + overhead)",
     )
 
-    # Network (off unless asked for)
-    network_enabled: bool = False
+    # Network (off unless asked for). Every networked sandbox gets its own egress gateway
+    # (exec_sandbox.egress): ``allowed_domains``/``allowed_cidrs`` are all it can reach, through the
+    # gateway's proxy and DNS. The egress fields are checked as one EgressPolicy when the Scheduler
+    # starts (and per call), raising SandboxInputError naming the field.
+    network_enabled: bool = Field(
+        default=False, description="a NIC even without an allowlist (then it carries port forwards only)"
+    )
     allowed_domains: tuple[str, ...] = ()
+    allowed_cidrs: tuple[str, ...] = ()
     port_forwards: tuple[PortForward, ...] = ()
+    # name -> exec_sandbox.Secret (or a mapping with value/hosts): the guest sees a placeholder only
+    secrets: dict[str, Any] = Field(default_factory=dict)
+    host_overrides: dict[str, str | tuple[str, ...]] = Field(
+        default_factory=dict, description="hosts-file-like entries for the egress resolver"
+    )
+    egress_allow_private: bool = Field(
+        default=False, description="let allowlisted names resolve to loopback/private/link-local ranges"
+    )
+    egress_limits: dict[str, int | None] = Field(
+        default_factory=dict, description="EgressLimits fields: max_connections, max_bytes_in, ..."
+    )
+    egress_dns_server: str | None = Field(
+        default=None, description="upstream DNS server (IP or IP:port) for allowlisted names; None: host's"
+    )
+    egress_ca_file: Path | None = Field(
+        default=None, description="extra CA certificates (PEM) trusted for upstream servers, host and guest"
+    )
 
     # Size limits
     max_output_bytes: int = Field(
@@ -149,6 +180,20 @@ class SchedulerConfig(BaseModel):
         # SandboxInputError is a ValueError, so pydantic reports it as a normal validation error.
         return validate_domains(v)
 
+    @field_validator("secrets", mode="before")
+    @classmethod
+    def _mask_secrets(cls, v: Any) -> Any:
+        # A plain {"value": ..., "hosts": [...]} keeps its value as a SecretStr, so no repr or log of
+        # the config shows it (the full check is EgressPolicy's, when the Scheduler starts).
+        if isinstance(v, Mapping):
+            return {
+                name: {**item, "value": SecretStr(item["value"])}
+                if isinstance(item, Mapping) and isinstance(item.get("value"), str)
+                else item
+                for name, item in v.items()
+            }
+        return v
+
     @field_validator("port_forwards", mode="before")
     @classmethod
     def _forwards(cls, v: Any) -> tuple[PortForward, ...]:
@@ -156,14 +201,16 @@ class SchedulerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> SchedulerConfig:
-        if self.allowed_domains and not self.network_enabled:
-            raise ValueError("allowed_domains needs network_enabled=True (the network is off by default)")
         if self.default_timeout_seconds > self.max_timeout_seconds:
             raise ValueError(
                 f"default_timeout_seconds ({self.default_timeout_seconds:g}) is larger than "
                 f"max_timeout_seconds ({self.max_timeout_seconds:g})"
             )
         return self
+
+    def __hash__(self) -> int:
+        # Frozen, so hashable - with mapping fields, by a canonical dump (secret values masked).
+        return hash(self.model_dump_json(exclude={"secrets"}) + repr(sorted(self.secrets)))
 
     def settings(self) -> Settings:
         """``Settings`` (from ``EXEC_SANDBOX_*``) with this config's ``images_dir``/``cache_dir`` applied."""
@@ -217,7 +264,14 @@ class SchedulerConfig(BaseModel):
 def _parse_env_value(name: str, var: str, raw: str) -> Any:
     if raw.strip() == "" and name in ("images_dir", "cache_dir", "max_concurrent_vms"):
         return None
-    if name == "allowed_domains":
+    if name in ("secrets", "host_overrides", "egress_limits"):  # JSON objects
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise SandboxInputError(
+                f"{var}: invalid JSON ({exc.msg})", context={"field": var}
+            ) from None
+    if name in ("allowed_domains", "allowed_cidrs"):
         return tuple(p.strip() for p in raw.split(",") if p.strip())
     if name == "port_forwards":
         text = raw.strip()

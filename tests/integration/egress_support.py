@@ -6,14 +6,18 @@ Nothing here ever connects anywhere but 127.0.0.1 / ::1.
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
+import functools
+import hashlib
 import os
 import ssl
 import threading
+import zipfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import unquote
@@ -30,8 +34,8 @@ from cryptography.x509.oid import NameOID
 from exec_sandbox.egress import EgressGateway, EgressPolicy, Secret
 
 __all__ = ["NAMES", "SECRET_VALUE", "CountingDns", "LocalServer", "TestCA", "base_policy", "counting_dns",
-           "gateway", "http_server", "https_server", "local_server", "proxy_url", "run_curl", "settled",
-           "test_ca"]
+           "gateway", "http_server", "https_server", "local_server", "package_index", "proxy_url", "run_curl",
+           "settled", "test_ca", "wheel"]
 
 
 class TestCA:
@@ -120,10 +124,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def local_server(tls: ssl.SSLContext | None = None) -> Iterator[LocalServer]:
+def local_server(tls: ssl.SSLContext | None = None, host: str = "127.0.0.1", port: int = 0
+                 ) -> Iterator[LocalServer]:
     seen: list[tuple[str, dict[str, str]]] = []
     handler = type("Handler", (_Handler,), {"record": seen})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd = ThreadingHTTPServer((host, port), handler)
     httpd.daemon_threads = True
     if tls is not None:
         httpd.socket = tls.wrap_socket(httpd.socket, server_side=True)
@@ -158,11 +163,54 @@ class CountingDns(asyncio.DatagramProtocol):
         self.transport.sendto(resp.to_wire(), addr)
 
 
-async def counting_dns() -> tuple[CountingDns, int]:
+async def counting_dns(host: str = "127.0.0.1", port: int = 0) -> tuple[CountingDns, int]:
     loop = asyncio.get_running_loop()
     proto = CountingDns()
-    transport, _ = await loop.create_datagram_endpoint(lambda: proto, local_addr=("127.0.0.1", 0))
+    transport, _ = await loop.create_datagram_endpoint(lambda: proto, local_addr=(host, port))
     return proto, int(transport.get_extra_info("sockname")[1])
+
+
+def wheel(directory: Path) -> Path:
+    """A minimal pure-Python wheel, egress-demo 1.0."""
+    name = "egress_demo-1.0-py3-none-any.whl"
+    files = {
+        "egress_demo/__init__.py": b"VALUE = 1\n",
+        "egress_demo-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: egress-demo\nVersion: 1.0\n",
+        "egress_demo-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                          b"Tag: py3-none-any\n",
+    }
+    record = []
+    for path, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(data)}")
+    record.append("egress_demo-1.0.dist-info/RECORD,,")
+    with zipfile.ZipFile(directory / name, "w") as zf:
+        for path, data in files.items():
+            zf.writestr(path, data)
+        zf.writestr("egress_demo-1.0.dist-info/RECORD", "\n".join(record) + "\n")
+    return directory / name
+
+
+@contextmanager
+def package_index(ca: TestCA, root: Path) -> Iterator[int]:
+    """A package index (HTTPS with ``ca``) holding :func:`wheel`, on 127.0.0.1; yields its port."""
+    (root / "simple" / "egress-demo").mkdir(parents=True)
+    (root / "files").mkdir()
+    built = wheel(root / "files")
+    sha = hashlib.sha256(built.read_bytes()).hexdigest()
+    (root / "simple" / "egress-demo" / "index.html").write_text(
+        f'<html><body><a href="/files/{built.name}#sha256={sha}">{built.name}</a></body></html>\n')
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a, **k: None  # type: ignore[attr-defined]
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.socket = ca.server_context().wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield int(httpd.server_address[1])
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 NAMES = ["web.test", "api.test", "other.test"]

@@ -402,6 +402,7 @@ def test_result_json_shape(tmp_path: Path) -> None:
         (["run", "missing.js"], "no such file: missing.js"),
         (["run", "--upload", "nope.csv:in.csv", "x"], "no such local file"),
         (["run", "--download", "../../etc/passwd", "x"], "escapes the sandbox work dir"),
+        (["run", "--allow-domain", "bad..name", "x"], "allowed_domains"),
     ],
 )
 def test_invalid_input_exits_126_without_traceback(

@@ -120,9 +120,9 @@ def test_network_defaults_are_validated_and_normalised() -> None:
         SchedulerConfig(port_forwards=["80:1", "80:2"])
 
 
-def test_allowed_domains_need_the_network() -> None:
-    with pytest.raises(ValidationError, match="network_enabled"):
-        SchedulerConfig(allowed_domains=["example.com"])
+def test_allowed_domains_imply_the_network() -> None:
+    # issue 13: an allowlist is the network (through the egress gateway); no second switch needed
+    assert SchedulerConfig(allowed_domains=["example.com"]).allowed_domains == ("example.com",)
     # Port forwards work without outbound network (restricted user-mode net keeps hostfwd).
     assert SchedulerConfig(port_forwards=[8000]).network_enabled is False
 

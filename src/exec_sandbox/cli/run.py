@@ -324,6 +324,14 @@ Examples:
     help="Copy a file out of the sandbox afterwards (LOCAL default: its name in the current dir). "
     "Repeatable.",
 )
+@click.option(
+    "--allow-domain",
+    "allow_domains",
+    multiple=True,
+    metavar="NAME",
+    help="Give the sandbox a network that reaches only NAME (or *.NAME) through its egress proxy. "
+    "Repeatable; the network is off without it.",
+)
 @click.option("--force", is_flag=True, help="Let --download overwrite existing local files.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the result) instead of output.")
 @click.option("-q", "--quiet", is_flag=True, help="Only the program's output: no progress or summary.")
@@ -336,6 +344,7 @@ def run(
     env_specs: tuple[str, ...],
     upload_specs: tuple[str, ...],
     download_specs: tuple[str, ...],
+    allow_domains: tuple[str, ...],
     force: bool,
     as_json: bool,
     quiet: bool,
@@ -371,7 +380,8 @@ def run(
         )
         check_uploads(request.uploads)
         plan_downloads(request.downloads, force=force)
-        config = SchedulerConfig.from_env()
+        overrides: dict[str, Any] = {"allowed_domains": allow_domains} if allow_domains else {}
+        config = SchedulerConfig.from_env(**overrides)
         _prevalidate(config, request)  # before an image lookup or a storage daemon is spent on it
         _ensure_image(config, request.source.language, reporter)
     except SandboxError as exc:

@@ -82,6 +82,8 @@ from exec_sandbox.protocol.agent import (
     ExitEvent,
     Hello,
     Language,
+    NetConfigRequest,
+    NetResult,
     OutputEvent,
     PingRequest,
     ReseedRequest,
@@ -325,6 +327,16 @@ class AgentClient(FileTransfer, ProcessControl, WatchControl):
         request = ReseedRequest(id=self._new_id(), seed=base64.b64encode(seed).decode())
         async with self._request(request) as (req_id, pending):
             return await self._expect(req_id, pending, ReseedResult, timeout)
+
+    async def configure_network(
+        self, *, address: str, prefix: int, nameserver: str, mac: str | None = None,
+        ca_bundle: str | None = None, timeout: float = 10.0,
+    ) -> NetResult:
+        """Bring the guest NIC up: address/prefix, MAC, resolver (TCP only) and the trust bundle."""
+        request = build_model(NetConfigRequest, id=self._new_id(), address=address, prefix=prefix,
+                              nameserver=nameserver, mac=mac, ca_bundle=ca_bundle)
+        async with self._request(request) as (req_id, pending):
+            return await self._expect(req_id, pending, NetResult, timeout)
 
     async def ready_and_reseeded(
         self, seed: bytes | None = None, timeout: float = 30.0, *, ping_interval: float = 0.25

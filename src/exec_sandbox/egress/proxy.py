@@ -151,6 +151,21 @@ class EgressProxy:
         self.addresses = ProxyAddresses(*bound)
         return self.addresses
 
+    async def start_unix(self, directory: Path) -> dict[str, Path]:
+        """Bind the three listeners as Unix sockets ``forward.sock``, ``tls.sock``, ``http.sock`` in
+        ``directory`` (private to its owner: only processes of this user reach them)."""
+        paths = {name: directory / f"{name}.sock" for name in ("forward", "tls", "http")}
+        try:
+            handlers = ((self._on_forward, "forward"), (self._on_tls, "tls"), (self._on_http, "http"))
+            for handler, name in handlers:
+                server = await asyncio.start_unix_server(self._wrap(handler), str(paths[name]),
+                                                         limit=64 * 1024)
+                self._servers.append(server)
+        except BaseException:
+            await self.aclose()
+            raise
+        return paths
+
     async def aclose(self) -> None:
         """Stop listening and cut every relayed connection; idempotent."""
         servers, self._servers = self._servers, []

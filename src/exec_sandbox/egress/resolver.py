@@ -24,6 +24,7 @@ import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol, cast
 
 import dns.asyncquery
@@ -114,9 +115,14 @@ class Resolution:
 class EgressResolver:
     """Resolves allowlisted names for one sandbox and remembers what it handed out."""
 
-    def __init__(self, policy: EgressPolicy, upstream: Upstream | None = None) -> None:
+    def __init__(self, policy: EgressPolicy, upstream: Upstream | None = None, *,
+                 guest_answer: IPAddress | None = None) -> None:
         self.policy = policy
         self.upstream: Upstream = upstream if upstream is not None else SystemUpstream()
+        # Set when the guest reaches everything through one address (QEMU user networking): DNS
+        # then answers every usable allowlisted name with it (A only), and the proxy behind that
+        # address dials the real one, found here again by SNI/Host.
+        self.guest_answer = guest_answer
         self._cache: OrderedDict[str, tuple[float, list[IPAddress]]] = OrderedDict()
         self._handed: OrderedDict[str, set[IPAddress]] = OrderedDict()
         self.upstream_queries = 0
@@ -197,7 +203,8 @@ class EgressResolver:
             elif q.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
                 result = await self.resolve(name)
                 version = 4 if q.rdtype == dns.rdatatype.A else 6
-                texts = [str(ip) for ip in result.addresses if ip.version == version]
+                usable = [self.guest_answer] if self.guest_answer and result.ok else result.addresses
+                texts = [str(ip) for ip in usable if ip.version == version]
                 if texts:
                     resp.answer.append(dns.rrset.from_text_list(q.name, _TTL, "IN", q.rdtype, texts))
         return resp.to_wire(max_size=65535)
@@ -265,6 +272,16 @@ class DnsServer:
         self._udp, self._proto = transport, proto
         self.address = (host, int(bound))
         return self.address
+
+    async def start_unix(self, path: Path) -> Path:
+        """Serve DNS over a stream Unix socket at ``path`` (TCP framing; no UDP): for a guest whose
+        link carries streams only, reached through a connector, with file permissions as access
+        control instead of a loopback port anyone on the host can use."""
+        if self.address is not None:
+            raise RuntimeError("DnsServer already started")
+        self._tcp = await asyncio.start_unix_server(self._serve_tcp, str(path))
+        self.address = (str(path), 0)
+        return path
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._tcp_clients >= _MAX_TCP_CLIENTS:

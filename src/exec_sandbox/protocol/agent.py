@@ -13,9 +13,9 @@ and as the answer to ``ping``. File data travels base64-encoded inside JSON (chu
 default), each chunk and the whole file checked with sha256.
 
 Host -> guest: ping, exec, warmup, write_file + write_chunk..., read_file, list_files, reseed_rng,
-cancel, shutdown, and the background-process requests of :mod:`.process`. Guest -> host: hello,
-output, exit, warmup_result, write_result, file_chunk, read_result, list_result, reseed_result,
-cancel_result, shutdown_result, the process events of :mod:`.process`, error.
+net_config, cancel, shutdown, and the background-process requests of :mod:`.process`. Guest -> host:
+hello, output, exit, warmup_result, write_result, file_chunk, read_result, list_result, reseed_result,
+net_result, cancel_result, shutdown_result, the process events of :mod:`.process`, error.
 
 Everything the guest sends is validated here; anything malformed raises :class:`FrameError`
 (a :class:`~exec_sandbox.errors.GuestProtocolError`). Nothing here allocates on the guest's word: a
@@ -89,6 +89,8 @@ __all__ = [
     "Language",
     "ListFilesRequest",
     "ListResult",
+    "NetConfigRequest",
+    "NetResult",
     "OutputEvent",
     "PingRequest",
     "ReadFileRequest",
@@ -261,6 +263,18 @@ class ReseedRequest(_Msg):
     seed: str  # base64 of 16..4096 bytes
 
 
+class NetConfigRequest(_Msg):
+    """Configure the guest NIC (after boot, restore and fork of a networked sandbox)."""
+
+    type: Literal["net_config"] = "net_config"
+    id: RequestId
+    address: str = Field(pattern=r"^\d{1,3}(\.\d{1,3}){3}$")
+    prefix: int = Field(ge=8, le=30)
+    mac: str | None = Field(default=None, pattern=r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+    nameserver: str = Field(pattern=r"^\d{1,3}(\.\d{1,3}){3}$")
+    ca_bundle: str | None = Field(default=None, max_length=2 * 1024 * 1024)
+
+
 class CancelRequest(_Msg):
     type: Literal["cancel"] = "cancel"
     id: RequestId
@@ -281,6 +295,7 @@ HostRequest = (
     | ReadFileRequest
     | ListFilesRequest
     | ReseedRequest
+    | NetConfigRequest
     | CancelRequest
     | ShutdownRequest
     | ProcStartRequest
@@ -395,6 +410,12 @@ class ReseedResult(_GuestMsg):
     spares_reseeded: _ShortList = Field(default_factory=list)  # spare one-shot interpreters
 
 
+class NetResult(_GuestMsg):
+    type: Literal["net_result"]
+    id: str
+    interface: GuestText
+
+
 class CancelResult(_GuestMsg):
     type: Literal["cancel_result"]
     id: str
@@ -424,6 +445,7 @@ GuestMessage = Annotated[
     | ReadResult
     | ListResult
     | ReseedResult
+    | NetResult
     | CancelResult
     | ShutdownResult
     | ProcStarted

@@ -22,7 +22,13 @@ Speed (issue 5)
        before any user code runs; the first cold boot of a combination saves that snapshot.
        ``ExecutionResult.restored_from_snapshot`` says so. The cache lives in
        ``settings.cache_dir / "snapshots"`` (or ``snapshot_dir``), shared by processes via flock.
-    3. a cold boot (snapshots disabled, or a networked VM, which cannot be snapshotted).
+    3. a cold boot (snapshots disabled).
+
+    A networked run or session (a :class:`~exec_sandbox.sandbox.network.NetworkPlan`) never takes a
+    pooled VM: its own egress gateway starts first, then the VM boots (or is restored from an L1
+    snapshot of a guest with an unconfigured NIC) with a restricted user-mode NIC that leads only to
+    that gateway, and ``net_config`` brings the NIC up (:mod:`exec_sandbox.vm.network`). The gateway
+    closes with the VM, on every path.
 
     A restored or pooled VM does not boot, so ``on_boot_log`` gets one ``[sandbox] ...`` line saying
     where the VM came from instead of console lines.
@@ -36,13 +42,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from exec_sandbox.callbacks import call_safely
 from exec_sandbox.config import SchedulerConfig
@@ -58,15 +66,22 @@ from exec_sandbox.sandbox.admission import AdmissionController
 from exec_sandbox.sandbox.foreground import ForegroundActivity
 from exec_sandbox.sandbox.grants import Grant
 from exec_sandbox.sandbox.lifecycle_errors import SchedulerClosedError
+from exec_sandbox.sandbox.network import NetworkPlan, plan_network, start_gateway
 from exec_sandbox.sandbox.warm_pool import WarmPool
 from exec_sandbox.settings import Settings
 from exec_sandbox.storage.overlay_pool import OverlayPool
 from exec_sandbox.validation import validate_language
 from exec_sandbox.vm.fork import fork_vm
+from exec_sandbox.vm.network import attach_egress, build_egress_user_net, concrete_forwards, find_connector
 from exec_sandbox.vm.sandbox_vm import BootLogCallback, SandboxVm
 from exec_sandbox.vm.snapshots import SnapshotCache, warm_vm
 from exec_sandbox.vm.spec import VmOptions, read_snapshot_dir
 from exec_sandbox.vm_manager import VmManager
+
+if TYPE_CHECKING:
+    from exec_sandbox.egress import EgressGateway
+    from exec_sandbox.models import PortForward
+    from smartvm.qemu import UserNetSpec
 
 __all__ = ["BACKGROUND_NICE", "SchedulerState", "VmLease", "VmProvisioner"]
 
@@ -97,6 +112,9 @@ class VmLease:
     cgroup: VmCgroup | None = None
     warm_pool_hit: bool = False
     restored_from_snapshot: bool = False
+    gateway: EgressGateway | None = None  # closes with the VM
+    forwards: tuple[PortForward, ...] = ()  # port forwards, with the host ports really used
+    net: NetworkPlan | None = None  # what a fork of it gets again (its own gateway and forwards)
 
 
 class VmProvisioner:
@@ -216,6 +234,9 @@ class VmProvisioner:
     async def _start_warm_pool(self, language: Language) -> None:
         if self.config.warm_pool_size == 0 or language in self._warm_pools:
             return
+        if plan_network(self.config) is not None:  # pooled VMs have no NIC: no default call could use one
+            logger.info("no warm pool: this Scheduler's sandboxes are networked (L1 snapshots serve them)")
+            return
         if self._state is not SchedulerState.RUNNING:
             return
         pool = WarmPool(
@@ -238,18 +259,19 @@ class VmProvisioner:
             memory_mb=memory_mb,
             vcpus=self.config.default_vcpus,
             boot_timeout_s=_BOOT_TIMEOUT_S,
-            network=self.config.network_enabled,
             disk_size_mb=disk_size_mb or self.config.disk_size_mb,
         )
 
     async def _provision(
         self, language: Language, memory_mb: int, on_boot_log: BootLogCallback | None,
-        disk_size_mb: int | None = None,
+        disk_size_mb: int | None = None, net: NetworkPlan | None = None,
     ) -> VmLease:
         """A ready VM with the capacity it holds: from the warm pool, else a snapshot restore, else a
         cold boot (see the module docstring)."""
         pool = self._warm_pools.get(language)
         pool_disk = disk_size_mb in (None, self.config.disk_size_mb)  # pooled VMs have the config's
+        if net is not None:
+            return await self._provision_networked(language, memory_mb, on_boot_log, disk_size_mb, net)
         if pool is not None and memory_mb == pool.memory_mb and pool_disk:
             pooled = await pool.checkout(language)
             if pooled is not None:
@@ -280,20 +302,72 @@ class VmProvisioner:
             restored_from_snapshot=vm.timing.restored,
         )
 
-    async def _provision_fork(self, vm: SandboxVm, memory_mb: int) -> VmLease:
-        """A clone of ``vm`` (memory and disk; the caller keeps ``vm`` quiet) with its own capacity."""
+    async def _provision_networked(
+        self, language: Language, memory_mb: int, on_boot_log: BootLogCallback | None,
+        disk_size_mb: int | None, net: NetworkPlan,
+    ) -> VmLease:
+        """A VM whose NIC leads to its own, already started, egress gateway (and port forwards)."""
+        options = self._vm_options(language, memory_mb, disk_size_mb).model_copy(update={"nic": True})
+        attempts = 0
+
+        async def boot(user_net: UserNetSpec) -> SandboxVm:
+            nonlocal attempts
+            vm, attempts = await self._boot(options, on_boot_log, user_net)
+            return vm
+
         grant = await self.admission.acquire(memory_mb, self.config.default_vcpus)
         try:
-            clone = await fork_vm(vm, settings=self.settings, runtime_dir=self._runtime_dir)
+            vm, gateway, forwards = await self._with_network(net, boot)
         except BaseException:
             grant.release()
             raise
-        return VmLease(
-            vm=clone,
-            grant=grant,
-            cgroup=self._attach_cgroup(clone, memory_mb),
-            restored_from_snapshot=True,
-        )
+        if vm.timing.restored:
+            await self._note_no_boot(on_boot_log, "restored from a memory snapshot")
+        return VmLease(vm=vm, grant=grant, boot_attempts=attempts, cgroup=self._attach_cgroup(vm, memory_mb),
+                       restored_from_snapshot=vm.timing.restored, gateway=gateway, forwards=forwards, net=net)
+
+    async def _with_network(
+        self, net: NetworkPlan, make: Callable[[UserNetSpec], Awaitable[SandboxVm]]
+    ) -> tuple[SandboxVm, EgressGateway | None, tuple[PortForward, ...]]:
+        """Start a gateway for ``net``, make the VM with a NIC leading to it, configure that NIC.
+        Nothing is left on failure: the gateway closes with the VM from the moment it exists."""
+        gateway = await start_gateway(net, self.config, self._runtime_dir)
+        try:
+            forwards = concrete_forwards(net.forwards)
+            user_net = build_egress_user_net(
+                gateway, forwards, socat=find_connector() if gateway is not None else None)
+            vm = await make(user_net)
+        except BaseException:
+            if gateway is not None:
+                await gateway.aclose()
+            raise
+        try:
+            await attach_egress(vm, gateway, extra_ca_file=self.config.egress_ca_file)
+        except BaseException:
+            await vm.close()  # also closes the gateway (attach_egress tied it to the VM first)
+            raise
+        return vm, gateway, forwards
+
+    async def _provision_fork(self, vm: SandboxVm, memory_mb: int, net: NetworkPlan | None = None) -> VmLease:
+        """A clone of ``vm`` (memory and disk; the caller keeps ``vm`` quiet) with its own capacity,
+        and, when networked, its own gateway, port forwards and a freshly configured NIC."""
+        grant = await self.admission.acquire(memory_mb, self.config.default_vcpus)
+        gateway: EgressGateway | None = None
+        forwards: tuple[PortForward, ...] = ()
+        try:
+            if net is None:
+                clone = await fork_vm(vm, settings=self.settings, runtime_dir=self._runtime_dir)
+            else:
+                # the parent keeps its host ports: the clone's forwards get free ones
+                net = dataclasses.replace(
+                    net, forwards=tuple(f.model_copy(update={"host_port": 0}) for f in net.forwards))
+                clone, gateway, forwards = await self._with_network(net, lambda user_net: fork_vm(
+                    vm, settings=self.settings, runtime_dir=self._runtime_dir, user_net=user_net))
+        except BaseException:
+            grant.release()
+            raise
+        return VmLease(vm=clone, grant=grant, cgroup=self._attach_cgroup(clone, memory_mb),
+                       restored_from_snapshot=True, gateway=gateway, forwards=forwards, net=net)
 
     async def _provision_restore(self, directory: Path) -> VmLease:
         """A VM restored from the snapshot ``directory`` (``Session.save``), with its own capacity."""
@@ -336,13 +410,15 @@ class VmProvisioner:
         return vm
 
     async def _make_vm(
-        self, options: VmOptions, *, on_boot_log: BootLogCallback | None = None, nice: int = 0
+        self, options: VmOptions, *, on_boot_log: BootLogCallback | None = None, nice: int = 0,
+        user_net: UserNetSpec | None = None,
     ) -> SandboxVm:
-        """One VM: restored from the snapshot cache (or cold-booted into it), or cold-booted."""
+        """One VM: restored from the snapshot cache (or cold-booted into it), or cold-booted.
+        ``user_net``: the NIC backend of a networked VM (``options.nic``)."""
         if self._snapshots is not None:
             vm, _ = await self._snapshots.restore_or_boot(
                 options, runtime_dir=self._runtime_dir, overlay_pool=self._pool, on_boot_log=on_boot_log,
-                nice=nice,
+                nice=nice, user_net=user_net,
             )
             return vm
         return await SandboxVm.boot(
@@ -353,12 +429,15 @@ class VmProvisioner:
             runtime_dir=self._runtime_dir,
             on_boot_log=on_boot_log,
             nice=nice,
+            user_net=user_net,
         )
 
-    async def _boot(self, options: VmOptions, on_boot_log: BootLogCallback | None) -> tuple[SandboxVm, int]:
+    async def _boot(
+        self, options: VmOptions, on_boot_log: BootLogCallback | None, user_net: UserNetSpec | None = None
+    ) -> tuple[SandboxVm, int]:
         for attempt in range(1, _BOOT_ATTEMPTS + 1):
             try:
-                return await self._make_vm(options, on_boot_log=on_boot_log), attempt
+                return await self._make_vm(options, on_boot_log=on_boot_log, user_net=user_net), attempt
             except VmCapacityError:
                 raise
             except SandboxTransientError as exc:

@@ -105,24 +105,25 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
 from exec_sandbox.client.agent import OutputCallback
 from exec_sandbox.config import SchedulerConfig
+from exec_sandbox.egress.accounting import EgressLogEntry, EgressStats
 from exec_sandbox.errors import (
     CommunicationOutcomeUnknownError,
     GuestProtocolError,
     SandboxError,
-    SandboxPermanentError,
 )
 from exec_sandbox.host.cgroups import CgroupManager
 from exec_sandbox.host.runtime_dirs import make_scheduler_runtime_dir, remove_scheduler_runtime_dir
-from exec_sandbox.models import ExecutionResult, Language, TimingBreakdown
+from exec_sandbox.models import ExecutionResult, Language, PortForward, TimingBreakdown
 from exec_sandbox.sandbox.admission import AdmissionController
 from exec_sandbox.sandbox.foreground import ForegroundActivity
 from exec_sandbox.sandbox.lifecycle_errors import SchedulerClosedError
+from exec_sandbox.sandbox.network import NetworkPlan, plan_network
 from exec_sandbox.sandbox.provisioning import BACKGROUND_NICE, SchedulerState, VmLease, VmProvisioner
 from exec_sandbox.sandbox.session import Session
 from exec_sandbox.sandbox.warm_pool import WarmPool
@@ -145,6 +146,9 @@ from exec_sandbox.vm_manager import VmManager
 from smartvm.cleanup import AsyncService, shielded
 from smartvm.process import can_raise_priority
 
+if TYPE_CHECKING:
+    from exec_sandbox.egress import Secret
+
 __all__ = [
     "BACKGROUND_NICE",
     "RunResult",
@@ -166,6 +170,9 @@ class RunResult(ExecutionResult):
 
     files: dict[str, bytes] = Field(default_factory=dict)
     download_errors: dict[str, str] = Field(default_factory=dict)
+    # Networked runs: every connection (or refused attempt) through the egress gateway, and totals.
+    egress_log: list[EgressLogEntry] = Field(default_factory=list)
+    egress_stats: EgressStats | None = None
 
 
 @dataclass
@@ -256,12 +263,7 @@ class Scheduler(VmProvisioner, AsyncService):
                 return
             if self._state is not SchedulerState.NEW:
                 raise self._closed_error("start")
-            if self.config.allowed_domains or self.config.port_forwards:
-                raise SandboxPermanentError(
-                    "allowed_domains and port_forwards are not supported by this Scheduler yet; "
-                    "use network_enabled alone or leave the network off",
-                    context={"field": "allowed_domains" if self.config.allowed_domains else "port_forwards"},
-                )
+            plan_network(self.config)  # a bad egress config fails here, naming the field
             admission = AdmissionController.from_config(self.config)
             runtime_dir = await asyncio.to_thread(self._make_runtime_dir)
             pool = OverlayPool(
@@ -359,8 +361,12 @@ class Scheduler(VmProvisioner, AsyncService):
         on_boot_log: BootLogCallback | None = None,
         files: Mapping[str, bytes | Path] | None = None,
         download: Sequence[str] | None = None,
+        allowed_domains: Sequence[str] | None = None,
+        secrets: Mapping[str, Secret | Mapping[str, Any]] | None = None,
     ) -> RunResult:
-        """Run ``code`` once in a fresh VM and return its result (see the module docstring)."""
+        """Run ``code`` once in a fresh VM and return its result (see the module docstring).
+
+        ``allowed_domains``/``secrets`` replace the config's for this run (see ``SchedulerConfig``)."""
         lang = validate_language(language)
         code = validate_code(code, max_bytes=self.config.max_code_bytes)
         timeout = validate_timeout(
@@ -371,11 +377,13 @@ class Scheduler(VmProvisioner, AsyncService):
         env = validate_env_vars(env_vars)
         uploads = validate_uploads(files, max_file_bytes=self.config.max_file_bytes)
         downloads = validate_downloads(download)
+        net = plan_network(self.config, allowed_domains=allowed_domains, secrets=secrets)
         self._require_running("run code in")
         state = _RunState()
         inner = asyncio.get_running_loop().create_task(
             self._run(
-                code, lang, timeout, memory, env, on_stdout, on_stderr, on_boot_log, uploads, downloads, state
+                code, lang, timeout, memory, env, on_stdout, on_stderr, on_boot_log, uploads, downloads,
+                state, net,
             ),
             name="sbx-run",
         )
@@ -417,12 +425,13 @@ class Scheduler(VmProvisioner, AsyncService):
         uploads: dict[str, bytes | Path],
         downloads: list[tuple[str, str]],
         state: _RunState,
+        net: NetworkPlan | None = None,
     ) -> RunResult:
         started = time.perf_counter()
         t = time.perf_counter()
         await self._ensure_image(language)
         setup_ms = elapsed_ms(t)
-        lease = await self._provision(language, memory_mb, on_boot_log)
+        lease = await self._provision(language, memory_mb, on_boot_log, net=net)
         vm = lease.vm
         finished = False
         files: dict[str, bytes] = {}
@@ -463,8 +472,9 @@ class Scheduler(VmProvisioner, AsyncService):
         finally:
             if not finished:  # failed or cancelled: the VM is gone before the error propagates
                 await self._retire(lease)
-        # The result is complete: stop the VM after returning it (close() waits for that).
-        self._retire_later(lease)
+        if lease.gateway is not None:  # the log of a connection closed at the very end, too
+            await lease.gateway.settled(timeout=1.0)
+        self._retire_later(lease)  # the result is complete: stop the VM after returning it
         boot = vm.timing
         fresh = not lease.warm_pool_hit  # a pooled VM was made before this run: no cost to it
         timing = TimingBreakdown(
@@ -488,6 +498,8 @@ class Scheduler(VmProvisioner, AsyncService):
             restored_from_snapshot=lease.restored_from_snapshot,
             files=files,
             download_errors=download_errors,
+            egress_log=lease.gateway.egress_log() if lease.gateway else [],
+            egress_stats=lease.gateway.stats.model_copy() if lease.gateway else None,
         )
 
     # ------------------------------------------------------------------ sessions
@@ -500,10 +512,15 @@ class Scheduler(VmProvisioner, AsyncService):
         env_vars: Mapping[str, str] | None = None,
         idle_timeout_seconds: float | None = None,
         disk_size_mb: int | None = None,
+        allowed_domains: Sequence[str] | None = None,
+        port_forwards: Sequence[PortForward | Mapping[str, object] | int | str] | None = None,
+        secrets: Mapping[str, Secret | Mapping[str, Any]] | None = None,
     ) -> Session:
         """Boot a VM for a stateful :class:`Session` (``async with await scheduler.session() as s``).
 
-        ``disk_size_mb``: this session's disk (work dir) size; default ``config.disk_size_mb``."""
+        ``disk_size_mb``: this session's disk (work dir) size; default ``config.disk_size_mb``.
+        ``allowed_domains``/``port_forwards``/``secrets`` replace the config's for this session;
+        ``session.forwarded_ports`` says which host port serves which guest port."""
         lang = validate_language(language)
         disk = None if disk_size_mb is None else validate_memory_mb(
             disk_size_mb, min_mb=256, max_mb=1024 * 1024, field="disk_size_mb"
@@ -517,19 +534,21 @@ class Scheduler(VmProvisioner, AsyncService):
             max_seconds=86400.0,
             field="idle_timeout_seconds",
         )
+        net = plan_network(self.config, allowed_domains=allowed_domains, port_forwards=port_forwards,
+                           secrets=secrets)
         self._require_running("open a session in")
         inner = asyncio.get_running_loop().create_task(
-            self._open_session(lang, memory, env, idle, disk), name="sbx-session-open"
+            self._open_session(lang, memory, env, idle, disk, net), name="sbx-session-open"
         )
         session: Session = await self._await_tracked(inner, None)
         return session
 
     async def _open_session(
         self, language: Language, memory_mb: int, env: dict[str, str], idle: float,
-        disk_size_mb: int | None = None,
+        disk_size_mb: int | None = None, net: NetworkPlan | None = None,
     ) -> Session:
         await self._ensure_image(language)
-        lease = await self._provision(language, memory_mb, None, disk_size_mb)
+        lease = await self._provision(language, memory_mb, None, disk_size_mb, net)
         return await self._new_session(lease, language, memory_mb, env, idle)
 
     async def _new_session(
@@ -550,6 +569,9 @@ class Scheduler(VmProvisioner, AsyncService):
                 warm_pool_hit=lease.warm_pool_hit,
                 restored_from_snapshot=lease.restored_from_snapshot,
                 foreground=self._foreground,
+                egress=lease.gateway,
+                forwarded_ports=lease.forwards,
+                network=lease.net,
             )
         except BaseException:
             await self._retire(lease)
@@ -593,7 +615,7 @@ class Scheduler(VmProvisioner, AsyncService):
 
     async def _fork(self, parent: Session) -> Session:
         async with parent.exclusive() as vm:
-            lease = await self._provision_fork(vm, parent.memory_mb)
+            lease = await self._provision_fork(vm, parent.memory_mb, parent.network)
         return await self._new_session(
             lease, parent.language, parent.memory_mb, dict(parent.env_vars), parent.idle_timeout_seconds
         )

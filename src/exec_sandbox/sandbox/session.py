@@ -63,18 +63,19 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from enum import StrEnum
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from exec_sandbox.client.agent import OutputCallback
 from exec_sandbox.client.process import DEFAULT_PROCESS_OUTPUT_CAP, ProcessHandle
 from exec_sandbox.config import SchedulerConfig
+from exec_sandbox.egress.accounting import EgressLogEntry, EgressStats
 from exec_sandbox.errors import (
     CommunicationOutcomeUnknownError,
     GuestProtocolError,
     SandboxError,
     SandboxPermanentError,
 )
-from exec_sandbox.models import ExecutionResult, FileInfo, Language, TimingBreakdown
+from exec_sandbox.models import ExecutionResult, FileInfo, Language, PortForward, TimingBreakdown
 from exec_sandbox.protocol.process import WatchEvent
 from exec_sandbox.sandbox.foreground import ForegroundActivity
 from exec_sandbox.sandbox.lifecycle_errors import CloseReason, SessionClosedError
@@ -89,6 +90,10 @@ from exec_sandbox.validation import (
 from exec_sandbox.vm.execution import execute_in_vm
 from exec_sandbox.vm.sandbox_vm import SandboxVm
 from smartvm.cleanup import AsyncClosing
+
+if TYPE_CHECKING:
+    from exec_sandbox.egress import EgressGateway
+    from exec_sandbox.sandbox.network import NetworkPlan
 
 __all__ = ["Session", "SessionState"]
 
@@ -119,8 +124,15 @@ class Session(AsyncClosing):
         warm_pool_hit: bool = False,
         restored_from_snapshot: bool = False,
         foreground: ForegroundActivity | None = None,
+        egress: EgressGateway | None = None,
+        forwarded_ports: tuple[PortForward, ...] = (),
+        network: NetworkPlan | None = None,
     ) -> None:
         self._vm = vm
+        self._egress = egress  # closes with the VM; its log stays readable after
+        # Which host address:port serves which guest port (host ports 0 made concrete).
+        self.forwarded_ports: tuple[PortForward, ...] = forwarded_ports
+        self.network = network  # the plan it was made with (a fork gets its own gateway by it)
         self._foreground = foreground or ForegroundActivity()  # execs count as foreground work
         self._fork = fork  # makes the clone (the Scheduler: capacity, fork_vm, registration)
         self.warm_pool_hit = warm_pool_hit  # the VM came ready from the warm pool
@@ -170,6 +182,16 @@ class Session(AsyncClosing):
     def vm(self) -> SandboxVm:
         """The session's VM (for inspection and for layers above, e.g. snapshot-based fork)."""
         return self._vm
+
+    @property
+    def egress_log(self) -> list[EgressLogEntry]:
+        """Every connection (or refused attempt) through this session's egress gateway so far."""
+        return self._egress.egress_log() if self._egress is not None else []
+
+    @property
+    def egress_stats(self) -> EgressStats | None:
+        """Egress totals (None: the session has no network)."""
+        return self._egress.stats.model_copy() if self._egress is not None else None
 
     def __repr__(self) -> str:
         return f"Session(vm_id={self.vm_id!r}, language={self.language!r}, state={self._state.value!r})"

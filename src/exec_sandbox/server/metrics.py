@@ -5,6 +5,9 @@
 - ``sbx_serve_run_seconds{path}``: code run latency inside a sandbox (``command``: envd Process.Start;
   ``cell``: code-interpreter /execute), from dispatch to exit
 - ``sbx_serve_sandboxes_created_total`` / ``sbx_serve_sandbox_create_seconds``: creations and their latency
+- ``sbx_serve_egress_connections{outcome}``, ``sbx_serve_egress_bytes{direction}``,
+  ``sbx_serve_egress_active_connections``: egress of the live networked sandboxes (summed over their
+  gateways at scrape time; a sandbox's own log is on its session)
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
+
+from exec_sandbox.egress.accounting import EgressStats
 
 __all__ = ["REGISTRY", "SandboxCounts", "bind", "observe_create", "observe_request", "observe_run", "render"]
 
@@ -62,6 +67,7 @@ class SandboxCounts(Protocol):
     def count(self) -> int: ...
     def creating(self) -> int: ...
     def paused_count(self) -> int: ...
+    def egress_stats(self) -> list[EgressStats]: ...
 
 
 class _SandboxCollector(Collector):
@@ -74,6 +80,20 @@ class _SandboxCollector(Collector):
         g.add_metric(["creating"], self.registry.creating() if self.registry is not None else 0)
         g.add_metric(["paused"], self.registry.paused_count() if self.registry is not None else 0)
         yield g
+        stats = self.registry.egress_stats() if self.registry is not None else []
+        conns = GaugeMetricFamily("sbx_serve_egress_connections", "Egress connections of live sandboxes",
+                                  labels=["outcome"])
+        refused = sum(s.refused_total for s in stats)
+        conns.add_metric(["allowed"], sum(s.connections_total for s in stats) - refused)
+        conns.add_metric(["refused"], refused)
+        yield conns
+        moved = GaugeMetricFamily("sbx_serve_egress_bytes", "Egress bytes of live sandboxes",
+                                  labels=["direction"])
+        moved.add_metric(["in"], sum(s.bytes_in for s in stats))
+        moved.add_metric(["out"], sum(s.bytes_out for s in stats))
+        yield moved
+        yield GaugeMetricFamily("sbx_serve_egress_active_connections", "Open egress connections",
+                                value=sum(s.active_connections for s in stats))
 
 
 _COLLECTOR = _SandboxCollector()

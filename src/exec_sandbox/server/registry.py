@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from exec_sandbox.egress.accounting import EgressStats
 from exec_sandbox.errors import SandboxError
 from exec_sandbox.server import metrics
 from exec_sandbox.server.config import ServeConfig
@@ -204,6 +205,12 @@ class SandboxRegistry:
 
     def creating(self) -> int:
         return sum(self._pending.values())
+
+    def egress_stats(self) -> list[EgressStats]:
+        """Egress counters of every live networked session (sandboxes and their code contexts)."""
+        sessions = [r.session for r in self._records.values()]
+        sessions += [c.session for r in self._records.values() for c in r.contexts.values() if c.session]
+        return [st for st in (s.egress_stats for s in sessions) if st is not None]
 
     def records(self, owner: str) -> list[SandboxRecord]:
         return sorted(

@@ -28,6 +28,7 @@ from exec_sandbox.vm.spec import SandboxVmState
 from smartvm.cleanup import shielded
 from smartvm.hostfs import ensure_private_dir
 from smartvm.leftovers import make_owned_dir, remove_owned_dir
+from smartvm.qemu import UserNetSpec
 
 __all__ = ["ForkTiming", "fork_vm"]
 
@@ -55,6 +56,7 @@ async def fork_vm(
     vm_id: str | None = None,
     work_dir: Path | None = None,
     timing: ForkTiming | None = None,
+    user_net: UserNetSpec | None = None,
 ) -> SandboxVm:
     """Clone ``vm`` (READY or PAUSED; it keeps its state) into a new, independent, READY VM.
 
@@ -62,7 +64,8 @@ async def fork_vm(
     snapshot lives) defaults to the clone's runtime dir. ``settings`` must name the same QEMU the
     parent runs (default: ``Settings()``). Fast when the parent keeps its RAM in a shared file
     (``VmOptions.shared_memory``, as cold boots of the snapshot cache do); otherwise the RAM is
-    streamed into the snapshot.
+    streamed into the snapshot. ``user_net``: the clone's own NIC backend (a networked parent's
+    would otherwise be shared: its gateway, its host ports).
     """
     if vm.state not in (SandboxVmState.READY, SandboxVmState.PAUSED):
         raise SandboxTransientError(
@@ -80,7 +83,7 @@ async def fork_vm(
         snapshot = await vm.save_snapshot(tmp / "snapshot")
         paused_ms = elapsed_ms(t)
         clone = await SandboxVm.restore_from(
-            snapshot, settings=settings, runtime_dir=rdir, vm_id=vm_id, reseed=True
+            snapshot, settings=settings, runtime_dir=rdir, vm_id=vm_id, reseed=True, user_net=user_net
         )
     finally:
         # A cancellation must not leave a RAM-sized snapshot behind: finish removing it first.

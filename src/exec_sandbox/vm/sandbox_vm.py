@@ -64,7 +64,7 @@ from smartvm.cleanup import AsyncClosing, UndoStack, shielded
 from smartvm.errors import SmartVMError
 from smartvm.hostfs import UnsafePathError, atomic_write_file, private_copy
 from smartvm.leftovers import private_runtime_dir
-from smartvm.qemu import AccelChoice, QemuMachine, QemuMachineSpec
+from smartvm.qemu import AccelChoice, QemuMachine, QemuMachineSpec, UserNetSpec
 from smartvm.vmm.base import SnapshotFiles
 
 __all__ = ["BootLogCallback", "SandboxVm"]
@@ -80,11 +80,9 @@ def _absolute(path: Path | str) -> Path:
     return Path(path).absolute()
 
 
-# --------------------------------------------------------------------------- the VM
-
-
 # How long a boot that lost its agent connection waits to see whether QEMU itself exited.
 _EXIT_AFTER_RESET_S = 1.0
+
 
 class SandboxVm(AsyncClosing):
     """One booted guest with a ready agent. Create with :meth:`boot` or :meth:`restore_from`."""
@@ -116,6 +114,7 @@ class SandboxVm(AsyncClosing):
         self._lock = asyncio.Lock()
         self._boot_log = BootLogForwarder(f"sbx-bootlog-{vm_id}")
         self._qemu_img = qemu_img
+        self.net_env: dict[str, str] = {}  # proxy settings + secret placeholders (vm/network.py)
 
     # ------------------------------------------------------------------ introspection
 
@@ -191,6 +190,7 @@ class SandboxVm(AsyncClosing):
         on_boot_log: BootLogCallback | None = None,
         vm_id: str | None = None,
         nice: int = 0,
+        user_net: UserNetSpec | None = None,
     ) -> SandboxVm:
         """Boot a fresh VM for ``options.language`` and wait for its agent (within ``boot_timeout_s``).
 
@@ -198,6 +198,7 @@ class SandboxVm(AsyncClosing):
         built on first use by ``vm_manager`` (default: ``VmManager(settings)``); that build time is
         not part of ``boot_timeout_s``. ``on_boot_log`` gets each console line until the agent is up.
         ``nice``: QEMU's CPU priority (e.g. 10 for a VM made in the background; see :meth:`set_nice`).
+        ``user_net``: the NIC, replacing :func:`build_user_net` (the egress wiring, :mod:`.network`).
         """
         started = time.perf_counter()
         settings = settings or (vm_manager.settings if vm_manager is not None else Settings())
@@ -217,7 +218,8 @@ class SandboxVm(AsyncClosing):
                 name=f"sbx-{new_id}",
             )
 
-        vm = cls._new(options, settings, bundle.rootfs, runtime_dir, vm_id, make_spec, nice=nice)
+        vm = cls._new(options, settings, bundle.rootfs, runtime_dir, vm_id, make_spec, nice=nice,
+                      user_net=user_net)
         vm.timing.image_ms = image_ms
         try:
             async with asyncio.timeout(options.boot_timeout_s):
@@ -247,6 +249,7 @@ class SandboxVm(AsyncClosing):
         *,
         restoring: bool = False,
         nice: int = 0,
+        user_net: UserNetSpec | None = None,
     ) -> SandboxVm:
         vm_id = vm_id or uuid.uuid4().hex[:12]
         try:
@@ -263,7 +266,7 @@ class SandboxVm(AsyncClosing):
             runtime_dir=rdir,
             accel=accel,
             serial_ports=(AGENT_PORT_NAME,),
-            user_net=None if restoring else build_user_net(options),
+            user_net=user_net or (None if restoring else build_user_net(options)),
             shared_memory=options.shared_memory and not restoring,
             nice=nice,
         )
@@ -415,7 +418,7 @@ class SandboxVm(AsyncClosing):
         guest then does not start a replacement spare interpreter it would never use.
         """
         self._require(SandboxVmState.READY, action="exec in")
-        merged = {**self.options.env, **(env or {})}
+        merged = {**self.options.env, **self.net_env, **(env or {})}
         return await self.agent.exec(
             code,
             language=language or self.language,
@@ -515,12 +518,13 @@ class SandboxVm(AsyncClosing):
         boot_timeout_s: float | None = None,
         reseed: bool = True,
         nice: int = 0,
+        user_net: UserNetSpec | None = None,
     ) -> SandboxVm:
         """Start a new VM from a snapshot made by :meth:`save_snapshot`, in a fresh QEMU process.
 
         The disk is a private copy of the snapshot's overlay; the guest RNG is reseeded with host
         randomness (``reseed=False`` only for tests that want to see what happens without it).
-        ``nice``: as for :meth:`boot`.
+        ``nice``, ``user_net``: as for :meth:`boot` (``user_net`` replaces the snapshot's NIC backend).
         """
         started = time.perf_counter()
         directory = _absolute(directory)
@@ -532,7 +536,8 @@ class SandboxVm(AsyncClosing):
         def make_spec(overlay: Path, new_id: str) -> QemuMachineSpec:
             return respec_for_restore(saved_spec, overlay, new_id)
 
-        vm = cls._new(options, settings, base_image, runtime_dir, vm_id, make_spec, restoring=True, nice=nice)
+        vm = cls._new(options, settings, base_image, runtime_dir, vm_id, make_spec, restoring=True, nice=nice,
+                      user_net=user_net)
         vm.timing.restored = True
         try:
             async with asyncio.timeout(options.boot_timeout_s):
@@ -543,6 +548,10 @@ class SandboxVm(AsyncClosing):
         vm.timing.total_ms = elapsed_ms(started)
         logger.info("sandbox VM %s restored from %s in %.0f ms", vm.vm_id, directory, vm.timing.total_ms)
         return vm
+
+    def on_close(self, what: str, undo: Callable[[], Awaitable[None]]) -> None:
+        """Run ``undo`` when this VM closes (in reverse order with its own steps; e.g. its gateway)."""
+        self._undo.push(what, undo)
 
     def set_nice(self, nice: int) -> bool:
         """Set the CPU priority of this VM's QEMU (every thread). A VM made in the background at a

@@ -64,6 +64,7 @@ from smartvm.cleanup import AsyncClosing
 from smartvm.errors import ErrorCode
 from smartvm.hostfs import UnsafePathError, ensure_private_dir
 from smartvm.leftovers import OWNER_FILE, make_owned_dir, reap, remove_owned_dir
+from smartvm.qemu import UserNetSpec
 
 __all__ = [
     "SnapshotCache",
@@ -211,6 +212,7 @@ class SnapshotCache(AsyncClosing):
         overlay_pool: OverlayPool | None = None,
         on_boot_log: BootLogCallback | None = None,
         nice: int = 0,
+        user_net: UserNetSpec | None = None,
     ) -> tuple[SandboxVm, bool]:
         """A ready, REPL-warm VM for ``options`` and whether it was restored from the cache.
 
@@ -218,6 +220,8 @@ class SnapshotCache(AsyncClosing):
         caller; hashing and publishing that snapshot continue in the background after this returns.
         A corrupt entry is discarded and a failed restore falls back to a cold boot: the cache can
         make a VM faster, never make it fail. ``nice``: QEMU's CPU priority (see ``SandboxVm.boot``).
+        ``user_net``: this VM's NIC backend (``options.nic``; the snapshot's guest never configured
+        its NIC, so a restore only swaps the backend - see :mod:`exec_sandbox.vm.network`).
         """
         if self._state is not SnapshotCacheState.OPEN:
             raise SandboxTransientError(
@@ -227,10 +231,13 @@ class SnapshotCache(AsyncClosing):
         if reason is not None:
             self.stats.uncacheable += 1
             logger.debug("not using the snapshot cache: %s", reason)
-            return await self._boot_warm(options, runtime_dir, vm_id, overlay_pool, on_boot_log, nice), False
+            cold = await self._boot_warm(
+                options, runtime_dir, vm_id, overlay_pool, on_boot_log, nice, user_net
+            )
+            return cold, False
         inputs = await self.key_inputs(options)
         key = inputs.key()
-        vm = await self._try_restore(key, options, runtime_dir, vm_id, nice)
+        vm = await self._try_restore(key, options, runtime_dir, vm_id, nice, user_net)
         if vm is not None:
             return vm, True
         vm = await self._boot_warm(
@@ -240,6 +247,7 @@ class SnapshotCache(AsyncClosing):
             overlay_pool,
             on_boot_log,
             nice,
+            user_net,
         )
         try:
             await self._save(key, inputs, vm)
@@ -258,6 +266,7 @@ class SnapshotCache(AsyncClosing):
         overlay_pool: OverlayPool | None,
         on_boot_log: BootLogCallback | None,
         nice: int = 0,
+        user_net: UserNetSpec | None = None,
     ) -> SandboxVm:
         vm = await SandboxVm.boot(
             options,
@@ -268,6 +277,7 @@ class SnapshotCache(AsyncClosing):
             on_boot_log=on_boot_log,
             vm_id=vm_id,
             nice=nice,
+            user_net=user_net,
         )
         try:
             await warm_vm(vm, spare=self.spare)
@@ -278,7 +288,8 @@ class SnapshotCache(AsyncClosing):
         return vm
 
     async def _try_restore(
-        self, key: str, options: VmOptions, runtime_dir: Path | None, vm_id: str | None, nice: int = 0
+        self, key: str, options: VmOptions, runtime_dir: Path | None, vm_id: str | None, nice: int = 0,
+        user_net: UserNetSpec | None = None,
     ) -> SandboxVm | None:
         entry = self.entry_dir(key)
         if not await asyncio.to_thread(entry.is_dir):
@@ -305,6 +316,7 @@ class SnapshotCache(AsyncClosing):
                         boot_timeout_s=options.boot_timeout_s,
                         reseed=True,
                         nice=nice,
+                        user_net=user_net,
                     )
                 except SandboxError as exc:
                     self.stats.restore_failures += 1

@@ -87,6 +87,10 @@ class VmOptions(BaseModel):
 
     ``network``: user-mode networking with outbound access; off by default. ``port_forwards``
     without ``network`` gives a restricted user-mode NIC that only carries the forwards.
+    ``nic``: a virtio-net device whose backend is handed to :meth:`SandboxVm.boot` /
+    :meth:`SandboxVm.restore_from` (``user_net``; a sandbox's egress link, see
+    :mod:`exec_sandbox.vm.network`); in the snapshot key, so a guest with a NIC is restored only
+    from a snapshot of one.
     ``accel``: force ``"kvm"``/``"tcg"``; None follows ``Settings.force_emulation`` (True -> TCG)
     and otherwise smartvm's probe. ``shared_memory``: guest RAM in a /dev/shm file so snapshots do
     not stream RAM (the fast snapshot path). ``kernel_args``: extra kernel arguments appended to the
@@ -102,6 +106,7 @@ class VmOptions(BaseModel):
     boot_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     network: bool = False
     port_forwards: tuple[PortForward, ...] = ()
+    nic: bool = False
     env: dict[str, str] = Field(default_factory=dict)
     accel: Literal["kvm", "tcg"] | None = None
     shared_memory: bool = False
@@ -187,7 +192,7 @@ def build_machine_spec(
 
 def build_user_net(options: VmOptions) -> UserNetSpec | None:
     """User-mode networking for ``options``: None when neither network nor forwards are wanted."""
-    if not options.network and not options.port_forwards:
+    if not options.network and not options.port_forwards and not options.nic:
         return None
     return UserNetSpec(
         restrict=not options.network,

@@ -9,6 +9,7 @@ buffer), :mod:`.process` (parent-death signal, owner records, reaping), :mod:`.m
 from smartvm.qemu.accel import ACCEL_ENV_VAR, AccelChoice, choose_accelerator, probe_kvm
 from smartvm.qemu.argv import (
     DriveSpec,
+    GuestForward,
     HostForward,
     MemoryBackendSpec,
     QemuMachineSpec,
@@ -31,6 +32,7 @@ __all__ = [
     "AccelChoice",
     "ConsoleBuffer",
     "DriveSpec",
+    "GuestForward",
     "HostForward",
     "MachineState",
     "MemoryBackendSpec",

@@ -33,6 +33,7 @@ __all__ = [
     "QEMU_GLIBC_TUNABLES",
     "ArchProfile",
     "DriveSpec",
+    "GuestForward",
     "HostForward",
     "MemoryBackendSpec",
     "QemuMachineSpec",
@@ -127,13 +128,42 @@ class HostForward(_Spec):
     guest_port: int = Field(ge=1, le=65535)
 
 
+def _single_line(value: str, what: str) -> str:
+    if "\n" in value or "\x00" in value:
+        raise ValueError(f"{what} must be a single line without NUL bytes")
+    return value
+
+
+class GuestForward(_Spec):
+    """``guestfwd`` of user-mode networking: guest TCP to ``guest_addr:guest_port`` runs ``command``.
+
+    QEMU (libslirp) starts ``command`` once per guest connection with the connection as its stdin
+    and stdout, so each connection gets its own stream (a chardev target would carry only one).
+    """
+
+    guest_addr: str = Field(pattern=r"^\d{1,3}(\.\d{1,3}){3}$")
+    guest_port: int = Field(ge=1, le=65535)
+    command: Annotated[str, Field(min_length=1, max_length=4096)]
+
+    @field_validator("command")
+    @classmethod
+    def _one_line(cls, value: str) -> str:
+        return _single_line(value, "a guestfwd command")
+
+
 class UserNetSpec(_Spec):
-    """User-mode (slirp) networking; ``restrict`` cuts the guest off from everything but hostfwd."""
+    """User-mode (slirp) networking; ``restrict`` cuts the guest off from everything but the
+    forwards (``hostfwd`` in, ``guestfwd`` out). ``net``/``dns``: the guest-side network and the
+    address slirp answers DNS on (None: QEMU's 10.0.2.0/24 and 10.0.2.3)."""
 
     id: _ID = "usernet"
     mac: _MAC | None = None
     restrict: bool = False
     hostfwd: tuple[HostForward, ...] = ()
+    guestfwd: tuple[GuestForward, ...] = ()
+    net: str | None = Field(default=None, pattern=r"^\d{1,3}(\.\d{1,3}){3}/\d{1,2}$")
+    dns: str | None = Field(default=None, pattern=r"^\d{1,3}(\.\d{1,3}){3}$")
+    ipv6: bool = True  # False: slirp offers the guest no IPv6 at all
 
 
 class SerialPortSpec(_Spec):
@@ -187,9 +217,7 @@ class QemuMachineSpec(_Spec):
     @field_validator("cmdline")
     @classmethod
     def _one_line(cls, value: str) -> str:
-        if "\n" in value or "\x00" in value:
-            raise ValueError("kernel command line must be a single line without NUL bytes")
-        return value
+        return _single_line(value, "kernel command line")
 
     @model_validator(mode="after")
     def _unique_ids(self) -> QemuMachineSpec:
@@ -285,7 +313,17 @@ def build_argv(spec: QemuMachineSpec, *, binary: str | None = None) -> list[str]
         opts = [f"user,id={un.id}"]
         if un.restrict:
             opts.append("restrict=on")
+        if un.net is not None:
+            opts.append(f"net={un.net}")
+        if un.dns is not None:
+            opts.append(f"dns={un.dns}")
+        if not un.ipv6:
+            opts.append("ipv6=off")
         opts += [f"hostfwd={f.protocol}:{f.host_addr}:{f.host_port}-:{f.guest_port}" for f in un.hostfwd]
+        opts += [
+            f"guestfwd=tcp:{f.guest_addr}:{f.guest_port}-cmd:{escape_qemu_option_value(f.command)}"
+            for f in un.guestfwd
+        ]
         argv += ["-netdev", ",".join(opts)]
         dev = f"virtio-net-device,netdev={un.id}"
         argv += ["-device", dev if un.mac is None else f"{dev},mac={un.mac}"]

@@ -23,6 +23,7 @@ INLINE = {
     "proc_input": "op_proc_input",
     "proc_close_stdin": "op_proc_close_stdin",
     "proc_resize": "op_proc_resize",
+    "net_config": "op_net_config",
 }
 WORKER = {
     "exec": "op_exec",

@@ -34,6 +34,7 @@ CAPABILITIES = [
     "read_file",
     "list_files",
     "reseed_rng",
+    "net_config",
     "cancel",
     "shutdown",
     "process",

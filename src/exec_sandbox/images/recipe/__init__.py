@@ -66,8 +66,12 @@ class LanguageSpec:
 LANGUAGES: Mapping[str, LanguageSpec] = {
     # bash: the shell E2B's SDK asks for (sbx serve); /bin/sh stays busybox. libc-bin: the C.UTF-8
     # locale (/usr/lib/locale/C.utf8), without which bash warns on every start under LC_ALL=C.UTF-8.
+    # pip and curl: what a networked sandbox's code reaches for first (the network is off by default;
+    # both honour the proxy variables and trust bundle a networked guest gets)
     "python": LanguageSpec(
-        "python", ("python3", "bash", "libc-bin", "busybox-static"), "Debian's python3 + bash + busybox"
+        "python",
+        ("python3", "python3-pip", "curl", "bash", "libc-bin", "busybox-static"),
+        "Debian's python3 + pip + curl + bash + busybox",
     ),
     "javascript": LanguageSpec(
         "javascript",
