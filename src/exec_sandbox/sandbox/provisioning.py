@@ -58,6 +58,7 @@ from exec_sandbox.sandbox.admission import AdmissionController
 from exec_sandbox.sandbox.foreground import ForegroundActivity
 from exec_sandbox.sandbox.grants import Grant
 from exec_sandbox.sandbox.lifecycle_errors import SchedulerClosedError
+from exec_sandbox.sandbox.packages import PackageInstall
 from exec_sandbox.sandbox.warm_pool import WarmPool
 from exec_sandbox.settings import Settings
 from exec_sandbox.storage.overlay_pool import OverlayPool
@@ -232,7 +233,10 @@ class VmProvisioner:
         await pool.start()
         logger.info("warm pool for %s: %d ready VM(s) kept", language, self.config.warm_pool_size)
 
-    def _vm_options(self, language: Language, memory_mb: int, disk_size_mb: int | None = None) -> VmOptions:
+    def _vm_options(
+        self, language: Language, memory_mb: int, disk_size_mb: int | None = None,
+        install: PackageInstall | None = None,
+    ) -> VmOptions:
         return VmOptions(
             language=language,
             memory_mb=memory_mb,
@@ -240,15 +244,20 @@ class VmProvisioner:
             boot_timeout_s=_BOOT_TIMEOUT_S,
             network=self.config.network_enabled,
             disk_size_mb=disk_size_mb or self.config.disk_size_mb,
+            env=install.env if install is not None else {},
+            base_layer=install.layer.path if install is not None else None,
+            base_layer_sha256=install.layer.sha256 if install is not None else None,
         )
 
     async def _provision(
         self, language: Language, memory_mb: int, on_boot_log: BootLogCallback | None,
         disk_size_mb: int | None = None,
+        install: PackageInstall | None = None,
     ) -> VmLease:
         """A ready VM with the capacity it holds: from the warm pool, else a snapshot restore, else a
-        cold boot (see the module docstring)."""
-        pool = self._warm_pools.get(language)
+        cold boot (see the module docstring). ``install``: boot from its L2 package layer (never
+        from the warm pool, whose VMs have no packages; L1 snapshots of the layer are used)."""
+        pool = self._warm_pools.get(language) if install is None else None
         pool_disk = disk_size_mb in (None, self.config.disk_size_mb)  # pooled VMs have the config's
         if pool is not None and memory_mb == pool.memory_mb and pool_disk:
             pooled = await pool.checkout(language)
@@ -266,7 +275,8 @@ class VmProvisioner:
                 )
         grant = await self.admission.acquire(memory_mb, self.config.default_vcpus)
         try:
-            vm, attempts = await self._boot(self._vm_options(language, memory_mb, disk_size_mb), on_boot_log)
+            options = self._vm_options(language, memory_mb, disk_size_mb, install)
+            vm, attempts = await self._boot(options, on_boot_log)
         except BaseException:
             grant.release()
             raise

@@ -107,8 +107,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
-
 from exec_sandbox.client.agent import OutputCallback
 from exec_sandbox.config import SchedulerConfig
 from exec_sandbox.errors import (
@@ -119,11 +117,14 @@ from exec_sandbox.errors import (
 )
 from exec_sandbox.host.cgroups import CgroupManager
 from exec_sandbox.host.runtime_dirs import make_scheduler_runtime_dir, remove_scheduler_runtime_dir
-from exec_sandbox.models import ExecutionResult, Language, TimingBreakdown
+from exec_sandbox.models import Language, TimingBreakdown
+from exec_sandbox.packages import PackageLock, PackageRequest, parse_packages
 from exec_sandbox.sandbox.admission import AdmissionController
 from exec_sandbox.sandbox.foreground import ForegroundActivity
 from exec_sandbox.sandbox.lifecycle_errors import SchedulerClosedError
+from exec_sandbox.sandbox.packages import PackageInstall, PackageLayers
 from exec_sandbox.sandbox.provisioning import BACKGROUND_NICE, SchedulerState, VmLease, VmProvisioner
+from exec_sandbox.sandbox.run_result import RunResult
 from exec_sandbox.sandbox.session import Session
 from exec_sandbox.sandbox.warm_pool import WarmPool
 from exec_sandbox.settings import Settings
@@ -154,18 +155,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class RunResult(ExecutionResult):
-    """:class:`ExecutionResult` of ``Scheduler.run`` plus the files read back after the run.
-
-    ``files`` maps each requested ``download`` path (as given) to its content; a path that could not
-    be read (missing, a directory, larger than ``config.max_file_bytes``, ...) is absent from
-    ``files`` and present in ``download_errors`` with the reason.
-    """
-
-    files: dict[str, bytes] = Field(default_factory=dict)
-    download_errors: dict[str, str] = Field(default_factory=dict)
 
 
 @dataclass
@@ -219,6 +208,7 @@ class Scheduler(VmProvisioner, AsyncService):
         self._snapshots: SnapshotCache | None = None
         self._warm_pools: dict[Language, WarmPool] = {}
         self._retiring: set[asyncio.Task[None]] = set()  # VMs of finished runs being stopped
+        self.packages = PackageLayers(self.settings, self._vm_manager)  # packages= (L2 layers)
 
     # ------------------------------------------------------------------ introspection
 
@@ -282,6 +272,7 @@ class Scheduler(VmProvisioner, AsyncService):
                     self._snapshot_dir, settings=self.settings, vm_manager=self._vm_manager
                 )
             self._admission, self._pool = admission, pool
+            self.packages.runtime_dir = runtime_dir
             self._state = SchedulerState.RUNNING
             logger.info(
                 "scheduler started: budget %d MiB / %.1f vCPUs, runtime dir %s",
@@ -360,9 +351,14 @@ class Scheduler(VmProvisioner, AsyncService):
         on_boot_log: BootLogCallback | None = None,
         files: Mapping[str, bytes | Path] | None = None,
         download: Sequence[str] | None = None,
+        packages: Sequence[str] | PackageLock | None = None,
     ) -> RunResult:
-        """Run ``code`` once in a fresh VM and return its result (see the module docstring)."""
+        """Run ``code`` once in a fresh VM and return its result (see the module docstring).
+
+        ``packages``: requirement strings (npm specs for JavaScript) or a lock, installed from the
+        host into a cached L2 layer before the VM boots (:mod:`exec_sandbox.sandbox.packages`)."""
         lang = validate_language(language)
+        request = parse_packages(lang, packages)
         code = validate_code(code, max_bytes=self.config.max_code_bytes)
         timeout = validate_timeout(
             self.config.default_timeout_seconds if timeout_seconds is None else timeout_seconds,
@@ -376,7 +372,8 @@ class Scheduler(VmProvisioner, AsyncService):
         state = _RunState()
         inner = asyncio.get_running_loop().create_task(
             self._run(
-                code, lang, timeout, memory, env, on_stdout, on_stderr, on_boot_log, uploads, downloads, state
+                code, lang, timeout, memory, env, on_stdout, on_stderr, on_boot_log, uploads, downloads,
+                state, request,
             ),
             name="sbx-run",
         )
@@ -418,12 +415,14 @@ class Scheduler(VmProvisioner, AsyncService):
         uploads: dict[str, bytes | Path],
         downloads: list[tuple[str, str]],
         state: _RunState,
+        request: PackageRequest | None = None,
     ) -> RunResult:
         started = time.perf_counter()
         t = time.perf_counter()
         await self._ensure_image(language)
+        install = None if request is None else await self.packages.ensure(language, request)
         setup_ms = elapsed_ms(t)
-        lease = await self._provision(language, memory_mb, on_boot_log)
+        lease = await self._provision(language, memory_mb, on_boot_log, install=install)
         vm = lease.vm
         finished = False
         files: dict[str, bytes] = {}
@@ -489,6 +488,8 @@ class Scheduler(VmProvisioner, AsyncService):
             restored_from_snapshot=lease.restored_from_snapshot,
             files=files,
             download_errors=download_errors,
+            packages=install.lock if install else None,
+            packages_cache_hit=install.cache_hit if install else None,
         )
 
     # ------------------------------------------------------------------ sessions
@@ -501,11 +502,14 @@ class Scheduler(VmProvisioner, AsyncService):
         env_vars: Mapping[str, str] | None = None,
         idle_timeout_seconds: float | None = None,
         disk_size_mb: int | None = None,
+        packages: Sequence[str] | PackageLock | None = None,
     ) -> Session:
         """Boot a VM for a stateful :class:`Session` (``async with await scheduler.session() as s``).
 
-        ``disk_size_mb``: this session's disk (work dir) size; default ``config.disk_size_mb``."""
+        ``disk_size_mb``: this session's disk (work dir) size; default ``config.disk_size_mb``.
+        ``packages``: as for :meth:`run`; ``Session.packages`` is the lock installed."""
         lang = validate_language(language)
+        request = parse_packages(lang, packages)
         disk = None if disk_size_mb is None else validate_memory_mb(
             disk_size_mb, min_mb=256, max_mb=1024 * 1024, field="disk_size_mb"
         )
@@ -520,7 +524,7 @@ class Scheduler(VmProvisioner, AsyncService):
         )
         self._require_running("open a session in")
         inner = asyncio.get_running_loop().create_task(
-            self._open_session(lang, memory, env, idle, disk), name="sbx-session-open"
+            self._open_session(lang, memory, env, idle, disk, request), name="sbx-session-open"
         )
         session: Session = await self._await_tracked(inner, None)
         return session
@@ -528,13 +532,16 @@ class Scheduler(VmProvisioner, AsyncService):
     async def _open_session(
         self, language: Language, memory_mb: int, env: dict[str, str], idle: float,
         disk_size_mb: int | None = None,
+        request: PackageRequest | None = None,
     ) -> Session:
         await self._ensure_image(language)
-        lease = await self._provision(language, memory_mb, None, disk_size_mb)
-        return await self._new_session(lease, language, memory_mb, env, idle)
+        install = None if request is None else await self.packages.ensure(language, request)
+        lease = await self._provision(language, memory_mb, None, disk_size_mb, install)
+        return await self._new_session(lease, language, memory_mb, env, idle, install)
 
     async def _new_session(
-        self, lease: VmLease, language: Language, memory_mb: int, env: dict[str, str], idle: float
+        self, lease: VmLease, language: Language, memory_mb: int, env: dict[str, str], idle: float,
+        install: PackageInstall | None = None,
     ) -> Session:
         """Wrap a leased VM in a registered :class:`Session` (the lease is retired on failure)."""
         try:
@@ -556,6 +563,8 @@ class Scheduler(VmProvisioner, AsyncService):
             await self._retire(lease)
             raise
         self._sessions.add(session)
+        if install is not None:
+            session.packages, session.packages_cache_hit = install.lock, install.cache_hit
         lease.grant.settle()  # an idle session holds memory only: its CPU share goes back to admission
         # ...as long as it really is idle: its QEMU's CPU time is measured, and a session found
         # burning CPU (work its code left running) counts against the CPU budget again.
@@ -572,6 +581,8 @@ class Scheduler(VmProvisioner, AsyncService):
     async def _fork(self, parent: Session) -> Session:
         async with parent.exclusive() as vm:
             lease = await self._provision_fork(vm, parent.memory_mb)
-        return await self._new_session(
+        child = await self._new_session(
             lease, parent.language, parent.memory_mb, dict(parent.env_vars), parent.idle_timeout_seconds
         )
+        child.packages, child.packages_cache_hit = parent.packages, parent.packages_cache_hit  # same disk
+        return child
