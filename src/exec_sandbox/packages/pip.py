@@ -55,6 +55,7 @@ _NO_VERSION = re.compile(
     r"Could not find a version that satisfies the requirement (\S+) \(from versions: ([^)]*)\)"
 )
 _CONFLICT = re.compile(r"Cannot install (.+?) because these package versions have conflicting dependencies")
+_CAUSE = re.compile(r"The conflict is caused by:\n((?:    .*\n?)+)")
 _HASHES = re.compile(r"DO NOT MATCH THE HASHES", re.IGNORECASE)
 _HASH_LINE = re.compile(r"^\s+(\S+?)==\S+ from ", re.MULTILINE)
 
@@ -118,8 +119,10 @@ def _canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def classify_pip_failure(stderr: str, specs: Sequence[str], target: GuestTarget) -> Exception:
-    """The typed error for a failed pip run (its stderr). Pure."""
+def classify_pip_failure(
+    stderr: str, specs: Sequence[str], target: GuestTarget, stdout: str = ""
+) -> Exception:
+    """The typed error for a failed pip run (its stderr; stdout holds a conflict's cause). Pure."""
     tail = stderr.strip()[-2000:]
     if _NETWORK.search(stderr):
         return PackageFetchError(
@@ -133,8 +136,11 @@ def classify_pip_failure(stderr: str, specs: Sequence[str], target: GuestTarget)
         )
     conflict = _CONFLICT.search(stderr)
     if conflict or "ResolutionImpossible" in stderr:
+        cause = _CAUSE.search(stdout)
+        why = "; ".join(line.strip() for line in cause.group(1).splitlines() if line.strip()) if cause else ""
         return PackageResolutionError(
-            f"conflicting requirements: {conflict.group(1) if conflict else ', '.join(specs)}",
+            f"conflicting requirements: {conflict.group(1) if conflict else ', '.join(specs)}"
+            + (f" ({why})" if why else ""),
             package=conflict.group(1) if conflict else ", ".join(specs), reason="conflict", stderr=tail,
         )
     missing = _NO_VERSION.search(stderr)
@@ -162,7 +168,7 @@ async def resolve(
     argv = build_resolve_argv(python or sys.executable, specs, target, report)
     result = await run_package_tool(argv, cwd=workdir, what="pip")
     if result.returncode != 0:
-        raise classify_pip_failure(result.stderr, specs, target)
+        raise classify_pip_failure(result.stderr, specs, target, result.stdout)
     try:
         data = json.loads(report.read_text())
     except (OSError, ValueError) as exc:
