@@ -51,10 +51,14 @@ def build_wheel(name: str, version: str, *, code: str | None = None, requires: t
     return f"{module}-{version}-{tag}.whl", buf.getvalue()
 
 
-def build_npm_tarball(name: str, version: str, *, main: str, dependencies: Mapping[str, str] | None = None,
-                      scripts: Mapping[str, str] | None = None) -> bytes:
+def build_npm_tarball(
+    name: str, version: str, *, main: str, dependencies: Mapping[str, str] | None = None,
+    scripts: Mapping[str, str] | None = None,
+) -> bytes:
     """An npm tarball: ``package/package.json`` and ``package/index.js``."""
-    manifest = {"name": name, "version": version, "main": "index.js", "dependencies": dict(dependencies or {})}
+    manifest = {
+        "name": name, "version": version, "main": "index.js", "dependencies": dict(dependencies or {}),
+    }
     if scripts:
         manifest["scripts"] = dict(scripts)
     buf = io.BytesIO()
@@ -144,7 +148,7 @@ def serve_index(index: LocalIndex) -> Iterator[LocalIndex]:
     """Serve ``index`` on 127.0.0.1 (an ephemeral port) for the duration of the block."""
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        def do_GET(self) -> None:
             index.hits.append(self.path)
             route = index.routes.get(self.path.split("?")[0].replace("%2f", "/").replace("%2F", "/"))
             if route is None:

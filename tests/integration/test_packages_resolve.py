@@ -36,14 +36,17 @@ def index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalInde
         idx.add_wheel("sbxwin", "1.0", tag="cp311-cp311-win_amd64")  # no wheel for the guest
         idx.add_wheel("sbxpins", "1.0", requires=("sbxdep<0.2",))  # conflicts with sbxdemo 2.0
         idx.add_npm("sbxleft", "1.2.0", main="module.exports = (s, n) => s.padStart(n);")
-        idx.add_npm("sbxpad", "2.0.1", main="module.exports = require('sbxleft');", dependencies={"sbxleft": "^1"})
+        idx.add_npm("sbxpad", "2.0.1", main="module.exports = require('sbxleft');",
+                    dependencies={"sbxleft": "^1"})
         idx.add_npm("sbxgyp", "1.0.0", main="", scripts={"install": "node-gyp rebuild"})
         for key, value in idx.env().items():
             monkeypatch.setenv(key, value)
         yield idx
 
 
-async def test_resolve_gives_exact_versions_and_hashes_for_the_guest(index: LocalIndex, tmp_path: Path) -> None:
+async def test_resolve_gives_exact_versions_and_hashes_for_the_guest(
+    index: LocalIndex, tmp_path: Path
+) -> None:
     request = parse_packages("python", ["sbxdemo"])
     assert request is not None
     lock = await lock_for(request, TARGET, tmp_path)
@@ -96,7 +99,9 @@ async def test_unresolvable_requests_name_the_package(
         assert "cp311-manylinux_2_36_x86_64" in err.message and "sdists are not built" in err.message
 
 
-async def test_unreachable_index_is_a_transient_error_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_unreachable_index_is_a_transient_error_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with serve_index(LocalIndex(tmp_path)) as idx:
         env = idx.env()
     for key, value in env.items():  # the server is gone: its port refuses connections
@@ -112,12 +117,16 @@ async def test_unreachable_index_is_a_transient_error_retried(tmp_path: Path, mo
 
     monkeypatch.setattr(pip, "resolve", counting)
     with pytest.raises(PackageFetchError) as info:
-        await lock_for(parse_packages("python", ["sbxdemo"]), TARGET, tmp_path, attempts=2)  # type: ignore[arg-type]
+        request = parse_packages("python", ["sbxdemo"])
+        assert request is not None
+        await lock_for(request, TARGET, tmp_path, attempts=2)
     assert len(calls) == 2
     assert "Connection refused" in info.value.stderr or "NewConnectionError" in info.value.stderr
 
 
-async def test_stage_disk_installs_verified_wheels_into_an_ext4_image(index: LocalIndex, tmp_path: Path) -> None:
+async def test_stage_disk_installs_verified_wheels_into_an_ext4_image(
+    index: LocalIndex, tmp_path: Path
+) -> None:
     lock = await lock_for(parse_packages("python", ["sbxdemo"]), TARGET, tmp_path)  # type: ignore[arg-type]
     work = tmp_path / "stage"
     work.mkdir()
@@ -132,7 +141,9 @@ async def test_stage_disk_installs_verified_wheels_into_an_ext4_image(index: Loc
         assert "cpython-311" in _debugfs(image, f"ls -l {site}/sbxdemo/__pycache__")
 
 
-async def test_a_lock_whose_hash_the_index_does_not_serve_is_refused(index: LocalIndex, tmp_path: Path) -> None:
+async def test_a_lock_whose_hash_the_index_does_not_serve_is_refused(
+    index: LocalIndex, tmp_path: Path
+) -> None:
     lock = await lock_for(parse_packages("python", ["sbxdep"]), TARGET, tmp_path)  # type: ignore[arg-type]
     (only,) = lock.packages
     forged = lock.model_copy(update={"packages": (only.model_copy(update={"sha256": "0" * 64}),)})

@@ -120,7 +120,9 @@ class PackageLock(BaseModel):
     def digest(self) -> str:
         """The lock's identity (what is installed, for which target); part of the L2 layer key."""
         # Which packages were asked for does not change what is installed: not part of the identity.
-        body = self.model_dump(mode="json", exclude={"npm_lockfile": True, "packages": {"__all__": {"requested"}}})
+        body = self.model_dump(
+            mode="json", exclude={"npm_lockfile": True, "packages": {"__all__": {"requested"}}}
+        )
         body["packages"] = sorted(body["packages"], key=lambda p: (p["path"] or "", p["name"], p["version"]))
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
