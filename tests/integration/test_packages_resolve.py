@@ -97,6 +97,8 @@ async def test_unresolvable_requests_name_the_package(
         assert "sbxdep" in err.message  # pip's cause: the two need different sbxdep versions
     if specs == ["sbxwin"]:
         assert "cp311-manylinux_2_36_x86_64" in err.message and "sdists are not built" in err.message
+    if specs == ["sbx-no-such-package"]:
+        assert "no such package" in err.message
 
 
 async def test_unreachable_index_is_a_transient_error_retried(

@@ -149,7 +149,10 @@ def classify_pip_failure(
         versions = missing.group(2).strip() if missing else ""
         why = (
             f"no wheel of {name} for the guest ({target.label('pip')}); sdists are not built"
-            f" (versions with a usable wheel: {versions or 'none'})"
+            f" (versions with a usable wheel: {versions})"
+            if versions
+            else f"the index has no such package, or no version of it with a wheel for the guest"
+            f" ({target.label('pip')}; sdists are not built)"
         )
         return PackageResolutionError(
             f"cannot install {name}: {why}", package=name, reason="no matching distribution", stderr=tail

@@ -135,7 +135,7 @@ class PackageLayers:
             t = time.monotonic()
             layer = await build_layer(bundle, disk, tmp, settings=self.settings, runtime_dir=self.runtime_dir)
             await asyncio.to_thread(shutil.rmtree, stage)
-            self._report("installing packages", "done", f"{time.monotonic() - t:.1f}s")
+            self._report("installing packages", "done", f"layer built in {time.monotonic() - t:.1f}s")
             return layer
 
         # One build per key in this process without polling the flock (which also excludes us).
