@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -101,7 +100,8 @@ async def test_a_changed_lock_misses(scheduler: Scheduler) -> None:
 async def test_a_corrupted_layer_is_detected_and_rebuilt(scheduler: Scheduler) -> None:
     first = await scheduler.run(_CODE, packages=["sbxdemo"])
     cache = scheduler.packages.cache
-    layer = cache.entry_dir(next(k for k in cache.entries() if _holds(cache, k, "sbxdemo", "2.0"))) / "layer.qcow2"
+    key = next(k for k in cache.entries() if _holds(cache, k, "sbxdemo", "2.0"))
+    layer = cache.entry_dir(key) / "layer.qcow2"
     data = bytearray(layer.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte somewhere in the packages' clusters
     layer.write_bytes(bytes(data))
