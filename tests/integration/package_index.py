@@ -29,8 +29,14 @@ def _record_hash(data: bytes) -> str:
     return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
 
 
-def build_wheel(name: str, version: str, *, code: str | None = None, requires: tuple[str, ...] = (),
-                tag: str = "py3-none-any") -> tuple[str, bytes]:
+def build_wheel(
+    name: str,
+    version: str,
+    *,
+    code: str | None = None,
+    requires: tuple[str, ...] = (),
+    tag: str = "py3-none-any",
+) -> tuple[str, bytes]:
     """``(file name, bytes)`` of a wheel with one module ``<name>`` whose ``__version__`` is ``version``."""
     module = name.replace("-", "_")
     dist = f"{module}-{version}.dist-info"
@@ -52,19 +58,28 @@ def build_wheel(name: str, version: str, *, code: str | None = None, requires: t
 
 
 def build_npm_tarball(
-    name: str, version: str, *, main: str, dependencies: Mapping[str, str] | None = None,
+    name: str,
+    version: str,
+    *,
+    main: str,
+    dependencies: Mapping[str, str] | None = None,
     scripts: Mapping[str, str] | None = None,
 ) -> bytes:
     """An npm tarball: ``package/package.json`` and ``package/index.js``."""
     manifest = {
-        "name": name, "version": version, "main": "index.js", "dependencies": dict(dependencies or {}),
+        "name": name,
+        "version": version,
+        "main": "index.js",
+        "dependencies": dict(dependencies or {}),
     }
     if scripts:
         manifest["scripts"] = dict(scripts)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for path, data in (("package/package.json", json.dumps(manifest).encode()),
-                           ("package/index.js", main.encode())):
+        for path, data in (
+            ("package/package.json", json.dumps(manifest).encode()),
+            ("package/index.js", main.encode()),
+        ):
             info = tarfile.TarInfo(path)
             info.size = len(data)
             info.mode = 0o644
@@ -99,16 +114,28 @@ class LocalIndex:
 
     # ------------------------------------------------------------------ npm
 
-    def add_npm(self, name: str, version: str, *, main: str, dependencies: Mapping[str, str] | None = None,
-                scripts: Mapping[str, str] | None = None) -> None:
+    def add_npm(
+        self,
+        name: str,
+        version: str,
+        *,
+        main: str,
+        dependencies: Mapping[str, str] | None = None,
+        scripts: Mapping[str, str] | None = None,
+    ) -> None:
         data = build_npm_tarball(name, version, main=main, dependencies=dependencies, scripts=scripts)
         tgz = f"/{name}/-/{name.split('/')[-1]}-{version}.tgz"
         self.routes[tgz] = ("application/octet-stream", data)
         doc = self.packuments.setdefault(name, {"name": name, "versions": {}, "dist-tags": {}})
         entry: dict[str, object] = {
-            "name": name, "version": version, "dependencies": dict(dependencies or {}),
-            "dist": {"tarball": f"{self.url}{tgz}", "shasum": hashlib.sha1(data).hexdigest(),
-                     "integrity": "sha512-" + base64.b64encode(hashlib.sha512(data).digest()).decode()},
+            "name": name,
+            "version": version,
+            "dependencies": dict(dependencies or {}),
+            "dist": {
+                "tarball": f"{self.url}{tgz}",
+                "shasum": hashlib.sha1(data).hexdigest(),
+                "integrity": "sha512-" + base64.b64encode(hashlib.sha512(data).digest()).decode(),
+            },
         }
         if scripts:
             entry["scripts"] = dict(scripts)

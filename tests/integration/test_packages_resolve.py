@@ -36,8 +36,9 @@ def index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalInde
         idx.add_wheel("sbxwin", "1.0", tag="cp311-cp311-win_amd64")  # no wheel for the guest
         idx.add_wheel("sbxpins", "1.0", requires=("sbxdep<0.2",))  # conflicts with sbxdemo 2.0
         idx.add_npm("sbxleft", "1.2.0", main="module.exports = (s, n) => s.padStart(n);")
-        idx.add_npm("sbxpad", "2.0.1", main="module.exports = require('sbxleft');",
-                    dependencies={"sbxleft": "^1"})
+        idx.add_npm(
+            "sbxpad", "2.0.1", main="module.exports = require('sbxleft');", dependencies={"sbxleft": "^1"}
+        )
         idx.add_npm("sbxgyp", "1.0.0", main="", scripts={"install": "node-gyp rebuild"})
         for key, value in idx.env().items():
             monkeypatch.setenv(key, value)

@@ -32,8 +32,9 @@ def index(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalIndex]:
         idx.add_wheel("sbxwin", "1.0", tag="cp311-cp311-win_amd64")
         idx.add_wheel("sbxpins", "1.0", requires=("sbxdep<0.2",))
         idx.add_npm("sbxleft", "1.2.0", main="module.exports = (s, n) => String(s).padStart(n, '*');")
-        idx.add_npm("sbxpad", "2.0.1", main="module.exports = require('sbxleft');",
-                    dependencies={"sbxleft": "^1"})
+        idx.add_npm(
+            "sbxpad", "2.0.1", main="module.exports = require('sbxleft');", dependencies={"sbxleft": "^1"}
+        )
         for key, value in idx.env().items():
             mp.setenv(key, value)
         yield idx
@@ -43,8 +44,9 @@ def index(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalIndex]:
 async def scheduler(index: LocalIndex, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Scheduler]:
     caches = tmp_path_factory.mktemp("caches")
     config = SchedulerConfig(default_timeout_seconds=60, warm_pool_size=0)
-    async with Scheduler(config, settings=Settings(force_emulation=True),
-                         snapshot_dir=caches / "snapshots") as s:
+    async with Scheduler(
+        config, settings=Settings(force_emulation=True), snapshot_dir=caches / "snapshots"
+    ) as s:
         s.packages.cache.cache_dir = caches / "layers"
         s.packages.fetch_attempts = 1
         yield s
@@ -163,8 +165,9 @@ async def test_javascript_session_gets_node_modules(scheduler: Scheduler) -> Non
         assert out.stdout == "**x\n", out.stderr
         listing = await s.exec("console.log(require('fs').readdirSync('node_modules').sort().join(','))")
         assert "sbxleft,sbxpad" in listing.stdout
-    one_shot = await scheduler.run("console.log(require('sbxpad')(7, 2))", language="javascript",
-                                   packages=["sbxpad@2"])
+    one_shot = await scheduler.run(
+        "console.log(require('sbxpad')(7, 2))", language="javascript", packages=["sbxpad@2"]
+    )
     assert one_shot.stdout == "*7\n" and one_shot.packages_cache_hit is True
 
 

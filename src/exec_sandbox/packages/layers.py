@@ -145,7 +145,7 @@ class LayerCache:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.stats = LayerCacheStats()
-        self._verified: dict[str, tuple[tuple[int, int, int, int], LayerEntry]] = {}
+        self._verified: dict[str, tuple[tuple[tuple[int, int, int, int], ...], LayerEntry]] = {}
 
     def entry_dir(self, key: str) -> Path:
         return self.cache_dir / key
@@ -173,14 +173,14 @@ class LayerCache:
         entry_dir = self.entry_dir(key)
         layer = entry_dir / LAYER_FILE
         try:
-            ident = _stat_id(layer)
+            ident = (_stat_id(layer), _stat_id(entry_dir / _STAMP))
             seen = self._verified.get(key)
             if seen is not None and seen[0] == ident:
                 return seen[1]
             stamp = json.loads((entry_dir / _STAMP).read_text())
             entry = LayerEntry(key, layer, stamp["sha256"], PackageLock.model_validate(stamp["lock"]))
             problem = None
-            if stamp.get("key") != key or stamp.get("size") != ident[2]:
+            if stamp.get("key") != key or stamp.get("size") != ident[0][2]:
                 problem = "its stamp does not describe it"
             elif _sha256(layer) != entry.sha256:
                 problem = "its sha256 does not match its stamp"
@@ -246,7 +246,7 @@ class LayerCache:
         (tmp / OWNER_FILE).unlink()  # a published entry belongs to the cache
         os.rename(tmp, self.entry_dir(key))
         entry = LayerEntry(key, self.entry_dir(key) / LAYER_FILE, sha, lock)
-        self._verified[key] = (_stat_id(entry.path), entry)
+        self._verified[key] = ((_stat_id(entry.path), _stat_id(entry.path.parent / _STAMP)), entry)
         logger.info("cached package layer %s (%d packages, %d KiB)", key, len(lock.packages), size >> 10)
         return entry
 
