@@ -180,3 +180,51 @@ async def test_packages_are_files_only_the_guest_has_no_network(scheduler: Sched
     )
     result = await scheduler.run(code, packages=["sbxdemo"])
     assert result.stdout.startswith("no network"), result.stdout + result.stderr
+
+
+async def test_a_builder_vm_that_installs_nothing_fails_and_leaves_nothing(
+    scheduler: Scheduler, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    import asyncio
+    import subprocess
+
+    from exec_sandbox.errors import SandboxTransientError
+    from exec_sandbox.packages import LayerCache, LayerKeyInputs
+    from exec_sandbox.vm.layer_build import build_layer
+
+    work = tmp_path_factory.mktemp("nomarker")
+    (work / "root" / "tree").mkdir(parents=True)
+    disk = work / "disk.ext4"
+    mkfs = ["mkfs.ext4", "-q", "-F", "-d", str(work / "root"), str(disk), "8M"]
+    await asyncio.to_thread(subprocess.run, mkfs, check=True)
+    bundle = await scheduler.packages.vm_manager.aget_bundle("python")
+    cache = LayerCache(work / "layers")
+    inputs = LayerKeyInputs(language="python", base_rootfs_sha256="0" * 64, base_recipe_hash="r", target="t",
+                            lock_digest="none")
+    lock = PackageLock(ecosystem="pip", target="t", packages=())
+    with pytest.raises(SandboxTransientError, match="without installing") as info:
+        await cache.get_or_build(
+            inputs, lock, lambda tmp: build_layer(bundle, disk, tmp, settings=scheduler.settings)
+        )
+    assert "console_tail" in info.value.context
+    assert not [c for c in child_processes() if c[1].startswith("qemu-system")]
+    assert cache.entries() == [] and [p.name for p in cache.cache_dir.iterdir()] == [".locks"]
+
+
+async def test_cancelling_during_the_layer_build_leaves_no_vm_or_temp_dir(scheduler: Scheduler) -> None:
+    import asyncio
+
+    cache = scheduler.packages.cache
+    task = asyncio.create_task(scheduler.run("print(1)", packages=["sbxdep==0.3"]))
+    for _ in range(1200):  # the builder VM appears once the host resolved and staged the packages
+        if [c for c in child_processes() if c[1].startswith("qemu-system")] or task.done():
+            break
+        await asyncio.sleep(0.05)
+    assert not task.done(), "the run finished before its builder VM could be seen"
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not [c for c in child_processes() if c[1].startswith("qemu-system")]
+    assert not [p for p in cache.cache_dir.iterdir() if p.name.startswith(".tmp-")]
+    again = await scheduler.run("import sbxdep; print(sbxdep.__version__)", packages=["sbxdep==0.3"])
+    assert again.stdout == "0.3\n" and again.packages_cache_hit is False

@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict
 
 from exec_sandbox.errors import SandboxPermanentError
 from exec_sandbox.packages.lock import PackageLock
+from smartvm.cleanup import shielded
 from smartvm.hostfs import UnsafePathError, atomic_write_file, ensure_private_dir
 from smartvm.leftovers import OWNER_FILE, make_owned_dir, reap, remove_owned_dir
 
@@ -226,7 +227,7 @@ class LayerCache:
                 layer = await build(tmp)
                 entry = await asyncio.to_thread(self._publish, key, inputs, lock, tmp, layer)
             finally:
-                await asyncio.to_thread(remove_owned_dir, tmp)
+                await shielded(asyncio.to_thread(remove_owned_dir, tmp))
             self.stats.builds += 1
         finally:
             flock.release()

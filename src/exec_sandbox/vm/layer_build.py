@@ -22,6 +22,7 @@ from exec_sandbox.settings import Settings
 from exec_sandbox.storage.qcow2 import create_overlay_with_qemu_img, get_image_info
 from exec_sandbox.vm.spec import COLD_BOOT_TB_SIZE_MIB
 from exec_sandbox.vm_manager import ImageBundle
+from smartvm.cleanup import shielded
 from smartvm.errors import SmartVMError
 from smartvm.leftovers import private_runtime_dir
 from smartvm.qemu import DriveSpec, QemuMachine, QemuMachineSpec
@@ -91,7 +92,7 @@ async def build_layer(
                      "qemu_stderr": machine.stderr_tail()[-2000:]},
         ) from exc
     finally:
-        await machine.stop(timeout=3.0)
+        await shielded(machine.stop(timeout=3.0))  # a second cancellation cannot leave QEMU behind
     console = machine.console_output()
     if _DONE_LINE not in console:
         raise SandboxTransientError(
