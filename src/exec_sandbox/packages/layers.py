@@ -23,8 +23,6 @@ every directory in it are ``0700``, every file ``0600`` (:mod:`smartvm.hostfs`).
 from __future__ import annotations
 
 import asyncio
-import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -41,6 +39,7 @@ from pydantic import BaseModel, ConfigDict
 from exec_sandbox.errors import SandboxPermanentError
 from exec_sandbox.packages.lock import PackageLock
 from smartvm.cleanup import shielded
+from smartvm.filelock import FileLock
 from smartvm.hostfs import UnsafePathError, atomic_write_file, ensure_private_dir
 from smartvm.leftovers import OWNER_FILE, make_owned_dir, reap, remove_owned_dir
 
@@ -88,39 +87,6 @@ class LayerCacheStats:
     corrupt_rebuilt: int = 0
     waited_for_other_builder: int = 0
     pruned: int = 0
-
-
-class _Flock:
-    """An exclusive ``flock`` on ``path`` (0600), polled so a cancelled waiter leaves no thread."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd: int | None = None
-
-    def try_acquire(self) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return False
-            raise
-        self._fd = fd
-        return True
-
-    async def acquire(self) -> bool:
-        """True when taken at once, False when another holder had to be waited for."""
-        if self.try_acquire():
-            return True
-        while not self.try_acquire():
-            await asyncio.sleep(_POLL_S)
-        return False
-
-    def release(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
 
 
 def _sha256(path: Path) -> str:
@@ -210,8 +176,10 @@ class LayerCache:
         ``tmp_dir/layer.qcow2`` and it is published. One builder per key across processes."""
         key = inputs.key()
         locks = await asyncio.to_thread(self._private)
-        flock = _Flock(locks / f"{key}.lock")
-        at_once = await flock.acquire()
+        flock = FileLock(locks / f"{key}.lock")
+        at_once = await asyncio.to_thread(flock.try_acquire, shared=False)
+        if not at_once:
+            await flock.acquire(shared=False)
         try:
             if not at_once:
                 self.stats.waited_for_other_builder += 1
@@ -285,8 +253,8 @@ class LayerCache:
             total += size
             if key == keep or (index < self.max_entries and total <= self.max_bytes):
                 continue
-            flock = _Flock(locks / f"{key}.lock")
-            if not flock.try_acquire():
+            flock = FileLock(locks / f"{key}.lock")
+            if not flock.try_acquire(shared=False):
                 continue
             try:
                 if self._move_to_trash(key):
