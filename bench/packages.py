@@ -64,9 +64,9 @@ async def timed(call: Callable[[], Awaitable[RunResult]], expect: str) -> tuple[
 
 def scheduler(root: Path) -> Scheduler:
     config = SchedulerConfig(default_timeout_seconds=120, warm_pool_size=0)
-    s = Scheduler(config, settings=Settings(), snapshot_dir=root / "snapshots")
-    s.packages.cache.cache_dir = root / "layers"
-    return s
+    return Scheduler(
+        config, settings=Settings(), snapshot_dir=root / "snapshots", layer_dir=root / "layers"
+    )
 
 
 async def bench(packages: list[str], code: str, runs: int, cold_runs: int) -> dict[str, Any]:

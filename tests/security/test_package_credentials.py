@@ -63,8 +63,10 @@ def index(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalIndex]:
 async def scheduler(index: LocalIndex, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Scheduler]:
     caches = tmp_path_factory.mktemp("caches")
     config = SchedulerConfig(default_timeout_seconds=120, warm_pool_size=0)
-    async with Scheduler(config, settings=Settings(force_emulation=True), snapshot_dir=caches / "snap") as s:
-        s.packages.cache.cache_dir = caches / "layers"
+    settings = Settings(force_emulation=True)
+    async with Scheduler(
+        config, settings=settings, snapshot_dir=caches / "snap", layer_dir=caches / "layers"
+    ) as s:
         s.packages.fetch_attempts = 1
         yield s
 

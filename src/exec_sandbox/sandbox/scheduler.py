@@ -175,12 +175,14 @@ class Scheduler(VmProvisioner, AsyncService):
         runtime_dir: Path | None = None,
         vm_manager: VmManager | None = None,
         snapshot_dir: Path | None = None,
+        layer_dir: Path | None = None,
     ) -> None:
         """``settings``: default ``config.settings()``. ``runtime_dir``: where overlays, sockets and VM
         directories go (default: a fresh per-Scheduler dir under smartvm's runtime dir, removed on
         close). ``vm_manager``: e.g. ``VmManager(settings, progress=...)`` to show first-run image
         builds; default ``VmManager(settings)``. ``snapshot_dir``: the L1 snapshot cache directory
-        (default ``settings.cache_dir / "snapshots"``, shared with other processes)."""
+        (default ``settings.cache_dir / "snapshots"``, shared with other processes). ``layer_dir``: the
+        L2 package layer cache (default ``settings.cache_dir / "layers"``)."""
         self.config = config or SchedulerConfig()
         self.settings = settings or (
             vm_manager.settings if vm_manager is not None else self.config.settings()
@@ -208,7 +210,7 @@ class Scheduler(VmProvisioner, AsyncService):
         self._snapshots: SnapshotCache | None = None
         self._warm_pools: dict[Language, WarmPool] = {}
         self._retiring: set[asyncio.Task[None]] = set()  # VMs of finished runs being stopped
-        self.packages = PackageLayers(self.settings, self._vm_manager)  # packages= (L2 layers)
+        self.packages = PackageLayers(self.settings, self._vm_manager, cache_dir=layer_dir)  # packages=
 
     # ------------------------------------------------------------------ introspection
 
