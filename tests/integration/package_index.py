@@ -105,12 +105,24 @@ class LocalIndex:
         filename, data = build_wheel(name, version, **kwargs)  # type: ignore[arg-type]
         self.wheels.setdefault(name, []).append((filename, data))
         self.routes[f"/files/{filename}"] = ("application/octet-stream", data)
+        self._index_page(name)
+        return hashlib.sha256(data).hexdigest()
+
+    def _index_page(self, name: str) -> None:
+        """The PEP 503 page of ``name``: a link per file, with its sha256."""
         links = "".join(
             f'<a href="/files/{fn}#sha256={hashlib.sha256(d).hexdigest()}">{fn}</a>\n'
             for fn, d in self.wheels[name]
         )
         self.routes[f"/simple/{name}/"] = ("text/html", f"<html><body>{links}</body></html>".encode())
-        return hashlib.sha256(data).hexdigest()
+
+    def add_sdist(self, name: str, version: str) -> None:
+        """A source distribution only (no wheel): what pip would have to build."""
+        data = b"not really a tarball"
+        filename = f"{name}-{version}.tar.gz"
+        self.wheels.setdefault(name, []).append((filename, data))
+        self.routes[f"/files/{filename}"] = ("application/octet-stream", data)
+        self._index_page(name)
 
     # ------------------------------------------------------------------ npm
 

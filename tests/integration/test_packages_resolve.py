@@ -35,6 +35,7 @@ def index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalInde
         idx.add_wheel("sbxdemo", "2.0", requires=("sbxdep>=0.2",))
         idx.add_wheel("sbxwin", "1.0", tag="cp311-cp311-win_amd64")  # no wheel for the guest
         idx.add_wheel("sbxpins", "1.0", requires=("sbxdep<0.2",))  # conflicts with sbxdemo 2.0
+        idx.add_sdist("sbxsrc", "1.0")  # would need a build: refused, never built on the host
         idx.add_npm("sbxleft", "1.2.0", main="module.exports = (s, n) => s.padStart(n);")
         idx.add_npm(
             "sbxpad", "2.0.1", main="module.exports = require('sbxleft');", dependencies={"sbxleft": "^1"}
@@ -80,6 +81,7 @@ async def test_lock_pins_reproduce_the_lock_without_resolving(index: LocalIndex,
         (["sbx-no-such-package"], "sbx-no-such-package", "no matching distribution"),
         (["sbxdemo==9.9"], "sbxdemo==9.9", "no matching distribution"),
         (["sbxwin"], "sbxwin", "no matching distribution"),
+        (["sbxsrc"], "sbxsrc", "no matching distribution"),
         (["sbxdemo==2.0", "sbxpins"], None, "conflict"),
     ],
 )
@@ -96,7 +98,7 @@ async def test_unresolvable_requests_name_the_package(
     else:
         assert err.package == "sbxdemo==2.0 and sbxpins==1.0"
         assert "sbxdep" in err.message  # pip's cause: the two need different sbxdep versions
-    if specs == ["sbxwin"]:
+    if specs in (["sbxwin"], ["sbxsrc"]):
         assert "cp311-manylinux_2_36_x86_64" in err.message and "sdists are not built" in err.message
     if specs == ["sbx-no-such-package"]:
         assert "no such package" in err.message

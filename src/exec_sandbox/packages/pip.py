@@ -147,6 +147,7 @@ def classify_pip_failure(
     if missing or _NOT_FOUND.search(stderr):
         name = missing.group(1) if missing else _NOT_FOUND.search(stderr).group(1)  # type: ignore[union-attr]
         versions = missing.group(2).strip() if missing else ""
+        versions = "" if versions == "none" else versions  # pip's word for "no usable version"
         why = (
             f"no wheel of {name} for the guest ({target.label('pip')}); sdists are not built"
             f" (versions with a usable wheel: {versions})"
