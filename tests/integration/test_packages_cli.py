@@ -42,7 +42,7 @@ def test_package_progress_then_cached_layer(sbx: tuple[Sbx, dict[str, str]]) -> 
     first = cli.run("-p", "sbxdemo", "import sbxdemo; print(sbxdemo.__version__)", env=env)
     assert first.returncode == 0, first.stderr
     assert first.stdout == "2.0\n"
-    for step in ("resolving packages", "downloading packages", "installing packages"):
+    for step in ("resolving packages", "downloading packages", "installing packages", "snapshotting"):
         assert step in first.stderr, first.stderr
     second = cli.run("--json", "-q", "--package", "sbxdemo", "import sbxdemo; print(1)", env=env)
     assert second.returncode == 0, second.stderr

@@ -9,7 +9,6 @@ credential. Nothing the packages ship is executed on the host (wheels only, ``--
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from exec_sandbox.packages import npm, pip
@@ -46,15 +45,14 @@ async def lock_for(
         lock.require_target(label)
         return lock
     report("resolving packages", "start", ", ".join(request.specs))
-    started = time.monotonic()
     if request.ecosystem == "pip":
         lock = await retry_fetch(lambda: pip.resolve(request.specs, target, workdir), attempts=attempts)
     else:
         lock = await retry_fetch(
             lambda: npm.resolve(request.specs, target, _fresh(workdir)), attempts=attempts
         )
-    took = time.monotonic() - started
-    report("resolving packages", "done", f"{len(lock.packages)} packages in {took:.1f}s")
+    pinned = [f"{name} {version}" for name, version in lock.versions().items()]
+    report("resolving packages", "done", ", ".join(pinned[:6]) + (", …" if len(pinned) > 6 else ""))
     return lock
 
 

@@ -79,7 +79,8 @@ class PackageLayers:
         self._resolved: dict[tuple[str, tuple[str, ...], str], tuple[float, PackageLock]] = {}
         self._builds: dict[str, asyncio.Lock] = {}
 
-    def _report(self, step: str, kind: str, detail: str = "") -> None:
+    def report(self, step: str, kind: str, detail: str = "") -> None:
+        """Send one progress report to ``progress`` (also used for the VM's first snapshot)."""
         if self.progress is not None:
             self.progress(step, kind, detail)
 
@@ -131,11 +132,10 @@ class PackageLayers:
             stage = tmp / "stage"
             stage.mkdir(mode=0o700)
             disk = await stage_disk(lock, target, stage, progress=self.progress, attempts=self.fetch_attempts)
-            self._report("installing packages", "start", f"{len(lock.packages)} packages into a layer")
-            t = time.monotonic()
+            self.report("installing packages", "start", f"{len(lock.packages)} packages into a layer")
             layer = await build_layer(bundle, disk, tmp, settings=self.settings, runtime_dir=self.runtime_dir)
             await asyncio.to_thread(shutil.rmtree, stage)
-            self._report("installing packages", "done", f"layer built in {time.monotonic() - t:.1f}s")
+            self.report("installing packages", "done", "into a new disk layer")
             return layer
 
         # One build per key in this process without polling the flock (which also excludes us).
@@ -143,6 +143,6 @@ class PackageLayers:
         async with guard:
             entry, hit = await self.cache.get_or_build(inputs, lock, build)
         if hit:
-            self._report("packages", "cached", f"{len(lock.packages)} packages, layer {entry.key[:12]}")
+            self.report("packages", "cached", f"{len(lock.packages)} packages, layer {entry.key[:12]}")
         env = {"NODE_PATH": "/" + GUEST_NODE_MODULES} if lock.ecosystem == "npm" else {}
         return PackageInstall(lock=lock, layer=entry, cache_hit=hit, env=env)

@@ -58,7 +58,7 @@ from exec_sandbox.sandbox.admission import AdmissionController
 from exec_sandbox.sandbox.foreground import ForegroundActivity
 from exec_sandbox.sandbox.grants import Grant
 from exec_sandbox.sandbox.lifecycle_errors import SchedulerClosedError
-from exec_sandbox.sandbox.packages import PackageInstall
+from exec_sandbox.sandbox.packages import PackageInstall, PackageLayers
 from exec_sandbox.sandbox.warm_pool import WarmPool
 from exec_sandbox.settings import Settings
 from exec_sandbox.storage.overlay_pool import OverlayPool
@@ -117,6 +117,7 @@ class VmProvisioner:
     _foreground: ForegroundActivity
     _cgroups: CgroupManager | None
     _snapshots: SnapshotCache | None
+    packages: PackageLayers
     _warm_pools: dict[Language, WarmPool]
     _retiring: set[asyncio.Task[None]]
 
@@ -274,12 +275,18 @@ class VmProvisioner:
                     restored_from_snapshot=pooled.vm.timing.restored,
                 )
         grant = await self.admission.acquire(memory_mb, self.config.default_vcpus)
+        # A layer just built has no memory snapshot yet: this boot makes it (shown as a step).
+        snapshotting = install is not None and not install.cache_hit and self._snapshots is not None
+        if snapshotting:
+            self.packages.report("snapshotting", "start", "booting from the new package layer")
         try:
             options = self._vm_options(language, memory_mb, disk_size_mb, install)
             vm, attempts = await self._boot(options, on_boot_log)
         except BaseException:
             grant.release()
             raise
+        if snapshotting:
+            self.packages.report("snapshotting", "done", "the next run with these packages restores")
         if vm.timing.restored:
             await self._note_no_boot(on_boot_log, "restored from a memory snapshot")
         return VmLease(
