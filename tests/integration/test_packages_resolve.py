@@ -36,6 +36,8 @@ def index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalInde
         idx.add_wheel("sbxwin", "1.0", tag="cp311-cp311-win_amd64")  # no wheel for the guest
         idx.add_wheel("sbxpins", "1.0", requires=("sbxdep<0.2",))  # conflicts with sbxdemo 2.0
         idx.add_sdist("sbxsrc", "1.0")  # would need a build: refused, never built on the host
+        idx.add_wheel("sbxbin", "1.0", tag="cp311-cp311-manylinux_2_17_x86_64")  # an older glibc's wheel
+        idx.add_wheel("sbxbin", "2.0", tag="cp311-cp311-manylinux_2_39_x86_64")  # too new for the guest
         idx.add_npm("sbxleft", "1.2.0", main="module.exports = (s, n) => s.padStart(n);")
         idx.add_npm(
             "sbxpad", "2.0.1", main="module.exports = require('sbxleft');", dependencies={"sbxleft": "^1"}
@@ -63,6 +65,11 @@ async def test_resolve_gives_exact_versions_and_hashes_for_the_guest(
             digest = hashlib.sha256(data).hexdigest()
             if name in by_name and by_name[name].version in _.split("-")[1]:
                 assert by_name[name].sha256 == digest
+
+
+async def test_platform_wheels_for_the_guests_glibc_and_older(index: LocalIndex, tmp_path: Path) -> None:
+    lock = await lock_for(parse_packages("python", ["sbxbin"]), TARGET, tmp_path)  # type: ignore[arg-type]
+    assert lock.versions() == {"sbxbin": "1.0"}  # 2.0 needs glibc 2.39, the guest has 2.36
 
 
 async def test_lock_pins_reproduce_the_lock_without_resolving(index: LocalIndex, tmp_path: Path) -> None:

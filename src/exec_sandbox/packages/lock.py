@@ -63,6 +63,19 @@ class GuestTarget(BaseModel):
         return f"manylinux_{major}_{minor}_{self.arch}"
 
     @property
+    def platforms(self) -> list[str]:
+        """Every platform tag the guest's glibc runs, newest first: pip takes ``--platform`` tags
+        literally, so a ``manylinux_2_17`` wheel is found only if that tag is asked for too."""
+        major, minor = (int(x) for x in (self.glibc or "2.17").split("."))
+        tags = [f"manylinux_{major}_{m}_{self.arch}" for m in range(minor, 4, -1)]
+        # The pre-PEP 600 names (manylinux2010 and manylinux1 exist for x86 only).
+        legacy = {"manylinux2014": 17, "manylinux2010": 12, "manylinux1": 5}
+        x86 = self.arch in ("x86_64", "i686")
+        tags += [f"{name}_{self.arch}" for name, m in legacy.items()
+                 if m <= minor and (x86 or name == "manylinux2014")]
+        return tags
+
+    @property
     def python_site_packages(self) -> str:
         """Where Debian's python3 looks for locally installed packages (on ``sys.path`` with site)."""
         return f"usr/local/lib/python{self.python_version}/dist-packages"

@@ -70,7 +70,7 @@ def _target_flags(target: GuestTarget) -> list[str]:
         "--python-version", target.python_version,
         "--implementation", "cp",
         "--abi", target.abi,
-        "--platform", target.platform,
+        *(arg for platform in target.platforms for arg in ("--platform", platform)),
     ]
 
 
