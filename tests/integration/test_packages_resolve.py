@@ -220,3 +220,15 @@ async def test_host_configured_index_resolves_six(tmp_path: Path) -> None:
         pytest.skip(f"the host's configured pip index cannot serve six here: {exc.message}")
     assert list(lock.versions()) == ["six"]
     assert lock.packages[0].sha256 is not None
+
+
+async def test_an_install_beyond_the_size_cap_is_refused(index: LocalIndex, tmp_path: Path) -> None:
+    from exec_sandbox.packages.disk import make_package_disk
+
+    root = tmp_path / "root"
+    (root / TREE_DIR / "usr").mkdir(parents=True)
+    (root / TREE_DIR / "usr" / "big.bin").write_bytes(b"\0" * (64 << 10))
+    with pytest.raises(PackageResolutionError, match="more than 0 MiB") as info:
+        await make_package_disk(root, tmp_path / "d.ext4", max_bytes=32 << 10, packages="big")
+    assert info.value.reason == "too large" and info.value.package == "big"
+    assert not (tmp_path / "d.ext4").exists()

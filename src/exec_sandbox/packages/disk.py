@@ -8,13 +8,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from exec_sandbox.errors import SandboxPermanentError
+from exec_sandbox.errors import PackageResolutionError, SandboxPermanentError
 from exec_sandbox.packages.tools import run_package_tool
 
-__all__ = ["MARKER", "TREE_DIR", "build_mkfs_argv", "disk_size_for", "make_package_disk"]
+__all__ = ["MARKER", "MAX_INSTALL_BYTES", "TREE_DIR", "build_mkfs_argv", "disk_size_for", "make_package_disk"]
 
 TREE_DIR = "tree"
 MARKER = "sbx-packages"  # the guest's init copies only from a disk that holds this file
+#: What one package set may occupy once installed (a layer is copied into every VM's disk view).
+MAX_INSTALL_BYTES = 4 << 30
 _BLOCK = 4096
 _SLACK = 16 << 20
 
@@ -46,10 +48,19 @@ def _measure(root: Path) -> tuple[int, int]:
     return blocks, entries
 
 
-async def make_package_disk(root: Path, image: Path, *, mkfs: str = "mkfs.ext4") -> int:
-    """Write the ext4 image of ``root`` (which holds ``tree/``) to ``image``; its size in bytes."""
+async def make_package_disk(
+    root: Path, image: Path, *, mkfs: str = "mkfs.ext4", max_bytes: int = MAX_INSTALL_BYTES,
+    packages: str = "",
+) -> int:
+    """Write the ext4 image of ``root`` (which holds ``tree/``) to ``image``; its size in bytes.
+    An install larger than ``max_bytes`` is refused (:class:`PackageResolutionError`)."""
     (root / MARKER).write_bytes(b"")
     blocks, entries = _measure(root)
+    if blocks * _BLOCK > max_bytes:
+        raise PackageResolutionError(
+            f"the packages take {blocks * _BLOCK >> 20} MiB installed, more than {max_bytes >> 20} MiB",
+            package=packages, reason="too large",
+        )
     size = disk_size_for(blocks, entries)
     fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:

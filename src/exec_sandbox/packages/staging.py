@@ -94,5 +94,5 @@ async def stage_disk(
     tree.rename(root / TREE_DIR)
     report("downloading packages", "done", f"{len(lock.packages)} files")
     image = workdir / DISK_FILE
-    await make_package_disk(root, image)
+    await make_package_disk(root, image, packages=", ".join(lock.versions()))
     return image
