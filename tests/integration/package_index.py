@@ -22,7 +22,22 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-__all__ = ["LocalIndex", "build_npm_tarball", "build_wheel", "serve_index"]
+from exec_sandbox import Scheduler, SchedulerConfig
+from exec_sandbox.settings import Settings
+
+__all__ = ["LocalIndex", "build_npm_tarball", "build_wheel", "package_scheduler", "serve_index"]
+
+
+def package_scheduler(caches: Path, *, timeout_s: float = 60.0) -> Scheduler:
+    """A TCG Scheduler with private L1 and L2 caches under ``caches``, no warm pool, and one attempt
+    per package download (a failure shows at once)."""
+    config = SchedulerConfig(default_timeout_seconds=timeout_s, warm_pool_size=0)
+    scheduler = Scheduler(
+        config, settings=Settings(force_emulation=True), snapshot_dir=caches / "snapshots",
+        layer_dir=caches / "layers",
+    )
+    scheduler.packages.fetch_attempts = 1
+    return scheduler
 
 
 def _record_hash(data: bytes) -> str:

@@ -15,9 +15,8 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import pytest_asyncio
 
-from exec_sandbox import Scheduler, SchedulerConfig
-from exec_sandbox.settings import Settings
-from tests.integration.package_index import LocalIndex, serve_index
+from exec_sandbox import Scheduler
+from tests.integration.package_index import LocalIndex, package_scheduler, serve_index
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(600)]
 
@@ -61,13 +60,7 @@ def index(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalIndex]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def scheduler(index: LocalIndex, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Scheduler]:
-    caches = tmp_path_factory.mktemp("caches")
-    config = SchedulerConfig(default_timeout_seconds=120, warm_pool_size=0)
-    settings = Settings(force_emulation=True)
-    async with Scheduler(
-        config, settings=settings, snapshot_dir=caches / "snap", layer_dir=caches / "layers"
-    ) as s:
-        s.packages.fetch_attempts = 1
+    async with package_scheduler(tmp_path_factory.mktemp("caches"), timeout_s=120) as s:
         yield s
 
 

@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import re
-import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from exec_sandbox.packages.lock import PackageLock
 from smartvm.cleanup import shielded
 from smartvm.filelock import FileLock
 from smartvm.hostfs import UnsafePathError, atomic_write_file, ensure_private_dir
-from smartvm.leftovers import OWNER_FILE, make_owned_dir, reap, remove_owned_dir
+from smartvm.leftovers import OWNER_FILE, make_owned_dir, reap, remove_owned_dir, trash_owned_dir
 
 __all__ = ["LAYER_FILE", "LayerCache", "LayerCacheStats", "LayerEntry", "LayerKeyInputs"]
 
@@ -222,13 +221,7 @@ class LayerCache:
     # ------------------------------------------------------------------ delete
 
     def _move_to_trash(self, key: str) -> bool:
-        trash = self.cache_dir / f".trash-{key}-{secrets.token_hex(4)}"
-        try:
-            os.rename(self.entry_dir(key), trash)
-        except FileNotFoundError:
-            return False
-        remove_owned_dir(trash)
-        return True
+        return trash_owned_dir(self.entry_dir(key))
 
     def prune(self, *, keep: str | None = None) -> list[str]:
         """Remove least-recently-used entries beyond ``max_entries``/``max_bytes`` (never ``keep``,
