@@ -12,6 +12,7 @@ APT_PACKAGES=(
   python3 python3-venv
   # host-side unit tests of the guest's JavaScript REPL driver
   nodejs
+  npm  # packages=: JavaScript packages are resolved and fetched with the host's npm
   # kernel build from Debian's linux-source
   linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils
 )

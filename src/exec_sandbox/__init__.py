@@ -21,6 +21,8 @@ from exec_sandbox.errors import (
     GuestFileTooLargeError,
     GuestProtocolError,
     ImageBuildError,
+    PackageFetchError,
+    PackageResolutionError,
     QemuStorageDaemonError,
     SandboxError,
     SandboxInputError,
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
         TimingBreakdown,
         language_from_path,
     )
+    from exec_sandbox.packages.lock import LockedPackage, PackageLock
     from exec_sandbox.sandbox.admission import AdmissionController
     from exec_sandbox.sandbox.lifecycle_errors import SchedulerClosedError, SessionClosedError
     from exec_sandbox.sandbox.scheduler import RunResult, Scheduler, SchedulerState
@@ -68,7 +71,9 @@ _LAZY: dict[str, str] = {
     "FileInfo": "exec_sandbox.models",
     "ImageBundle": "exec_sandbox.vm_manager",
     "Language": "exec_sandbox.models",
+    "LockedPackage": "exec_sandbox.packages.lock",
     "OverlayPool": "exec_sandbox.storage.overlay_pool",
+    "PackageLock": "exec_sandbox.packages.lock",
     "PortForward": "exec_sandbox.models",
     "QemuStorageDaemon": "exec_sandbox.storage.daemon",
     "RunResult": "exec_sandbox.sandbox.scheduler",
@@ -110,7 +115,11 @@ __all__ = [
     "ImageBuildError",
     "ImageBundle",
     "Language",
+    "LockedPackage",
     "OverlayPool",
+    "PackageFetchError",
+    "PackageLock",
+    "PackageResolutionError",
     "PortForward",
     "QemuStorageDaemon",
     "QemuStorageDaemonError",

@@ -4,8 +4,12 @@
 
     SandboxError                         root; every error carries ``context`` (a dict)
     ├── SandboxInputError                the caller's bug: bad code/env/path/limits (never retry)
+    │   └── PackageResolutionError       ``packages=`` cannot be installed: unknown package, no such
+    │                                    version, conflicting pins, no wheel for the guest, hash
+    │                                    mismatch (``package``, ``reason``, resolver ``stderr``)
     ├── SandboxTransientError            the sandbox never ran the code; safe to retry
-    │   └── VmCapacityError              admission control: no capacity within the wait timeout
+    │   ├── VmCapacityError              admission control: no capacity within the wait timeout
+    │   └── PackageFetchError            the host's package index/registry was unreachable (``stderr``)
     ├── SandboxPermanentError            cannot succeed on this host as configured
     │   ├── ImageBuildError              building a guest image failed (``step``, ``stderr``)
     │   └── QemuStorageDaemonError       qemu-storage-daemon / QMP failure (``error_class``)
@@ -33,6 +37,8 @@ __all__ = [
     "GuestFileTooLargeError",
     "GuestProtocolError",
     "ImageBuildError",
+    "PackageFetchError",
+    "PackageResolutionError",
     "QemuStorageDaemonError",
     "SandboxError",
     "SandboxInputError",
@@ -61,6 +67,33 @@ class SandboxTransientError(SandboxError):
 
 class VmCapacityError(SandboxTransientError):
     """No memory/CPU capacity became available within the admission timeout."""
+
+
+class PackageResolutionError(SandboxInputError):
+    """``packages=`` cannot be installed as asked; ``package`` names it, ``reason`` says why."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        package: str,
+        reason: str,
+        stderr: str = "",
+        context: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message, context={"field": "packages", "package": package, "reason": reason,
+                                           "stderr": stderr, **(context or {})})
+        self.package = package
+        self.reason = reason
+        self.stderr = stderr
+
+
+class PackageFetchError(SandboxTransientError):
+    """The host could not download packages (network, index down); nothing ran; retry later."""
+
+    def __init__(self, message: str, *, stderr: str = "", context: dict[str, Any] | None = None) -> None:
+        super().__init__(message, context={"field": "packages", "stderr": stderr, **(context or {})})
+        self.stderr = stderr
 
 
 class SandboxPermanentError(SandboxError):

@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import signal
 import stat
 import tempfile
@@ -78,6 +79,7 @@ __all__ = [
     "remove_owned_dir",
     "remove_sidecar_record",
     "sidecar_name",
+    "trash_owned_dir",
     "write_owner_record",
     "write_sidecar_record",
 ]
@@ -285,6 +287,18 @@ def remove_owned_dir(path: Path) -> None:
         remove_at(parent_fd, path.name, dir_path=path.parent)
     finally:
         os.close(parent_fd)
+
+
+def trash_owned_dir(path: Path) -> bool:
+    """Rename ``path`` aside (``.trash-<name>-<random>`` beside it), then remove it: its name is free
+    at once, however long the removal takes. False when it did not exist."""
+    trash = path.with_name(f".trash-{path.name}-{secrets.token_hex(4)}")
+    try:
+        os.rename(path, trash)
+    except FileNotFoundError:
+        return False
+    remove_owned_dir(trash)
+    return True
 
 
 # --------------------------------------------------------------------------- runtime dirs

@@ -6,7 +6,7 @@ one layer are peers and do not import each other, except in the flat ``base`` an
     base      errors settings timing callbacks               (no exec_sandbox imports but each other)
     protocol  protocol/        agent frames, sans-I/O
     core      models validation config
-    io        client/ storage/ host/ images/ egress/         (peers)
+    io        client/ storage/ host/ images/ egress/ packages/  (peers)
     vm        vm/ vm_manager                                 (one guest VM)
     sandbox   sandbox/                                       (policy over many VMs; the public API)
     service   server/          sbx serve: E2B API, MCP, metrics (over the public API)
@@ -34,7 +34,7 @@ LAYERS: tuple[tuple[str, bool, tuple[str, ...]], ...] = (
     ("base", True, ("errors", "settings", "timing", "callbacks")),
     ("protocol", False, ("protocol",)),
     ("core", True, ("models", "validation", "config")),
-    ("io", False, ("client", "storage", "host", "images", "egress")),
+    ("io", False, ("client", "storage", "host", "images", "egress", "packages")),
     ("vm", True, ("vm", "vm_manager")),
     ("sandbox", False, ("sandbox",)),
     ("service", False, ("server",)),

@@ -203,6 +203,9 @@ def test_serve_metrics_sum_the_egress_of_live_sandboxes() -> None:
         def creating(self) -> int:
             return 0
 
+        def paused_count(self) -> int:
+            return 0
+
         def egress_stats(self) -> list[EgressStats]:
             return [EgressStats(connections_total=5, refused_total=2, bytes_in=100, bytes_out=7,
                                 active_connections=1),

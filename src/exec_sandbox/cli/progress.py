@@ -9,7 +9,16 @@ from rich.status import Status
 
 from exec_sandbox.images.progress import ProgressEvent, ProgressKind
 
-__all__ = ["RichProgress"]
+__all__ = ["RichProgress", "package_event"]
+
+
+def package_event(step: str, kind: str, detail: str, started: dict[str, float]) -> ProgressEvent:
+    """A ``packages=`` progress report (:data:`exec_sandbox.packages.ProgressCallback`) as the
+    event this renderer draws; ``started`` remembers when each step began (for its elapsed time)."""
+    now = time.monotonic()
+    if kind == "start":
+        started[step] = now
+    return ProgressEvent(step, ProgressKind(kind), detail, now - started.get(step, now))
 
 
 class RichProgress:

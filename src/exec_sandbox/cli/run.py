@@ -77,6 +77,7 @@ from exec_sandbox.errors import (
     SandboxInputError,
 )
 from exec_sandbox.models import LANGUAGE_EXTENSIONS, ExecutionResult, Language
+from exec_sandbox.packages.request import parse_packages
 from exec_sandbox.validation import (
     input_error,
     validate_code,
@@ -191,6 +192,19 @@ class _Reporter:
         if self._close_renderer is not None:
             self._close_renderer()
 
+    def package_progress(self) -> Callable[[str, str, str], None]:
+        """Renders ``--package`` steps (resolving, downloading N files, installing; not cache hits)."""
+        from exec_sandbox.cli.progress import RichProgress, package_event
+
+        renderer, started = RichProgress(self.console), {}  # type: ignore[var-annotated]
+
+        def callback(step: str, kind: str, detail: str) -> None:
+            if not self.quiet and kind != "cached":
+                self.stop_status()  # one live display at a time: the boot spinner yields
+                renderer(package_event(step, kind, detail, started))
+
+        return callback
+
     def booting(self, language: str) -> None:
         if self.quiet or not self.console.is_terminal:
             return
@@ -274,6 +288,7 @@ class _Request:
     downloads: tuple[Download, ...]
     as_json: bool
     force: bool
+    packages: tuple[str, ...] = ()
 
 
 _EPILOG = """\b
@@ -332,6 +347,15 @@ Examples:
     help="Give the sandbox a network that reaches only NAME (or *.NAME) through its egress proxy. "
     "Repeatable; the network is off without it.",
 )
+@click.option(
+    "-p",
+    "--package",
+    "packages",
+    multiple=True,
+    metavar="REQ",
+    help="Install a package first (pip requirement, or npm spec like lodash@4), resolved on this host "
+    "with your pip/npm configuration; cached as a disk layer. Repeatable.",
+)
 @click.option("--force", is_flag=True, help="Let --download overwrite existing local files.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the result) instead of output.")
 @click.option("-q", "--quiet", is_flag=True, help="Only the program's output: no progress or summary.")
@@ -345,6 +369,7 @@ def run(
     upload_specs: tuple[str, ...],
     download_specs: tuple[str, ...],
     allow_domains: tuple[str, ...],
+    packages: tuple[str, ...],
     force: bool,
     as_json: bool,
     quiet: bool,
@@ -377,6 +402,7 @@ def run(
             downloads=tuple(parse_download_spec(s, cwd) for s in download_specs),
             as_json=as_json,
             force=force,
+            packages=packages,
         )
         check_uploads(request.uploads)
         plan_downloads(request.downloads, force=force)
@@ -444,6 +470,7 @@ def _prevalidate(config: SchedulerConfig, request: _Request) -> None:
         validate_timeout(request.timeout, max_seconds=config.max_timeout_seconds, field="--timeout")
     if request.memory is not None:
         validate_memory_mb(request.memory, max_mb=MAX_MEMORY_MB, field="--memory")
+    parse_packages(request.source.language, list(request.packages) or None)
     for upload in request.uploads:
         size = upload.local.stat().st_size
         if size > config.max_file_bytes:
@@ -489,6 +516,7 @@ async def _run(config: SchedulerConfig, request: _Request, reporter: _Reporter) 
     try:
         reporter.booting(request.source.language)
         async with Scheduler(config) as scheduler:
+            scheduler.packages.progress = reporter.package_progress()
             result = await scheduler.run(
                 request.source.code,
                 language=request.source.language,
@@ -500,6 +528,7 @@ async def _run(config: SchedulerConfig, request: _Request, reporter: _Reporter) 
                 on_boot_log=reporter.boot_log if reporter.debug else None,
                 files={u.guest: u.local for u in request.uploads} or None,
                 download=list(dict.fromkeys(d.guest for d in request.downloads)) or None,
+                packages=list(request.packages) or None,
             )
     except asyncio.CancelledError:
         if terminated:

@@ -67,6 +67,7 @@ from exec_sandbox.sandbox.foreground import ForegroundActivity
 from exec_sandbox.sandbox.grants import Grant
 from exec_sandbox.sandbox.lifecycle_errors import SchedulerClosedError
 from exec_sandbox.sandbox.network import NetworkPlan, plan_network, start_gateway
+from exec_sandbox.sandbox.packages import PackageInstall, PackageLayers
 from exec_sandbox.sandbox.warm_pool import WarmPool
 from exec_sandbox.settings import Settings
 from exec_sandbox.storage.overlay_pool import OverlayPool
@@ -134,6 +135,7 @@ class VmProvisioner:
     _foreground: ForegroundActivity
     _cgroups: CgroupManager | None
     _snapshots: SnapshotCache | None
+    packages: PackageLayers
     _warm_pools: dict[Language, WarmPool]
     _retiring: set[asyncio.Task[None]]
 
@@ -253,25 +255,34 @@ class VmProvisioner:
         await pool.start()
         logger.info("warm pool for %s: %d ready VM(s) kept", language, self.config.warm_pool_size)
 
-    def _vm_options(self, language: Language, memory_mb: int, disk_size_mb: int | None = None) -> VmOptions:
+    def _vm_options(
+        self, language: Language, memory_mb: int, disk_size_mb: int | None = None,
+        install: PackageInstall | None = None,
+    ) -> VmOptions:
         return VmOptions(
             language=language,
             memory_mb=memory_mb,
             vcpus=self.config.default_vcpus,
             boot_timeout_s=_BOOT_TIMEOUT_S,
             disk_size_mb=disk_size_mb or self.config.disk_size_mb,
+            env=install.env if install is not None else {},
+            base_layer=install.layer.path if install is not None else None,
+            base_layer_sha256=install.layer.sha256 if install is not None else None,
         )
 
     async def _provision(
         self, language: Language, memory_mb: int, on_boot_log: BootLogCallback | None,
         disk_size_mb: int | None = None, net: NetworkPlan | None = None,
+        install: PackageInstall | None = None,
     ) -> VmLease:
         """A ready VM with the capacity it holds: from the warm pool, else a snapshot restore, else a
-        cold boot (see the module docstring)."""
-        pool = self._warm_pools.get(language)
+        cold boot (see the module docstring). ``install``: boot from its L2 package layer (never
+        from the warm pool, whose VMs have no packages; L1 snapshots of the layer are used)."""
+        pool = self._warm_pools.get(language) if install is None else None
         pool_disk = disk_size_mb in (None, self.config.disk_size_mb)  # pooled VMs have the config's
         if net is not None:
-            return await self._provision_networked(language, memory_mb, on_boot_log, disk_size_mb, net)
+            return await self._provision_networked(
+                language, memory_mb, on_boot_log, disk_size_mb, net, install)
         if pool is not None and memory_mb == pool.memory_mb and pool_disk:
             pooled = await pool.checkout(language)
             if pooled is not None:
@@ -287,11 +298,18 @@ class VmProvisioner:
                     restored_from_snapshot=pooled.vm.timing.restored,
                 )
         grant = await self.admission.acquire(memory_mb, self.config.default_vcpus)
+        # A layer just built has no memory snapshot yet: this boot makes it (shown as a step).
+        snapshotting = install is not None and not install.cache_hit and self._snapshots is not None
+        if snapshotting:
+            self.packages.report("snapshotting", "start", "booting from the new package layer")
         try:
-            vm, attempts = await self._boot(self._vm_options(language, memory_mb, disk_size_mb), on_boot_log)
+            options = self._vm_options(language, memory_mb, disk_size_mb, install)
+            vm, attempts = await self._boot(options, on_boot_log)
         except BaseException:
             grant.release()
             raise
+        if snapshotting:
+            self.packages.report("snapshotting", "done", "the next run with these packages restores")
         if vm.timing.restored:
             await self._note_no_boot(on_boot_log, "restored from a memory snapshot")
         return VmLease(
@@ -304,10 +322,11 @@ class VmProvisioner:
 
     async def _provision_networked(
         self, language: Language, memory_mb: int, on_boot_log: BootLogCallback | None,
-        disk_size_mb: int | None, net: NetworkPlan,
+        disk_size_mb: int | None, net: NetworkPlan, install: PackageInstall | None = None,
     ) -> VmLease:
         """A VM whose NIC leads to its own, already started, egress gateway (and port forwards)."""
-        options = self._vm_options(language, memory_mb, disk_size_mb).model_copy(update={"nic": True})
+        options = self._vm_options(language, memory_mb, disk_size_mb, install)
+        options = options.model_copy(update={"nic": True})
         attempts = 0
 
         async def boot(user_net: UserNetSpec) -> SandboxVm:

@@ -97,21 +97,16 @@ Speed (issue 5)
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import secrets
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
-
 from exec_sandbox.client.agent import OutputCallback
 from exec_sandbox.config import SchedulerConfig
-from exec_sandbox.egress.accounting import EgressLogEntry, EgressStats
 from exec_sandbox.errors import (
     CommunicationOutcomeUnknownError,
     GuestProtocolError,
@@ -119,13 +114,16 @@ from exec_sandbox.errors import (
 )
 from exec_sandbox.host.cgroups import CgroupManager
 from exec_sandbox.host.runtime_dirs import make_scheduler_runtime_dir, remove_scheduler_runtime_dir
-from exec_sandbox.models import ExecutionResult, Language, PortForward, TimingBreakdown
+from exec_sandbox.models import Language, PortForward, TimingBreakdown
+from exec_sandbox.packages import PackageLock, PackageRequest, parse_packages
 from exec_sandbox.sandbox.admission import AdmissionController
 from exec_sandbox.sandbox.foreground import ForegroundActivity
-from exec_sandbox.sandbox.lifecycle_errors import SchedulerClosedError
 from exec_sandbox.sandbox.network import NetworkPlan, plan_network
-from exec_sandbox.sandbox.provisioning import BACKGROUND_NICE, SchedulerState, VmLease, VmProvisioner
+from exec_sandbox.sandbox.packages import PackageLayers
+from exec_sandbox.sandbox.provisioning import BACKGROUND_NICE, SchedulerState, VmLease
+from exec_sandbox.sandbox.run_result import RunResult
 from exec_sandbox.sandbox.session import Session
+from exec_sandbox.sandbox.session_factory import RunState, SessionFactory
 from exec_sandbox.sandbox.warm_pool import WarmPool
 from exec_sandbox.settings import Settings
 from exec_sandbox.storage.overlay_pool import OverlayPool
@@ -160,29 +158,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class RunResult(ExecutionResult):
-    """:class:`ExecutionResult` of ``Scheduler.run`` plus the files read back after the run.
-
-    ``files`` maps each requested ``download`` path (as given) to its content; a path that could not
-    be read (missing, a directory, larger than ``config.max_file_bytes``, ...) is absent from
-    ``files`` and present in ``download_errors`` with the reason.
-    """
-
-    files: dict[str, bytes] = Field(default_factory=dict)
-    download_errors: dict[str, str] = Field(default_factory=dict)
-    # Networked runs: every connection (or refused attempt) through the egress gateway, and totals.
-    egress_log: list[EgressLogEntry] = Field(default_factory=list)
-    egress_stats: EgressStats | None = None
-
-
-@dataclass
-class _RunState:
-    """Per-run facts the close/cancel paths need."""
-
-    dispatched: bool = False
-
-
-class Scheduler(VmProvisioner, AsyncService):
+class Scheduler(SessionFactory, AsyncService):
     """Runs untrusted code in fresh microVMs; see the module docstring. Use ``async with``."""
 
     def __init__(
@@ -193,12 +169,14 @@ class Scheduler(VmProvisioner, AsyncService):
         runtime_dir: Path | None = None,
         vm_manager: VmManager | None = None,
         snapshot_dir: Path | None = None,
+        layer_dir: Path | None = None,
     ) -> None:
         """``settings``: default ``config.settings()``. ``runtime_dir``: where overlays, sockets and VM
         directories go (default: a fresh per-Scheduler dir under smartvm's runtime dir, removed on
         close). ``vm_manager``: e.g. ``VmManager(settings, progress=...)`` to show first-run image
         builds; default ``VmManager(settings)``. ``snapshot_dir``: the L1 snapshot cache directory
-        (default ``settings.cache_dir / "snapshots"``, shared with other processes)."""
+        (default ``settings.cache_dir / "snapshots"``, shared with other processes). ``layer_dir``: the
+        L2 package layer cache (default ``settings.cache_dir / "layers"``)."""
         self.config = config or SchedulerConfig()
         self.settings = settings or (
             vm_manager.settings if vm_manager is not None else self.config.settings()
@@ -226,6 +204,7 @@ class Scheduler(VmProvisioner, AsyncService):
         self._snapshots: SnapshotCache | None = None
         self._warm_pools: dict[Language, WarmPool] = {}
         self._retiring: set[asyncio.Task[None]] = set()  # VMs of finished runs being stopped
+        self.packages = PackageLayers(self.settings, self._vm_manager, cache_dir=layer_dir)  # packages=
 
     # ------------------------------------------------------------------ introspection
 
@@ -283,6 +262,7 @@ class Scheduler(VmProvisioner, AsyncService):
                     self._snapshot_dir, settings=self.settings, vm_manager=self._vm_manager
                 )
             self._admission, self._pool = admission, pool
+            self.packages.runtime_dir = runtime_dir
             self._state = SchedulerState.RUNNING
             logger.info(
                 "scheduler started: budget %d MiB / %.1f vCPUs, runtime dir %s",
@@ -363,11 +343,15 @@ class Scheduler(VmProvisioner, AsyncService):
         download: Sequence[str] | None = None,
         allowed_domains: Sequence[str] | None = None,
         secrets: Mapping[str, Secret | Mapping[str, Any]] | None = None,
+        packages: Sequence[str] | PackageLock | None = None,
     ) -> RunResult:
         """Run ``code`` once in a fresh VM and return its result (see the module docstring).
 
-        ``allowed_domains``/``secrets`` replace the config's for this run (see ``SchedulerConfig``)."""
+        ``allowed_domains``/``secrets`` replace the config's for this run (see ``SchedulerConfig``).
+        ``packages``: requirement strings (npm specs for JavaScript) or a lock, installed from the
+        host into a cached L2 layer before the VM boots (:mod:`exec_sandbox.sandbox.packages`)."""
         lang = validate_language(language)
+        request = parse_packages(lang, packages)
         code = validate_code(code, max_bytes=self.config.max_code_bytes)
         timeout = validate_timeout(
             self.config.default_timeout_seconds if timeout_seconds is None else timeout_seconds,
@@ -379,38 +363,17 @@ class Scheduler(VmProvisioner, AsyncService):
         downloads = validate_downloads(download)
         net = plan_network(self.config, allowed_domains=allowed_domains, secrets=secrets)
         self._require_running("run code in")
-        state = _RunState()
+        state = RunState()
         inner = asyncio.get_running_loop().create_task(
             self._run(
                 code, lang, timeout, memory, env, on_stdout, on_stderr, on_boot_log, uploads, downloads,
-                state, net,
+                state, net, request,
             ),
             name="sbx-run",
         )
         with self._foreground.track():  # warm-pool refills wait for a gap (see ForegroundActivity)
             result: RunResult = await self._await_tracked(inner, state)
         return result
-
-    async def _await_tracked(self, inner: asyncio.Task[Any], state: _RunState | None) -> Any:
-        """Await an internal task; translate a cancellation caused by ``close()`` into a clear error."""
-        self._tasks.add(inner)
-        inner.add_done_callback(self._tasks.discard)
-        try:
-            # If the caller is cancelled, awaiting the task cancels it and waits for its cleanup.
-            return await inner
-        except asyncio.CancelledError:
-            me = asyncio.current_task()
-            caller_cancelled = me is not None and me.cancelling() > 0
-            if caller_cancelled or self._state is SchedulerState.RUNNING or not inner.cancelled():
-                raise
-            if state is not None and state.dispatched:
-                raise CommunicationOutcomeUnknownError(
-                    "the Scheduler was closed while the code was running; its VM was stopped",
-                    context={"reason": "scheduler_closed"},
-                ) from None
-            raise SchedulerClosedError(
-                "the Scheduler was closed before the code ran", context={"reason": "scheduler_closed"}
-            ) from None
 
     async def _run(
         self,
@@ -424,14 +387,16 @@ class Scheduler(VmProvisioner, AsyncService):
         on_boot_log: BootLogCallback | None,
         uploads: dict[str, bytes | Path],
         downloads: list[tuple[str, str]],
-        state: _RunState,
+        state: RunState,
         net: NetworkPlan | None = None,
+        request: PackageRequest | None = None,
     ) -> RunResult:
         started = time.perf_counter()
         t = time.perf_counter()
         await self._ensure_image(language)
+        install = None if request is None else await self.packages.ensure(language, request)
         setup_ms = elapsed_ms(t)
-        lease = await self._provision(language, memory_mb, on_boot_log, net=net)
+        lease = await self._provision(language, memory_mb, on_boot_log, net=net, install=install)
         vm = lease.vm
         finished = False
         files: dict[str, bytes] = {}
@@ -500,6 +465,8 @@ class Scheduler(VmProvisioner, AsyncService):
             download_errors=download_errors,
             egress_log=lease.gateway.egress_log() if lease.gateway else [],
             egress_stats=lease.gateway.stats.model_copy() if lease.gateway else None,
+            packages=install.lock if install else None,
+            packages_cache_hit=install.cache_hit if install else None,
         )
 
     # ------------------------------------------------------------------ sessions
@@ -515,13 +482,16 @@ class Scheduler(VmProvisioner, AsyncService):
         allowed_domains: Sequence[str] | None = None,
         port_forwards: Sequence[PortForward | Mapping[str, object] | int | str] | None = None,
         secrets: Mapping[str, Secret | Mapping[str, Any]] | None = None,
+        packages: Sequence[str] | PackageLock | None = None,
     ) -> Session:
         """Boot a VM for a stateful :class:`Session` (``async with await scheduler.session() as s``).
 
         ``disk_size_mb``: this session's disk (work dir) size; default ``config.disk_size_mb``.
         ``allowed_domains``/``port_forwards``/``secrets`` replace the config's for this session;
-        ``session.forwarded_ports`` says which host port serves which guest port."""
+        ``session.forwarded_ports`` says which host port serves which guest port.
+        ``packages``: as for :meth:`run`; ``Session.packages`` is the lock installed."""
         lang = validate_language(language)
+        request = parse_packages(lang, packages)
         disk = None if disk_size_mb is None else validate_memory_mb(
             disk_size_mb, min_mb=256, max_mb=1024 * 1024, field="disk_size_mb"
         )
@@ -538,49 +508,9 @@ class Scheduler(VmProvisioner, AsyncService):
                            secrets=secrets)
         self._require_running("open a session in")
         inner = asyncio.get_running_loop().create_task(
-            self._open_session(lang, memory, env, idle, disk, net), name="sbx-session-open"
+            self._open_session(lang, memory, env, idle, disk, net, request), name="sbx-session-open"
         )
         session: Session = await self._await_tracked(inner, None)
-        return session
-
-    async def _open_session(
-        self, language: Language, memory_mb: int, env: dict[str, str], idle: float,
-        disk_size_mb: int | None = None, net: NetworkPlan | None = None,
-    ) -> Session:
-        await self._ensure_image(language)
-        lease = await self._provision(language, memory_mb, None, disk_size_mb, net)
-        return await self._new_session(lease, language, memory_mb, env, idle)
-
-    async def _new_session(
-        self, lease: VmLease, language: Language, memory_mb: int, env: dict[str, str], idle: float
-    ) -> Session:
-        """Wrap a leased VM in a registered :class:`Session` (the lease is retired on failure)."""
-        try:
-            session = Session(
-                vm=lease.vm,
-                retire=functools.partial(self._retire, lease),
-                config=self.config,
-                language=language,
-                memory_mb=memory_mb,
-                env_vars=env,
-                idle_timeout_seconds=idle,
-                on_closed=self._sessions.discard,
-                fork=self._fork_session,
-                warm_pool_hit=lease.warm_pool_hit,
-                restored_from_snapshot=lease.restored_from_snapshot,
-                foreground=self._foreground,
-                egress=lease.gateway,
-                forwarded_ports=lease.forwards,
-                network=lease.net,
-            )
-        except BaseException:
-            await self._retire(lease)
-            raise
-        self._sessions.add(session)
-        lease.grant.settle()  # an idle session holds memory only: its CPU share goes back to admission
-        # ...as long as it really is idle: its QEMU's CPU time is measured, and a session found
-        # burning CPU (work its code left running) counts against the CPU budget again.
-        lease.grant.meter_cpu(lease.vm.cpu_seconds)
         return session
 
     async def restore_session(
@@ -601,21 +531,3 @@ class Scheduler(VmProvisioner, AsyncService):
         inner = asyncio.get_running_loop().create_task(self._restore(Path(directory), env, idle))
         session: Session = await self._await_tracked(inner, None)
         return session
-
-    async def _restore(self, directory: Path, env: dict[str, str], idle: float) -> Session:
-        lease = await self._provision_restore(directory)
-        return await self._new_session(lease, lease.vm.language, lease.vm.options.memory_mb, env, idle)
-
-    async def _fork_session(self, parent: Session) -> Session:
-        """``parent.fork()``: reserve capacity, clone the VM while the session is quiet, wrap it."""
-        self._require_running("fork a session in")
-        inner = asyncio.get_running_loop().create_task(self._fork(parent), name="sbx-session-fork")
-        session: Session = await self._await_tracked(inner, None)
-        return session
-
-    async def _fork(self, parent: Session) -> Session:
-        async with parent.exclusive() as vm:
-            lease = await self._provision_fork(vm, parent.memory_mb, parent.network)
-        return await self._new_session(
-            lease, parent.language, parent.memory_mb, dict(parent.env_vars), parent.idle_timeout_seconds
-        )

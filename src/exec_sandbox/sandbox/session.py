@@ -76,6 +76,7 @@ from exec_sandbox.errors import (
     SandboxPermanentError,
 )
 from exec_sandbox.models import ExecutionResult, FileInfo, Language, PortForward, TimingBreakdown
+from exec_sandbox.packages.lock import PackageLock
 from exec_sandbox.protocol.process import WatchEvent
 from exec_sandbox.sandbox.foreground import ForegroundActivity
 from exec_sandbox.sandbox.lifecycle_errors import CloseReason, SessionClosedError
@@ -137,6 +138,8 @@ class Session(AsyncClosing):
         self._fork = fork  # makes the clone (the Scheduler: capacity, fork_vm, registration)
         self.warm_pool_hit = warm_pool_hit  # the VM came ready from the warm pool
         self.restored_from_snapshot = restored_from_snapshot  # ... or from a memory snapshot
+        self.packages: PackageLock | None = None  # what packages= installed (exact versions)
+        self.packages_cache_hit: bool | None = None  # their L2 layer was cached already
         self._retire = retire  # stops the VM and returns its capacity (admission grant, cgroup)
         self._config = config
         self.language: Language = language

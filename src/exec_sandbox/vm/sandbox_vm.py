@@ -218,8 +218,8 @@ class SandboxVm(AsyncClosing):
                 name=f"sbx-{new_id}",
             )
 
-        vm = cls._new(options, settings, bundle.rootfs, runtime_dir, vm_id, make_spec, nice=nice,
-                      user_net=user_net)
+        base = options.base_layer or bundle.rootfs
+        vm = cls._new(options, settings, base, runtime_dir, vm_id, make_spec, nice=nice, user_net=user_net)
         vm.timing.image_ms = image_ms
         try:
             async with asyncio.timeout(options.boot_timeout_s):
@@ -290,7 +290,7 @@ class SandboxVm(AsyncClosing):
             info = await get_image_info(self.base_image, qemu_img=self._qemu_img)
             await create_overlay_with_qemu_img(self.base_image, self.overlay, qemu_img=self._qemu_img,
                                                size=max(size << 20, info.virtual_size))
-        elif overlay_pool is not None:
+        elif overlay_pool is not None and self.options.base_layer is None:  # the pool serves base images
             self.timing.overlay_from_pool = await overlay_pool.acquire(self.base_image, self.overlay)
         else:
             await create_overlay_with_qemu_img(self.base_image, self.overlay, qemu_img=self._qemu_img)

@@ -6,14 +6,10 @@ key (QEMU version, accelerator) and the cross-process file lock. The cache itsel
 
 from __future__ import annotations
 
-import asyncio
-import errno
-import fcntl
 import functools
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +21,8 @@ from exec_sandbox.images.manifest import BundleManifest
 from exec_sandbox.protocol.agent import PROTOCOL_VERSION
 from exec_sandbox.settings import Settings
 from exec_sandbox.vm.spec import SNAPSHOT_FORMAT, VmOptions
-from smartvm.hostfs import UnsafePathError, atomic_write_file, ensure_private_dir
+from smartvm.filelock import FileLock as SmartvmFileLock
+from smartvm.hostfs import UnsafePathError, atomic_write_file
 from smartvm.process import run_tool
 from smartvm.qemu.accel import choose_accelerator
 
@@ -271,44 +268,14 @@ def write_manifest(tmp_entry: Path, key: str, inputs: SnapshotKeyInputs, vm_id: 
     atomic_write_file(tmp_entry / "manifest.json", manifest.model_dump_json(indent=1).encode(), fsync=True)
 
 
-class FileLock:
-    """An ``fcntl.flock`` on one lock file, taken without blocking the event loop."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd: int | None = None
+class FileLock(SmartvmFileLock):
+    """:class:`smartvm.filelock.FileLock` whose unsafe lock directory is this cache's error."""
 
     def try_acquire(self, *, shared: bool) -> bool:
-        if self._fd is not None:
-            raise RuntimeError(f"lock {self.path} is already held")
         try:
-            ensure_private_dir(self.path.parent)
+            return super().try_acquire(shared=shared)
         except UnsafePathError as exc:
             raise SandboxPermanentError(
                 f"the snapshot cache is not safe to use: {exc.message}",
                 context={"path": str(exc.path), "problem": exc.problem},
             ) from exc
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return False
-            raise
-        self._fd = fd
-        return True
-
-    async def acquire(self, *, shared: bool, timeout: float) -> bool:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not self.try_acquire(shared=shared):
-            if loop.time() >= deadline:
-                return False
-            await asyncio.sleep(0.01)
-        return True
-
-    def release(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)  # closing the description drops the flock

@@ -34,7 +34,6 @@ import errno
 import logging
 import os
 import re
-import secrets
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -63,7 +62,7 @@ from exec_sandbox.vm_manager import ImageBundle, VmManager
 from smartvm.cleanup import AsyncClosing
 from smartvm.errors import ErrorCode
 from smartvm.hostfs import UnsafePathError, ensure_private_dir
-from smartvm.leftovers import OWNER_FILE, make_owned_dir, reap, remove_owned_dir
+from smartvm.leftovers import OWNER_FILE, make_owned_dir, reap, remove_owned_dir, trash_owned_dir
 from smartvm.qemu import UserNetSpec
 
 __all__ = [
@@ -412,13 +411,7 @@ class SnapshotCache(AsyncClosing):
             lock.release()
 
     def _move_to_trash(self, key: str) -> bool:
-        trash = self.cache_dir / f".trash-{key}-{secrets.token_hex(4)}"
-        try:
-            os.rename(self.entry_dir(key), trash)
-        except FileNotFoundError:
-            return False
-        remove_owned_dir(trash)
-        return True
+        return trash_owned_dir(self.entry_dir(key))
 
     async def prune(self, *, max_entries: int | None = None, max_age_s: float | None = None) -> list[str]:
         """Remove least-recently-used entries beyond ``max_entries`` (default: the constructor's),

@@ -96,6 +96,7 @@ class VmOptions(BaseModel):
     not stream RAM (the fast snapshot path). ``kernel_args``: extra kernel arguments appended to the
     bundle's; ``kernel_cmdline`` replaces the bundle's command line entirely.
     ``env``: default environment merged under the ``env`` of every :meth:`SandboxVm.exec`.
+    ``base_layer``: boot from this L2 package layer (a qcow2 backed by the image's rootfs).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -115,6 +116,10 @@ class VmOptions(BaseModel):
     kernel_cmdline: str | None = None
     # The guest disk's virtual size, MiB (None: the image's); the guest grows its filesystem to it.
     disk_size_mb: int | None = Field(default=None, ge=256, le=1024 * 1024)
+    # An L2 package layer (exec_sandbox.packages.layers) to boot from instead of the bundle's rootfs
+    # (its backing file); its sha256 is part of the options, so L1 snapshots key on the layer too.
+    base_layer: Path | None = None
+    base_layer_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
     @field_validator("kernel_args")
     @classmethod
