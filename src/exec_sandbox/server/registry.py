@@ -208,8 +208,7 @@ class SandboxRegistry:
 
     def egress_stats(self) -> list[EgressStats]:
         """Egress counters of every live networked session (sandboxes and their code contexts)."""
-        sessions = [r.session for r in self._records.values()]
-        sessions += [c.session for r in self._records.values() for c in r.contexts.values() if c.session]
+        sessions = [s for r in self._records.values() for s in r.sessions()]  # paused: none
         return [st for st in (s.egress_stats for s in sessions) if st is not None]
 
     def records(self, owner: str) -> list[SandboxRecord]:
