@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from exec_sandbox.server.errors import BadRequestError, ServeError, status_for
+from exec_sandbox.server.network import NetworkBody, allowed_domains_for
 from exec_sandbox.server.persistence import SavedSandbox
 from exec_sandbox.server.registry import CLIENT_ID, ENVD_VERSION, SandboxRecord, SandboxRegistry
 
@@ -56,6 +57,7 @@ class NewSandboxBody(_Body):
     auto_resume: AutoResume | None = Field(default=None, alias="autoResume")
     secure: bool | None = None
     allow_internet_access: bool | None = None
+    network: NetworkBody | None = None  # see exec_sandbox.server.network for the mapping
 
 
 class TimeoutBody(_Body):
@@ -354,6 +356,9 @@ async def create_sandbox(request: Request) -> Response:
         raise BadRequestError("filesystem-only auto-pause (autoPauseMemory: false) is not supported here")
     if body.auto_resume is not None and body.auto_resume.enabled:
         raise BadRequestError("autoResume is not supported by sbx serve: connect resumes a paused sandbox")
+    domains = allowed_domains_for(body.allow_internet_access, body.network)
+    if domains and body.auto_pause:
+        raise BadRequestError("autoPause: a sandbox with network egress cannot be paused by sbx serve")
     record = await _registry(request).create(
         request.state.owner,
         template_id=body.template_id,
@@ -361,6 +366,7 @@ async def create_sandbox(request: Request) -> Response:
         metadata=body.metadata,
         env_vars=body.env_vars,
         auto_pause=body.auto_pause,
+        allowed_domains=domains,
     )
     return JSONResponse(created_json(record), status_code=201)
 
