@@ -213,6 +213,7 @@ def openapi_document() -> dict[str, Any]:
         "SandboxForkResult": ForkResult,
         "CreatedSandbox": CreatedSandbox,  # referred to from SandboxForkResult
         "AutoResume": AutoResume,  # ... from NewSandbox
+        "NetworkBody": NetworkBody,  # ... from NewSandbox (E2B's SandboxNetworkConfig)
         "ErrorBody": ErrorBody,
         "SandboxSnapshotRequest": SnapshotBody,
         "SnapshotInfo": SnapshotInfo,
