@@ -17,7 +17,8 @@ from typing import Any
 import httpx
 import httpx2
 import pytest
-from e2b import ALL_TRAFFIC, InvalidArgumentException, Sandbox, SandboxException
+from e2b import ALL_TRAFFIC, Sandbox, SandboxException
+from e2b_code_interpreter import Sandbox as CodeSandbox
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
@@ -70,6 +71,25 @@ def test_an_allowlisted_sandbox_reaches_its_name_and_nothing_else(
         sbx.kill()
 
 
+def test_code_interpreter_contexts_get_the_sandboxs_allowlist(
+    net_server: RunningServer, web: LocalServer
+) -> None:
+    sbx = CodeSandbox.create(network={"allow_out": ["web.test"]}, timeout=300)
+    try:
+        fetch = (
+            "import urllib.request\n"
+            "urllib.request.urlopen('http://{}:%d/say/ctx-{}', timeout=20).read().decode()"
+        )
+        ok = sbx.run_code(fetch.format("web.test", "web") % web.port)
+        assert ok.error is None and ok.text == "'ctx-web'", ok
+        refused = sbx.run_code(fetch.format("other.test", "other") % web.port)
+        # the sandbox's egress proxy answers 403 for a name off the list
+        assert refused.error is not None and "403" in refused.error.value, refused
+        assert "/say/ctx-other" not in [path for path, _ in web.seen]
+    finally:
+        sbx.kill()
+
+
 def test_a_sandbox_without_a_list_has_no_network(net_server: RunningServer, web: LocalServer) -> None:
     sbx = Sandbox.create(timeout=300)
     try:
@@ -81,7 +101,7 @@ def test_a_sandbox_without_a_list_has_no_network(net_server: RunningServer, web:
 
 def test_internet_without_a_list_is_refused_before_any_vm(net_server: RunningServer) -> None:
     for kwargs in ({"allow_internet_access": True}, {"network": {"deny_out": ["10.0.0.0/8"]}}):
-        with pytest.raises(InvalidArgumentException, match="only allowlisted egress"):
+        with pytest.raises(SandboxException, match=r"400: .*only allowlisted egress"):
             Sandbox.create(**kwargs)  # type: ignore[arg-type]
     r = httpx.post(
         net_server.url + "/sandboxes", headers={"X-API-KEY": KEY_A},
@@ -102,6 +122,7 @@ def _payload(result: Any) -> dict[str, Any]:
 
 
 def test_mcp_run_code_with_packages_returns_the_lock(tmp_path: Path) -> None:
+    (tmp_path / "index").mkdir()
     with serve_index(LocalIndex(tmp_path / "index")) as index, pytest.MonkeyPatch.context() as mp:
         index.add_wheel("sbxdep", "0.3")
         index.add_wheel("sbxdemo", "2.0", requires=("sbxdep>=0.2",))

@@ -136,7 +136,9 @@ def _clear_errors() -> Iterator[None]:
     try:
         yield
     except SandboxError as exc:
-        raise ToolError(f"{type(exc).__name__}: {exc.message}") from exc
+        field = exc.context.get("field")
+        where = f" (field: {field})" if isinstance(field, str) and field not in exc.message else ""
+        raise ToolError(f"{type(exc).__name__}: {exc.message}{where}") from exc
 
 
 def build_mcp_server(tools: McpSandboxTools) -> MCPServer:
