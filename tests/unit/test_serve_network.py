@@ -91,3 +91,9 @@ def test_egress_resolution_is_server_config() -> None:
     assert scheduler.host_overrides == {"web.test": "127.0.0.1"} and scheduler.egress_allow_private
     default = load_serve_config(api_keys=["k"], environ={}).scheduler_config()
     assert default.host_overrides == {} and default.egress_allow_private is False
+
+
+@pytest.mark.parametrize("overrides", [{"web.test": "not-an-ip"}, {"bad name!": "127.0.0.1"}])
+def test_a_bad_host_override_fails_at_load_naming_it(overrides: dict[str, str]) -> None:
+    with pytest.raises(SandboxInputError, match="host_overrides"):
+        load_serve_config(api_keys=["k"], environ={}, host_overrides=overrides)

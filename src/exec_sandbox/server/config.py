@@ -85,6 +85,16 @@ class ServeConfig(BaseModel):
             return self.state_dir
         return Path(platformdirs.user_state_dir("exec-sandbox")) / "serve"
 
+    @field_validator("host_overrides")
+    @classmethod
+    def _valid_overrides(cls, v: dict[str, str | tuple[str, ...]]) -> dict[str, str | tuple[str, ...]]:
+        # Checked at load: the Scheduler only builds an egress policy for the first networked sandbox.
+        if v:
+            from exec_sandbox.egress import EgressPolicy
+
+            EgressPolicy(host_overrides=dict(v))
+        return v
+
     @field_validator("api_key_hashes")
     @classmethod
     def _hex_digests(cls, v: frozenset[str]) -> frozenset[str]:
