@@ -63,6 +63,9 @@ def test_an_allowlisted_sandbox_reaches_its_name_and_nothing_else(
         assert lines[1].startswith("other.test refused"), out
         paths = [path for path, _ in web.seen]
         assert "/say/from-web.test" in paths and "/say/from-other.test" not in paths
+        info = sbx.get_info()
+        assert info.allow_internet_access is False
+        assert info.network is not None and info.network["allow_out"] == ["web.test"]
         # A networked sandbox is not saved: its egress gateway would not come back with it.
         with pytest.raises(SandboxException, match="network egress"):
             sbx.pause()

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from exec_sandbox.server.errors import BadRequestError, ServeError, status_for
-from exec_sandbox.server.network import NetworkBody, allowed_domains_for
+from exec_sandbox.server.network import ALL_TRAFFIC, NetworkBody, allowed_domains_for
 from exec_sandbox.server.persistence import SavedSandbox
 from exec_sandbox.server.registry import CLIENT_ID, ENVD_VERSION, SandboxRecord, SandboxRegistry
 
@@ -141,6 +141,9 @@ class SandboxDetail(ListedSandbox):
 
     envd_access_token: str = Field(alias="envdAccessToken")
     domain: str | None = None
+    # Never the open internet here; an allowlisted sandbox: allowOut names, everything else denied.
+    allow_internet_access: bool = Field(default=False, alias="allowInternetAccess")
+    network: dict[str, list[str]] | None = None  # absent, not null, when None (the SDK parses it)
 
 
 class ErrorBody(_Out):
@@ -195,7 +198,9 @@ def listed_json(r: SandboxRecord) -> dict[str, Any]:
 
 
 def detail_json(r: SandboxRecord) -> dict[str, Any]:
-    return SandboxDetail(**_listed_fields(r), envd_access_token=r.envd_access_token).model_dump(by_alias=True)
+    net = {"allowOut": list(r.allowed_domains), "denyOut": [ALL_TRAFFIC]} if r.allowed_domains else None
+    detail = SandboxDetail(**_listed_fields(r), envd_access_token=r.envd_access_token, network=net)
+    return detail.model_dump(by_alias=True, exclude=None if net else {"network"})
 
 
 def openapi_document() -> dict[str, Any]:

@@ -209,8 +209,8 @@ class SandboxRegistry:
 
     def egress_stats(self) -> list[EgressStats]:
         """Egress counters of every live networked session (sandboxes and their code contexts)."""
-        sessions = [r.session for r in self._records.values()]
-        sessions += [c.session for r in self._records.values() for c in r.contexts.values() if c.session]
+        # sessions(): the live ones only (a paused sandbox has none; r.session would raise)
+        sessions = [s for r in self._records.values() for s in r.sessions()]
         return [st for st in (s.egress_stats for s in sessions) if st is not None]
 
     def records(self, owner: str) -> list[SandboxRecord]:
