@@ -97,3 +97,14 @@ def test_egress_resolution_is_server_config() -> None:
 def test_a_bad_host_override_fails_at_load_naming_it(overrides: dict[str, str]) -> None:
     with pytest.raises(SandboxInputError, match="host_overrides"):
         load_serve_config(api_keys=["k"], environ={}, host_overrides=overrides)
+
+
+def test_sbx_mcp_reads_the_scheduler_env_and_names_a_bad_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from exec_sandbox.server.cli import mcp
+
+    monkeypatch.setenv("EXEC_SANDBOX_SCHEDULER_HOST_OVERRIDES", "{not json")
+    result = CliRunner().invoke(mcp, [])
+    assert result.exit_code == 2
+    assert "EXEC_SANDBOX_SCHEDULER_HOST_OVERRIDES: invalid JSON" in result.output

@@ -129,15 +129,26 @@ def serve(
 
 @click.command("mcp")
 def mcp() -> None:
-    """Serve the sandbox MCP tools over stdio (for MCP clients that launch a command)."""
+    """Serve the sandbox MCP tools over stdio (for MCP clients that launch a command).
+
+    The Scheduler reads ``EXEC_SANDBOX_SCHEDULER_*`` like ``sbx run`` (e.g. ``..._HOST_OVERRIDES``,
+    ``..._EGRESS_ALLOW_PRIVATE`` for the tools' ``allowed_domains``)."""
     import asyncio
 
+    from exec_sandbox.config import SchedulerConfig
+    from exec_sandbox.errors import SandboxError
     from exec_sandbox.sandbox.scheduler import Scheduler
     from exec_sandbox.server.mcp import McpSandboxTools, build_mcp_server
 
+    try:
+        config = SchedulerConfig.from_env()
+    except SandboxError as exc:
+        click.echo(f"sbx mcp: {exc}", err=True)
+        sys.exit(2)
+
     async def run() -> None:
         tools = McpSandboxTools()
-        async with Scheduler() as scheduler:
+        async with Scheduler(config) as scheduler:
             tools.scheduler = scheduler
             try:
                 await build_mcp_server(tools).run_stdio_async()
