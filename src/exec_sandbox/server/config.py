@@ -71,7 +71,9 @@ class ServeConfig(BaseModel):
         default_factory=dict, description="hosts-file-like entries for the sandboxes' egress resolver"
     )
     egress_allow_private: bool = Field(
-        default=False, description="let allowlisted names resolve to loopback/private/link-local ranges"
+        default=False,
+        description="let allowlisted names resolve to loopback/private/link-local ranges (any name a client "
+        "lists: this host's services become reachable to every key)",
     )
 
     def scheduler_config(self) -> SchedulerConfig:
