@@ -49,7 +49,8 @@ KEEP_ALIVE_S = 75
     "--egress-allow-private",
     is_flag=True,
     default=None,
-    help="Let allowlisted names resolve to loopback/private addresses (e.g. a service on this host).",
+    help="Let allowlisted names resolve to loopback/private addresses (any name a client lists: "
+    "this host's services become reachable; for trusted keys only).",
 )
 @click.option("--log-level", default="info", show_default=True)
 @click.option(
