@@ -12,7 +12,6 @@ APT_PACKAGES=(
   python3 python3-venv
   # host-side unit tests of the guest's JavaScript REPL driver
   nodejs
-  npm  # packages=: JavaScript packages are resolved and fetched with the host's npm
   # kernel build from Debian's linux-source
   linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils
 )
@@ -20,6 +19,10 @@ missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# packages=: JavaScript packages are resolved and fetched with the host's npm. Some nodejs builds
+# (NodeSource's) carry npm themselves and conflict with Debian's npm package: ask for it only when
+# no npm command exists.
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -q

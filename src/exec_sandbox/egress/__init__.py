@@ -32,7 +32,9 @@ guest connection (``socat``; a chardev target would carry one stream for all con
 (``options use-vc``: the link carries no UDP at all), transparent TLS 443 and HTTP 80; our DNS
 answers allowed names with that address, so clients that ignore proxy settings land there too.
 The gateway's listeners are Unix sockets in a private (0700) directory of the runtime dir
-(``EgressGateway(unix_parent=...)``), so no other local user can use a sandbox's egress. Costs:
+(``EgressGateway(unix_parent=...)``), so no other local user can use a sandbox's egress; that
+directory (``egress-*``) carries an owner record, so when its process is killed outright the next
+Scheduler on that runtime dir removes it (:func:`exec_sandbox.host.runtime_dirs.reap_dead_owners`). Costs:
 one short-lived process per connection and transparent TLS only on port 443 (other ports through
 ``CONNECT``). The TAP + nftables design (``SO_ORIGINAL_DST``, any port
 transparent) remains possible for root deployments; the proxy already takes an ``original_dst``

@@ -7,6 +7,10 @@ so that the next Scheduler on the host can remove it once its owner is gone.
 
 A VM's overlay ``X`` in a runtime dir carries an owner record ``X.owner.json``, written before the
 overlay is made (:func:`record_overlay`); :func:`sweep_stale_overlays` removes what dead owners left.
+
+A runtime dir the caller gives is shared by every Scheduler started on it; a Scheduler starting there
+first removes what dead owners left in it (:func:`reap_dead_owners`), e.g. the ``egress-*`` dirs of
+the networked sandboxes of a process killed outright.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from smartvm.leftovers import (
 __all__ = [
     "make_scheduler_runtime_dir",
     "overlay_path",
+    "reap_dead_owners",
     "reap_dead_scheduler_dirs",
     "record_overlay",
     "remove_overlay",
@@ -60,15 +65,32 @@ def reap_dead_scheduler_dirs(base: Path) -> list[Path]:
     return reap(base, name_pattern=_SCHEDULER_DIR, remove_unrecorded=False, shared_base=True).removed
 
 
+def reap_dead_owners(runtime_dir: Path) -> list[Path]:
+    """Remove what dead owners left in a Scheduler's runtime dir (verified private); return it.
+
+    A process killed outright takes its QEMUs with it (parent-death signal), and the connectors of
+    its networked sandboxes end with their connections, but its VM dirs, overlays, overlay pool and
+    the ``egress-*`` dirs of its egress gateways (Unix sockets + owner record) stay. Each carries an
+    owner record (:mod:`smartvm.leftovers`), so the reaper removes exactly those: a live owner's
+    (pid + start time) things are kept, and a symlink, an entry or record of another user, or an
+    entry without a record (the caller's own files) is never touched.
+    """
+    return reap(runtime_dir, remove_unrecorded=False).removed
+
+
 def make_scheduler_runtime_dir(given: Path | None) -> tuple[Path, bool]:
-    """``(path, created)``: ``given`` verified (created if missing), else a fresh private dir with an
-    owner record (``created`` True: :func:`remove_scheduler_runtime_dir` removes it at close).
+    """``(path, created)``: ``given`` verified (created if missing) and cleared of dead owners'
+    leftovers (:func:`reap_dead_owners`), else a fresh private dir with an owner record (``created``
+    True: :func:`remove_scheduler_runtime_dir` removes it at close).
 
     Raises :class:`SandboxPermanentError` when the directory is not safe to use.
     """
     try:
         if given is not None:
-            return ensure_private_dir(given), False
+            path = ensure_private_dir(given)
+            for stale in reap_dead_owners(path):
+                logger.warning("removed %s of a process that no longer exists", stale)
+            return path, False
         # Per scheduler, short (QEMU socket paths must stay under 108 bytes).
         base = private_runtime_dir().parent
         reap_dead_scheduler_dirs(base)

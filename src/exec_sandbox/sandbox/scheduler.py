@@ -173,7 +173,8 @@ class Scheduler(SessionFactory, AsyncService):
     ) -> None:
         """``settings``: default ``config.settings()``. ``runtime_dir``: where overlays, sockets and VM
         directories go (default: a fresh per-Scheduler dir under smartvm's runtime dir, removed on
-        close). ``vm_manager``: e.g. ``VmManager(settings, progress=...)`` to show first-run image
+        close; a given one may be shared, and what dead owners left there is reaped at start).
+        ``vm_manager``: e.g. ``VmManager(settings, progress=...)`` to show first-run image
         builds; default ``VmManager(settings)``. ``snapshot_dir``: the L1 snapshot cache directory
         (default ``settings.cache_dir / "snapshots"``, shared with other processes). ``layer_dir``: the
         L2 package layer cache (default ``settings.cache_dir / "layers"``)."""
