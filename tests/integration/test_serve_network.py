@@ -151,6 +151,12 @@ async def _mcp_packages(server: RunningServer, index: LocalIndex) -> None:
         assert again["stdout"] == "2.0 0.3\n" and again["packages"] == lock and index.hits == []
         plain = _payload(await client.call_tool("run_code", {"code": "print(1)"}))
         assert plain["packages"] is None
+        opened = _payload(await client.call_tool("session_open", {"packages": ["sbxdemo==2.0"]}))
+        installed = {p["name"]: p["version"] for p in opened["packages"]["packages"]}
+        assert installed == {"sbxdemo": "2.0", "sbxdep": "0.3"}
+        ran = await client.call_tool("session_exec", {"session_id": opened["session_id"], "code": code})
+        assert _payload(ran)["stdout"] == "2.0 0.3\n"
+        await client.call_tool("session_close", {"session_id": opened["session_id"]})
         for args, field in (
             ({"code": "1", "packages": ["not a requirement!!"]}, "packages"),
             ({"code": "1", "packages": {"ecosystem": "pip"}}, "packages"),
