@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -42,7 +43,8 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def running_server(**overrides: object) -> Iterator[RunningServer]:
     """Start the server with keys A and B; stop it (killing every sandbox) on exit. Its state dir is a
-    fresh temp dir (removed after) unless ``state_dir`` is given."""
+    fresh temp dir (removed after) unless ``state_dir`` is given; ``scheduler_factory`` (optional)
+    makes its Scheduler, the other ``overrides`` are ServeConfig fields."""
     with contextlib.ExitStack() as stack:
         if "state_dir" not in overrides:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="sbx-state-"))
@@ -53,8 +55,9 @@ def running_server(**overrides: object) -> Iterator[RunningServer]:
 @contextlib.contextmanager
 def _running(overrides: dict[str, object]) -> Iterator[RunningServer]:
     port = _free_port()
+    factory: Any = overrides.pop("scheduler_factory", None)
     config = load_serve_config(api_keys=[KEY_A, KEY_B], environ={}, host="127.0.0.1", port=port, **overrides)
-    app = create_app(config)
+    app = create_app(config, factory)
     server = uvicorn.Server(
         uvicorn.Config(
             app,

@@ -137,4 +137,5 @@ def test_openapi_document_refs_resolve_and_match_our_responses() -> None:
     listed = ListedSandbox(template_id="base", sandbox_id="i1", started_at="x", end_at="y", memory_mb=256)
     check("ListedSandbox", listed.model_dump(by_alias=True))
     check("NewSandbox", {"templateID": "base", "timeout": 30, "envVars": {"A": "b"}})
+    check("NewSandbox", {"templateID": "base", "network": {"allowOut": ["a.test"], "denyOut": ["0.0.0.0/0"]}})
     check("Error", {"code": 404, "message": "sandbox not found"})

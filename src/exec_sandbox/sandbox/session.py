@@ -264,12 +264,14 @@ class Session(AsyncClosing):
         :meth:`ProcessControl.start_process <exec_sandbox.client.process.ProcessControl.start_process>`.
 
         It runs while other calls run (no session lock), in a cgroup of its own, as the sandbox user
-        (``root=True``: as root) with the session's env vars under ``env_vars``; it dies with the
-        session, and a running one keeps the session from its idle timeout.
+        (``root=True``: as root) with the VM's network env (proxy, secret placeholders) and the
+        session's env vars under ``env_vars``; it dies with the session, and a running one keeps the
+        session from its idle timeout.
         """
         self._check_open()
         vm = self._vm
-        env = {**vm.options.env, **self.env_vars, **validate_env_vars(env_vars)}
+        # net_env (proxy settings, secret placeholders) as for execs: a networked process needs it too.
+        env = {**vm.options.env, **vm.net_env, **self.env_vars, **validate_env_vars(env_vars)}
         handle: ProcessHandle = await self._guarded(vm.agent.start_process(
             argv, env=env, cwd=cwd, root=root, stdin=stdin, pty=pty, timeout_s=timeout_seconds,
             max_output_bytes=max_output_bytes))

@@ -119,7 +119,7 @@ class ServeApp:
         else:
             from exec_sandbox.sandbox.scheduler import Scheduler
 
-            scheduler = Scheduler()
+            scheduler = Scheduler(self.config.scheduler_config())
         await scheduler.start()
         registry = SandboxRegistry(scheduler, self.config)
         try:

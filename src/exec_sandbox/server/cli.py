@@ -38,6 +38,20 @@ KEEP_ALIVE_S = 75
     default=None,
     help="Where paused sandboxes and snapshot templates are kept (default: the user state dir).",
 )
+@click.option(
+    "--host-override",
+    "host_overrides",
+    multiple=True,
+    metavar="NAME=ADDRESS",
+    help="Resolve an allowlisted name to ADDRESS for the sandboxes' egress (repeatable).",
+)
+@click.option(
+    "--egress-allow-private",
+    is_flag=True,
+    default=None,
+    help="Let allowlisted names resolve to loopback/private addresses (any name a client lists: "
+    "this host's services become reachable; for trusted keys only).",
+)
 @click.option("--log-level", default="info", show_default=True)
 @click.option(
     "--log-format",
@@ -53,18 +67,25 @@ def serve(
     max_sandboxes_per_key: int | None,
     max_memory_mb_per_key: int | None,
     state_dir: Path | None,
+    host_overrides: tuple[str, ...],
+    egress_allow_private: bool | None,
     log_level: str,
     log_format: str | None,
 ) -> None:
     """Serve the E2B API (control plane, envd, code interpreter) on this machine's microVMs."""
     import uvicorn
 
-    from exec_sandbox.errors import SandboxError
+    from exec_sandbox.errors import SandboxError, SandboxInputError
     from exec_sandbox.server.app import create_app
     from exec_sandbox.server.config import API_KEYS_ENV, load_serve_config
     from exec_sandbox.server.logs import configure_logging, default_log_format
 
+    overrides = dict(item.partition("=")[::2] for item in host_overrides)
     try:
+        if any(not name or not addr for name, addr in overrides.items()):
+            raise SandboxInputError(
+                "--host-override takes NAME=ADDRESS", context={"field": "host_overrides"}
+            )
         config = load_serve_config(
             api_keys=api_keys,
             config_file=config_file,
@@ -74,6 +95,8 @@ def serve(
             max_memory_mb_per_key=max_memory_mb_per_key,
             state_dir=state_dir,
             log_format=log_format,
+            host_overrides=overrides or None,
+            egress_allow_private=egress_allow_private,
         )
     except SandboxError as exc:
         click.echo(f"sbx serve: {exc}", err=True)
@@ -107,15 +130,26 @@ def serve(
 
 @click.command("mcp")
 def mcp() -> None:
-    """Serve the sandbox MCP tools over stdio (for MCP clients that launch a command)."""
+    """Serve the sandbox MCP tools over stdio (for MCP clients that launch a command).
+
+    The Scheduler reads ``EXEC_SANDBOX_SCHEDULER_*`` like ``sbx run`` (e.g. ``..._HOST_OVERRIDES``,
+    ``..._EGRESS_ALLOW_PRIVATE`` for the tools' ``allowed_domains``)."""
     import asyncio
 
+    from exec_sandbox.config import SchedulerConfig
+    from exec_sandbox.errors import SandboxError
     from exec_sandbox.sandbox.scheduler import Scheduler
     from exec_sandbox.server.mcp import McpSandboxTools, build_mcp_server
 
+    try:
+        config = SchedulerConfig.from_env()
+    except SandboxError as exc:
+        click.echo(f"sbx mcp: {exc}", err=True)
+        sys.exit(2)
+
     async def run() -> None:
         tools = McpSandboxTools()
-        async with Scheduler() as scheduler:
+        async with Scheduler(config) as scheduler:
             tools.scheduler = scheduler
             try:
                 await build_mcp_server(tools).run_stdio_async()

@@ -18,6 +18,7 @@ from typing import Any, Final, Literal
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from exec_sandbox.config import SchedulerConfig
 from exec_sandbox.errors import SandboxInputError
 
 __all__ = ["API_KEYS_ENV", "DEFAULT_HOST", "DEFAULT_PORT", "ServeConfig", "hash_api_key", "load_serve_config"]
@@ -65,11 +66,36 @@ class ServeConfig(BaseModel):
     log_format: Literal["json", "text"] | None = Field(
         default=None, description="log lines as JSON objects or text (default: text on a TTY, else JSON)"
     )
+    # Egress of sandboxes created with network.allowOut: the operator's choices, never a client's.
+    host_overrides: dict[str, str | tuple[str, ...]] = Field(
+        default_factory=dict, description="hosts-file-like entries for the sandboxes' egress resolver"
+    )
+    egress_allow_private: bool = Field(
+        default=False,
+        description="let allowlisted names resolve to loopback/private/link-local ranges (any name a client "
+        "lists: this host's services become reachable to every key)",
+    )
+
+    def scheduler_config(self) -> SchedulerConfig:
+        """The Scheduler's config: its defaults plus this server's egress settings."""
+        return SchedulerConfig(
+            host_overrides=self.host_overrides, egress_allow_private=self.egress_allow_private
+        )
 
     def resolved_state_dir(self) -> Path:
         if self.state_dir is not None:
             return self.state_dir
         return Path(platformdirs.user_state_dir("exec-sandbox")) / "serve"
+
+    @field_validator("host_overrides")
+    @classmethod
+    def _valid_overrides(cls, v: dict[str, str | tuple[str, ...]]) -> dict[str, str | tuple[str, ...]]:
+        # Checked at load: the Scheduler only builds an egress policy for the first networked sandbox.
+        if v:
+            from exec_sandbox.egress import EgressPolicy
+
+            EgressPolicy(host_overrides=dict(v))
+        return v
 
     @field_validator("api_key_hashes")
     @classmethod

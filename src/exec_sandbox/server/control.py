@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from exec_sandbox.server.errors import BadRequestError, ServeError, status_for
+from exec_sandbox.server.network import ALL_TRAFFIC, NetworkBody, allowed_domains_for
 from exec_sandbox.server.persistence import SavedSandbox
 from exec_sandbox.server.registry import CLIENT_ID, ENVD_VERSION, SandboxRecord, SandboxRegistry
 
@@ -56,6 +57,7 @@ class NewSandboxBody(_Body):
     auto_resume: AutoResume | None = Field(default=None, alias="autoResume")
     secure: bool | None = None
     allow_internet_access: bool | None = None
+    network: NetworkBody | None = None  # see exec_sandbox.server.network for the mapping
 
 
 class TimeoutBody(_Body):
@@ -139,6 +141,9 @@ class SandboxDetail(ListedSandbox):
 
     envd_access_token: str = Field(alias="envdAccessToken")
     domain: str | None = None
+    # Never the open internet here; an allowlisted sandbox: allowOut names, everything else denied.
+    allow_internet_access: bool = Field(default=False, alias="allowInternetAccess")
+    network: dict[str, list[str]] | None = None  # absent, not null, when None (the SDK parses it)
 
 
 class ErrorBody(_Out):
@@ -193,7 +198,9 @@ def listed_json(r: SandboxRecord) -> dict[str, Any]:
 
 
 def detail_json(r: SandboxRecord) -> dict[str, Any]:
-    return SandboxDetail(**_listed_fields(r), envd_access_token=r.envd_access_token).model_dump(by_alias=True)
+    net = {"allowOut": list(r.allowed_domains), "denyOut": [ALL_TRAFFIC]} if r.allowed_domains else None
+    detail = SandboxDetail(**_listed_fields(r), envd_access_token=r.envd_access_token, network=net)
+    return detail.model_dump(by_alias=True, exclude=None if net else {"network"})
 
 
 def openapi_document() -> dict[str, Any]:
@@ -211,6 +218,7 @@ def openapi_document() -> dict[str, Any]:
         "SandboxForkResult": ForkResult,
         "CreatedSandbox": CreatedSandbox,  # referred to from SandboxForkResult
         "AutoResume": AutoResume,  # ... from NewSandbox
+        "NetworkBody": NetworkBody,  # ... from NewSandbox (E2B's SandboxNetworkConfig)
         "ErrorBody": ErrorBody,
         "SandboxSnapshotRequest": SnapshotBody,
         "SnapshotInfo": SnapshotInfo,
@@ -354,6 +362,9 @@ async def create_sandbox(request: Request) -> Response:
         raise BadRequestError("filesystem-only auto-pause (autoPauseMemory: false) is not supported here")
     if body.auto_resume is not None and body.auto_resume.enabled:
         raise BadRequestError("autoResume is not supported by sbx serve: connect resumes a paused sandbox")
+    domains = allowed_domains_for(body.allow_internet_access, body.network)
+    if domains and body.auto_pause:
+        raise BadRequestError("autoPause: a sandbox with network egress cannot be paused by sbx serve")
     record = await _registry(request).create(
         request.state.owner,
         template_id=body.template_id,
@@ -361,6 +372,7 @@ async def create_sandbox(request: Request) -> Response:
         metadata=body.metadata,
         env_vars=body.env_vars,
         auto_pause=body.auto_pause,
+        allowed_domains=domains,
     )
     return JSONResponse(created_json(record), status_code=201)
 

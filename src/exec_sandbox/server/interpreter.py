@@ -143,6 +143,7 @@ async def _session_of(request: Request, record: SandboxRecord, ctx: CodeContext)
                 memory_mb=record.memory_mb,
                 env_vars=record.env_vars,
                 idle_timeout_seconds=86400.0,
+                allowed_domains=record.allowed_domains or None,  # the sandbox's allowlist
             )
     return ctx.session
 

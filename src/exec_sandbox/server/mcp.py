@@ -4,14 +4,21 @@ stateful sessions with their files.
 Served by ``sbx serve`` at ``/mcp`` (streamable HTTP; the API key goes in ``X-API-KEY`` or
 ``Authorization: Bearer``), and over stdio by ``sbx mcp``. Tools:
 
-- ``run_code(code, language, timeout_seconds)``: one fresh microVM, destroyed after.
-- ``session_open(language)`` -> ``session_id``; ``session_exec(session_id, code)``;
+- ``run_code(code, language, timeout_seconds, packages, allowed_domains)``: one fresh microVM,
+  destroyed after.
+- ``session_open(language, packages, allowed_domains)`` -> ``session_id``; ``session_exec(session_id, code)``;
   ``session_fork(session_id)`` -> a new ``session_id`` (memory + disk clone); ``session_close``.
 - ``write_file`` / ``read_file`` (UTF-8 text) / ``list_files`` in a session's work dir.
 
 Sessions close after the Scheduler's idle timeout; each belongs to the API key that opened it (over
 HTTP; ``"local"`` over stdio): another key's session id is "no open session". At most
 ``max_sessions`` are open per key.
+
+``packages``: requirement strings (npm specs for JavaScript), installed on the host before the VM
+boots, or the ``packages`` lock a call returned (reinstalls exactly that). ``allowed_domains``: host
+names the VM may reach through its egress gateway (none: no network); where they resolve and whether
+private addresses are allowed is the Scheduler's config (``sbx serve``'s ``host_overrides`` /
+``egress_allow_private``), never the caller's.
 """
 
 from __future__ import annotations
@@ -24,8 +31,9 @@ from typing import TYPE_CHECKING, Any, Final
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
-from exec_sandbox.errors import SandboxError
+from exec_sandbox.errors import SandboxError, SandboxInputError
 from exec_sandbox.models import ExecutionResult
+from exec_sandbox.packages import PackageLock
 
 if TYPE_CHECKING:
     from exec_sandbox.sandbox.scheduler import Scheduler
@@ -47,6 +55,22 @@ def _result(r: ExecutionResult) -> dict[str, Any]:
         "timed_out": r.timed_out,
         "execution_time_ms": round(r.execution_time_ms, 1),
     }
+
+
+def _packages(packages: list[str] | dict[str, Any] | None) -> list[str] | PackageLock | None:
+    """Requirement strings as they are; a mapping is a lock a call returned."""
+    if not isinstance(packages, dict):
+        return packages
+    try:
+        return PackageLock.model_validate(packages)
+    except ValueError as exc:
+        raise SandboxInputError(
+            f"packages: not a package lock: {exc}", context={"field": "packages"}
+        ) from None
+
+
+def _lock(lock: PackageLock | None) -> dict[str, Any] | None:
+    return None if lock is None else lock.model_dump(mode="json")
 
 
 class McpSandboxTools:
@@ -112,7 +136,9 @@ def _clear_errors() -> Iterator[None]:
     try:
         yield
     except SandboxError as exc:
-        raise ToolError(f"{type(exc).__name__}: {exc.message}") from exc
+        field = exc.context.get("field")
+        where = f" (field: {field})" if isinstance(field, str) and field not in exc.message else ""
+        raise ToolError(f"{type(exc).__name__}: {exc.message}{where}") from exc
 
 
 def build_mcp_server(tools: McpSandboxTools) -> MCPServer:
@@ -120,20 +146,43 @@ def build_mcp_server(tools: McpSandboxTools) -> MCPServer:
     server: MCPServer = MCPServer(name="sbx", instructions=_INSTRUCTIONS)
 
     @server.tool()
-    async def run_code(code: str, language: str = "python", timeout_seconds: float = 30.0) -> dict[str, Any]:
-        """Run code once in a fresh microVM (language: python, javascript or raw shell)."""
+    async def run_code(
+        code: str,
+        language: str = "python",
+        timeout_seconds: float = 30.0,
+        packages: list[str] | dict[str, Any] | None = None,
+        allowed_domains: list[str] | None = None,
+    ) -> dict[str, Any]:
+        """Run code once in a fresh microVM (language: python, javascript or raw shell).
+        packages: requirements to install first (or a returned lock); allowed_domains: hosts it may reach."""
         with _clear_errors():
             scheduler = tools._scheduler()
-            return _result(await scheduler.run(code, language=language, timeout_seconds=timeout_seconds))
+            result = await scheduler.run(
+                code, language=language, timeout_seconds=timeout_seconds, packages=_packages(packages),
+                allowed_domains=allowed_domains or None,
+            )
+            return {**_result(result), "packages": _lock(result.packages)}
 
     @server.tool()
-    async def session_open(ctx: Context, language: str = "python") -> dict[str, Any]:
-        """Open a stateful session (a long-lived microVM); returns its session_id."""
+    async def session_open(
+        ctx: Context,
+        language: str = "python",
+        packages: list[str] | dict[str, Any] | None = None,
+        allowed_domains: list[str] | None = None,
+    ) -> dict[str, Any]:
+        """Open a stateful session (a long-lived microVM); returns its session_id.
+        packages: requirements to install first (or a returned lock); allowed_domains: hosts it may reach."""
         with _clear_errors():
             owner = _owner(ctx)
             tools._check_room(owner)
-            session = await tools._scheduler().session(language)
-            return {"session_id": tools._add(owner, session), "language": session.language}
+            session = await tools._scheduler().session(
+                language, packages=_packages(packages), allowed_domains=allowed_domains or None
+            )
+            return {
+                "session_id": tools._add(owner, session),
+                "language": session.language,
+                "packages": _lock(session.packages),
+            }
 
     @server.tool()
     async def session_exec(

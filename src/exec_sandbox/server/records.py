@@ -58,6 +58,7 @@ class SandboxRecord:
     memory_mb: int
     state: SandboxState = "running"
     auto_pause: bool = False  # at its deadline the sandbox is paused (to disk), not killed
+    allowed_domains: tuple[str, ...] = ()  # its egress allowlist (empty: no network)
     paused_at: float | None = None
     contexts: dict[str, CodeContext] = field(default_factory=dict)
     default_contexts: dict[str, str] = field(default_factory=dict)  # language -> context id

@@ -40,6 +40,7 @@ from exec_sandbox.server.errors import (
     UnauthorizedError,
 )
 from exec_sandbox.server.logs import owner_tag
+from exec_sandbox.server.network import refuse_saving_networked
 from exec_sandbox.server.persistence import EntryKind, SavedSandbox, StateStore
 from exec_sandbox.server.records import SESSION_IDLE_S, CodeContext, SandboxRecord
 from exec_sandbox.server.snapshotting import (
@@ -208,7 +209,8 @@ class SandboxRegistry:
 
     def egress_stats(self) -> list[EgressStats]:
         """Egress counters of every live networked session (sandboxes and their code contexts)."""
-        sessions = [s for r in self._records.values() for s in r.sessions()]  # paused: none
+        # sessions(): the live ones only (a paused sandbox has none; r.session would raise)
+        sessions = [s for r in self._records.values() for s in r.sessions()]
         return [st for st in (s.egress_stats for s in sessions) if st is not None]
 
     def records(self, owner: str) -> list[SandboxRecord]:
@@ -270,8 +272,10 @@ class SandboxRegistry:
         metadata: Mapping[str, str] | None,
         env_vars: Mapping[str, str] | None,
         auto_pause: bool = False,
+        allowed_domains: tuple[str, ...] = (),
     ) -> SandboxRecord:
-        record = await self._create(owner, template_id, timeout, metadata, env_vars)
+        """``allowed_domains``: the hosts its egress gateway lets through (empty: no network)."""
+        record = await self._create(owner, template_id, timeout, metadata, env_vars, allowed_domains)
         record.auto_pause = auto_pause
         return record
 
@@ -282,10 +286,12 @@ class SandboxRegistry:
         timeout: int | None,
         metadata: Mapping[str, str] | None,
         env_vars: Mapping[str, str] | None,
+        allowed_domains: tuple[str, ...],
     ) -> SandboxRecord:
         saved = None if template_id in TEMPLATES else self.template(owner, template_id)
         seconds = self._clamp_timeout(timeout)
         if saved is not None:
+            refuse_saving_networked(allowed_domains, "restored from a snapshot template")
             return await self._create_from_template(owner, saved, seconds, metadata, env_vars)
         started = time.perf_counter()
         async with self._admitting(owner, sandboxes=1, memory_mb=self.config.memory_mb):
@@ -294,11 +300,14 @@ class SandboxRegistry:
                 memory_mb=self.config.memory_mb,
                 env_vars=dict(env_vars or {}),
                 idle_timeout_seconds=SESSION_IDLE_S,
+                allowed_domains=allowed_domains or None,
             )
             metrics.observe_create(time.perf_counter() - started)
-            return await self._register(
+            record = await self._register(
                 owner, template_id, session, {}, dict(metadata or {}), dict(env_vars or {}), seconds
             )
+            record.allowed_domains = allowed_domains
+            return record
 
     async def _create_from_template(
         self, owner: str, saved: SavedSandbox, seconds: int, metadata: Mapping[str, str] | None,
@@ -437,6 +446,7 @@ class SandboxRegistry:
             self._check_live(record)
             if record.state == "paused":
                 raise ServeError(f"sandbox {record.sandbox_id!r} is already paused", status=409)
+            refuse_saving_networked(record.allowed_domains, "paused")
             with self._save_slot(record.owner):
                 record.state = "paused"  # daemon requests are refused from now on
                 try:
@@ -496,6 +506,7 @@ class SandboxRegistry:
         if not 1 <= count <= self.config.max_fork_count:
             raise BadRequestError(f"count must be between 1 and {self.config.max_fork_count}")
         seconds = self._clamp_timeout(timeout)
+        refuse_saving_networked(record.allowed_domains, "forked")
         results: list[SandboxRecord | SandboxError] = []
         async with record.transition:
             self._check_live(record)
@@ -537,6 +548,7 @@ class SandboxRegistry:
         async with record.transition:
             self._check_live(record)
             check_quiet(record)
+            refuse_saving_networked(record.allowed_domains, "snapshotted")
             with self._save_slot(record.owner):
                 _, saved = await self._save(record, "templates", "snap-" + secrets.token_hex(8), name=name)
         self._templates[saved.id] = saved
