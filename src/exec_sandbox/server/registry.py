@@ -568,18 +568,25 @@ class SandboxRegistry:
         await self._kill(self.get(owner, sandbox_id), "killed")
 
     async def _kill(self, record: SandboxRecord, reason: str, *, keep_paused: bool = False) -> None:
-        if self._records.pop(record.sandbox_id, None) is None:
+        if self._records.get(record.sandbox_id) is not record:
             return
         async with record.transition:  # a pause / resume / fork in flight finishes first
-            if keep_paused and record.state == "paused":
-                return  # stays on disk for the next server
-            paused = record.state == "paused"
-            record.state = "killed"
-            logger.info("sandbox %s ends: %s", record.sandbox_id, reason, extra=_ids(record))
-            await _close_all(record.sessions())
-            if paused and self._paused.pop(record.sandbox_id, None) is not None:
-                path = self.store.path("sandboxes", record.sandbox_id)
-                await shielded(asyncio.to_thread(self.store.discard, path))
+            if self._records.get(record.sandbox_id) is not record:
+                return  # another kill got here first
+            try:
+                if keep_paused and record.state == "paused":
+                    return  # stays on disk for the next server
+                paused = record.state == "paused"
+                record.state = "killed"  # from now on: 404, absent from lists
+                logger.info("sandbox %s ends: %s", record.sandbox_id, reason, extra=_ids(record))
+                await _close_all(record.sessions())
+                if paused and self._paused.pop(record.sandbox_id, None) is not None:
+                    path = self.store.path("sandboxes", record.sandbox_id)
+                    await shielded(asyncio.to_thread(self.store.discard, path))
+            finally:
+                # Forgotten only once its VMs and files are gone, so that a sandbox a client can no
+                # longer find has nothing left behind either (retention deletes are checked so).
+                self._records.pop(record.sandbox_id, None)
 
 
 def _ids(record: SandboxRecord) -> dict[str, str | None]:
