@@ -51,8 +51,10 @@ def build_wheel(
     code: str | None = None,
     requires: tuple[str, ...] = (),
     tag: str = "py3-none-any",
+    console_scripts: Mapping[str, str] | None = None,
 ) -> tuple[str, bytes]:
-    """``(file name, bytes)`` of a wheel with one module ``<name>`` whose ``__version__`` is ``version``."""
+    """``(file name, bytes)`` of a wheel with one module ``<name>`` whose ``__version__`` is ``version``
+    (and ``console_scripts``, name -> ``module:function``, in its ``entry_points.txt``)."""
     module = name.replace("-", "_")
     dist = f"{module}-{version}.dist-info"
     meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + "".join(
@@ -63,6 +65,10 @@ def build_wheel(
         f"{dist}/METADATA": meta.encode(),
         f"{dist}/WHEEL": f"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: {tag}\n".encode(),
     }
+    if console_scripts:
+        files[f"{dist}/entry_points.txt"] = (
+            "[console_scripts]\n" + "".join(f"{k} = {v}\n" for k, v in console_scripts.items())
+        ).encode()
     record = "".join(f"{path},{_record_hash(data)},{len(data)}\n" for path, data in files.items())
     files[f"{dist}/RECORD"] = (record + f"{dist}/RECORD,,\n").encode()
     buf = io.BytesIO()

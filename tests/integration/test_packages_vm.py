@@ -30,6 +30,10 @@ def index(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalIndex]:
         idx.add_wheel("sbxdemo", "2.0", requires=("sbxdep>=0.2",))
         idx.add_wheel("sbxwin", "1.0", tag="cp311-cp311-win_amd64")
         idx.add_wheel("sbxpins", "1.0", requires=("sbxdep<0.2",))
+        idx.add_wheel(
+            "sbxtool", "1.0", console_scripts={"sbxtool": "sbxtool:main"},
+            code="import sys\ndef main():\n    print('sbxtool', sys.executable, *sys.argv[1:])\n",
+        )
         idx.add_npm("sbxleft", "1.2.0", main="module.exports = (s, n) => String(s).padStart(n, '*');")
         idx.add_npm(
             "sbxpad", "2.0.1", main="module.exports = require('sbxleft');", dependencies={"sbxleft": "^1"}
@@ -162,6 +166,21 @@ async def test_javascript_session_gets_node_modules(scheduler: Scheduler) -> Non
         "console.log(require('sbxpad')(7, 2))", language="javascript", packages=["sbxpad@2"]
     )
     assert one_shot.stdout == "*7\n" and one_shot.packages_cache_hit is True
+
+
+async def test_console_scripts_run_by_name_on_the_guest_path(scheduler: Scheduler) -> None:
+    code = (
+        "import shutil, subprocess\n"
+        "print(shutil.which('sbxtool'))\n"
+        "print(open(shutil.which('sbxtool')).readline().strip())\n"
+        "out = subprocess.run(['sbxtool', 'a', 'b'], capture_output=True, text=True, check=True)\n"
+        "print(out.stdout, end='')\n"
+    )
+    result = await scheduler.run(code, packages=["sbxtool"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "/usr/local/bin/sbxtool", "#!/usr/bin/python3", "sbxtool /usr/bin/python3 a b"
+    ], result.stdout + result.stderr
 
 
 async def test_packages_are_files_only_the_guest_has_no_network(scheduler: Scheduler) -> None:

@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 LAYER_FILE = "layer.qcow2"
 _STAMP = "layer.json"
-_FORMAT = 1  # bump when what a layer holds, or how it is made, changes
+_FORMAT = 2  # 2: console scripts in usr/local/bin; bump when what a layer holds, or how it is made, changes
 _KEY_RE = re.compile(r"^[0-9a-f]{40}$")
 _TMP_RE = re.compile(r"\.tmp-[0-9a-f]{40}-.+")
 _POLL_S = 0.05

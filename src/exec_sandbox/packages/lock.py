@@ -80,6 +80,11 @@ class GuestTarget(BaseModel):
         """Where Debian's python3 looks for locally installed packages (on ``sys.path`` with site)."""
         return f"usr/local/lib/python{self.python_version}/dist-packages"
 
+    @property
+    def python_interpreter(self) -> str:
+        """Debian's python3 of the guest: the interpreter console scripts are retargeted at."""
+        return "/usr/bin/python3"
+
     def label(self, ecosystem: Ecosystem) -> str:
         if ecosystem == "pip":
             return f"{self.abi}-{self.platform}"

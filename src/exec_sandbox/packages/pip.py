@@ -10,9 +10,10 @@ its output would be for the host's platform. Steps:
 1. resolve: ``pip install --dry-run --ignore-installed --report`` -> every distribution with its
    exact version and sha256 (the :class:`PackageLock`);
 2. install: ``pip install --no-deps --require-hashes --target <tree>`` from the pins of that lock,
-   so every file pip downloads is checked against the lock's hash. Console scripts are dropped
-   (their shebang names the host's interpreter); byte code is compiled on the host when its
-   Python matches the guest's (``unchecked-hash`` .pyc files, valid whatever the file times).
+   so every file pip downloads is checked against the lock's hash. Console scripts are
+   retargeted at the guest's python and moved to ``usr/local/bin`` (:mod:`.scripts`); byte code
+   is compiled on the host when its Python matches the guest's (``unchecked-hash`` .pyc files,
+   valid whatever the file times).
 
 pip's errors are mapped to :class:`PackageResolutionError` (naming the package and pip's reason)
 or, for a network failure of the host (pip's ``Retrying ...`` warnings), :class:`PackageFetchError`.
@@ -23,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,6 +31,7 @@ from typing import Any
 
 from exec_sandbox.errors import PackageFetchError, PackageResolutionError, SandboxPermanentError
 from exec_sandbox.packages.lock import GuestTarget, LockedPackage, PackageLock
+from exec_sandbox.packages.scripts import install_console_scripts
 from exec_sandbox.packages.tools import run_package_tool
 
 __all__ = [
@@ -193,7 +194,7 @@ async def install_lock(lock: PackageLock, target: GuestTarget, workdir: Path, tr
     result = await run_package_tool(argv, cwd=workdir, what="pip")
     if result.returncode != 0:
         raise classify_pip_failure(result.stderr, [p.name for p in lock.packages], target)
-    shutil.rmtree(site / "bin", ignore_errors=True)  # console scripts: shebangs of the host's python
+    install_console_scripts(site, tree, target.python_interpreter)
     if f"{sys.version_info.major}.{sys.version_info.minor}" == target.python_version:
         await run_package_tool(
             [python, "-m", "compileall", "-q", "-j0", "--invalidation-mode", "unchecked-hash", str(site)],
