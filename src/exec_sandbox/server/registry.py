@@ -568,8 +568,6 @@ class SandboxRegistry:
         await self._kill(self.get(owner, sandbox_id), "killed")
 
     async def _kill(self, record: SandboxRecord, reason: str, *, keep_paused: bool = False) -> None:
-        if self._records.get(record.sandbox_id) is not record:
-            return
         async with record.transition:  # a pause / resume / fork in flight finishes first
             if self._records.get(record.sandbox_id) is not record:
                 return  # another kill got here first
@@ -584,8 +582,7 @@ class SandboxRegistry:
                     path = self.store.path("sandboxes", record.sandbox_id)
                     await shielded(asyncio.to_thread(self.store.discard, path))
             finally:
-                # Forgotten only once its VMs and files are gone, so that a sandbox a client can no
-                # longer find has nothing left behind either (retention deletes are checked so).
+                # Forgotten only once its VMs and files are gone: nothing outlives its 404.
                 self._records.pop(record.sandbox_id, None)
 
 
