@@ -574,13 +574,12 @@ class SandboxRegistry:
             try:
                 if keep_paused and record.state == "paused":
                     return  # stays on disk for the next server
-                paused = record.state == "paused"
+                if record.state == "paused" and self._paused.pop(record.sandbox_id, None) is not None:
+                    path = self.store.path("sandboxes", record.sandbox_id)  # listed until it is gone
+                    await shielded(asyncio.to_thread(self.store.discard, path))
                 record.state = "killed"  # from now on: 404, absent from lists
                 logger.info("sandbox %s ends: %s", record.sandbox_id, reason, extra=_ids(record))
                 await _close_all(record.sessions())
-                if paused and self._paused.pop(record.sandbox_id, None) is not None:
-                    path = self.store.path("sandboxes", record.sandbox_id)
-                    await shielded(asyncio.to_thread(self.store.discard, path))
             finally:
                 # Forgotten only once its VMs and files are gone: nothing outlives its 404.
                 self._records.pop(record.sandbox_id, None)
