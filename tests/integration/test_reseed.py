@@ -8,8 +8,10 @@ that is not reseeded hands identical numbers to every clone.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import secrets
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import pytest
 
 from exec_sandbox.client.agent import AgentClient
 from exec_sandbox.errors import SandboxInputError
-from exec_sandbox.protocol.agent import OutputEvent
+from exec_sandbox.protocol.agent import OutputEvent, ReseedRequest, ReseedResult
 from exec_sandbox.settings import Settings
 from exec_sandbox.vm.sandbox_vm import SandboxVm
 from exec_sandbox.vm.snapshots import warm_vm
@@ -146,6 +148,48 @@ async def test_restored_clones_spares_do_not_share_randomness(
     assert [p[1] for p in probes] == ["False", "False"]  # whose PRNG state the reseed replaced
     assert probes[0][2] != probes[1][2]
     assert hashes[0] != hashes[1]
+
+
+async def test_a_restored_guest_reads_the_hosts_wall_clock_not_the_snapshots(
+    sbx_settings: Settings, sbx_images: VmManager, sbx_leaks: LeakChecker, tmp_path: Path
+) -> None:
+    # A clone restored later than its snapshot was taken: without the step its clock reads the
+    # snapshot's time, and TLS in the guest then refuses certificates issued since ("not yet valid").
+    snap = tmp_path / "snap"
+    options = VmOptions.model_validate(
+        {"language": "python", "memory_mb": 256, "vcpus": 1, "boot_timeout_s": 90.0, "shared_memory": True}
+    )
+    async with await SandboxVm.boot(
+        options, settings=sbx_settings, vm_manager=sbx_images, runtime_dir=sbx_leaks.runtime_dir,
+        vm_id=sbx_leaks.new_id(),
+    ) as original:
+        await original.agent.warmup(["python"], session=True, spare=True)
+        await original.save_snapshot(snap)
+    await asyncio.sleep(4.0)
+    async with await SandboxVm.restore_from(
+        snap, settings=sbx_settings, runtime_dir=sbx_leaks.runtime_dir, vm_id=sbx_leaks.new_id()
+    ) as clone:
+        assert clone.reseed_result is not None and clone.reseed_result.clock_step_ms is not None
+        assert clone.reseed_result.clock_step_ms > 3000.0, clone.reseed_result
+        before = time.time()
+        probe = await clone.exec("import time; print(time.time())")
+        after = time.time()
+        assert probe.exit_code == 0, probe.stderr
+        # The stamp is one request's transit old when applied: the guest may trail by that much.
+        assert before - 1.0 <= float(probe.stdout) <= after, (before, probe.stdout, after)
+
+
+async def test_a_local_agent_never_sets_the_hosts_clock() -> None:
+    async with run_agent() as running, await AgentClient.open_unix(
+        running.socket, connect_timeout=20
+    ) as agent:
+        await agent.wait_ready(timeout=30)
+        # 2 s ahead (were the guard broken, a small step forward is the least harm to this host)
+        ahead = ReseedRequest(id="r-ahead", seed=base64.b64encode(secrets.token_bytes(32)).decode(),
+                              wall_time_ns=time.time_ns() + 2 * 10**9)
+        async with agent._request(ahead) as (req_id, pending):
+            result = await agent._expect(req_id, pending, ReseedResult, 30)
+        assert result.clock_step_ms is None  # the agent is not PID 1 here: the clock is left alone
 
 
 async def test_ready_and_reseeded_in_one_round_trip_then_as_a_plain_reseed() -> None:

@@ -102,11 +102,22 @@ async def assert_closed_clean(
         await asyncio.sleep(0.05)
 
 
+_BACKGROUND_STOP_SETTLE_S = 10.0
+
+
 @asynccontextmanager
 async def scheduler_for_tests(config: SchedulerConfig | None = None) -> AsyncIterator[Scheduler]:
     """A started Scheduler (TCG forced) in a fresh short runtime dir; proves a clean close after."""
-    before = qemu_children()
-    guests = [p for p in before if p[1].startswith("qemu-system")]
+    # A run of an earlier test (e.g. on a module-scoped Scheduler) stops its VM in the background
+    # right after returning its result: give that stop the settle time, then no guest may be left.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _BACKGROUND_STOP_SETTLE_S
+    while True:
+        before = qemu_children()
+        guests = [p for p in before if p[1].startswith("qemu-system")]
+        if not guests or loop.time() > deadline:
+            break
+        await asyncio.sleep(0.1)
     assert not guests, f"QEMU guests alive before the scheduler started: {guests}"
     runtime_dir = Path(tempfile.mkdtemp(prefix="sbs-", dir="/tmp"))
     try:

@@ -47,6 +47,7 @@ import contextlib
 import io
 import logging
 import secrets
+import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -319,13 +320,17 @@ class AgentClient(FileTransfer, ProcessControl, WatchControl):
 
     # ------------------------------------------------------------------ misc
 
+    def _reseed_request(self, seed: bytes) -> ReseedRequest:
+        return ReseedRequest(id=self._new_id(), seed=base64.b64encode(seed).decode(),
+                             wall_time_ns=time.time_ns())
+
     async def reseed_rng(self, seed: bytes | None = None, timeout: float = 10.0) -> ReseedResult:
-        """Mix fresh host randomness into the guest's RNG (call after every snapshot restore)."""
+        """Mix fresh host randomness into the guest's RNG and set its wall clock to the host's
+        (call after every snapshot restore)."""
         seed = secrets.token_bytes(64) if seed is None else seed
         if not 16 <= len(seed) <= 4096:
             raise SandboxInputError("seed must be 16..4096 bytes")
-        request = ReseedRequest(id=self._new_id(), seed=base64.b64encode(seed).decode())
-        async with self._request(request) as (req_id, pending):
+        async with self._request(self._reseed_request(seed)) as (req_id, pending):
             return await self._expect(req_id, pending, ReseedResult, timeout)
 
     async def configure_network(
@@ -361,7 +366,7 @@ class AgentClient(FileTransfer, ProcessControl, WatchControl):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         ping = PingRequest(id=self._new_id())
-        reseed = ReseedRequest(id=self._new_id(), seed=base64.b64encode(seed).decode())
+        reseed = self._reseed_request(seed)
         ping_pending, reseed_pending = Pending(self._budget), Pending(self._budget)
         self._pending[ping.id] = ping_pending
         self._pending[reseed.id] = reseed_pending

@@ -261,6 +261,9 @@ class ReseedRequest(_Msg):
     type: Literal["reseed_rng"] = "reseed_rng"
     id: RequestId
     seed: str  # base64 of 16..4096 bytes
+    # The host's wall clock (ns since the epoch) when the request was built: a restored guest's
+    # clock reads the snapshot's time, hours behind, and TLS then sees certificates "not yet valid".
+    wall_time_ns: int | None = Field(default=None, ge=0)
 
 
 class NetConfigRequest(_Msg):
@@ -408,6 +411,7 @@ class ReseedResult(_GuestMsg):
     credited_bits: int
     repls_reseeded: _ShortList = Field(default_factory=list)  # session interpreters
     spares_reseeded: _ShortList = Field(default_factory=list)  # spare one-shot interpreters
+    clock_step_ms: float | None = None  # how far the guest clock was stepped (None: left alone)
 
 
 class NetResult(_GuestMsg):

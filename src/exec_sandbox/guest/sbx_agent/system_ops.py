@@ -65,6 +65,30 @@ def _reseed_kernel(seed: bytes) -> int:
     return credited
 
 
+# A guest clock within this of the host's is left alone: the stamp is already a request's transit
+# (up to ~150 ms for a freshly restored guest under TCG) old, so stepping would move it backwards.
+CLOCK_TOLERANCE_NS = 250_000_000
+
+
+def _set_wall_clock(value: object) -> float | None:
+    """Step CLOCK_REALTIME to the host's ``value`` (ns since the epoch) when it is off by more than
+    the tolerance - a restored snapshot's clock reads the time the snapshot was taken. Returns the
+    step in ms, None when left alone (no stamp, close enough, or not PID 1 of a guest: an agent run
+    on a host for tests must never touch the host's clock)."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise RequestError("invalid_request", "wall_time_ns must be a non-negative integer")
+    step = value - time.clock_gettime_ns(time.CLOCK_REALTIME)
+    if abs(step) <= CLOCK_TOLERANCE_NS or os.getpid() != 1:
+        return None
+    try:
+        time.clock_settime_ns(time.CLOCK_REALTIME, value)
+    except OSError:
+        return None
+    return step / 1e6
+
+
 BOOT_ID_FILE = "/etc/sbx-boot-id"  # bind-mounted over /proc/sys/kernel/random/boot_id by the guest init
 MACHINE_ID_FILE = "/etc/machine-id"
 
@@ -161,11 +185,14 @@ class SystemOps(ReplOps):
         it they are restarted (V8 cannot reseed Math.random), under their lock, in the background -
         which after a snapshot restore costs a whole node start-up under TCG (~3-5 s).
 
-        The clone also gets its own identity here (:func:`_regenerate_identity`): boot_id,
-        machine-id and a random next PID, so clones of one snapshot cannot be told apart from
-        their parent or predict each other's PIDs.
+        The wall clock is stepped to the host's (``wall_time_ns``): a restored snapshot's clock
+        reads the time the snapshot was taken, and certificates issued since then look "not yet
+        valid" to TLS in the guest. The clone also gets its own identity here
+        (:func:`_regenerate_identity`): boot_id, machine-id and a random next PID, so clones of one
+        snapshot cannot be told apart from their parent or predict each other's PIDs.
         """
         seed = _decode_seed(msg.get("seed"))
+        clock_step_ms = _set_wall_clock(msg.get("wall_time_ns"))
         credited = _reseed_kernel(seed)
         _regenerate_identity()  # after the reseed: the new ids come from the reseeded CRNG
         with self.spare_cond:
@@ -188,7 +215,7 @@ class SystemOps(ReplOps):
             (reseeded if kind == "session" else spares_reseeded).add(lang)
         self.send({"type": "reseed_result", "id": req_id, "mixed_bytes": len(seed),
                    "credited_bits": credited, "repls_reseeded": sorted(reseeded),
-                   "spares_reseeded": sorted(spares_reseeded)})
+                   "spares_reseeded": sorted(spares_reseeded), "clock_step_ms": clock_step_ms})
         if restart:
             threading.Thread(target=self._restart_js, args=(restart,), daemon=True).start()
 
