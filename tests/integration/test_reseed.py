@@ -8,18 +8,17 @@ that is not reseeded hands identical numbers to every clone.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
 from exec_sandbox.client.agent import AgentClient
 from exec_sandbox.errors import SandboxInputError
-from exec_sandbox.protocol.agent import OutputEvent, ReseedRequest, ReseedResult
+from exec_sandbox.protocol.agent import OutputEvent, ReseedResult
 from exec_sandbox.settings import Settings
 from exec_sandbox.vm.sandbox_vm import SandboxVm
 from exec_sandbox.vm.snapshots import warm_vm
@@ -72,6 +71,24 @@ async def _fresh_spare_with_random(agent: AgentClient) -> None:
     assert warm.ready == ["python"], warm.errors
 
 
+async def _save_warm_snapshot(
+    snap: Path, settings: Settings, images: VmManager, leaks: LeakChecker, *,
+    prepare: Callable[[AgentClient], Awaitable[None]] | None = None,
+) -> None:
+    """Boot a Python VM, warm its session and spare interpreters (then ``prepare`` its agent), and
+    save its snapshot to ``snap``."""
+    options = VmOptions.model_validate(
+        {"language": "python", "memory_mb": 256, "vcpus": 1, "boot_timeout_s": 90.0, "shared_memory": True}
+    )
+    async with await SandboxVm.boot(
+        options, settings=settings, vm_manager=images, runtime_dir=leaks.runtime_dir, vm_id=leaks.new_id(),
+    ) as original:
+        await original.agent.warmup(["python"], session=True, spare=True)
+        if prepare is not None:
+            await prepare(original.agent)
+        await original.save_snapshot(snap)
+
+
 async def test_reseed_reaches_the_spare_interpreter() -> None:
     async with local_agent("--spare", "python") as agent:
         await _fresh_spare_with_random(agent)
@@ -114,16 +131,7 @@ async def test_restored_clones_spares_do_not_share_randomness(
     sbx_settings: Settings, sbx_images: VmManager, sbx_leaks: LeakChecker, tmp_path: Path
 ) -> None:
     snap = tmp_path / "snap"
-    options = VmOptions.model_validate(
-        {"language": "python", "memory_mb": 256, "vcpus": 1, "boot_timeout_s": 90.0, "shared_memory": True}
-    )
-    async with await SandboxVm.boot(
-        options, settings=sbx_settings, vm_manager=sbx_images, runtime_dir=sbx_leaks.runtime_dir,
-        vm_id=sbx_leaks.new_id(),
-    ) as original:
-        await original.agent.warmup(["python"], session=True, spare=True)
-        await _fresh_spare_with_random(original.agent)
-        await original.save_snapshot(snap)
+    await _save_warm_snapshot(snap, sbx_settings, sbx_images, sbx_leaks, prepare=_fresh_spare_with_random)
     probes: list[list[str]] = []
     hashes: list[str] = []
     for _ in range(2):
@@ -156,15 +164,7 @@ async def test_a_restored_guest_reads_the_hosts_wall_clock_not_the_snapshots(
     # A clone restored later than its snapshot was taken: without the step its clock reads the
     # snapshot's time, and TLS in the guest then refuses certificates issued since ("not yet valid").
     snap = tmp_path / "snap"
-    options = VmOptions.model_validate(
-        {"language": "python", "memory_mb": 256, "vcpus": 1, "boot_timeout_s": 90.0, "shared_memory": True}
-    )
-    async with await SandboxVm.boot(
-        options, settings=sbx_settings, vm_manager=sbx_images, runtime_dir=sbx_leaks.runtime_dir,
-        vm_id=sbx_leaks.new_id(),
-    ) as original:
-        await original.agent.warmup(["python"], session=True, spare=True)
-        await original.save_snapshot(snap)
+    await _save_warm_snapshot(snap, sbx_settings, sbx_images, sbx_leaks)
     await asyncio.sleep(4.0)
     async with await SandboxVm.restore_from(
         snap, settings=sbx_settings, runtime_dir=sbx_leaks.runtime_dir, vm_id=sbx_leaks.new_id()
@@ -185,8 +185,8 @@ async def test_a_local_agent_never_sets_the_hosts_clock() -> None:
     ) as agent:
         await agent.wait_ready(timeout=30)
         # 2 s ahead (were the guard broken, a small step forward is the least harm to this host)
-        ahead = ReseedRequest(id="r-ahead", seed=base64.b64encode(secrets.token_bytes(32)).decode(),
-                              wall_time_ns=time.time_ns() + 2 * 10**9)
+        ahead = agent._reseed_request(secrets.token_bytes(32)).model_copy(
+            update={"wall_time_ns": time.time_ns() + 2 * 10**9})
         async with agent._request(ahead) as (req_id, pending):
             result = await agent._expect(req_id, pending, ReseedResult, 30)
         assert result.clock_step_ms is None  # the agent is not PID 1 here: the clock is left alone

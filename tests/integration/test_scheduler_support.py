@@ -12,7 +12,7 @@ import asyncio
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -61,24 +61,35 @@ def _vm_leftovers(runtime_dir: Path) -> list[str]:
     return sorted(found)
 
 
+async def _settled(
+    probe: Callable[[], Awaitable[dict[str, object]]], settle_s: float
+) -> dict[str, object]:
+    """Poll ``probe`` (what is left, by kind) until nothing is left or ``settle_s`` has passed;
+    returns its last answer for the caller to assert on."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settle_s
+    while True:
+        left = await probe()
+        if not any(left.values()) or loop.time() > deadline:
+            return left
+        await asyncio.sleep(0.05)
+
+
 async def assert_no_vms(scheduler: Scheduler, settle_s: float = 3.0) -> None:
     """No QEMU guest child, nothing but the overlay pool in the runtime dir, no capacity held.
 
     A finished run's VM is stopped in the background right after its result is returned, hence the
     settle time.
     """
-    assert scheduler.runtime_dir is not None
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + settle_s
-    while True:
-        guests = qemu_children(include_daemon=False)
-        files = _vm_leftovers(scheduler.runtime_dir)
-        held = scheduler.admission.stats().active
-        if not guests and not files and not held:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"leftovers: guests={guests} files={files} admission grants held={held}")
-        await asyncio.sleep(0.05)
+    runtime_dir = scheduler.runtime_dir
+    assert runtime_dir is not None
+
+    async def leftovers() -> dict[str, object]:
+        return {"guests": qemu_children(include_daemon=False), "files": _vm_leftovers(runtime_dir),
+                "admission grants held": scheduler.admission.stats().active}
+
+    left = await _settled(leftovers, settle_s)
+    assert not any(left.values()), f"leftovers: {left}"
 
 
 def _all_files(directory: Path) -> list[str]:
@@ -90,16 +101,13 @@ async def assert_closed_clean(
 ) -> None:
     """After ``Scheduler.close()``: no QEMU / daemon child (but those in ``ignore``, started by
     other Schedulers of the test module), the runtime dir empty or gone."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + settle_s
-    while True:
-        procs = [(pid, comm) for pid, comm in qemu_children() if pid not in ignore]
-        files = await asyncio.to_thread(_all_files, runtime_dir)
-        if not procs and not files:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"leftovers after close: processes={procs} files={files}")
-        await asyncio.sleep(0.05)
+
+    async def leftovers() -> dict[str, object]:
+        return {"processes": [(pid, comm) for pid, comm in qemu_children() if pid not in ignore],
+                "files": await asyncio.to_thread(_all_files, runtime_dir)}
+
+    left = await _settled(leftovers, settle_s)
+    assert not any(left.values()), f"leftovers after close: {left}"
 
 
 _BACKGROUND_STOP_SETTLE_S = 10.0
@@ -108,17 +116,15 @@ _BACKGROUND_STOP_SETTLE_S = 10.0
 @asynccontextmanager
 async def scheduler_for_tests(config: SchedulerConfig | None = None) -> AsyncIterator[Scheduler]:
     """A started Scheduler (TCG forced) in a fresh short runtime dir; proves a clean close after."""
+
+    async def guests() -> dict[str, object]:
+        return {"guests": [p for p in qemu_children() if p[1].startswith("qemu-system")]}
+
     # A run of an earlier test (e.g. on a module-scoped Scheduler) stops its VM in the background
     # right after returning its result: give that stop the settle time, then no guest may be left.
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + _BACKGROUND_STOP_SETTLE_S
-    while True:
-        before = qemu_children()
-        guests = [p for p in before if p[1].startswith("qemu-system")]
-        if not guests or loop.time() > deadline:
-            break
-        await asyncio.sleep(0.1)
-    assert not guests, f"QEMU guests alive before the scheduler started: {guests}"
+    alive = await _settled(guests, _BACKGROUND_STOP_SETTLE_S)
+    assert not any(alive.values()), f"QEMU guests alive before the scheduler started: {alive}"
+    before = qemu_children()
     runtime_dir = Path(tempfile.mkdtemp(prefix="sbs-", dir="/tmp"))
     try:
         scheduler = Scheduler(config, settings=Settings(force_emulation=True), runtime_dir=runtime_dir)
